@@ -1,0 +1,38 @@
+//! Command-line front end. Each subcommand lives in its own module and only parses, calls the
+//! library and prints; all behaviour worth testing is in the library.
+
+use clap::{Parser, Subcommand};
+
+/// Toxicity-controlled decoding for language models (Goodtriever): kNN datastores of hidden
+/// states steer generation away from toxic continuations.
+#[derive(Debug, Parser)]
+#[command(name = "goodtriever", version, about, long_about = None)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug). RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {}
+}
