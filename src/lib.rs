@@ -1,1 +1,3 @@
 pub mod fingerprint;
+pub mod datastore;
+pub mod npy;

@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod datastore;
+
 /// Toxicity-controlled decoding for language models (Goodtriever): kNN datastores of hidden
 /// states steer generation away from toxic continuations.
 #[derive(Debug, Parser)]
@@ -17,7 +19,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Build, inspect, verify and search kNN datastores.
+    Datastore(datastore::DatastoreArgs),
+}
 
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {
@@ -34,5 +39,7 @@ pub fn init_tracing(verbose: u8) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {}
+    match cli.command {
+        Command::Datastore(args) => datastore::run(args),
+    }
 }

@@ -1,0 +1,433 @@
+//! Per-segment HNSW graph: built with hnsw_rs, stored in our own compact file, searched over
+//! the memory-mapped keys.
+//!
+//! Why not keep hnsw_rs's own dump? Three reasons measured or read in hnsw_rs 0.3.5:
+//! its dump stores a second (f32) copy of every vector next to our keys (three times the bytes
+//! for f16 keys, and twice the page cache at search time because re-scoring reads `keys.bin`
+//! anyway); its reload `panic!`s, `assert!`s or even calls `process::exit` on a damaged file,
+//! where we owe the user a typed error naming the file; and its reloaded `Hnsw<'b, ..>` borrows
+//! the `HnswIo` that owns the map, a self-referential pair that cannot live in an `Arc`
+//! snapshot. So hnsw_rs does what it is good at, parallel graph construction, and the graph is
+//! then written as flat u32 adjacency arrays (CSR) that are memory-mapped, validated once on
+//! open, and walked by the search below with the same SIMD distance as the exact scan. Every
+//! distance computed during the walk is already the exact squared L2 against the stored keys,
+//! so "re-score candidates exactly" costs nothing extra.
+//!
+//! File layout (`index.bin`, all little-endian u32):
+//! ```text
+//! header  : MAGIC, VERSION, n_rows, max_level, entry, m, m0, 0
+//! level 0 : offsets[n_rows + 1], neighbours[offsets[n_rows]]
+//! level l : count, nodes[count] (ascending row ids), offsets[count + 1], neighbours[..]
+//!           for l = 1..=max_level
+//! ```
+
+use std::cell::RefCell;
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+use std::path::Path;
+
+use hnsw_rs::anndists::dist::distances::DistL2;
+use hnsw_rs::hnsw::Hnsw;
+use memmap2::Mmap;
+
+use super::error::{DatastoreError, Result};
+use super::keys::KeyRows;
+
+pub const INDEX_FILE: &str = "index.bin";
+const MAGIC: u32 = u32::from_le_bytes(*b"GTHN");
+const VERSION: u32 = 1;
+const HEADER_WORDS: usize = 8;
+/// hnsw_rs's layer cap.
+const MAX_LEVELS: usize = 16;
+
+/// Default construction parameters (the usual HNSW choices; faiss uses the same M).
+pub const DEFAULT_M: usize = 16;
+pub const DEFAULT_EF_CONSTRUCTION: usize = 100;
+
+/// Rows handed to hnsw_rs per parallel insertion batch: bounds the f32 staging copy.
+const BUILD_BATCH_ROWS: usize = 16_384;
+
+/// Builds the graph over `rows` keys of width `dim` and returns the encoded index file.
+/// `progress` is called with the number of rows inserted so far.
+pub fn build(
+    keys: KeyRows<'_>,
+    rows: usize,
+    dim: usize,
+    m: usize,
+    ef_construction: usize,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<u8>> {
+    if rows == 0 || rows > u32::MAX as usize {
+        return Err(DatastoreError::IndexBuild(format!(
+            "a segment must have between 1 and {} rows, got {rows}",
+            u32::MAX
+        )));
+    }
+    if m == 0 || m > 255 {
+        return Err(DatastoreError::IndexBuild(format!(
+            "M = {m} is out of range 1..=255"
+        )));
+    }
+    let hnsw: Hnsw<f32, DistL2> = Hnsw::new(m, rows, MAX_LEVELS, ef_construction.max(m), DistL2 {});
+    let mut staging: Vec<f32> = Vec::new();
+    let mut row = Vec::with_capacity(dim);
+    let mut start = 0;
+    while start < rows {
+        let end = (start + BUILD_BATCH_ROWS).min(rows);
+        staging.clear();
+        for r in start..end {
+            keys.row_f32(r, dim, &mut row);
+            staging.extend_from_slice(&row);
+        }
+        let batch: Vec<(&[f32], usize)> = (start..end)
+            .map(|r| (&staging[(r - start) * dim..(r - start + 1) * dim], r))
+            .collect();
+        hnsw.parallel_insert_slice(&batch);
+        progress(end);
+        start = end;
+    }
+    Ok(encode(&hnsw, rows, m))
+}
+
+fn encode(hnsw: &Hnsw<f32, DistL2>, rows: usize, m: usize) -> Vec<u8> {
+    let pi = hnsw.get_point_indexation();
+    // adjacency[l] : (row, neighbours) for every point present at level l.
+    let mut levels: Vec<Vec<(u32, Vec<u32>)>> = vec![Vec::new(); MAX_LEVELS];
+    let mut top = 0usize;
+    let mut entry = 0u32;
+    for layer in 0..MAX_LEVELS {
+        for point in pi.get_layer_iterator(layer) {
+            let row = point.get_origin_id() as u32;
+            let level = point.get_point_id().0 as usize;
+            let hood = point.get_neighborhood_id();
+            for (l, list) in hood.iter().enumerate().take(level + 1) {
+                let ids = list.iter().map(|n| n.d_id as u32).collect();
+                levels[l].push((row, ids));
+            }
+            // Any point of the highest level is a valid entry point.
+            if level >= top {
+                top = level;
+                entry = row;
+            }
+        }
+    }
+    levels.truncate(top + 1);
+    let m0 = levels[0].iter().map(|(_, n)| n.len()).max().unwrap_or(0) as u32;
+    let mut w: Vec<u32> = vec![
+        MAGIC,
+        VERSION,
+        rows as u32,
+        top as u32,
+        entry,
+        m as u32,
+        m0,
+        0,
+    ];
+    // Level 0 holds every row; index it by row id.
+    let mut l0: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    for (row, n) in std::mem::take(&mut levels[0]) {
+        l0[row as usize] = n;
+    }
+    let mut off = 0u32;
+    w.push(0);
+    for n in &l0 {
+        off += n.len() as u32;
+        w.push(off);
+    }
+    for n in &l0 {
+        w.extend_from_slice(n);
+    }
+    for level in levels.iter_mut().skip(1) {
+        level.sort_by_key(|(r, _)| *r);
+        w.push(level.len() as u32);
+        w.extend(level.iter().map(|(r, _)| *r));
+        let mut off = 0u32;
+        w.push(0);
+        for (_, n) in level.iter() {
+            off += n.len() as u32;
+            w.push(off);
+        }
+        for (_, n) in level.iter() {
+            w.extend_from_slice(n);
+        }
+    }
+    let mut bytes = Vec::with_capacity(w.len() * 4);
+    for x in w {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    bytes
+}
+
+/// Word ranges of one upper level inside the file.
+#[derive(Clone, Debug)]
+struct Upper {
+    nodes: (usize, usize),
+    offsets: usize,
+    adj: usize,
+}
+
+/// A validated, memory-mapped HNSW graph.
+#[derive(Debug)]
+pub struct Graph {
+    map: Mmap,
+    rows: usize,
+    max_level: usize,
+    entry: u32,
+    l0_offsets: usize,
+    l0_adj: usize,
+    upper: Vec<Upper>,
+}
+
+impl Graph {
+    /// Checks the whole structure so that search can never index out of bounds.
+    pub fn open(map: Mmap, rows: usize, path: &Path) -> Result<Self> {
+        let bad = |detail: String| DatastoreError::corrupt(path, detail);
+        let words = as_words(&map).ok_or_else(|| {
+            bad(format!(
+                "length {} is not a whole number of 32-bit words",
+                map.len()
+            ))
+        })?;
+        let get = |i: usize| -> Result<u32> {
+            words
+                .get(i)
+                .map(|w| u32::from_le(*w))
+                .ok_or_else(|| bad(format!("file ends early (needed word {i})")))
+        };
+        if get(0)? != MAGIC {
+            return Err(bad("not a goodtriever HNSW index (bad magic)".into()));
+        }
+        if get(1)? != VERSION {
+            return Err(bad(format!("unsupported index version {}", get(1)?)));
+        }
+        if get(2)? as usize != rows {
+            return Err(bad(format!(
+                "index covers {} rows, the segment has {rows}",
+                get(2)?
+            )));
+        }
+        let max_level = get(3)? as usize;
+        if max_level >= MAX_LEVELS {
+            return Err(bad(format!("max level {max_level} is out of range")));
+        }
+        let entry = get(4)?;
+        if entry as usize >= rows {
+            return Err(bad(format!("entry point {entry} is not a row")));
+        }
+        let check_csr = |offsets: usize, count: usize| -> Result<usize> {
+            let mut prev = 0u32;
+            if get(offsets)? != 0 {
+                return Err(bad("adjacency offsets do not start at 0".into()));
+            }
+            for i in 1..=count {
+                let o = get(offsets + i)?;
+                if o < prev {
+                    return Err(bad("adjacency offsets decrease".into()));
+                }
+                prev = o;
+            }
+            let adj = offsets + count + 1;
+            for i in 0..prev as usize {
+                if get(adj + i)? as usize >= rows {
+                    return Err(bad(format!("neighbour id {} is not a row", get(adj + i)?)));
+                }
+            }
+            Ok(adj + prev as usize)
+        };
+        let l0_offsets = HEADER_WORDS;
+        let l0_adj = l0_offsets + rows + 1;
+        let mut pos = check_csr(l0_offsets, rows)?;
+        let mut upper = Vec::with_capacity(max_level);
+        for _ in 1..=max_level {
+            let count = get(pos)? as usize;
+            let nodes = (pos + 1, pos + 1 + count);
+            let mut prev: Option<u32> = None;
+            for i in nodes.0..nodes.1 {
+                let r = get(i)?;
+                if r as usize >= rows || prev.is_some_and(|p| p >= r) {
+                    return Err(bad("upper-level node list is not ascending row ids".into()));
+                }
+                prev = Some(r);
+            }
+            let offsets = nodes.1;
+            let end = check_csr(offsets, count)?;
+            upper.push(Upper {
+                nodes,
+                offsets,
+                adj: offsets + count + 1,
+            });
+            pos = end;
+        }
+        if pos != words.len() {
+            return Err(bad(format!(
+                "{} unexpected trailing words",
+                words.len() - pos
+            )));
+        }
+        Ok(Graph {
+            map,
+            rows,
+            max_level,
+            entry,
+            l0_offsets,
+            l0_adj,
+            upper,
+        })
+    }
+
+    #[inline]
+    fn words(&self) -> &[u32] {
+        // Validated in `open`.
+        as_words(&self.map).unwrap_or(&[])
+    }
+
+    #[inline]
+    fn neighbours(&self, level: usize, row: u32) -> &[u32] {
+        let w = self.words();
+        if level == 0 {
+            let r = row as usize;
+            let (a, b) = (w[self.l0_offsets + r] as usize, w[self.l0_offsets + r + 1] as usize);
+            return &w[self.l0_adj + a..self.l0_adj + b];
+        }
+        let up = &self.upper[level - 1];
+        match w[up.nodes.0..up.nodes.1].binary_search(&row) {
+            Ok(i) => {
+                let (a, b) = (w[up.offsets + i] as usize, w[up.offsets + i + 1] as usize);
+                &w[up.adj + a..up.adj + b]
+            }
+            Err(_) => &[],
+        }
+    }
+
+    /// The `ef` rows nearest to `q` that the graph walk finds, as (squared L2, row), unordered.
+    pub fn search(&self, keys: KeyRows<'_>, q: &[f32], ef: usize, out: &mut Vec<(f32, u32)>) {
+        out.clear();
+        let d = q.len();
+        let mut cur = self.entry;
+        let mut cur_d = keys.dist(q, cur as usize);
+        for level in (1..=self.max_level).rev() {
+            loop {
+                let mut changed = false;
+                for &nb in self.neighbours(level, cur) {
+                    let dn = keys.dist(q, nb as usize);
+                    if dn < cur_d {
+                        cur_d = dn;
+                        cur = nb;
+                        changed = true;
+                    }
+                }
+                if !changed {
+                    break;
+                }
+            }
+        }
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let s = &mut *s;
+            s.visited.start(self.rows);
+            s.candidates.clear();
+            s.results.clear();
+            s.visited.insert(cur);
+            s.candidates.push(Reverse(Cand(cur_d, cur)));
+            s.results.push(Cand(cur_d, cur));
+            while let Some(Reverse(Cand(dc, c))) = s.candidates.pop() {
+                let worst = s.results.peek().map_or(f32::INFINITY, |w| w.0);
+                if dc > worst && s.results.len() >= ef {
+                    break;
+                }
+                let nbs = self.neighbours(0, c);
+                for &nb in nbs {
+                    if !s.visited.contains(nb) {
+                        keys.prefetch(nb as usize, d);
+                    }
+                }
+                for &nb in nbs {
+                    if !s.visited.insert(nb) {
+                        continue;
+                    }
+                    let dn = keys.dist(q, nb as usize);
+                    let worst = s.results.peek().map_or(f32::INFINITY, |w| w.0);
+                    if s.results.len() < ef || dn < worst {
+                        s.candidates.push(Reverse(Cand(dn, nb)));
+                        s.results.push(Cand(dn, nb));
+                        if s.results.len() > ef {
+                            s.results.pop();
+                        }
+                    }
+                }
+            }
+            out.extend(s.results.drain().map(|c| (c.0, c.1)));
+        });
+    }
+}
+
+fn as_words(bytes: &[u8]) -> Option<&[u32]> {
+    // SAFETY: every bit pattern is a valid u32; align_to only hands out the aligned middle.
+    let (pre, mid, post) = unsafe { bytes.align_to::<u32>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Cand(f32, u32);
+
+impl PartialEq for Cand {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+    }
+}
+
+/// Visited set with O(1) reset: a stamp per row, bumped per search.
+#[derive(Default)]
+struct Visited {
+    stamps: Vec<u32>,
+    epoch: u32,
+}
+
+impl Visited {
+    fn start(&mut self, rows: usize) {
+        if self.stamps.len() < rows {
+            self.stamps.resize(rows, 0);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.stamps.fill(0);
+            self.epoch = 1;
+        }
+    }
+    #[inline]
+    fn contains(&self, r: u32) -> bool {
+        self.stamps[r as usize] == self.epoch
+    }
+    #[inline]
+    fn insert(&mut self, r: u32) -> bool {
+        let s = &mut self.stamps[r as usize];
+        if *s == self.epoch {
+            false
+        } else {
+            *s = self.epoch;
+            true
+        }
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    visited: Visited,
+    candidates: BinaryHeap<Reverse<Cand>>,
+    results: BinaryHeap<Cand>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}

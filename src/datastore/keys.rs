@@ -1,0 +1,104 @@
+//! Typed views of key rows, borrowed from a memory map or from the caller.
+//!
+//! Search code is written once over [`KeyRows`] and dispatches on the dtype per call, not per
+//! row, so the inner loops see plain `&[f32]` or `&[f16]` slices.
+
+use half::f16;
+
+use super::distance;
+
+/// Row-major N×D key input for `Datastore::append`.
+#[derive(Clone, Copy, Debug)]
+pub enum Keys<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl Keys<'_> {
+    /// Number of scalars (N·D).
+    pub fn len(&self) -> usize {
+        match self {
+            Keys::F32(k) => k.len(),
+            Keys::F16(k) => k.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn get_f32(&self, i: usize) -> f32 {
+        match self {
+            Keys::F32(k) => k[i],
+            Keys::F16(k) => k[i].to_f32(),
+        }
+    }
+}
+
+/// Stored key rows of one segment (N×D), viewed in place.
+#[derive(Clone, Copy, Debug)]
+pub enum KeyRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+impl KeyRows<'_> {
+    /// Squared L2 from `q` to row `row` (of width `q.len()`).
+    #[inline]
+    pub fn dist(&self, q: &[f32], row: usize) -> f32 {
+        let d = q.len();
+        match self {
+            KeyRows::F32(k) => distance::l2_f32(q, &k[row * d..(row + 1) * d]),
+            KeyRows::F16(k) => distance::l2_f16(q, &k[row * d..(row + 1) * d]),
+        }
+    }
+
+    /// Distances from `q` to rows `start..start + out.len()`.
+    #[inline]
+    pub fn dist_block(&self, q: &[f32], start: usize, out: &mut [f32]) {
+        let d = q.len();
+        let range = start * d..(start + out.len()) * d;
+        match self {
+            KeyRows::F32(k) => distance::l2_rows_f32(q, &k[range], out),
+            KeyRows::F16(k) => distance::l2_rows_f16(q, &k[range], out),
+        }
+    }
+
+    /// Row `row` widened to f32.
+    pub fn row_f32(&self, row: usize, d: usize, out: &mut Vec<f32>) {
+        out.clear();
+        match self {
+            KeyRows::F32(k) => out.extend_from_slice(&k[row * d..(row + 1) * d]),
+            KeyRows::F16(k) => out.extend(k[row * d..(row + 1) * d].iter().map(|v| v.to_f32())),
+        }
+    }
+
+    /// Index of the first non-finite scalar, if any.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        match self {
+            KeyRows::F32(k) => k.iter().position(|v| !v.is_finite()),
+            KeyRows::F16(k) => k.iter().position(|v| !v.is_finite()),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    pub fn prefetch(&self, row: usize, d: usize) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (ptr, bytes) = match self {
+            KeyRows::F32(k) => (k.as_ptr().wrapping_add(row * d) as *const i8, d * 4),
+            KeyRows::F16(k) => (k.as_ptr().wrapping_add(row * d) as *const i8, d * 2),
+        };
+        // Prefetch the first few cache lines of the row; the hardware prefetcher takes
+        // over for the rest of a sequential read.
+        let lines = bytes.div_ceil(64).min(4);
+        for l in 0..lines {
+            // SAFETY: prefetch is a hint and never faults, even on an invalid address.
+            unsafe { _mm_prefetch(ptr.wrapping_add(l * 64), _MM_HINT_T0) };
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline]
+    pub fn prefetch(&self, _row: usize, _d: usize) {}
+}

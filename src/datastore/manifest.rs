@@ -1,0 +1,246 @@
+//! `manifest.json`: the single source of truth of what a datastore contains.
+//!
+//! Segments are immutable, so the manifest is the only file that ever changes, and it changes
+//! only by atomic replacement (see `durable`). It records everything needed to interpret and
+//! check the segment files without opening them: the model fingerprint and key type (keys of
+//! different models must never be mixed), the dtype, the metric, and for every segment its
+//! rows, provenance and the byte size and CRC-32 of each file. Files not referenced here are
+//! garbage from an interrupted writer.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{DatastoreError, Result};
+use crate::fingerprint::{KeyType, ModelFingerprint};
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+pub const FORMAT_NAME: &str = "goodtriever-datastore";
+pub const FORMAT_VERSION: u32 = 1;
+pub const METRIC: &str = "squared_l2";
+
+/// Element type of the stored keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyDtype {
+    /// Half precision: half the bytes to scan, plenty of precision for hidden states.
+    #[default]
+    F16,
+    F32,
+}
+
+impl KeyDtype {
+    pub fn size(self) -> usize {
+        match self {
+            KeyDtype::F16 => 2,
+            KeyDtype::F32 => 4,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyDtype::F16 => "f16",
+            KeyDtype::F32 => "f32",
+        }
+    }
+}
+
+impl std::fmt::Display for KeyDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KeyDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" => Ok(KeyDtype::F16),
+            "f32" => Ok(KeyDtype::F32),
+            _ => Err(format!("unknown key dtype {s:?}: expected f16 or f32")),
+        }
+    }
+}
+
+/// Where a segment's rows came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Source file or producer, e.g. the path of the imported `.npy`.
+    pub source: String,
+    /// Dataset label, e.g. `toxic` or `non_toxic`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Free-form tag, e.g. a drift domain or a date.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// When the segment was added, in seconds since the Unix epoch.
+    pub added_at: u64,
+}
+
+impl Provenance {
+    /// Provenance for `source`, stamped with the current time.
+    pub fn new(source: impl Into<String>) -> Self {
+        Provenance {
+            source: source.into(),
+            label: None,
+            tag: None,
+            added_at: now_unix(),
+        }
+    }
+
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    pub fn with_tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+}
+
+pub(crate) fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One file of a segment, as committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// HNSW construction parameters of a segment's index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexParams {
+    pub m: usize,
+    pub ef_construction: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentEntry {
+    pub id: u64,
+    pub rows: usize,
+    #[serde(default)]
+    pub retired: bool,
+    pub provenance: Provenance,
+    pub index: IndexParams,
+    pub files: Vec<FileEntry>,
+}
+
+impl SegmentEntry {
+    pub fn file(&self, name: &str) -> Option<&FileEntry> {
+        self.files.iter().find(|f| f.name == name)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.bytes).sum()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    /// Incremented by every committed change; lets readers detect a new manifest cheaply.
+    pub generation: u64,
+    pub fingerprint: ModelFingerprint,
+    pub key_type: KeyType,
+    pub dtype: KeyDtype,
+    pub metric: String,
+    pub next_segment_id: u64,
+    pub segments: Vec<SegmentEntry>,
+}
+
+impl Manifest {
+    pub fn new(fingerprint: ModelFingerprint, key_type: KeyType, dtype: KeyDtype) -> Self {
+        Manifest {
+            format: FORMAT_NAME.to_string(),
+            format_version: FORMAT_VERSION,
+            generation: 0,
+            fingerprint,
+            key_type,
+            dtype,
+            metric: METRIC.to_string(),
+            next_segment_id: 0,
+            segments: Vec::new(),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.fingerprint.hidden_size
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = &SegmentEntry> {
+        self.segments.iter().filter(|s| !s.retired)
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses and checks a manifest; `path` is only used in error messages.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let bad = |detail: String| DatastoreError::BadManifest {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+        if m.format != FORMAT_NAME {
+            return Err(bad(format!(
+                "format is {:?}, expected {FORMAT_NAME:?}",
+                m.format
+            )));
+        }
+        if m.format_version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {} is not supported (this build reads version {FORMAT_VERSION})",
+                m.format_version
+            )));
+        }
+        if m.metric != METRIC {
+            return Err(bad(format!(
+                "metric {:?} is not supported (only {METRIC:?})",
+                m.metric
+            )));
+        }
+        if m.dim() == 0 {
+            return Err(bad("hidden size is 0".into()));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for s in &m.segments {
+            if !ids.insert(s.id) {
+                return Err(bad(format!("segment id {} appears twice", s.id)));
+            }
+            if s.id >= m.next_segment_id {
+                return Err(bad(format!(
+                    "segment id {} is not below next_segment_id {}",
+                    s.id, m.next_segment_id
+                )));
+            }
+            if s.rows == 0 {
+                return Err(bad(format!("segment {} has no rows", s.id)));
+            }
+        }
+        Ok(m)
+    }
+
+    pub fn read(dir: &Path) -> Result<(Self, Vec<u8>)> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DatastoreError::NotFound(dir.to_path_buf()))
+            }
+            Err(e) => return Err(DatastoreError::io("read", &path, e)),
+        };
+        let m = Manifest::from_bytes(&path, &bytes)?;
+        Ok((m, bytes))
+    }
+}

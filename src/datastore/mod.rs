@@ -1,0 +1,635 @@
+//! kNN datastores of LM hidden states: a directory of immutable, memory-mapped segments under
+//! one atomically replaced `manifest.json` (DESIGN §3), searched exactly or with per-segment
+//! HNSW graphs (DESIGN §4).
+//!
+//! The shape follows tantivy and qdrant: segments never change after they are written, so
+//! readers need no locks; every change (append, retire, compact) writes new files first and
+//! then publishes them with one atomic manifest replacement, so a crash leaves either the old
+//! or the new store and never a mix. A [`Datastore`] holds an immutable snapshot (manifest +
+//! mapped segments) behind an `ArcSwap`: searches take the current snapshot and keep it for
+//! their whole duration, while `append`/`refresh` swap in a new one.
+//!
+//! Module map: `manifest` (the JSON format), `durable` (fsync, atomic replace, writer lock),
+//! `segment` (files of one segment), `keys` (typed views of key rows), `distance` (SIMD squared
+//! L2), `exact` (flat scan + top-k), `hnsw` (graph build, file, walk), `search` (per-segment
+//! choice, merge, de-duplication), `verify` (checksums), `error`.
+
+mod distance;
+mod durable;
+mod error;
+mod exact;
+mod hnsw;
+mod keys;
+mod manifest;
+mod search;
+mod segment;
+mod verify;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+
+pub use distance::kernel_name;
+pub use error::{DatastoreError, MAX_K};
+pub use hnsw::{DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
+pub use keys::Keys;
+pub use manifest::{KeyDtype, Provenance};
+pub use search::{
+    Neighbour, SearchMode, SearchParams, AUTO_EF_FACTOR, AUTO_MIN_ROWS, DEFAULT_EF,
+};
+pub use verify::{FileCheck, VerifyProblem, VerifyReport};
+
+use crate::fingerprint::{KeyType, ModelFingerprint};
+use durable::WriterLock;
+use error::Result;
+use manifest::{IndexParams, Manifest, SegmentEntry, MANIFEST_FILE};
+use segment::{segment_dir, Segment, SEGMENTS_DIR};
+
+#[cfg(target_endian = "big")]
+compile_error!("the datastore maps little-endian files directly and needs a little-endian target");
+
+/// What a new datastore holds.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// The model the keys come from; `hidden_size` is the key dimension D.
+    pub fingerprint: ModelFingerprint,
+    pub key_type: KeyType,
+    pub dtype: KeyDtype,
+}
+
+/// A segment as the manifest describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SegmentInfo {
+    pub id: u64,
+    pub rows: usize,
+    /// Id of the segment's first row among live rows; `None` for a retired segment.
+    pub first_id: Option<u64>,
+    pub retired: bool,
+    pub provenance: Provenance,
+    /// Total bytes of the segment's files.
+    pub bytes: u64,
+}
+
+/// An immutable view: one manifest and its mapped live segments.
+struct Snapshot {
+    manifest: Manifest,
+    raw: Vec<u8>,
+    segments: Vec<Arc<Segment>>,
+    starts: Vec<u64>,
+    rows: usize,
+}
+
+impl Snapshot {
+    fn load(dir: &Path, manifest: Manifest, raw: Vec<u8>, old: Option<&Snapshot>) -> Result<Self> {
+        let reuse: HashMap<u64, Arc<Segment>> = old
+            .map(|o| o.segments.iter().map(|s| (s.id, s.clone())).collect())
+            .unwrap_or_default();
+        let mut segments = Vec::new();
+        let mut starts = Vec::new();
+        let mut rows = 0usize;
+        for e in manifest.live() {
+            let seg = match reuse.get(&e.id) {
+                Some(s) => s.clone(),
+                None => Arc::new(Segment::open(dir, e, manifest.dim(), manifest.dtype)?),
+            };
+            starts.push(rows as u64);
+            rows += seg.rows;
+            segments.push(seg);
+        }
+        Ok(Snapshot {
+            manifest,
+            raw,
+            segments,
+            starts,
+            rows,
+        })
+    }
+
+    fn infos(&self) -> Vec<SegmentInfo> {
+        let mut next = 0u64;
+        self.manifest
+            .segments
+            .iter()
+            .map(|e| {
+                let first_id = (!e.retired).then(|| {
+                    let f = next;
+                    next += e.rows as u64;
+                    f
+                });
+                SegmentInfo {
+                    id: e.id,
+                    rows: e.rows,
+                    first_id,
+                    retired: e.retired,
+                    provenance: e.provenance.clone(),
+                    bytes: e.bytes(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// A kNN datastore. `Send + Sync`: share it as `Arc<Datastore>`.
+pub struct Datastore {
+    dir: PathBuf,
+    snap: ArcSwap<Snapshot>,
+    /// Serialises writers of this process; `WriterLock` serialises processes.
+    write: Mutex<()>,
+    index_params: IndexParams,
+    // Identity fields are fixed at creation; a manifest that changes them is refused.
+    fingerprint: ModelFingerprint,
+    key_type: KeyType,
+    dtype: KeyDtype,
+}
+
+impl std::fmt::Debug for Datastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.snap.load();
+        f.debug_struct("Datastore")
+            .field("dir", &self.dir)
+            .field("rows", &s.rows)
+            .field("segments", &s.segments.len())
+            .finish()
+    }
+}
+
+fn validate_finite(data: &[f32], dim: usize, what: &'static str) -> Result<()> {
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        return Err(DatastoreError::NonFinite {
+            what,
+            row: i / dim,
+            col: i % dim,
+            value: data[i],
+        });
+    }
+    Ok(())
+}
+
+impl Datastore {
+    /// Creates an empty datastore in `dir` (created if missing). Fails if `dir` already holds
+    /// a manifest.
+    pub fn create(dir: &Path, opts: CreateOptions) -> Result<Self> {
+        if opts.fingerprint.hidden_size == 0 {
+            return Err(DatastoreError::InvalidOptions(
+                "hidden size (key dimension) must be at least 1".into(),
+            ));
+        }
+        if dir.join(MANIFEST_FILE).exists() {
+            return Err(DatastoreError::AlreadyExists(dir.to_path_buf()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| DatastoreError::io("create directory", dir, e))?;
+        let _lock = WriterLock::acquire(dir)?;
+        if dir.join(MANIFEST_FILE).exists() {
+            return Err(DatastoreError::AlreadyExists(dir.to_path_buf()));
+        }
+        let seg_dir = dir.join(SEGMENTS_DIR);
+        std::fs::create_dir_all(&seg_dir)
+            .map_err(|e| DatastoreError::io("create directory", &seg_dir, e))?;
+        durable::sync_dir(dir)?;
+        let m = Manifest::new(opts.fingerprint, opts.key_type, opts.dtype);
+        let raw = m.to_bytes();
+        durable::atomic_write(&dir.join(MANIFEST_FILE), &raw)?;
+        Ok(Self::from_snapshot(dir, Snapshot::load(dir, m, raw, None)?))
+    }
+
+    /// Opens an existing datastore: maps every live segment and checks file sizes. Leftovers
+    /// of interrupted writers are removed when no other writer is active.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let (m, raw) = Manifest::read(dir)?;
+        if let Some(_lock) = WriterLock::try_acquire(dir)? {
+            // Re-read under the lock: a writer may have committed since.
+            let (m, raw) = Manifest::read(dir)?;
+            remove_garbage(dir, &m);
+            return Ok(Self::from_snapshot(dir, Snapshot::load(dir, m, raw, None)?));
+        }
+        Ok(Self::from_snapshot(dir, Snapshot::load(dir, m, raw, None)?))
+    }
+
+    fn from_snapshot(dir: &Path, snap: Snapshot) -> Self {
+        Datastore {
+            fingerprint: snap.manifest.fingerprint.clone(),
+            key_type: snap.manifest.key_type,
+            dtype: snap.manifest.dtype,
+            dir: dir.to_path_buf(),
+            snap: ArcSwap::from_pointee(snap),
+            write: Mutex::new(()),
+            index_params: IndexParams {
+                m: DEFAULT_M,
+                ef_construction: DEFAULT_EF_CONSTRUCTION,
+            },
+        }
+    }
+
+    /// Sets the HNSW construction parameters used by later appends and compactions.
+    pub fn set_index_params(&mut self, m: usize, ef_construction: usize) -> Result<()> {
+        if m == 0 || m > 255 || ef_construction == 0 {
+            return Err(DatastoreError::InvalidOptions(format!(
+                "HNSW M must be in 1..=255 and ef_construction at least 1 (got M={m}, ef_construction={ef_construction})"
+            )));
+        }
+        self.index_params = IndexParams { m, ef_construction };
+        Ok(())
+    }
+
+    pub fn dim(&self) -> usize {
+        self.fingerprint.hidden_size
+    }
+    /// Live rows.
+    pub fn len(&self) -> usize {
+        self.snap.load().rows
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn key_type(&self) -> KeyType {
+        self.key_type
+    }
+    pub fn fingerprint(&self) -> &ModelFingerprint {
+        &self.fingerprint
+    }
+    pub fn dtype(&self) -> KeyDtype {
+        self.dtype
+    }
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// All segments of the current snapshot (live and retired), in manifest order.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        self.snap.load().infos()
+    }
+
+    /// Appends `keys` (row-major, `values.len()` × D) as a new segment and builds its index.
+    /// Durable on return. Bad input is refused before anything is written.
+    pub fn append(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+    ) -> Result<SegmentInfo> {
+        self.append_with_progress(keys, values, provenance, &|_| {})
+    }
+
+    /// [`append`](Self::append) that reports rows indexed so far to `progress`.
+    pub fn append_with_progress(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+        progress: &dyn Fn(usize),
+    ) -> Result<SegmentInfo> {
+        let (dim, dtype) = {
+            let s = self.snap.load();
+            (s.manifest.dim(), s.manifest.dtype)
+        };
+        if keys.is_empty() {
+            return Err(DatastoreError::EmptyAppend);
+        }
+        if keys.len() % dim != 0 {
+            return Err(DatastoreError::DimMismatch {
+                expected: dim,
+                got: keys.len(),
+                what: "a key batch",
+            });
+        }
+        let rows = keys.len() / dim;
+        if rows != values.len() {
+            return Err(DatastoreError::ValueCountMismatch {
+                rows,
+                values: values.len(),
+            });
+        }
+        if rows > u32::MAX as usize {
+            return Err(DatastoreError::InvalidOptions(format!(
+                "a segment holds at most {} rows, got {rows}; append in parts",
+                u32::MAX
+            )));
+        }
+        match keys {
+            Keys::F32(k) => validate_finite(k, dim, "key")?,
+            Keys::F16(k) => {
+                if let Some(i) = k.iter().position(|v| !v.is_finite()) {
+                    return Err(DatastoreError::NonFinite {
+                        what: "key",
+                        row: i / dim,
+                        col: i % dim,
+                        value: k[i].to_f32(),
+                    });
+                }
+            }
+        }
+        let key_bytes = segment::encode_keys(keys, dim, dtype)?;
+        let values = values.to_vec();
+        self.commit_new_segment(
+            |_m| Ok((key_bytes, values, provenance, Vec::new())),
+            progress,
+        )
+    }
+
+    /// The common path of append and compact: under the writer lock, read the manifest on
+    /// disk, produce a segment from it, write it, and commit a manifest that adds it (and
+    /// removes the segments listed in the returned `replaces`).
+    fn commit_new_segment<F>(&self, make: F, progress: &dyn Fn(usize)) -> Result<SegmentInfo>
+    where
+        F: FnOnce(&Manifest) -> Result<(Vec<u8>, Vec<u32>, Provenance, Vec<u64>)>,
+    {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = WriterLock::acquire(&self.dir)?;
+        let (mut m, _) = Manifest::read(&self.dir)?;
+        let (key_bytes, values, provenance, replaces) = make(&m)?;
+        let id = m.next_segment_id;
+        let seg_root = self.dir.join(SEGMENTS_DIR);
+        let tmp = seg_root.join(format!(".tmp-{id}-{}", std::process::id()));
+        let fin = segment_dir(&self.dir, id);
+        for stale in [&tmp, &fin] {
+            if stale.exists() {
+                std::fs::remove_dir_all(stale)
+                    .map_err(|e| DatastoreError::io("remove stale directory", stale, e))?;
+            }
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| DatastoreError::io("create directory", &tmp, e))?;
+        let written = segment::write_segment(
+            &tmp,
+            &key_bytes,
+            &values,
+            m.dim(),
+            m.dtype,
+            self.index_params,
+            progress,
+        );
+        let files = match written {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        std::fs::rename(&tmp, &fin).map_err(|e| DatastoreError::io("rename into place", &fin, e))?;
+        durable::sync_dir(&seg_root)?;
+        let entry = SegmentEntry {
+            id,
+            rows: values.len(),
+            retired: false,
+            provenance,
+            index: self.index_params,
+            files,
+        };
+        let removed: Vec<u64> = replaces;
+        m.segments.retain(|s| !removed.contains(&s.id));
+        m.segments.push(entry);
+        m.next_segment_id = id + 1;
+        m.generation += 1;
+        let raw = m.to_bytes();
+        durable::atomic_write(&self.dir.join(MANIFEST_FILE), &raw)?;
+        self.install(m, raw)?;
+        for old in removed {
+            remove_segment_files(&self.dir, old);
+        }
+        let info = self
+            .segments()
+            .into_iter()
+            .find(|s| s.id == id)
+            .expect("the committed segment is in the new snapshot");
+        Ok(info)
+    }
+
+    fn install(&self, m: Manifest, raw: Vec<u8>) -> Result<()> {
+        if m.fingerprint != self.fingerprint || m.key_type != self.key_type || m.dtype != self.dtype
+        {
+            return Err(DatastoreError::BadManifest {
+                path: self.dir.join(MANIFEST_FILE),
+                detail: "its model fingerprint, key type or dtype changed since this store was opened; open it again".into(),
+            });
+        }
+        let old = self.snap.load_full();
+        let snap = Snapshot::load(&self.dir, m, raw, Some(&old))?;
+        self.snap.store(Arc::new(snap));
+        Ok(())
+    }
+
+    /// Picks up changes committed by other handles or processes. Returns `false` (after one
+    /// small file read) when the manifest is unchanged. Searches already running keep the
+    /// snapshot they started with.
+    pub fn refresh(&self) -> Result<bool> {
+        let (m, raw) = Manifest::read(&self.dir)?;
+        {
+            let cur = self.snap.load();
+            if cur.manifest.generation == m.generation && cur.raw == raw {
+                return Ok(false);
+            }
+        }
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        self.install(m, raw)?;
+        Ok(true)
+    }
+
+    /// Searches `queries` (row-major, B × D) for their `k` nearest rows each.
+    pub fn search(
+        &self,
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+    ) -> Result<Vec<Vec<Neighbour>>> {
+        let dim = self.dim();
+        let mut out = vec![Vec::new(); queries.len() / dim.max(1)];
+        self.search_into(queries, k, params, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`search`](Self::search) into the caller's buffers (one per query row; their
+    /// allocations are reused). Each row comes back sorted by ascending distance, with `k`
+    /// neighbours unless the store has fewer rows.
+    pub fn search_into(
+        &self,
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+        out: &mut [Vec<Neighbour>],
+    ) -> Result<()> {
+        let snap = self.snap.load_full();
+        let dim = snap.manifest.dim();
+        if k == 0 || k > MAX_K {
+            return Err(DatastoreError::BadK(k));
+        }
+        if params.ef == Some(0) {
+            return Err(DatastoreError::BadEf(0));
+        }
+        if queries.len() % dim != 0 {
+            return Err(DatastoreError::DimMismatch {
+                expected: dim,
+                got: queries.len(),
+                what: "a query batch",
+            });
+        }
+        let n = queries.len() / dim;
+        if out.len() != n {
+            return Err(DatastoreError::OutputMismatch {
+                expected: n,
+                got: out.len(),
+            });
+        }
+        validate_finite(queries, dim, "query")?;
+        if snap.rows == 0 {
+            return Err(DatastoreError::EmptyStore(self.dir.clone()));
+        }
+        search::search_batch(
+            &snap.segments,
+            &snap.starts,
+            queries,
+            dim,
+            k,
+            params,
+            out,
+        );
+        Ok(())
+    }
+
+    /// Reads every file and checks sizes, checksums, index structure and key finiteness
+    /// against the manifest currently on disk.
+    pub fn verify(&self) -> Result<VerifyReport> {
+        let (m, _) = Manifest::read(&self.dir)?;
+        Ok(verify::verify(&self.dir, &m))
+    }
+
+    /// Takes segment `id` out of search (a manifest change; its files stay until `compact`,
+    /// so [`unretire`](Self::unretire) can bring it back). Ids of later rows shift down.
+    pub fn retire(&self, id: u64) -> Result<SegmentInfo> {
+        self.set_retired(id, true)
+    }
+
+    /// Puts a retired segment back into search.
+    pub fn unretire(&self, id: u64) -> Result<SegmentInfo> {
+        self.set_retired(id, false)
+    }
+
+    fn set_retired(&self, id: u64, retired: bool) -> Result<SegmentInfo> {
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let _lock = WriterLock::acquire(&self.dir)?;
+        let (mut m, _) = Manifest::read(&self.dir)?;
+        let e = m
+            .segments
+            .iter_mut()
+            .find(|s| s.id == id)
+            .ok_or(DatastoreError::UnknownSegment(id))?;
+        if e.retired == retired {
+            return Err(DatastoreError::SegmentState {
+                id,
+                state: if retired { "already retired" } else { "not retired" },
+            });
+        }
+        e.retired = retired;
+        m.generation += 1;
+        let raw = m.to_bytes();
+        // Opening the new snapshot first proves an unretired segment's files are intact
+        // before the manifest points at them.
+        let snap = Snapshot::load(&self.dir, m.clone(), raw.clone(), Some(&self.snap.load_full()))?;
+        durable::atomic_write(&self.dir.join(MANIFEST_FILE), &raw)?;
+        self.snap.store(Arc::new(snap));
+        Ok(self
+            .segments()
+            .into_iter()
+            .find(|s| s.id == id)
+            .expect("segment still listed"))
+    }
+
+    /// Merges all live segments into one new segment (same rows, same order, so ids do not
+    /// change) and deletes the files of the merged and retired segments. Returns the new
+    /// segment, or `None` when there is nothing to do (at most one live segment and no
+    /// retired ones). Handles that still use the old segments keep working until they
+    /// `refresh` (their maps outlive the deleted files).
+    pub fn compact(&self) -> Result<Option<SegmentInfo>> {
+        self.compact_with_progress(&|_| {})
+    }
+
+    /// [`compact`](Self::compact) reporting rows indexed so far.
+    pub fn compact_with_progress(&self, progress: &dyn Fn(usize)) -> Result<Option<SegmentInfo>> {
+        {
+            let (m, _) = Manifest::read(&self.dir)?;
+            if m.live().count() <= 1 && m.segments.iter().all(|s| !s.retired) {
+                return Ok(None);
+            }
+        }
+        let dir = self.dir.clone();
+        let info = self.commit_new_segment(
+            |m| {
+                let live: Vec<&SegmentEntry> = m.live().collect();
+                let mut key_bytes = Vec::new();
+                let mut values = Vec::new();
+                for e in &live {
+                    let seg = Segment::open(&dir, e, m.dim(), m.dtype)?;
+                    match seg.keys() {
+                        keys::KeyRows::F32(k) => {
+                            for v in k {
+                                key_bytes.extend_from_slice(&v.to_le_bytes())
+                            }
+                        }
+                        keys::KeyRows::F16(k) => {
+                            for v in k {
+                                key_bytes.extend_from_slice(&v.to_le_bytes())
+                            }
+                        }
+                    }
+                    values.extend_from_slice(seg.values());
+                }
+                if values.is_empty() {
+                    return Err(DatastoreError::EmptyStore(dir.clone()));
+                }
+                let ids: Vec<String> = live.iter().map(|e| e.id.to_string()).collect();
+                let mut prov = Provenance::new(format!("compaction of segments {}", ids.join(",")));
+                let labels: Vec<&Option<String>> = live.iter().map(|e| &e.provenance.label).collect();
+                if labels.windows(2).all(|w| w[0] == w[1]) {
+                    prov.label = labels.first().and_then(|l| (*l).clone());
+                }
+                let replaces = m.segments.iter().map(|s| s.id).collect();
+                Ok((key_bytes, values, prov, replaces))
+            },
+            progress,
+        )?;
+        Ok(Some(info))
+    }
+}
+
+/// Removes what no manifest references: segment directories of interrupted writers and
+/// stale temporary manifests. Best effort; called only while holding the writer lock.
+fn remove_garbage(dir: &Path, m: &Manifest) {
+    let listed: std::collections::HashSet<String> =
+        m.segments.iter().map(|s| s.id.to_string()).collect();
+    if let Ok(entries) = std::fs::read_dir(dir.join(SEGMENTS_DIR)) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !listed.contains(&name) {
+                let p = e.path();
+                let r = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                match r {
+                    Ok(()) => tracing::info!("removed unreferenced {}", p.display()),
+                    Err(err) => tracing::warn!("could not remove {}: {err}", p.display()),
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!(".{MANIFEST_FILE}.tmp-")) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn remove_segment_files(dir: &Path, id: u64) {
+    let p = segment_dir(dir, id);
+    if let Err(e) = std::fs::remove_dir_all(&p) {
+        tracing::warn!(
+            "could not remove {} (it is garbage now and will be removed on a later open): {e}",
+            p.display()
+        );
+    }
+}
