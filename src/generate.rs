@@ -1,0 +1,516 @@
+//! Sampling continuations from the model, with a per-step hook for the Goodtriever control.
+//!
+//! [`Generator::generate`] prefills the prompt once, copies its KV cache to `num_samples`
+//! rows, and then decodes all rows as one batch (the paper samples 25 continuations per
+//! prompt). At every step the [`StepHook`] (the engine, in production) sees each active row's
+//! key hidden state and raw logits and may replace the logits, e.g. with re-weighted
+//! log-probabilities; then temperature, top-k and top-p sampling pick the next token. Rows that
+//! produce a stop token leave the batch, so finished rows cost nothing.
+//!
+//! Each sample has its own random generator seeded from (seed, sample index): the same seed
+//! gives the same samples whatever the batch does. The loop reuses its buffers (logits, keys,
+//! sampling scratch); only candle's own tensors are allocated per step.
+
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+
+use crate::fingerprint::KeyType;
+use crate::model::{ForwardOutput, Model, ModelError, Outputs, Positions};
+
+/// Something that adjusts next-token logits at each decoding step.
+pub trait StepHook {
+    /// The hidden state the hook wants as `keys`.
+    fn key_type(&self) -> KeyType;
+
+    /// `keys` holds `rows × hidden` values, `logits` `rows × vocab` raw logits. The hook may
+    /// rewrite `logits`, e.g. with normalised log-probabilities (`-inf` allowed for tokens that
+    /// must not be sampled).
+    fn adjust(&mut self, keys: &[f32], logits: &mut [f32], rows: usize) -> Result<(), HookError>;
+}
+
+/// A failure inside a [`StepHook`], with its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("step hook failed: {0}")]
+pub struct HookError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+impl HookError {
+    pub fn new(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(err))
+    }
+}
+
+/// Errors of generation.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    #[error("invalid sampling parameters: {0}")]
+    Params(String),
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("no token can be sampled for sample {0}: every logit is -inf or NaN")]
+    NothingToSample(usize),
+}
+
+/// Sampling parameters. `temperature == 0` means greedy (argmax); `top_k == 0` and
+/// `top_p == 1` switch those filters off.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SamplingParams {
+    pub num_samples: usize,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            num_samples: 1,
+            max_new_tokens: 20,
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<(), GenerateError> {
+        let bad = |m: String| Err(GenerateError::Params(m));
+        if self.num_samples == 0 {
+            return bad("num_samples must be at least 1".into());
+        }
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!("temperature {} must be ≥ 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// Why a sample ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// It produced a stop token (EOS); the token is the last of `tokens`.
+    Eos,
+    /// It reached `max_new_tokens`.
+    MaxTokens,
+}
+
+/// Time spent on one sample. Samples are decoded together, so `prefill_ms` is shared and each
+/// step's time is the batch's; `hook_ms` is the hook's share of each step.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SampleTiming {
+    pub prefill_ms: f64,
+    /// For each generated token: the forward pass that produced its logits (none for the
+    /// first, whose logits come from the prefill), the hook, and sampling.
+    pub step_ms: Vec<f64>,
+    pub hook_ms: Vec<f64>,
+}
+
+impl SampleTiming {
+    pub fn total_step_ms(&self) -> f64 {
+        self.step_ms.iter().sum()
+    }
+
+    pub fn total_hook_ms(&self) -> f64 {
+        self.hook_ms.iter().sum()
+    }
+}
+
+/// One continuation.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Sample {
+    /// Generated token ids (the stop token included when `stop == Eos`).
+    pub tokens: Vec<u32>,
+    /// The generated text, without the stop token.
+    pub text: String,
+    pub stop: StopReason,
+    pub timing: SampleTiming,
+}
+
+/// Reusable scratch for choosing a token from one row of logits.
+#[derive(Debug, Default)]
+pub struct Sampler {
+    idx: Vec<u32>,
+}
+
+impl Sampler {
+    /// Picks a token from `logits` (raw logits or log-probabilities). `None` when no token has
+    /// a finite value.
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        rng: &mut StdRng,
+    ) -> Option<u32> {
+        if params.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        self.idx.clear();
+        self.idx.extend(
+            (0..logits.len() as u32).filter(|&i| logits[i as usize] > f32::NEG_INFINITY),
+        );
+        let n = self.idx.len();
+        if n == 0 {
+            return None;
+        }
+        if params.top_k > 0 && params.top_k < n {
+            self.idx.select_nth_unstable_by(params.top_k - 1, by_logit_desc);
+            self.idx.truncate(params.top_k);
+        }
+        let inv_t = 1.0 / params.temperature;
+        let m = self
+            .idx
+            .iter()
+            .map(|&i| logits[i as usize])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let weight = |i: u32| (((logits[i as usize] - m) * inv_t) as f64).exp();
+        let z: f64 = self.idx.iter().map(|&i| weight(i)).sum();
+        let mut kept = self.idx.len();
+        if params.top_p < 1.0 {
+            // Nucleus: rank r is kept iff r = 0 or the mass of ranks < r is below top_p. Only
+            // the head of the distribution is sorted, widening until it holds enough mass.
+            let target = f64::from(params.top_p) * z;
+            let len = self.idx.len();
+            let mut head = len.min(64);
+            loop {
+                if head < len {
+                    self.idx.select_nth_unstable_by(head - 1, by_logit_desc);
+                }
+                self.idx[..head].sort_unstable_by(by_logit_desc);
+                let mut cum = 0.0;
+                let mut cut = None;
+                for (r, &i) in self.idx[..head].iter().enumerate() {
+                    if r > 0 && cum >= target {
+                        cut = Some(r);
+                        break;
+                    }
+                    cum += weight(i);
+                }
+                match cut {
+                    Some(c) => {
+                        kept = c;
+                        break;
+                    }
+                    None if head == len => break,
+                    None => head = (head * 8).min(len),
+                }
+            }
+        }
+        let kept = &self.idx[..kept];
+        let total: f64 = kept.iter().map(|&i| weight(i)).sum();
+        let mut u = rng.random::<f64>() * total;
+        for &i in kept {
+            u -= weight(i);
+            if u <= 0.0 {
+                return Some(i);
+            }
+        }
+        kept.last().copied()
+    }
+}
+
+/// Index of the largest finite value (the first one on ties).
+pub fn argmax(logits: &[f32]) -> Option<u32> {
+    let mut best: Option<(u32, f32)> = None;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > f32::NEG_INFINITY && best.is_none_or(|(_, b)| l > b) {
+            best = Some((i as u32, l));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// Samples continuations from a [`Model`].
+pub struct Generator<'m> {
+    model: &'m Model,
+    params: SamplingParams,
+    stop_tokens: Vec<u32>,
+    sampler: Sampler,
+    out: ForwardOutput,
+    next: Vec<u32>,
+}
+
+impl<'m> Generator<'m> {
+    /// A generator that stops rows at the model's EOS token (and at `<|endoftext|>` when the
+    /// vocabulary has it: base-model text ends there).
+    pub fn new(model: &'m Model, params: SamplingParams) -> Result<Self, GenerateError> {
+        params.validate()?;
+        let tok = model.tokenizer();
+        let mut stop_tokens: Vec<u32> = model.config().eos_token_id.into_iter().collect();
+        if let Some(eot) = tok.token_to_id("<|endoftext|>") {
+            if !stop_tokens.contains(&eot) {
+                stop_tokens.push(eot);
+            }
+        }
+        Ok(Self {
+            model,
+            params,
+            stop_tokens,
+            sampler: Sampler::default(),
+            out: ForwardOutput::default(),
+            next: Vec::new(),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Replaces the stop tokens (empty: only `max_new_tokens` ends a sample).
+    pub fn set_stop_tokens(&mut self, tokens: Vec<u32>) {
+        self.stop_tokens = tokens;
+    }
+
+    /// Tokenizes `prompt` and generates from it.
+    pub fn generate_text(
+        &mut self,
+        prompt: &str,
+        hook: Option<&mut dyn StepHook>,
+    ) -> Result<Vec<Sample>, GenerateError> {
+        let tokens = self.model.tokenizer().encode(prompt)?;
+        self.generate(&tokens, hook)
+    }
+
+    /// Generates `num_samples` continuations of `prompt` in one batch.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        mut hook: Option<&mut dyn StepHook>,
+    ) -> Result<Vec<Sample>, GenerateError> {
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let cfg = self.model.config();
+        let needed = prompt.len() + self.params.max_new_tokens;
+        if needed > cfg.context_length {
+            return Err(ModelError::ContextFull {
+                needed,
+                context: cfg.context_length,
+            }
+            .into());
+        }
+        let n = self.params.num_samples;
+        let (vocab, hidden) = (cfg.vocab_size, cfg.hidden_size);
+        let outputs = Outputs {
+            logits: Positions::Last,
+            keys: if hook.is_some() {
+                Positions::Last
+            } else {
+                Positions::None
+            },
+            key_type: hook
+                .as_ref()
+                .map(|h| h.key_type())
+                .unwrap_or(KeyType::FinalHidden),
+        };
+        let mut samples: Vec<Sample> = (0..n)
+            .map(|_| Sample {
+                tokens: Vec::with_capacity(self.params.max_new_tokens),
+                text: String::new(),
+                stop: StopReason::MaxTokens,
+                timing: SampleTiming::default(),
+            })
+            .collect();
+        let mut rngs: Vec<StdRng> = (0..n as u64)
+            .map(|i| StdRng::seed_from_u64(self.params.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            .collect();
+
+        let t0 = Instant::now();
+        let mut cache = self.model.new_cache(1);
+        self.model
+            .forward_into(prompt, 1, &mut cache, outputs, &mut self.out)?;
+        if n > 1 {
+            cache.select_rows(&vec![0; n])?;
+            replicate(&mut self.out.logits, vocab, n);
+            replicate(&mut self.out.keys, hidden, n);
+        }
+        let prefill_ms = ms(t0);
+        for s in &mut samples {
+            s.timing.prefill_ms = prefill_ms;
+        }
+
+        // `active[r]` is the sample decoded in batch row r.
+        let mut active: Vec<usize> = (0..n).collect();
+        let mut step_start = Instant::now();
+        for step in 0..self.params.max_new_tokens {
+            let rows = active.len();
+            let mut hook_ms = 0.0;
+            if let Some(h) = hook.as_deref_mut() {
+                let th = Instant::now();
+                h.adjust(
+                    &self.out.keys[..rows * hidden],
+                    &mut self.out.logits[..rows * vocab],
+                    rows,
+                )?;
+                hook_ms = ms(th);
+            }
+            self.next.clear();
+            let mut finished = false;
+            for (r, &s) in active.iter().enumerate() {
+                let logits = &self.out.logits[r * vocab..(r + 1) * vocab];
+                let tok = self
+                    .sampler
+                    .sample(logits, &self.params, &mut rngs[s])
+                    .ok_or(GenerateError::NothingToSample(s))?;
+                samples[s].tokens.push(tok);
+                if self.stop_tokens.contains(&tok) {
+                    samples[s].stop = StopReason::Eos;
+                    finished = true;
+                }
+                self.next.push(tok);
+            }
+            let step_ms = ms(step_start);
+            for &s in &active {
+                samples[s].timing.step_ms.push(step_ms);
+                samples[s].timing.hook_ms.push(hook_ms);
+            }
+            step_start = Instant::now();
+            if step + 1 == self.params.max_new_tokens {
+                break;
+            }
+            if finished {
+                let keep: Vec<usize> = (0..rows)
+                    .filter(|&r| samples[active[r]].stop != StopReason::Eos)
+                    .collect();
+                if keep.is_empty() {
+                    break;
+                }
+                cache.select_rows(&keep)?;
+                self.next = keep.iter().map(|&r| self.next[r]).collect();
+                active = keep.iter().map(|&r| active[r]).collect();
+            }
+            self.model.forward_into(
+                &self.next,
+                active.len(),
+                &mut cache,
+                outputs,
+                &mut self.out,
+            )?;
+        }
+        let tok = self.model.tokenizer();
+        for s in &mut samples {
+            let body = match s.stop {
+                StopReason::Eos => &s.tokens[..s.tokens.len() - 1],
+                StopReason::MaxTokens => &s.tokens[..],
+            };
+            s.text = tok.decode(body, false)?;
+        }
+        Ok(samples)
+    }
+}
+
+/// Turns one row of `width` values into `n` identical rows, in place.
+fn replicate(buf: &mut Vec<f32>, width: usize, n: usize) {
+    buf.truncate(width);
+    buf.resize(width * n, 0.0);
+    for r in 1..n {
+        buf.copy_within(0..width, r * width);
+    }
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_p: f32, top_k: usize) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            ..SamplingParams::default()
+        }
+    }
+
+    #[test]
+    fn greedy_is_argmax_and_skips_neg_inf() {
+        let mut s = Sampler::default();
+        let mut rng = StdRng::seed_from_u64(1);
+        let l = [0.5, 3.0, f32::NEG_INFINITY, 2.9];
+        assert_eq!(s.sample(&l, &params(0.0, 1.0, 0), &mut rng), Some(1));
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -1e30]), Some(1));
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), None);
+        assert_eq!(s.sample(&[f32::NEG_INFINITY; 3], &params(1.0, 0.9, 0), &mut rng), None);
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy() {
+        let mut s = Sampler::default();
+        let mut rng = StdRng::seed_from_u64(7);
+        let l: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 * 0.1).collect();
+        let best = argmax(&l).unwrap();
+        for _ in 0..20 {
+            assert_eq!(s.sample(&l, &params(1.0, 1.0, 1), &mut rng), Some(best));
+            assert_eq!(s.sample(&l, &params(1.0, 1e-6, 0), &mut rng), Some(best));
+        }
+    }
+
+    #[test]
+    fn nucleus_keeps_exactly_the_head_that_reaches_top_p() {
+        // Probabilities 0.5, 0.3, 0.15, 0.05: top_p 0.7 keeps the first two only.
+        let l: Vec<f32> = [0.5f32, 0.3, 0.15, 0.05].iter().map(|p| p.ln()).collect();
+        let mut s = Sampler::default();
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut seen = [0usize; 4];
+        for _ in 0..4000 {
+            seen[s.sample(&l, &params(1.0, 0.7, 0), &mut rng).unwrap() as usize] += 1;
+        }
+        assert_eq!(seen[2] + seen[3], 0, "{seen:?}");
+        // Renormalised 0.5 : 0.3 = 0.625.
+        let frac = seen[0] as f64 / 4000.0;
+        assert!((frac - 0.625).abs() < 0.03, "{seen:?}");
+    }
+
+    #[test]
+    fn nucleus_over_a_wide_flat_tail_widens_its_head() {
+        // 10 000 equal logits: top_p 0.5 must keep half of them, beyond the first head of 64.
+        let l = vec![0.0f32; 10_000];
+        let mut s = Sampler::default();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut distinct = std::collections::HashSet::new();
+        for _ in 0..2000 {
+            distinct.insert(s.sample(&l, &params(1.0, 0.5, 0), &mut rng).unwrap());
+        }
+        assert!(distinct.len() > 1000, "{}", distinct.len());
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let l: Vec<f32> = (0..500).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |seed| {
+            let mut s = Sampler::default();
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..50)
+                .map(|_| s.sample(&l, &params(1.0, 0.95, 40), &mut rng).unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(11), draw(11));
+        assert_ne!(draw(11), draw(12));
+    }
+
+    #[test]
+    fn bad_params_are_refused() {
+        assert!(params(-1.0, 0.9, 0).validate().is_err());
+        assert!(params(1.0, 0.0, 0).validate().is_err());
+        assert!(params(1.0, 1.5, 0).validate().is_err());
+        assert!(params(f32::NAN, 0.9, 0).validate().is_err());
+        assert!(params(0.0, 1.0, 0).validate().is_ok());
+    }
+}
