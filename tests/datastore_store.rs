@@ -1,0 +1,287 @@
+//! Datastore lifecycle: create, append, reopen, refresh, verify, corruption, bad input,
+//! retire and compact.
+
+mod datastore_common;
+
+use std::sync::Arc;
+
+use datastore_common::*;
+use goodtriever::datastore::{
+    Datastore, DatastoreError, KeyDtype, Keys, Provenance, SearchParams,
+};
+use half::f16;
+
+const D: usize = 16;
+
+fn prov(tag: &str) -> Provenance {
+    Provenance::new("test").with_tag(tag)
+}
+
+#[test]
+fn create_append_open_round_trip_keeps_rows_values_and_provenance() {
+    for dtype in [KeyDtype::F16, KeyDtype::F32] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("store");
+        let keys = clustered(300, D, 5, 1);
+        let vals = values(300, 1);
+        {
+            let ds = create(&dir, D, dtype);
+            assert!(ds.is_empty());
+            let info = ds
+                .append(Keys::F32(&keys), &vals, prov("first").with_label("toxic"))
+                .unwrap();
+            assert_eq!((info.rows, info.first_id), (300, Some(0)));
+            assert_eq!(ds.len(), 300);
+        }
+        let ds = Datastore::open(&dir).unwrap();
+        assert_eq!(ds.dim(), D);
+        assert_eq!(ds.dtype(), dtype);
+        assert_eq!(ds.len(), 300);
+        assert_eq!(ds.fingerprint().model_id, "test-model");
+        let segs = ds.segments();
+        assert_eq!(segs.len(), 1);
+        assert_eq!(segs[0].provenance.tag.as_deref(), Some("first"));
+        assert_eq!(segs[0].provenance.label.as_deref(), Some("toxic"));
+        // Every row finds itself at distance ~0 with its own value.
+        let stored = as_stored(&keys, dtype);
+        let res = ds.search(&stored, 1, &SearchParams::exact()).unwrap();
+        for (i, r) in res.iter().enumerate() {
+            assert_eq!(r[0].dist, 0.0, "row {i}");
+            assert_eq!(vals[r[0].id as usize], r[0].value);
+        }
+        assert!(ds.verify().unwrap().is_ok());
+        assert!(matches!(
+            Datastore::create(&dir, options(D, dtype)),
+            Err(DatastoreError::AlreadyExists(_))
+        ));
+    }
+}
+
+#[test]
+fn f16_input_is_accepted_and_f32_that_overflows_f16_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = create(tmp.path(), 2, KeyDtype::F16);
+    let k16: Vec<f16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&x| f16::from_f32(x)).collect();
+    ds.append(Keys::F16(&k16), &[7, 8], prov("h")).unwrap();
+    let r = ds.search(&[3.0, 4.0], 1, &SearchParams::exact()).unwrap();
+    assert_eq!((r[0][0].id, r[0][0].value, r[0][0].dist), (1, 8, 0.0));
+    let before = snapshot(tmp.path());
+    let err = ds
+        .append(Keys::F32(&[1.0, 70000.0]), &[1], prov("x"))
+        .unwrap_err();
+    assert!(matches!(err, DatastoreError::F16Overflow { row: 0, col: 1, .. }), "{err}");
+    assert_eq!(before, snapshot(tmp.path()));
+}
+
+#[test]
+fn every_bad_input_is_a_clear_error_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ds = create(dir, D, KeyDtype::F16);
+    // Empty store.
+    let q = vec![0.0f32; D];
+    let e = ds.search(&q, 1, &SearchParams::default()).unwrap_err();
+    assert!(matches!(e, DatastoreError::EmptyStore(_)), "{e}");
+    let keys = clustered(50, D, 2, 3);
+    ds.append(Keys::F32(&keys), &values(50, 3), prov("a")).unwrap();
+    let before = snapshot(dir);
+
+    let mut nan = keys.clone();
+    nan[3 * D + 5] = f32::NAN;
+    let mut inf = keys.clone();
+    inf[7] = f32::NEG_INFINITY;
+    let cases: Vec<(DatastoreError, &str)> = vec![
+        (
+            ds.append(Keys::F32(&keys[..D * 3 + 1]), &[1, 2, 3], prov("x"))
+                .unwrap_err(),
+            "dimension",
+        ),
+        (
+            ds.append(Keys::F32(&[]), &[], prov("x")).unwrap_err(),
+            "empty",
+        ),
+        (
+            ds.append(Keys::F32(&keys), &values(49, 3), prov("x"))
+                .unwrap_err(),
+            "values",
+        ),
+        (
+            ds.append(Keys::F32(&nan), &values(50, 3), prov("x"))
+                .unwrap_err(),
+            "row 3 column 5",
+        ),
+        (
+            ds.append(Keys::F32(&inf), &values(50, 3), prov("x"))
+                .unwrap_err(),
+            "finite",
+        ),
+        (
+            ds.search(&q, 0, &SearchParams::default()).unwrap_err(),
+            "k = 0",
+        ),
+        (
+            ds.search(&q, 4097, &SearchParams::default()).unwrap_err(),
+            "4096",
+        ),
+        (
+            ds.search(&q[..D - 1], 1, &SearchParams::default())
+                .unwrap_err(),
+            "dimension",
+        ),
+        (
+            ds.search(&[f32::NAN; D], 1, &SearchParams::default())
+                .unwrap_err(),
+            "query row 0",
+        ),
+        (
+            ds.search(&q, 1, &SearchParams::hnsw(Some(0))).unwrap_err(),
+            "ef",
+        ),
+        (
+            ds.search_into(&q, 1, &SearchParams::default(), &mut [])
+                .unwrap_err(),
+            "output buffer",
+        ),
+    ];
+    for (err, needle) in cases {
+        let msg = err.to_string();
+        assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+    }
+    assert_eq!(before, snapshot(dir), "a refused call changed the directory");
+    assert_eq!(ds.len(), 50);
+    assert!(matches!(
+        Datastore::open(&tmp.path().join("nope")),
+        Err(DatastoreError::NotFound(_))
+    ));
+}
+
+#[test]
+fn verify_names_the_file_with_a_flipped_byte_and_open_catches_truncation() {
+    for name in ["keys.bin", "values.bin", "index.bin"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let ds = create(dir, D, KeyDtype::F32);
+        ds.append(Keys::F32(&clustered(200, D, 3, 4)), &values(200, 4), prov("a"))
+            .unwrap();
+        let path = dir.join("segments/0").join(name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() / 2 + 1;
+        bytes[at] ^= 0x10;
+        std::fs::write(&path, &bytes).unwrap();
+        let report = ds.verify().unwrap();
+        assert!(!report.is_ok(), "{name}: flip not detected");
+        let first = &report.problems[0];
+        assert!(first.path.ends_with(format!("segments/0/{name}")), "{first}");
+        assert!(first.detail.contains("checksum"), "{first}");
+        let err = report.into_result().unwrap_err().to_string();
+        assert!(err.contains(name), "{err}");
+
+        bytes.truncate(bytes.len() - 4);
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Datastore::open(dir).unwrap_err();
+        assert!(matches!(err, DatastoreError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
+#[test]
+fn damaged_index_structure_is_a_typed_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ds = create(dir, D, KeyDtype::F32);
+    ds.append(Keys::F32(&clustered(100, D, 3, 5)), &values(100, 5), prov("a"))
+        .unwrap();
+    drop(ds);
+    let path = dir.join("segments/0/index.bin");
+    let clean = std::fs::read(&path).unwrap();
+    // Every single-word overwrite with an out-of-range id must be refused or harmless.
+    let mut rng = Rng::new(9);
+    for _ in 0..200 {
+        let mut bytes = clean.clone();
+        let w = rng.below((bytes.len() / 4) as u64) as usize;
+        bytes[w * 4..w * 4 + 4].copy_from_slice(&(rng.next_u64() as u32).to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        if let Ok(ds) = Datastore::open(dir) {
+            // Structurally valid damage: search must still work.
+            ds.search(&vec![0.5; D], 5, &SearchParams::hnsw(None)).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_reader_sees_rows_appended_by_another_handle_after_refresh() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let writer = create(dir, D, KeyDtype::F16);
+    let a = clustered(100, D, 2, 6);
+    writer.append(Keys::F32(&a), &values(100, 6), prov("a")).unwrap();
+    let reader = Arc::new(Datastore::open(dir).unwrap());
+    assert!(!reader.refresh().unwrap(), "unchanged manifest must be a no-op");
+    let b = clustered(40, D, 2, 7);
+    writer.append(Keys::F32(&b), &values(40, 7), prov("b")).unwrap();
+    assert_eq!(reader.len(), 100);
+    let q = as_stored(&b[..D], KeyDtype::F16);
+    let before = reader.search(&q, 1, &SearchParams::exact()).unwrap();
+    assert_ne!(before[0][0].dist, 0.0);
+    assert!(reader.refresh().unwrap());
+    assert_eq!(reader.len(), 140);
+    let after = reader.search(&q, 1, &SearchParams::exact()).unwrap();
+    assert_eq!((after[0][0].id, after[0][0].dist), (100, 0.0));
+    assert_eq!(reader.segments().len(), 2);
+}
+
+#[test]
+fn garbage_of_an_interrupted_writer_is_removed_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ds = create(dir, D, KeyDtype::F16);
+    ds.append(Keys::F32(&clustered(30, D, 2, 8)), &values(30, 8), prov("a"))
+        .unwrap();
+    drop(ds);
+    std::fs::create_dir_all(dir.join("segments/.tmp-1-999")).unwrap();
+    std::fs::write(dir.join("segments/.tmp-1-999/keys.bin"), b"half").unwrap();
+    std::fs::create_dir_all(dir.join("segments/7")).unwrap();
+    let ds = Datastore::open(dir).unwrap();
+    assert!(!dir.join("segments/.tmp-1-999").exists());
+    assert!(!dir.join("segments/7").exists());
+    assert!(dir.join("segments/0/keys.bin").exists());
+    assert_eq!(ds.len(), 30);
+}
+
+#[test]
+fn retire_unretire_and_compact_keep_ids_consistent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ds = create(dir, D, KeyDtype::F32);
+    let parts: Vec<Vec<f32>> = (0..3).map(|i| clustered(60, D, 3, 20 + i)).collect();
+    for (i, p) in parts.iter().enumerate() {
+        ds.append(Keys::F32(p), &values(60, 20 + i as u64), prov("p"))
+            .unwrap();
+    }
+    assert_eq!(ds.len(), 180);
+    ds.retire(1).unwrap();
+    assert_eq!(ds.len(), 120);
+    assert!(matches!(ds.retire(1), Err(DatastoreError::SegmentState { .. })));
+    assert!(matches!(ds.retire(9), Err(DatastoreError::UnknownSegment(9))));
+    // Segment 2's first row is now id 60.
+    let r = ds.search(&parts[2][..D], 1, &SearchParams::exact()).unwrap();
+    assert_eq!((r[0][0].id, r[0][0].dist), (60, 0.0));
+    let reopened = Datastore::open(dir).unwrap();
+    assert_eq!(reopened.len(), 120);
+    ds.unretire(1).unwrap();
+    assert_eq!(ds.len(), 180);
+    ds.retire(0).unwrap();
+    let all_before = ds.search(&parts[2], 3, &SearchParams::exact()).unwrap();
+    let info = ds.compact().unwrap().expect("something to compact");
+    assert_eq!(info.rows, 120);
+    assert_eq!(ds.segments().len(), 1);
+    assert!(!dir.join("segments/0").exists() && !dir.join("segments/1").exists());
+    let all_after = ds.search(&parts[2], 3, &SearchParams::exact()).unwrap();
+    assert_eq!(all_before, all_after, "compaction changed ids or distances");
+    assert!(ds.verify().unwrap().is_ok());
+    assert!(ds.compact().unwrap().is_none());
+    // The reader opened before compaction still works on its old snapshot, then refreshes.
+    assert_eq!(reopened.search(&parts[2][..D], 1, &SearchParams::exact()).unwrap()[0][0].dist, 0.0);
+    assert!(reopened.refresh().unwrap());
+    assert_eq!(reopened.len(), 120);
+}
