@@ -1,5 +1,8 @@
+pub mod datastore;
+pub mod detox;
 pub mod fingerprint;
 pub mod generate;
 pub mod model;
-pub mod datastore;
 pub mod npy;
+pub mod rule;
+pub mod server;

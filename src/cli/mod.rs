@@ -3,7 +3,10 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod adjust;
+pub mod control_args;
 pub mod datastore;
+pub mod serve;
 
 /// Toxicity-controlled decoding for language models (Goodtriever): kNN datastores of hidden
 /// states steer generation away from toxic continuations.
@@ -22,6 +25,10 @@ pub struct Cli {
 pub enum Command {
     /// Build, inspect, verify and search kNN datastores.
     Datastore(datastore::DatastoreArgs),
+    /// Apply the control offline to dumped hidden states (and logits).
+    Adjust(Box<adjust::AdjustArgs>),
+    /// Serve the control over gRPC: a decoding hook for any generation engine.
+    Serve(Box<serve::ServeArgs>),
 }
 
 pub fn init_tracing(verbose: u8) {
@@ -41,5 +48,7 @@ pub fn init_tracing(verbose: u8) {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Datastore(args) => datastore::run(args),
+        Command::Adjust(args) => adjust::run(*args),
+        Command::Serve(args) => serve::run(*args),
     }
 }

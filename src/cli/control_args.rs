@@ -1,0 +1,76 @@
+//! Command-line knobs of the control, shared by `adjust`, `generate` and `serve` so that the
+//! three spell and default them the same way.
+
+use clap::Args;
+use goodtriever::datastore::{SearchMode, SearchParams};
+use goodtriever::detox::AdjustOptions;
+use goodtriever::rule::{Mode, RuleParams};
+
+/// The decoding rule's parameters (defaults: the paper's).
+#[derive(Debug, Clone, Args)]
+pub struct RuleArgs {
+    /// Strength of the control (α): 0 leaves the model's distribution as it is.
+    #[arg(long, default_value_t = RuleParams::default().alpha, allow_negative_numbers = true)]
+    pub alpha: f32,
+    /// Temperature of the kNN softmax over squared L2 distances (T > 0).
+    #[arg(long, default_value_t = RuleParams::default().temperature)]
+    pub temperature: f32,
+    /// Neighbours retrieved from each datastore (1..=4096).
+    #[arg(long, default_value_t = RuleParams::default().k)]
+    pub k: usize,
+    /// Base nucleus kept before the experts are combined, in (0, 1]; 1 keeps every token.
+    #[arg(long, default_value_t = RuleParams::default().filter_p)]
+    pub filter_p: f32,
+    /// Weight of the kNN distribution in knn-lm mode (λ, in [0, 1]).
+    #[arg(long, default_value_t = RuleParams::default().lambda)]
+    pub lambda: f32,
+    /// How the stores are combined: ensemble (toxic + non-toxic, the paper's), toxic-only, or
+    /// knn-lm (interpolate with the non-toxic store).
+    #[arg(long, default_value = "ensemble", value_parser = parse_mode)]
+    pub mode: Mode,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}
+
+impl RuleArgs {
+    pub fn options(&self) -> anyhow::Result<AdjustOptions> {
+        let params = RuleParams {
+            alpha: self.alpha,
+            temperature: self.temperature,
+            k: self.k,
+            filter_p: self.filter_p,
+            lambda: self.lambda,
+        };
+        params.validate()?;
+        Ok(AdjustOptions {
+            params,
+            mode: self.mode,
+        })
+    }
+}
+
+/// How the datastores are searched.
+#[derive(Debug, Clone, Args)]
+pub struct SearchArgs {
+    /// Exact flat scan instead of the HNSW indexes (slower on large stores; the ground truth).
+    #[arg(long)]
+    pub exact: bool,
+    /// HNSW search breadth (raised to at least k). Larger: better recall, slower.
+    #[arg(long)]
+    pub ef: Option<usize>,
+}
+
+impl SearchArgs {
+    pub fn params(&self) -> SearchParams {
+        SearchParams {
+            mode: if self.exact {
+                SearchMode::Exact
+            } else {
+                SearchMode::Auto
+            },
+            ef: self.ef,
+        }
+    }
+}

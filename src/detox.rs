@@ -1,0 +1,463 @@
+//! The engine: datastores plus rule parameters, adjusting a batch of decoding rows.
+//!
+//! The gRPC server, the CLI and the generator all call [`Detoxifier`]; it owns no I/O beyond
+//! the datastores' memory maps and is shared across threads behind an `Arc`. Per-call buffers
+//! live in a [`DetoxScratch`] that the caller keeps, so a decoding step allocates nothing once
+//! the scratch has grown to the batch size.
+
+use std::sync::Arc;
+
+use crate::datastore::{Datastore, DatastoreError, Neighbour, SearchParams};
+use crate::fingerprint::{KeyType, ModelFingerprint};
+use crate::rule::{
+    self, Expert, Mode, ParamError, Retrieved, RuleError, RuleParams, RuleScratch, SparseRow,
+};
+
+/// The most stores one engine combines (signed n-store ensembles); keeps per-row expert lists
+/// on the stack.
+pub const MAX_STORES: usize = 16;
+
+impl Retrieved for Neighbour {
+    #[inline]
+    fn token(&self) -> u32 {
+        self.value
+    }
+    #[inline]
+    fn sq_dist(&self) -> f32 {
+        self.dist
+    }
+}
+
+/// Errors of the engine. Each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DetoxError {
+    #[error("no datastores given: the control needs at least one store")]
+    NoStores,
+    #[error("at most {MAX_STORES} stores can be combined, got {0}")]
+    TooManyStores(usize),
+    #[error("store {name:?} is empty: add data to it before serving")]
+    EmptyStore { name: String },
+    #[error("store {name:?} does not match store {first:?}: {why}")]
+    Incompatible {
+        name: String,
+        first: String,
+        why: String,
+    },
+    #[error("store {name:?} holds {got} keys, but the control uses {want} keys")]
+    KeyTypeMismatch {
+        name: String,
+        got: KeyType,
+        want: KeyType,
+    },
+    #[error(
+        "the vocabulary size is unknown (the stores were imported without one): give it explicitly"
+    )]
+    UnknownVocab,
+    #[error("mode {mode} needs {what}")]
+    ModeNeeds { mode: Mode, what: &'static str },
+    #[error("hidden states have {len} values, which is not a whole number of rows of size {dim}")]
+    HiddenShape { len: usize, dim: usize },
+    #[error("the batch is empty: send at least one row")]
+    EmptyBatch,
+    #[error("the batch has {rows} rows; at most {max} are accepted per call")]
+    TooManyRows { rows: usize, max: usize },
+    #[error("hidden state of row {row} contains NaN or infinity at index {index}")]
+    NonFiniteHidden { row: usize, index: usize },
+    #[error("logits have {len} values, expected {rows} rows of the vocabulary size {vocab}")]
+    LogitsShape {
+        len: usize,
+        rows: usize,
+        vocab: usize,
+    },
+    #[error("row {row}: {source}")]
+    Row { row: usize, source: RuleError },
+    #[error(transparent)]
+    Param(#[from] ParamError),
+    #[error("searching store {name:?}: {source}")]
+    Search {
+        name: String,
+        source: DatastoreError,
+    },
+}
+
+/// A datastore with the signed weight it carries in the ensemble: `-1` for the toxic
+/// (anti-expert) store, `+1` for the non-toxic (expert) one, anything finite for n-store
+/// control.
+#[derive(Clone)]
+pub struct ControlStore {
+    pub name: String,
+    pub store: Arc<Datastore>,
+    pub weight: f32,
+}
+
+/// Per-call choices; the engine's defaults unless a request overrides them.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdjustOptions {
+    pub params: RuleParams,
+    pub mode: Mode,
+}
+
+impl Default for AdjustOptions {
+    fn default() -> Self {
+        Self {
+            params: RuleParams::default(),
+            mode: Mode::Ensemble,
+        }
+    }
+}
+
+/// The most rows one call may carry; bounds the memory a single request can claim.
+pub const MAX_ROWS: usize = 1024;
+
+/// Reusable per-caller buffers for [`Detoxifier`] calls.
+#[derive(Default)]
+pub struct DetoxScratch {
+    /// `neighbours[store][row]`.
+    neighbours: Vec<Vec<Vec<Neighbour>>>,
+    rule: RuleScratch,
+    sparse: SparseRow,
+}
+
+/// The toxicity control engine. Cheap to share (`Arc<Detoxifier>`); every method takes `&self`.
+pub struct Detoxifier {
+    stores: Vec<ControlStore>,
+    defaults: AdjustOptions,
+    search: SearchParams,
+    dim: usize,
+    vocab: usize,
+    key_type: KeyType,
+    fingerprint: ModelFingerprint,
+}
+
+impl Detoxifier {
+    /// The paper's setting: a toxic anti-expert and a non-toxic expert.
+    pub fn goodtriever(
+        toxic: Arc<Datastore>,
+        nontoxic: Arc<Datastore>,
+        defaults: AdjustOptions,
+        search: SearchParams,
+        vocab: Option<usize>,
+    ) -> Result<Self, DetoxError> {
+        let stores = vec![
+            ControlStore {
+                name: "toxic".into(),
+                store: toxic,
+                weight: -1.0,
+            },
+            ControlStore {
+                name: "nontoxic".into(),
+                store: nontoxic,
+                weight: 1.0,
+            },
+        ];
+        Self::new(stores, defaults, search, vocab)
+    }
+
+    /// Any set of signed stores. All must hold keys of the same model and key type. The
+    /// vocabulary size comes from the stores' fingerprint unless given.
+    pub fn new(
+        stores: Vec<ControlStore>,
+        defaults: AdjustOptions,
+        search: SearchParams,
+        vocab: Option<usize>,
+    ) -> Result<Self, DetoxError> {
+        defaults.params.validate()?;
+        let first = stores.first().ok_or(DetoxError::NoStores)?;
+        if stores.len() > MAX_STORES {
+            return Err(DetoxError::TooManyStores(stores.len()));
+        }
+        let fingerprint = first.store.fingerprint().clone();
+        let key_type = first.store.key_type();
+        for (index, s) in stores.iter().enumerate() {
+            if !s.weight.is_finite() {
+                return Err(ParamError::Weight {
+                    index,
+                    weight: s.weight,
+                }
+                .into());
+            }
+            if s.store.is_empty() {
+                return Err(DetoxError::EmptyStore {
+                    name: s.name.clone(),
+                });
+            }
+            if s.store.key_type() != key_type {
+                return Err(DetoxError::KeyTypeMismatch {
+                    name: s.name.clone(),
+                    got: s.store.key_type(),
+                    want: key_type,
+                });
+            }
+            fingerprint
+                .check_compatible(s.store.fingerprint())
+                .map_err(|why| DetoxError::Incompatible {
+                    name: s.name.clone(),
+                    first: first.name.clone(),
+                    why,
+                })?;
+        }
+        let vocab = vocab
+            .or(fingerprint.vocab_size)
+            .or_else(|| stores.iter().find_map(|s| s.store.fingerprint().vocab_size))
+            .ok_or(DetoxError::UnknownVocab)?;
+        let detox = Self {
+            dim: fingerprint.hidden_size,
+            stores,
+            defaults,
+            search,
+            vocab,
+            key_type,
+            fingerprint,
+        };
+        detox.check_mode(defaults.mode)?;
+        Ok(detox)
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    pub fn key_type(&self) -> KeyType {
+        self.key_type
+    }
+    pub fn fingerprint(&self) -> &ModelFingerprint {
+        &self.fingerprint
+    }
+    pub fn stores(&self) -> &[ControlStore] {
+        &self.stores
+    }
+    pub fn defaults(&self) -> &AdjustOptions {
+        &self.defaults
+    }
+    pub fn search_params(&self) -> &SearchParams {
+        &self.search
+    }
+
+    /// Picks up segments added to (or retired from) any store since the last call.
+    pub fn refresh(&self) -> Result<bool, DetoxError> {
+        let mut changed = false;
+        for s in &self.stores {
+            changed |= s.store.refresh().map_err(|source| DetoxError::Search {
+                name: s.name.clone(),
+                source,
+            })?;
+        }
+        Ok(changed)
+    }
+
+    /// Which stores a mode searches, in order: all of them for the ensemble, the toxic one
+    /// (first negative weight) for toxic-only, the first positive one for kNN-LM.
+    fn stores_for(&self, mode: Mode) -> Result<StoreSelection, DetoxError> {
+        let pick = |pred: fn(f32) -> bool, what| {
+            self.stores
+                .iter()
+                .position(|s| pred(s.weight))
+                .map(StoreSelection::One)
+                .ok_or(DetoxError::ModeNeeds { mode, what })
+        };
+        match mode {
+            Mode::Ensemble => Ok(StoreSelection::All),
+            Mode::ToxicOnly => pick(|w| w < 0.0, "a toxic store (negative weight)"),
+            Mode::KnnLm => pick(|w| w > 0.0, "a non-toxic store (positive weight)"),
+        }
+    }
+
+    /// Checks that the engine's stores can serve `mode`.
+    pub fn check_mode(&self, mode: Mode) -> Result<(), DetoxError> {
+        self.stores_for(mode).map(|_| ())
+    }
+
+    fn check_hidden(&self, hidden: &[f32]) -> Result<usize, DetoxError> {
+        if hidden.is_empty() {
+            return Err(DetoxError::EmptyBatch);
+        }
+        if hidden.len() % self.dim != 0 {
+            return Err(DetoxError::HiddenShape {
+                len: hidden.len(),
+                dim: self.dim,
+            });
+        }
+        let rows = hidden.len() / self.dim;
+        if rows > MAX_ROWS {
+            return Err(DetoxError::TooManyRows {
+                rows,
+                max: MAX_ROWS,
+            });
+        }
+        if let Some(i) = hidden.iter().position(|x| !x.is_finite()) {
+            return Err(DetoxError::NonFiniteHidden {
+                row: i / self.dim,
+                index: i % self.dim,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Searches the stores `mode` needs for every row into `scratch.neighbours`; the stores are
+    /// searched concurrently.
+    fn retrieve(
+        &self,
+        hidden: &[f32],
+        rows: usize,
+        opts: &AdjustOptions,
+        scratch: &mut DetoxScratch,
+    ) -> Result<StoreSelection, DetoxError> {
+        opts.params.validate()?;
+        let selection = self.stores_for(opts.mode)?;
+        let range = selection.range(self.stores.len());
+        if scratch.neighbours.len() < self.stores.len() {
+            scratch.neighbours.resize_with(self.stores.len(), Vec::new);
+        }
+        for per_store in &mut scratch.neighbours[range.clone()] {
+            if per_store.len() < rows {
+                per_store.resize_with(rows, Vec::new);
+            }
+        }
+        let k = opts.params.k;
+        let search = |(s, out): (&ControlStore, &mut Vec<Vec<Neighbour>>)| {
+            s.store
+                .search_into(hidden, k, &self.search, &mut out[..rows])
+                .map_err(|source| DetoxError::Search {
+                    name: s.name.clone(),
+                    source,
+                })
+        };
+        let stores = &self.stores[range.clone()];
+        let outs = &mut scratch.neighbours[range];
+        if stores.len() == 1 {
+            search((&stores[0], &mut outs[0]))?;
+        } else {
+            use rayon::prelude::*;
+            stores
+                .par_iter()
+                .zip(outs.par_iter_mut())
+                .try_for_each(search)?;
+        }
+        Ok(selection)
+    }
+
+    /// Fills the stack array of experts for one row.
+    fn experts_for<'a>(
+        &self,
+        selection: StoreSelection,
+        neighbours: &'a [Vec<Vec<Neighbour>>],
+        row: usize,
+        buf: &mut [Expert<'a, Neighbour>; MAX_STORES],
+    ) -> usize {
+        let range = selection.range(self.stores.len());
+        let n = range.len();
+        for (slot, j) in buf.iter_mut().zip(range) {
+            *slot = Expert {
+                weight: self.stores[j].weight,
+                neighbours: &neighbours[j][row],
+            };
+        }
+        n
+    }
+
+    /// Sparse form: hidden states (`rows × dim`) in, one [`SparseRow`] per row out.
+    pub fn adjust_sparse(
+        &self,
+        hidden: &[f32],
+        opts: &AdjustOptions,
+        scratch: &mut DetoxScratch,
+        out: &mut Vec<SparseRow>,
+    ) -> Result<(), DetoxError> {
+        let rows = self.check_hidden(hidden)?;
+        let selection = self.retrieve(hidden, rows, opts, scratch)?;
+        out.resize_with(rows, SparseRow::default);
+        out.truncate(rows);
+        let DetoxScratch {
+            neighbours, rule, ..
+        } = scratch;
+        let mut experts = [Expert::<Neighbour> {
+            weight: 0.0,
+            neighbours: &[],
+        }; MAX_STORES];
+        for (row, answer) in out.iter_mut().enumerate() {
+            let n = self.experts_for(selection, neighbours, row, &mut experts);
+            rule::sparse_row(
+                opts.mode,
+                &experts[..n],
+                &opts.params,
+                self.vocab,
+                rule,
+                answer,
+            )
+            .map_err(|source| DetoxError::Row { row, source })?;
+        }
+        Ok(())
+    }
+
+    /// Dense form: hidden states (`rows × dim`) and raw logits (`rows × vocab`) in; normalised
+    /// adjusted log-probabilities (`rows × vocab`, −∞ where filtered) out.
+    pub fn adjust_dense(
+        &self,
+        hidden: &[f32],
+        logits: &[f32],
+        opts: &AdjustOptions,
+        scratch: &mut DetoxScratch,
+        out: &mut [f32],
+    ) -> Result<(), DetoxError> {
+        let rows = self.check_hidden(hidden)?;
+        if logits.len() != rows * self.vocab || out.len() != logits.len() {
+            return Err(DetoxError::LogitsShape {
+                len: logits.len(),
+                rows,
+                vocab: self.vocab,
+            });
+        }
+        let selection = self.retrieve(hidden, rows, opts, scratch)?;
+        let DetoxScratch {
+            neighbours,
+            rule,
+            sparse,
+        } = scratch;
+        let mut experts = [Expert::<Neighbour> {
+            weight: 0.0,
+            neighbours: &[],
+        }; MAX_STORES];
+        for (row, (z, o)) in logits
+            .chunks_exact(self.vocab)
+            .zip(out.chunks_exact_mut(self.vocab))
+            .enumerate()
+        {
+            let n = self.experts_for(selection, neighbours, row, &mut experts);
+            rule::dense_row(opts.mode, &experts[..n], &opts.params, z, rule, sparse, o)
+                .map_err(|source| DetoxError::Row { row, source })?;
+        }
+        Ok(())
+    }
+
+    /// The neighbours found for `row` of the last call, per searched store (for `explain`-style
+    /// debugging and tests).
+    pub fn last_neighbours<'s>(
+        &self,
+        scratch: &'s DetoxScratch,
+        store: usize,
+        row: usize,
+    ) -> Option<&'s [Neighbour]> {
+        scratch
+            .neighbours
+            .get(store)
+            .and_then(|s| s.get(row))
+            .map(Vec::as_slice)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StoreSelection {
+    All,
+    One(usize),
+}
+
+impl StoreSelection {
+    fn range(self, n: usize) -> std::ops::Range<usize> {
+        match self {
+            StoreSelection::All => 0..n,
+            StoreSelection::One(j) => j..j + 1,
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! The Goodtriever decoding rule (DESIGN §1): pure functions over slices.
+//!
+//! Everything here is per row: a row's answer never depends on the other rows of its batch
+//! (the reference implementation took the patch minimum over the whole batch; we do not).
+//! Nothing in this module allocates once its [`RuleScratch`] has grown to the vocabulary size,
+//! so a decoding step can call it without touching the allocator.
+//!
+//! The rule is computed in its *sparse form*: for a token retrieved by no store, every store's
+//! patched log-probability equals that store's patch minimum, so the product of experts adds
+//! the same constant to all such tokens, and a constant vanishes under softmax. The whole rule
+//! is therefore "add a bias to at most `k` tokens per store, then renormalise", which is what
+//! the sidecar sends to clients and what [`apply_sparse`] turns back into the dense answer.
+
+use std::cmp::Ordering;
+
+/// Log-probability given to tokens a store did not retrieve (the paper's `ZERO_LOG`).
+pub const ZERO_LOG: f32 = -10_000.0;
+/// Log-probabilities at or below this are patched to the store's smallest retrieved one.
+pub const PATCH: f32 = -50.0;
+/// The largest `k` a caller may ask for; larger requests are refused rather than served slowly.
+pub const MAX_K: usize = 4096;
+
+/// Why a set of rule parameters was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ParamError {
+    #[error("alpha must be a finite number, got {0}")]
+    Alpha(f32),
+    #[error("temperature must be a finite number > 0, got {0}")]
+    Temperature(f32),
+    #[error("k must be between 1 and {MAX_K}, got {0}")]
+    K(usize),
+    #[error("filter_p must be in (0, 1], got {0}")]
+    FilterP(f32),
+    #[error("lambda must be in [0, 1], got {0}")]
+    Lambda(f32),
+    #[error("store weight {index} must be finite, got {weight}")]
+    Weight { index: usize, weight: f32 },
+}
+
+/// Why a rule evaluation was refused. Every case is a caller bug or a store/model mismatch.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RuleError {
+    #[error(transparent)]
+    Param(#[from] ParamError),
+    #[error("logits have {got} entries, expected the vocabulary size {expected}")]
+    LogitsLen { got: usize, expected: usize },
+    #[error("logits contain NaN or +inf at token {0}")]
+    NonFiniteLogit(usize),
+    #[error("all logits are -inf: there is no distribution to adjust")]
+    EmptyDistribution,
+    #[error("a datastore returned token id {token}, outside the vocabulary of {vocab} tokens (store built for another model?)")]
+    TokenOutOfVocab { token: u32, vocab: usize },
+    #[error("a datastore returned a non-finite distance {0}")]
+    NonFiniteDistance(f32),
+    #[error("no neighbours were retrieved for a store (is it empty?)")]
+    NoNeighbours,
+}
+
+/// The knobs of the rule, with the paper's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RuleParams {
+    /// Strength of the control (α).
+    pub alpha: f32,
+    /// Temperature of the kNN softmax over distances (T).
+    pub temperature: f32,
+    /// Neighbours retrieved per store (k).
+    pub k: usize,
+    /// Base nucleus mass kept before the experts are combined; 1 keeps every token.
+    pub filter_p: f32,
+    /// Interpolation weight of the kNN distribution in kNN-LM mode (λ).
+    pub lambda: f32,
+}
+
+impl Default for RuleParams {
+    fn default() -> Self {
+        Self {
+            alpha: 2.0,
+            temperature: 100.0,
+            k: 1024,
+            filter_p: 0.9,
+            lambda: 0.25,
+        }
+    }
+}
+
+impl RuleParams {
+    pub fn validate(&self) -> Result<(), ParamError> {
+        if !self.alpha.is_finite() {
+            return Err(ParamError::Alpha(self.alpha));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(ParamError::Temperature(self.temperature));
+        }
+        if self.k == 0 || self.k > MAX_K {
+            return Err(ParamError::K(self.k));
+        }
+        if !(self.filter_p > 0.0 && self.filter_p <= 1.0) {
+            return Err(ParamError::FilterP(self.filter_p));
+        }
+        if !(0.0..=1.0).contains(&self.lambda) {
+            return Err(ParamError::Lambda(self.lambda));
+        }
+        Ok(())
+    }
+}
+
+/// How the experts are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Product of experts over signed stores: `s = ℓ + Σ_j w_j·α·(ℓ_j − m_j)`. With a
+    /// non-toxic store at +1 and a toxic one at −1 this is the paper's Goodtriever ensemble.
+    Ensemble,
+    /// Anti-expert only: `s = (1 + α)·ℓ − α·ℓ⁻`.
+    ToxicOnly,
+    /// kNN-LM interpolation with one store: `out = ln((1 − λ)·e^ℓ + λ·p_S)`.
+    KnnLm,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Ensemble => "ensemble",
+            Mode::ToxicOnly => "toxic-only",
+            Mode::KnnLm => "knn-lm",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ensemble" => Ok(Mode::Ensemble),
+            "toxic-only" | "toxic_only" => Ok(Mode::ToxicOnly),
+            "knn-lm" | "knn_lm" => Ok(Mode::KnnLm),
+            other => Err(format!(
+                "unknown mode {other:?}: expected ensemble, toxic-only or knn-lm"
+            )),
+        }
+    }
+}
+
+/// One row's answer in sparse form.
+///
+/// `Bias`: the client computes `log_softmax(scale · nucleus(log_softmax(z)) + bias)` where the
+/// bias is zero for tokens not listed. `Mixture`: the client mixes `(1 − λ)·e^ℓ + λ·p` with the
+/// kNN distribution, listed as natural-log probabilities `ln p` (p is zero elsewhere), and takes
+/// the log; logs, because far neighbours' masses underflow `f32`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SparseRow {
+    Bias {
+        scale: f32,
+        pairs: Vec<(u32, f32)>,
+    },
+    Mixture {
+        lambda: f32,
+        log_probs: Vec<(u32, f32)>,
+    },
+}
+
+impl Default for SparseRow {
+    fn default() -> Self {
+        SparseRow::Bias {
+            scale: 1.0,
+            pairs: Vec::new(),
+        }
+    }
+}
+
+/// One store's neighbours for one row, as parallel `(token, squared L2 distance)` pairs, with
+/// the signed weight the store carries in the ensemble.
+#[derive(Debug, Clone, Copy)]
+pub struct Expert<'a, N> {
+    pub weight: f32,
+    pub neighbours: &'a [N],
+}
+
+/// What the rule needs to know of a neighbour; implemented by the datastore's result type.
+pub trait Retrieved {
+    fn token(&self) -> u32;
+    fn sq_dist(&self) -> f32;
+}
+
+impl Retrieved for (u32, f32) {
+    fn token(&self) -> u32 {
+        self.0
+    }
+    fn sq_dist(&self) -> f32 {
+        self.1
+    }
+}
+
+/// Reusable buffers. Vocabulary-sized arrays are kept zeroed between calls: only the entries a
+/// call touched are reset, so a call costs O(k), not O(V), outside the dense paths.
+#[derive(Debug, Default)]
+pub struct RuleScratch {
+    /// Per-token accumulator for one store's kNN probability mass. `f64`, so that the mass of a
+    /// far neighbour (e^-150 is common with T = 100) does not underflow before its log is taken.
+    mass: Vec<f64>,
+    mass_touched: Vec<u32>,
+    /// Per-token accumulator for the combined bias over all stores.
+    bias: Vec<f32>,
+    bias_touched: Vec<u32>,
+    /// Exponentiated, unnormalised kNN weights, one per neighbour.
+    weights: Vec<f64>,
+    /// Candidate indices for the nucleus selection.
+    order: Vec<u32>,
+}
+
+impl RuleScratch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn ensure_vocab(&mut self, vocab: usize) {
+        if self.mass.len() < vocab {
+            self.mass.resize(vocab, 0.0);
+            self.bias.resize(vocab, 0.0);
+        }
+    }
+}
+
+/// `z ← z − logsumexp(z)`. Entries at −∞ stay −∞. Returns an error when every entry is −∞.
+pub fn log_softmax_in_place(z: &mut [f32]) -> Result<(), RuleError> {
+    let lse = logsumexp(z);
+    if lse == f32::NEG_INFINITY {
+        return Err(RuleError::EmptyDistribution);
+    }
+    for x in z.iter_mut() {
+        *x -= lse;
+    }
+    Ok(())
+}
+
+/// Numerically stable `ln Σ e^z`; −∞ for an empty or all −∞ slice.
+pub fn logsumexp(z: &[f32]) -> f32 {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return f32::NEG_INFINITY;
+    }
+    let sum: f64 = z.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    max + sum.ln() as f32
+}
+
+fn logaddexp(a: f64, b: f64) -> f64 {
+    let hi = a.max(b);
+    if hi == f64::NEG_INFINITY {
+        return hi;
+    }
+    hi + ((a - hi).exp() + (b - hi).exp()).ln()
+}
+
+/// Total order used for the nucleus: larger log-probability first, then the smaller token id,
+/// so the kept set is well defined even under ties.
+fn rank_cmp(l: &[f32], a: u32, b: u32) -> Ordering {
+    l[b as usize]
+        .partial_cmp(&l[a as usize])
+        .unwrap_or(Ordering::Equal)
+        .then(a.cmp(&b))
+}
+
+/// Base nucleus filter over normalised log-probabilities `l`: keeps rank `r` iff `r = 0` or
+/// the probability mass of the ranks above it is below `filter_p`; sets the rest to −∞.
+///
+/// Only the head of the distribution is sorted: the top `m` candidates are selected in O(V),
+/// sorted, and `m` doubles until the kept mass is reached, so a peaked distribution costs
+/// little more than one pass over the vocabulary.
+pub fn nucleus_filter(l: &mut [f32], filter_p: f32, scratch: &mut RuleScratch) {
+    if filter_p >= 1.0 || l.is_empty() {
+        return;
+    }
+    let order = &mut scratch.order;
+    order.clear();
+    order.extend(0..l.len() as u32);
+    let mut m = 64.min(order.len());
+    loop {
+        if m < order.len() {
+            order.select_nth_unstable_by(m - 1, |&a, &b| rank_cmp(l, a, b));
+        }
+        order[..m].sort_unstable_by(|&a, &b| rank_cmp(l, a, b));
+        let mut cum = 0.0f64;
+        let mut kept = None;
+        for (r, &t) in order[..m].iter().enumerate() {
+            if r > 0 && cum >= filter_p as f64 {
+                kept = Some(r);
+                break;
+            }
+            cum += (l[t as usize] as f64).exp();
+        }
+        match kept {
+            Some(r) => {
+                // Everything ranked r or lower goes. The head stays in order[..r].
+                order[..r].sort_unstable();
+                let mut head = order[..r].iter().peekable();
+                for (t, x) in l.iter_mut().enumerate() {
+                    if head.peek().is_some_and(|&&h| h as usize == t) {
+                        head.next();
+                    } else {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+                return;
+            }
+            None if m == order.len() => return,
+            None => m = (m * 2).min(order.len()),
+        }
+    }
+}
+
+/// Adds `weight · (ℓ_S(v) − m_S)` for one store to the scratch bias accumulator: `ℓ_S` is the
+/// log of the kNN distribution over retrieved tokens, patched at [`PATCH`] to its per-row
+/// minimum `m_S`, so patched and unretrieved tokens contribute exactly zero.
+fn accumulate_expert<N: Retrieved>(
+    neighbours: &[N],
+    weight: f32,
+    temperature: f32,
+    vocab: usize,
+    scratch: &mut RuleScratch,
+) -> Result<(), RuleError> {
+    knn_mass(neighbours, temperature, vocab, scratch)?;
+    let RuleScratch {
+        mass,
+        mass_touched,
+        bias,
+        bias_touched,
+        ..
+    } = scratch;
+    let mut min_kept = f64::INFINITY;
+    for &t in mass_touched.iter() {
+        let lp = mass[t as usize].ln();
+        mass[t as usize] = lp;
+        if lp > PATCH as f64 && lp < min_kept {
+            min_kept = lp;
+        }
+    }
+    for &t in mass_touched.iter() {
+        let lp = std::mem::take(&mut mass[t as usize]);
+        let centred = if lp > PATCH as f64 {
+            (lp - min_kept) as f32
+        } else {
+            0.0
+        };
+        let slot = &mut bias[t as usize];
+        // A slot at zero is either untouched or cancelled out; listing it again is harmless
+        // because the list is deduplicated when the pairs are emitted.
+        if *slot == 0.0 {
+            bias_touched.push(t);
+        }
+        *slot += weight * centred;
+    }
+    mass_touched.clear();
+    Ok(())
+}
+
+/// Fills `scratch.mass` with the kNN distribution `p_S(v) = Σ_i softmax(−d_i/T)·[v_i = v]` and
+/// `scratch.mass_touched` with the distinct retrieved tokens.
+fn knn_mass<N: Retrieved>(
+    neighbours: &[N],
+    temperature: f32,
+    vocab: usize,
+    scratch: &mut RuleScratch,
+) -> Result<(), RuleError> {
+    if neighbours.is_empty() {
+        return Err(RuleError::NoNeighbours);
+    }
+    scratch.ensure_vocab(vocab);
+    let mut dmin = f32::INFINITY;
+    for n in neighbours {
+        let d = n.sq_dist();
+        if !d.is_finite() {
+            return Err(RuleError::NonFiniteDistance(d));
+        }
+        if n.token() as usize >= vocab {
+            return Err(RuleError::TokenOutOfVocab {
+                token: n.token(),
+                vocab,
+            });
+        }
+        dmin = dmin.min(d);
+    }
+    let weights = &mut scratch.weights;
+    weights.clear();
+    let mut total = 0.0f64;
+    for n in neighbours {
+        let w = (-(n.sq_dist() - dmin) as f64 / temperature as f64).exp();
+        total += w;
+        weights.push(w);
+    }
+    let inv = 1.0 / total;
+    for (n, &w) in neighbours.iter().zip(weights.iter()) {
+        let t = n.token();
+        let slot = &mut scratch.mass[t as usize];
+        if *slot == 0.0 {
+            scratch.mass_touched.push(t);
+        }
+        *slot += w * inv;
+    }
+    // A far neighbour's weight can underflow to zero and leave its slot at zero, so a token
+    // may have been listed twice; its mass of zero is then treated like "not retrieved".
+    scratch.mass_touched.sort_unstable();
+    scratch.mass_touched.dedup();
+    Ok(())
+}
+
+/// Moves the accumulated bias into `pairs` (sorted by token id, zeros dropped) and re-zeroes
+/// the accumulator.
+fn drain_bias(scratch: &mut RuleScratch, pairs: &mut Vec<(u32, f32)>) {
+    pairs.clear();
+    let RuleScratch {
+        bias, bias_touched, ..
+    } = scratch;
+    bias_touched.sort_unstable();
+    bias_touched.dedup();
+    for &t in bias_touched.iter() {
+        let b = std::mem::take(&mut bias[t as usize]);
+        if b != 0.0 {
+            pairs.push((t, b));
+        }
+    }
+    bias_touched.clear();
+}
+
+/// Sparse form of the ensemble rule: the per-token bias `Σ_j α·w_j·(ℓ_j(v) − m_j)` over the
+/// tokens any store retrieved, written to `pairs` sorted by token id.
+pub fn ensemble_bias<N: Retrieved>(
+    experts: &[Expert<'_, N>],
+    params: &RuleParams,
+    vocab: usize,
+    scratch: &mut RuleScratch,
+    pairs: &mut Vec<(u32, f32)>,
+) -> Result<(), RuleError> {
+    params.validate()?;
+    scratch.ensure_vocab(vocab);
+    for (index, e) in experts.iter().enumerate() {
+        if !e.weight.is_finite() {
+            return Err(ParamError::Weight {
+                index,
+                weight: e.weight,
+            }
+            .into());
+        }
+        if let Err(err) = accumulate_expert(
+            e.neighbours,
+            params.alpha * e.weight,
+            params.temperature,
+            vocab,
+            scratch,
+        ) {
+            reset(scratch);
+            return Err(err);
+        }
+    }
+    drain_bias(scratch, pairs);
+    Ok(())
+}
+
+/// Leaves the scratch zeroed after a failed call, so the next call starts clean.
+fn reset(scratch: &mut RuleScratch) {
+    for &t in &scratch.mass_touched {
+        scratch.mass[t as usize] = 0.0;
+    }
+    scratch.mass_touched.clear();
+    for &t in &scratch.bias_touched {
+        scratch.bias[t as usize] = 0.0;
+    }
+    scratch.bias_touched.clear();
+}
+
+/// The sparse answer for one row in the given mode. `experts` carry their signed weights for
+/// the ensemble; toxic-only and kNN-LM use exactly one expert (the toxic store, resp. the
+/// store to interpolate with), whose weight is ignored.
+pub fn sparse_row<N: Retrieved>(
+    mode: Mode,
+    experts: &[Expert<'_, N>],
+    params: &RuleParams,
+    vocab: usize,
+    scratch: &mut RuleScratch,
+    out: &mut SparseRow,
+) -> Result<(), RuleError> {
+    params.validate()?;
+    match mode {
+        Mode::Ensemble => {
+            let pairs = out.bias_pairs(1.0);
+            ensemble_bias(experts, params, vocab, scratch, pairs)
+        }
+        Mode::ToxicOnly => {
+            let toxic = single(experts)?;
+            let pairs = out.bias_pairs(1.0 + params.alpha);
+            let e = [Expert {
+                weight: -1.0,
+                neighbours: toxic.neighbours,
+            }];
+            ensemble_bias(&e, params, vocab, scratch, pairs)
+        }
+        Mode::KnnLm => {
+            let store = single(experts)?;
+            let log_probs = out.mixture_log_probs(params.lambda);
+            knn_mass(store.neighbours, params.temperature, vocab, scratch)?;
+            log_probs.clear();
+            for &t in &scratch.mass_touched {
+                let p = std::mem::take(&mut scratch.mass[t as usize]);
+                if p > 0.0 {
+                    log_probs.push((t, p.ln() as f32));
+                }
+            }
+            scratch.mass_touched.clear();
+            Ok(())
+        }
+    }
+}
+
+fn single<'e, 'a, N>(experts: &'e [Expert<'a, N>]) -> Result<&'e Expert<'a, N>, RuleError> {
+    experts.first().ok_or(RuleError::NoNeighbours)
+}
+
+impl SparseRow {
+    /// Turns `self` into a `Bias` row with the given scale and hands out its pair buffer,
+    /// keeping the allocation when it already was one.
+    fn bias_pairs(&mut self, new_scale: f32) -> &mut Vec<(u32, f32)> {
+        if !matches!(self, SparseRow::Bias { .. }) {
+            *self = SparseRow::Bias {
+                scale: new_scale,
+                pairs: Vec::new(),
+            };
+        }
+        match self {
+            SparseRow::Bias { scale, pairs } => {
+                *scale = new_scale;
+                pairs
+            }
+            SparseRow::Mixture { .. } => unreachable!("converted above"),
+        }
+    }
+
+    fn mixture_log_probs(&mut self, new_lambda: f32) -> &mut Vec<(u32, f32)> {
+        if !matches!(self, SparseRow::Mixture { .. }) {
+            *self = SparseRow::Mixture {
+                lambda: new_lambda,
+                log_probs: Vec::new(),
+            };
+        }
+        match self {
+            SparseRow::Mixture { lambda, log_probs } => {
+                *lambda = new_lambda;
+                log_probs
+            }
+            SparseRow::Bias { .. } => unreachable!("converted above"),
+        }
+    }
+}
+
+/// Checks a row of logits: right length, no NaN or +∞ (−∞ is a legal mask).
+pub fn check_logits(logits: &[f32], vocab: usize) -> Result<(), RuleError> {
+    if logits.len() != vocab {
+        return Err(RuleError::LogitsLen {
+            got: logits.len(),
+            expected: vocab,
+        });
+    }
+    if let Some(i) = logits
+        .iter()
+        .position(|x| x.is_nan() || *x == f32::INFINITY)
+    {
+        return Err(RuleError::NonFiniteLogit(i));
+    }
+    Ok(())
+}
+
+/// Applies a sparse answer to raw logits: the dense rule. `out` receives normalised
+/// log-probabilities (−∞ where filtered). This is what a client does with a sparse answer, and
+/// how the dense form is computed, so the two agree by construction up to rounding.
+pub fn apply_sparse(
+    logits: &[f32],
+    row: &SparseRow,
+    filter_p: f32,
+    scratch: &mut RuleScratch,
+    out: &mut [f32],
+) -> Result<(), RuleError> {
+    check_logits(logits, out.len())?;
+    out.copy_from_slice(logits);
+    log_softmax_in_place(out)?;
+    nucleus_filter(out, filter_p, scratch);
+    match row {
+        SparseRow::Bias { scale, pairs } => {
+            if *scale != 1.0 {
+                // Scale only kept tokens: the −∞ mask must survive a scale of zero or below.
+                for x in out.iter_mut().filter(|x| x.is_finite()) {
+                    *x *= scale;
+                }
+            }
+            for &(t, b) in pairs {
+                let slot = out.get_mut(t as usize).ok_or(RuleError::TokenOutOfVocab {
+                    token: t,
+                    vocab: logits.len(),
+                })?;
+                *slot += b;
+            }
+        }
+        SparseRow::Mixture { lambda, log_probs } => {
+            // In log space throughout: ln((1 − λ)·e^ℓ + λ·p) = logaddexp(ln(1 − λ) + ℓ, ln λ + ln p).
+            let ln_keep = (1.0 - *lambda as f64).ln();
+            for x in out.iter_mut() {
+                *x = (ln_keep + *x as f64) as f32;
+            }
+            let ln_lambda = (*lambda as f64).ln();
+            for &(t, lp) in log_probs {
+                let slot = out.get_mut(t as usize).ok_or(RuleError::TokenOutOfVocab {
+                    token: t,
+                    vocab: logits.len(),
+                })?;
+                *slot = logaddexp(*slot as f64, ln_lambda + lp as f64) as f32;
+            }
+        }
+    }
+    log_softmax_in_place(out)
+}
+
+/// The dense rule for one row: raw `logits` in, normalised adjusted log-probabilities out.
+pub fn dense_row<N: Retrieved>(
+    mode: Mode,
+    experts: &[Expert<'_, N>],
+    params: &RuleParams,
+    logits: &[f32],
+    scratch: &mut RuleScratch,
+    sparse: &mut SparseRow,
+    out: &mut [f32],
+) -> Result<(), RuleError> {
+    check_logits(logits, out.len())?;
+    sparse_row(mode, experts, params, logits.len(), scratch, sparse)?;
+    apply_sparse(logits, sparse, params.filter_p, scratch, out)
+}

@@ -1,0 +1,554 @@
+//! The decoding rule against a second, deliberately naive implementation of DESIGN §1: dense
+//! vocabulary-sized arrays, `f64` everywhere, a full sort for the nucleus, and the ZERO_LOG /
+//! PATCH steps spelled out literally. Random cases come from proptest.
+
+use goodtriever::rule::{
+    apply_sparse, dense_row, nucleus_filter, sparse_row, Expert, Mode, ParamError, RuleError,
+    RuleParams, RuleScratch, SparseRow, PATCH, ZERO_LOG,
+};
+use proptest::prelude::*;
+
+const NEG_INF: f64 = f64::NEG_INFINITY;
+
+fn naive_log_softmax(z: &[f64]) -> Vec<f64> {
+    let max = z.iter().copied().fold(NEG_INF, f64::max);
+    let lse = max + z.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+    z.iter().map(|x| x - lse).collect()
+}
+
+fn naive_nucleus(l: &[f64], p: f64) -> Vec<f64> {
+    if p >= 1.0 {
+        return l.to_vec();
+    }
+    let mut idx: Vec<usize> = (0..l.len()).collect();
+    // Stable sort: ties keep the smaller token id first.
+    idx.sort_by(|&a, &b| l[b].partial_cmp(&l[a]).unwrap());
+    let mut out = vec![NEG_INF; l.len()];
+    let mut cum = 0.0;
+    for (r, &t) in idx.iter().enumerate() {
+        if r == 0 || cum < p {
+            out[t] = l[t];
+        }
+        cum += l[t].exp();
+    }
+    out
+}
+
+/// Returns (p_S, patched ℓ_S) over the whole vocabulary.
+fn naive_store(neigh: &[(u32, f32)], t: f64, vocab: usize) -> (Vec<f64>, Vec<f64>) {
+    let dmin = neigh
+        .iter()
+        .map(|n| n.1 as f64)
+        .fold(f64::INFINITY, f64::min);
+    let raw: Vec<f64> = neigh
+        .iter()
+        .map(|n| (-(n.1 as f64 - dmin) / t).exp())
+        .collect();
+    let total: f64 = raw.iter().sum();
+    let mut p = vec![0.0; vocab];
+    for (n, w) in neigh.iter().zip(&raw) {
+        p[n.0 as usize] += w / total;
+    }
+    let mut ls: Vec<f64> = p
+        .iter()
+        .map(|&x| if x > 0.0 { x.ln() } else { ZERO_LOG as f64 })
+        .collect();
+    let m = ls
+        .iter()
+        .copied()
+        .filter(|&x| x > PATCH as f64)
+        .fold(f64::INFINITY, f64::min);
+    for x in ls.iter_mut() {
+        if *x <= PATCH as f64 {
+            *x = m;
+        }
+    }
+    (p, ls)
+}
+
+fn naive_rule(
+    mode: Mode,
+    experts: &[(f32, Vec<(u32, f32)>)],
+    params: &RuleParams,
+    logits: &[f32],
+) -> Vec<f64> {
+    let vocab = logits.len();
+    let z: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+    let l = naive_nucleus(&naive_log_softmax(&z), params.filter_p as f64);
+    let alpha = params.alpha as f64;
+    let t = params.temperature as f64;
+    let s: Vec<f64> = match mode {
+        Mode::Ensemble => {
+            let stores: Vec<(f64, Vec<f64>)> = experts
+                .iter()
+                .map(|(w, n)| (*w as f64, naive_store(n, t, vocab).1))
+                .collect();
+            (0..vocab)
+                .map(|v| {
+                    if l[v] == NEG_INF {
+                        NEG_INF
+                    } else {
+                        l[v] + stores.iter().map(|(w, ls)| alpha * w * ls[v]).sum::<f64>()
+                    }
+                })
+                .collect()
+        }
+        Mode::ToxicOnly => {
+            let (_, tox) = naive_store(&experts[0].1, t, vocab);
+            (0..vocab)
+                .map(|v| {
+                    if l[v] == NEG_INF {
+                        NEG_INF
+                    } else {
+                        (1.0 + alpha) * l[v] - alpha * tox[v]
+                    }
+                })
+                .collect()
+        }
+        Mode::KnnLm => {
+            let (p, _) = naive_store(&experts[0].1, t, vocab);
+            let lam = params.lambda as f64;
+            (0..vocab)
+                .map(|v| ((1.0 - lam) * l[v].exp() + lam * p[v]).ln())
+                .collect()
+        }
+    };
+    let max = s.iter().copied().fold(NEG_INF, f64::max);
+    let lse = max
+        + s.iter()
+            .filter(|x| **x != NEG_INF)
+            .map(|x| (x - max).exp())
+            .sum::<f64>()
+            .ln();
+    s.iter().map(|x| x - lse).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f64]) {
+    assert_eq!(got.len(), want.len());
+    for (v, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if w == NEG_INF {
+            assert_eq!(g, f32::NEG_INFINITY, "token {v}: want -inf, got {g}");
+        } else {
+            let tol = 2e-4 * w.abs().max(1.0);
+            assert!(
+                (g as f64 - w).abs() <= tol,
+                "token {v}: got {g}, want {w} (tol {tol})"
+            );
+        }
+    }
+}
+
+fn neighbours(vocab: u32, k: usize) -> impl Strategy<Value = Vec<(u32, f32)>> {
+    // Distances on the scale of real squared L2 between hidden states (tens to thousands),
+    // and a small token range so that tokens repeat, as they do in real stores.
+    prop::collection::vec((0..vocab, 0.0f32..3000.0), 1..=k)
+}
+
+fn case() -> impl Strategy<Value = (Vec<f32>, Vec<(u32, f32)>, Vec<(u32, f32)>, RuleParams)> {
+    (8usize..200).prop_flat_map(|vocab| {
+        (
+            prop::collection::vec(-20.0f32..20.0, vocab),
+            neighbours(vocab as u32, 64),
+            neighbours(vocab as u32, 64),
+            (
+                -4.0f32..4.0,
+                prop_oneof![Just(100.0f32), 1.0f32..1000.0],
+                prop_oneof![Just(1.0f32), 0.05f32..0.999],
+                0.0f32..=1.0,
+            ),
+        )
+            .prop_map(
+                |(logits, pos, neg, (alpha, temperature, filter_p, lambda))| {
+                    let params = RuleParams {
+                        alpha,
+                        temperature,
+                        k: 64,
+                        filter_p,
+                        lambda,
+                    };
+                    (logits, pos, neg, params)
+                },
+            )
+    })
+}
+
+fn run_dense(
+    mode: Mode,
+    experts: &[Expert<'_, (u32, f32)>],
+    p: &RuleParams,
+    z: &[f32],
+) -> Vec<f32> {
+    let mut scratch = RuleScratch::new();
+    let mut sparse = SparseRow::default();
+    let mut out = vec![0.0; z.len()];
+    dense_row(mode, experts, p, z, &mut scratch, &mut sparse, &mut out).unwrap();
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn ensemble_matches_naive((z, pos, neg, p) in case()) {
+        let experts = [
+            Expert { weight: 1.0, neighbours: &pos[..] },
+            Expert { weight: -1.0, neighbours: &neg[..] },
+        ];
+        let got = run_dense(Mode::Ensemble, &experts, &p, &z);
+        assert_close(&got, &naive_rule(Mode::Ensemble, &[(1.0, pos.clone()), (-1.0, neg.clone())], &p, &z));
+    }
+
+    #[test]
+    fn signed_n_stores_match_naive((z, a, b, p) in case(), w in prop::collection::vec(-2.0f32..2.0, 3)) {
+        let c: Vec<(u32, f32)> = a.iter().map(|&(t, d)| (t, d * 0.5 + 1.0)).collect();
+        let experts = [
+            Expert { weight: w[0], neighbours: &a[..] },
+            Expert { weight: w[1], neighbours: &b[..] },
+            Expert { weight: w[2], neighbours: &c[..] },
+        ];
+        let got = run_dense(Mode::Ensemble, &experts, &p, &z);
+        let want = naive_rule(Mode::Ensemble, &[(w[0], a.clone()), (w[1], b.clone()), (w[2], c.clone())], &p, &z);
+        assert_close(&got, &want);
+    }
+
+    #[test]
+    fn toxic_only_matches_naive((z, _pos, neg, p) in case()) {
+        let experts = [Expert { weight: -1.0, neighbours: &neg[..] }];
+        let got = run_dense(Mode::ToxicOnly, &experts, &p, &z);
+        assert_close(&got, &naive_rule(Mode::ToxicOnly, &[(-1.0, neg.clone())], &p, &z));
+    }
+
+    #[test]
+    fn knn_lm_matches_naive((z, pos, _neg, p) in case()) {
+        let experts = [Expert { weight: 1.0, neighbours: &pos[..] }];
+        let got = run_dense(Mode::KnnLm, &experts, &p, &z);
+        assert_close(&got, &naive_rule(Mode::KnnLm, &[(1.0, pos.clone())], &p, &z));
+    }
+
+    /// The sparse pairs are exactly α·[(ℓ⁺ − m⁺) − (ℓ⁻ − m⁻)] on the retrieved tokens, and
+    /// adding them to the filtered logits gives the dense answer.
+    #[test]
+    fn sparse_pairs_are_the_centred_expert_difference((z, pos, neg, p) in case()) {
+        let vocab = z.len();
+        let experts = [
+            Expert { weight: 1.0, neighbours: &pos[..] },
+            Expert { weight: -1.0, neighbours: &neg[..] },
+        ];
+        let mut scratch = RuleScratch::new();
+        let mut row = SparseRow::default();
+        sparse_row(Mode::Ensemble, &experts, &p, vocab, &mut scratch, &mut row).unwrap();
+        let SparseRow::Bias { scale, pairs } = &row else { panic!("ensemble answers with a bias") };
+        prop_assert_eq!(*scale, 1.0);
+        let t = p.temperature as f64;
+        let (_, lp) = naive_store(&pos, t, vocab);
+        let (_, ln) = naive_store(&neg, t, vocab);
+        let mp = lp.iter().copied().fold(f64::INFINITY, f64::min);
+        let mn = ln.iter().copied().fold(f64::INFINITY, f64::min);
+        let mut listed = vec![0.0f64; vocab];
+        for w in pairs.windows(2) {
+            prop_assert!(w[0].0 < w[1].0, "pairs sorted by token, no duplicates");
+        }
+        for &(tok, b) in pairs {
+            listed[tok as usize] = b as f64;
+        }
+        for v in 0..vocab {
+            let want = p.alpha as f64 * ((lp[v] - mp) - (ln[v] - mn));
+            prop_assert!((listed[v] - want).abs() <= 1e-3 * want.abs().max(1.0), "token {}: {} vs {}", v, listed[v], want);
+        }
+        // Dense via the sparse answer equals the dense rule computed directly.
+        let mut via_sparse = vec![0.0; vocab];
+        apply_sparse(&z, &row, p.filter_p, &mut scratch, &mut via_sparse).unwrap();
+        let direct = run_dense(Mode::Ensemble, &experts, &p, &z);
+        for (a, b) in via_sparse.iter().zip(&direct) {
+            prop_assert!(a == b || (a - b).abs() <= 1e-5 * a.abs().max(1.0));
+        }
+    }
+
+    /// The nucleus keeps the same tokens as a full sort, including its multi-round path on
+    /// flat distributions and ties.
+    #[test]
+    fn nucleus_matches_full_sort(
+        z in prop::collection::vec(prop_oneof![-3.0f32..3.0, (-3i32..3).prop_map(|x| x as f32)], 1..600),
+        p in 0.05f32..0.999,
+    ) {
+        let lz: Vec<f64> = naive_log_softmax(&z.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        let want = naive_nucleus(&lz, p as f64);
+        let mut got: Vec<f32> = lz.iter().map(|&x| x as f32).collect();
+        nucleus_filter(&mut got, p, &mut RuleScratch::new());
+        for (v, (g, w)) in got.iter().zip(&want).enumerate() {
+            prop_assert_eq!(*g == f32::NEG_INFINITY, *w == NEG_INF, "token {}", v);
+        }
+    }
+
+    /// One scratch reused across many calls gives the same answers as a fresh one.
+    #[test]
+    fn scratch_reuse_is_clean(cases in prop::collection::vec(case(), 2..5)) {
+        let mut scratch = RuleScratch::new();
+        let mut row = SparseRow::default();
+        for (z, pos, neg, p) in &cases {
+            let experts = [
+                Expert { weight: 1.0, neighbours: &pos[..] },
+                Expert { weight: -1.0, neighbours: &neg[..] },
+            ];
+            let mut out = vec![0.0; z.len()];
+            dense_row(Mode::Ensemble, &experts, p, z, &mut scratch, &mut row, &mut out).unwrap();
+            prop_assert_eq!(out, run_dense(Mode::Ensemble, &experts, p, z));
+        }
+    }
+}
+
+#[test]
+fn alpha_zero_is_the_filtered_base_distribution() {
+    let z = [2.0f32, 1.0, 0.5, -1.0, -3.0];
+    let pos = [(3u32, 1.0f32), (4, 2.0)];
+    let neg = [(0u32, 1.0f32)];
+    let p = RuleParams {
+        alpha: 0.0,
+        k: 8,
+        filter_p: 1.0,
+        ..RuleParams::default()
+    };
+    let experts = [
+        Expert {
+            weight: 1.0,
+            neighbours: &pos[..],
+        },
+        Expert {
+            weight: -1.0,
+            neighbours: &neg[..],
+        },
+    ];
+    let out = run_dense(Mode::Ensemble, &experts, &p, &z);
+    let base = naive_log_softmax(&z.map(|x| x as f64));
+    assert_close(&out, &base);
+}
+
+#[test]
+fn control_moves_mass_from_toxic_to_nontoxic_tokens() {
+    let z = [0.0f32; 6];
+    // A store that retrieves a single token has no preference (its patched distribution is
+    // flat), so each store retrieves two tokens at different distances.
+    let pos = [(1u32, 0.0f32), (3, 200.0)];
+    let neg = [(2u32, 0.0f32), (4, 200.0)];
+    let p = RuleParams {
+        k: 8,
+        filter_p: 1.0,
+        ..RuleParams::default()
+    };
+    let experts = [
+        Expert {
+            weight: 1.0,
+            neighbours: &pos[..],
+        },
+        Expert {
+            weight: -1.0,
+            neighbours: &neg[..],
+        },
+    ];
+    let out = run_dense(Mode::Ensemble, &experts, &p, &z);
+    let uniform = -(6.0f32).ln();
+    assert!(out[1] > uniform + 1.0, "non-toxic token boosted: {out:?}");
+    assert!(out[2] < uniform - 1.0, "toxic token suppressed: {out:?}");
+}
+
+#[test]
+fn bad_parameters_are_refused_with_the_value() {
+    let bad = [
+        (
+            RuleParams {
+                temperature: 0.0,
+                ..RuleParams::default()
+            },
+            ParamError::Temperature(0.0),
+        ),
+        (
+            RuleParams {
+                temperature: -1.0,
+                ..RuleParams::default()
+            },
+            ParamError::Temperature(-1.0),
+        ),
+        (
+            RuleParams {
+                k: 0,
+                ..RuleParams::default()
+            },
+            ParamError::K(0),
+        ),
+        (
+            RuleParams {
+                k: 4097,
+                ..RuleParams::default()
+            },
+            ParamError::K(4097),
+        ),
+        (
+            RuleParams {
+                filter_p: 0.0,
+                ..RuleParams::default()
+            },
+            ParamError::FilterP(0.0),
+        ),
+        (
+            RuleParams {
+                filter_p: 1.5,
+                ..RuleParams::default()
+            },
+            ParamError::FilterP(1.5),
+        ),
+        (
+            RuleParams {
+                alpha: f32::INFINITY,
+                ..RuleParams::default()
+            },
+            ParamError::Alpha(f32::INFINITY),
+        ),
+        (
+            RuleParams {
+                lambda: 1.5,
+                ..RuleParams::default()
+            },
+            ParamError::Lambda(1.5),
+        ),
+    ];
+    for (params, want) in bad {
+        assert_eq!(params.validate(), Err(want.clone()));
+        let msg = want.to_string();
+        assert!(!msg.is_empty());
+    }
+    let nan = RuleParams {
+        alpha: f32::NAN,
+        ..RuleParams::default()
+    };
+    assert!(matches!(nan.validate(), Err(ParamError::Alpha(a)) if a.is_nan()));
+    assert_eq!(RuleParams::default().validate(), Ok(()));
+}
+
+#[test]
+fn bad_rows_are_refused_and_leave_the_scratch_clean() {
+    let p = RuleParams {
+        k: 4,
+        filter_p: 1.0,
+        ..RuleParams::default()
+    };
+    let z = [0.0f32, 1.0, 2.0];
+    let mut scratch = RuleScratch::new();
+    let mut row = SparseRow::default();
+    let mut out = [0.0f32; 3];
+    let good = [(0u32, 1.0f32)];
+    let out_of_vocab = [(1u32, 1.0f32), (7u32, 1.0f32)];
+    let experts = [
+        Expert {
+            weight: 1.0,
+            neighbours: &good[..],
+        },
+        Expert {
+            weight: -1.0,
+            neighbours: &out_of_vocab[..],
+        },
+    ];
+    let err = dense_row(
+        Mode::Ensemble,
+        &experts,
+        &p,
+        &z,
+        &mut scratch,
+        &mut row,
+        &mut out,
+    )
+    .unwrap_err();
+    assert_eq!(err, RuleError::TokenOutOfVocab { token: 7, vocab: 3 });
+
+    let nan_dist = [(0u32, f32::NAN)];
+    let experts = [Expert {
+        weight: 1.0,
+        neighbours: &nan_dist[..],
+    }];
+    assert!(matches!(
+        dense_row(
+            Mode::Ensemble,
+            &experts,
+            &p,
+            &z,
+            &mut scratch,
+            &mut row,
+            &mut out
+        ),
+        Err(RuleError::NonFiniteDistance(_))
+    ));
+
+    let empty: [(u32, f32); 0] = [];
+    let experts = [Expert {
+        weight: 1.0,
+        neighbours: &empty[..],
+    }];
+    assert_eq!(
+        dense_row(
+            Mode::Ensemble,
+            &experts,
+            &p,
+            &z,
+            &mut scratch,
+            &mut row,
+            &mut out
+        ),
+        Err(RuleError::NoNeighbours)
+    );
+
+    let experts = [Expert {
+        weight: 1.0,
+        neighbours: &good[..],
+    }];
+    let nan_logits = [0.0f32, f32::NAN, 1.0];
+    assert_eq!(
+        dense_row(
+            Mode::Ensemble,
+            &experts,
+            &p,
+            &nan_logits,
+            &mut scratch,
+            &mut row,
+            &mut out
+        ),
+        Err(RuleError::NonFiniteLogit(1))
+    );
+    assert_eq!(
+        dense_row(
+            Mode::Ensemble,
+            &experts,
+            &p,
+            &z[..2],
+            &mut scratch,
+            &mut row,
+            &mut out
+        ),
+        Err(RuleError::LogitsLen {
+            got: 2,
+            expected: 3
+        })
+    );
+
+    // After all those failures the same scratch still gives the clean answer.
+    let good_neg = [(2u32, 0.5f32)];
+    let experts = [
+        Expert {
+            weight: 1.0,
+            neighbours: &good[..],
+        },
+        Expert {
+            weight: -1.0,
+            neighbours: &good_neg[..],
+        },
+    ];
+    dense_row(
+        Mode::Ensemble,
+        &experts,
+        &p,
+        &z,
+        &mut scratch,
+        &mut row,
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(out.to_vec(), run_dense(Mode::Ensemble, &experts, &p, &z));
+}
