@@ -1,0 +1,23 @@
+//! Compiles `proto/goodtriever/v1/*.proto` into the gRPC service and messages with protox (a
+//! pure-Rust protobuf compiler), so building the crate needs no system `protoc`. The file
+//! descriptor set is kept too: the server offers it through gRPC reflection.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/goodtriever/v1/goodtriever.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("goodtriever_descriptor.bin"),
+        protox::prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! `goodtriever serve`: parses the flags, opens the stores (and the model), starts the gRPC
+//! server from the library and stops it on SIGTERM/SIGINT. Everything else is in
+//! `goodtriever::server`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use goodtriever::datastore::Datastore;
+use goodtriever::detox::Detoxifier;
+use goodtriever::model::{Model, WeightFormat};
+use goodtriever::server::{
+    AdminAuth, Limits, ServeOptions, Server, TextEncoder, TlsPem, DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_ROWS,
+};
+
+use super::control_args::{RuleArgs, SearchArgs};
+
+/// Environment variable holding the admin token (an alternative to --admin-token-file).
+const TOKEN_ENV: &str = "GOODTRIEVER_ADMIN_TOKEN";
+
+/// Serve the control over gRPC: a decoding hook for any generation engine.
+///
+/// Prints one line `listening grpc=ADDR metrics=ADDR` on stdout once it accepts requests.
+/// Writes (AddExamples, AddTexts) are disabled unless an admin token is configured with
+/// --admin-token-file or the GOODTRIEVER_ADMIN_TOKEN environment variable.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The toxic datastore (anti-expert).
+    #[arg(long)]
+    pub toxic: PathBuf,
+    /// The non-toxic datastore (expert).
+    #[arg(long)]
+    pub nontoxic: PathBuf,
+    /// gRPC address. Loopback by default; anything else should use TLS.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub addr: SocketAddr,
+    /// Prometheus metrics address (plain HTTP, GET /metrics).
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub metrics_addr: SocketAddr,
+    /// Do not serve metrics.
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// A GGUF model for AddTexts (the server computes keys itself). Without it, AddTexts
+    /// answers FAILED_PRECONDITION.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// How the model's weights are held: f32 (fastest batched extraction), q8_0 or native.
+    #[arg(long, default_value = "f32", value_parser = parse_weights)]
+    pub weights: WeightFormat,
+    /// File holding the admin token that write RPCs must carry as `authorization: Bearer`.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM). Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM). Needs --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Rows accepted per Adjust request or stream message.
+    #[arg(long, default_value_t = DEFAULT_MAX_ROWS)]
+    pub max_rows: usize,
+    /// Largest request message, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+    /// Vocabulary size, for stores imported without one.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// Seconds open connections may take to finish after SIGTERM before the server exits.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+    #[command(flatten)]
+    pub rule: RuleArgs,
+    #[command(flatten)]
+    pub search: SearchArgs,
+}
+
+fn parse_weights(s: &str) -> Result<WeightFormat, String> {
+    WeightFormat::ALL
+        .into_iter()
+        .find(|w| w.as_str() == s)
+        .ok_or_else(|| format!("unknown weight format {s:?}: expected f32, q8_0 or native"))
+}
+
+fn open(path: &Path, role: &str) -> anyhow::Result<Arc<Datastore>> {
+    let store = Datastore::open(path)
+        .with_context(|| format!("opening the {role} datastore {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+fn admin_auth(file: Option<&Path>) -> anyhow::Result<AdminAuth> {
+    let token = match file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the admin token file {}", f.display()))?,
+        ),
+        None => std::env::var(TOKEN_ENV).ok(),
+    };
+    match token {
+        Some(t) => AdminAuth::with_token(&t).context("the admin token"),
+        None => Ok(AdminAuth::disabled()),
+    }
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let opts = args.rule.options()?;
+    let detox = Detoxifier::goodtriever(
+        open(&args.toxic, "toxic")?,
+        open(&args.nontoxic, "non-toxic")?,
+        opts,
+        args.search.params(),
+        args.vocab_size,
+    )?;
+    let encoder: Option<Arc<dyn TextEncoder>> = match &args.model {
+        Some(path) => {
+            let model = Model::load(path, args.weights)
+                .with_context(|| format!("loading the model {}", path.display()))?;
+            Some(Arc::new(model))
+        }
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(TlsPem {
+            cert: std::fs::read(c).with_context(|| format!("reading {}", c.display()))?,
+            key: std::fs::read(k).with_context(|| format!("reading {}", k.display()))?,
+        }),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    if !args.addr.ip().is_loopback() && tls.is_none() {
+        tracing::warn!(addr = %args.addr, "serving plain-text gRPC on a non-loopback address; pass --tls-cert and --tls-key");
+    }
+    let serve_opts = ServeOptions {
+        limits: Limits {
+            max_rows: args.max_rows,
+            max_message_bytes: args.max_message_bytes,
+        },
+        auth: admin_auth(args.admin_token_file.as_deref())?,
+        encoder,
+        tls,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+    };
+    let metrics_addr = (!args.no_metrics).then_some(args.metrics_addr);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("goodtriever-serve")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let server = Server::bind(Arc::new(detox), serve_opts, args.addr, metrics_addr).await?;
+        let grpc = server
+            .grpc_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let metrics = server
+            .metrics_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into());
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening grpc={grpc} metrics={metrics}")?;
+        out.flush()?;
+        drop(out);
+        server.run(shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,410 @@
+//! Packed tensors on the wire ↔ rows of `f32` in memory.
+//!
+//! Clients send hidden states and logits as raw little-endian buffers (what every engine holds
+//! anyway), so the server must check what a typed API would have checked for free: the element
+//! type, that the byte length is a whole number of rows of the width the server knows, the row
+//! count against the limit, and that the values are finite. Each failure is a [`ConvertError`]
+//! that names the field and says what to send instead; the checks run before any search, so
+//! bad input costs almost nothing and changes nothing.
+
+use half::{bf16, f16};
+
+use super::proto;
+
+/// Element type of a packed tensor, as sent on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireDType {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl WireDType {
+    pub fn size(self) -> usize {
+        match self {
+            WireDType::F32 => 4,
+            WireDType::F16 | WireDType::Bf16 => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireDType::F32 => "f32",
+            WireDType::F16 => "f16",
+            WireDType::Bf16 => "bf16",
+        }
+    }
+
+    /// The proto enum value; unspecified means f32.
+    pub fn from_proto(what: &'static str, value: i32) -> Result<Self, ConvertError> {
+        match proto::DType::try_from(value) {
+            Ok(proto::DType::Unspecified | proto::DType::F32) => Ok(WireDType::F32),
+            Ok(proto::DType::F16) => Ok(WireDType::F16),
+            Ok(proto::DType::Bf16) => Ok(WireDType::Bf16),
+            Err(_) => Err(ConvertError::UnknownDType { what, value }),
+        }
+    }
+}
+
+/// Why a packed tensor was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{what}: unknown dtype value {value}; use F32, F16 or BF16")]
+    UnknownDType { what: &'static str, value: i32 },
+    #[error("{what}: dtype {dtype} is not accepted here; send {allowed}")]
+    DTypeNotAllowed {
+        what: &'static str,
+        dtype: &'static str,
+        allowed: &'static str,
+    },
+    #[error("{what} is missing or empty: send at least one row of {width} values")]
+    Empty { what: &'static str, width: usize },
+    #[error("{what} has {bytes} bytes, which is not a whole number of rows of {width} {dtype} values ({row_bytes} bytes per row); check that the model's hidden size / vocabulary size matches the server's (see Info)")]
+    Length {
+        what: &'static str,
+        bytes: usize,
+        width: usize,
+        dtype: &'static str,
+        row_bytes: usize,
+    },
+    #[error("{what} says rows = {declared} but its data holds {actual} rows")]
+    RowsMismatch {
+        what: &'static str,
+        declared: usize,
+        actual: usize,
+    },
+    #[error("{what} has {rows} rows; this server accepts at most {max} per request (--max-rows): split the batch")]
+    TooManyRows {
+        what: &'static str,
+        rows: usize,
+        max: usize,
+    },
+    #[error("{what} row {row} has {value} at index {index}; values must be finite")]
+    NonFinite {
+        what: &'static str,
+        row: usize,
+        index: usize,
+        value: f32,
+    },
+}
+
+/// How [`decode_rows`] treats infinities: hidden states must be finite; logits may use −∞ as a
+/// mask but never NaN or +∞.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finite {
+    All,
+    AllowNegInf,
+}
+
+/// The checked shape of a packed tensor, before its values are converted.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub dtype: WireDType,
+    pub rows: usize,
+}
+
+/// Checks dtype, length and row count of `t` against a row `width`; nothing is copied.
+pub fn check_shape(
+    what: &'static str,
+    t: &proto::Tensor,
+    width: usize,
+    allowed: &[WireDType],
+    max_rows: usize,
+) -> Result<Shape, ConvertError> {
+    let dtype = WireDType::from_proto(what, t.dtype)?;
+    if !allowed.contains(&dtype) {
+        return Err(ConvertError::DTypeNotAllowed {
+            what,
+            dtype: dtype.as_str(),
+            allowed: if allowed.contains(&WireDType::Bf16) {
+                "F32, F16 or BF16"
+            } else {
+                "F32 or F16"
+            },
+        });
+    }
+    if t.data.is_empty() {
+        return Err(ConvertError::Empty { what, width });
+    }
+    let row_bytes = width * dtype.size();
+    if width == 0 || t.data.len() % row_bytes != 0 {
+        return Err(ConvertError::Length {
+            what,
+            bytes: t.data.len(),
+            width,
+            dtype: dtype.as_str(),
+            row_bytes,
+        });
+    }
+    let rows = t.data.len() / row_bytes;
+    if t.rows != 0 && t.rows as usize != rows {
+        return Err(ConvertError::RowsMismatch {
+            what,
+            declared: t.rows as usize,
+            actual: rows,
+        });
+    }
+    if rows > max_rows {
+        return Err(ConvertError::TooManyRows {
+            what,
+            rows,
+            max: max_rows,
+        });
+    }
+    Ok(Shape { dtype, rows })
+}
+
+/// Converts checked bytes to `f32` into `out` (cleared first; its allocation is reused) and
+/// checks finiteness.
+pub fn to_f32(
+    what: &'static str,
+    bytes: &[u8],
+    dtype: WireDType,
+    width: usize,
+    finite: Finite,
+    out: &mut Vec<f32>,
+) -> Result<(), ConvertError> {
+    out.clear();
+    match dtype {
+        WireDType::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        WireDType::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        WireDType::Bf16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+    }
+    check_finite(what, out, width, finite)
+}
+
+/// Checks finiteness of `f16` rows without converting them (keys stored as f16 stay f16).
+pub fn f16_rows(
+    what: &'static str,
+    bytes: &[u8],
+    width: usize,
+    out: &mut Vec<f16>,
+) -> Result<(), ConvertError> {
+    out.clear();
+    out.extend(
+        bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]])),
+    );
+    if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+        return Err(ConvertError::NonFinite {
+            what,
+            row: i / width,
+            index: i % width,
+            value: out[i].to_f32(),
+        });
+    }
+    Ok(())
+}
+
+fn check_finite(
+    what: &'static str,
+    values: &[f32],
+    width: usize,
+    finite: Finite,
+) -> Result<(), ConvertError> {
+    let bad = match finite {
+        Finite::All => values.iter().position(|x| !x.is_finite()),
+        Finite::AllowNegInf => values
+            .iter()
+            .position(|x| x.is_nan() || *x == f32::INFINITY),
+    };
+    match bad {
+        Some(i) => Err(ConvertError::NonFinite {
+            what,
+            row: i / width,
+            index: i % width,
+            value: values[i],
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Packs `f32` values as little-endian bytes.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(data: Vec<u8>, dtype: proto::DType, rows: u32) -> proto::Tensor {
+        proto::Tensor {
+            data,
+            dtype: dtype as i32,
+            rows,
+        }
+    }
+
+    const ALL: [WireDType; 3] = [WireDType::F32, WireDType::F16, WireDType::Bf16];
+
+    #[test]
+    fn decodes_every_dtype() {
+        let values = [1.5f32, -2.0, 0.25, f32::NEG_INFINITY];
+        let mut out = Vec::new();
+        let f32_t = tensor(f32_bytes(&values), proto::DType::F32, 2);
+        let s = check_shape("logits", &f32_t, 2, &ALL, 8).unwrap();
+        assert_eq!(s.rows, 2);
+        to_f32(
+            "logits",
+            &f32_t.data,
+            s.dtype,
+            2,
+            Finite::AllowNegInf,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, values);
+
+        let f16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        to_f32(
+            "logits",
+            &f16_bytes,
+            WireDType::F16,
+            2,
+            Finite::AllowNegInf,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, values);
+        let bf16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        to_f32(
+            "logits",
+            &bf16_bytes,
+            WireDType::Bf16,
+            2,
+            Finite::AllowNegInf,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, values);
+    }
+
+    #[test]
+    fn refuses_bad_shapes_and_values() {
+        let t = tensor(vec![0; 12], proto::DType::F32, 0);
+        assert!(matches!(
+            check_shape("hidden", &t, 2, &ALL, 8),
+            Err(ConvertError::Length { bytes: 12, .. })
+        ));
+        assert!(matches!(
+            check_shape("hidden", &t, 3, &ALL, 8),
+            Ok(Shape { rows: 1, .. })
+        ));
+        assert!(matches!(
+            check_shape(
+                "hidden",
+                &tensor(vec![0; 12], proto::DType::F32, 2),
+                3,
+                &ALL,
+                8
+            ),
+            Err(ConvertError::RowsMismatch {
+                declared: 2,
+                actual: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_shape("hidden", &tensor(vec![], proto::DType::F32, 0), 3, &ALL, 8),
+            Err(ConvertError::Empty { .. })
+        ));
+        assert!(matches!(
+            check_shape(
+                "hidden",
+                &tensor(vec![0; 48], proto::DType::F32, 0),
+                3,
+                &ALL,
+                2
+            ),
+            Err(ConvertError::TooManyRows {
+                rows: 4,
+                max: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_shape(
+                "hidden",
+                &tensor(vec![0; 8], proto::DType::Bf16, 0),
+                2,
+                &ALL[..2],
+                8
+            ),
+            Err(ConvertError::DTypeNotAllowed { .. })
+        ));
+        let bad = proto::Tensor {
+            data: vec![0; 8],
+            dtype: 42,
+            rows: 0,
+        };
+        assert!(matches!(
+            check_shape("hidden", &bad, 2, &ALL, 8),
+            Err(ConvertError::UnknownDType { value: 42, .. })
+        ));
+        let mut out = Vec::new();
+        let nan = f32_bytes(&[0.0, 1.0, 2.0, f32::NAN]);
+        let err = to_f32("hidden", &nan, WireDType::F32, 2, Finite::All, &mut out).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConvertError::NonFinite {
+                    row: 1,
+                    index: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let neg_inf = f32_bytes(&[f32::NEG_INFINITY, 1.0]);
+        assert!(to_f32("hidden", &neg_inf, WireDType::F32, 2, Finite::All, &mut out).is_err());
+        assert!(to_f32(
+            "logits",
+            &neg_inf,
+            WireDType::F32,
+            2,
+            Finite::AllowNegInf,
+            &mut out
+        )
+        .is_ok());
+        let pos_inf = f32_bytes(&[f32::INFINITY, 1.0]);
+        assert!(to_f32(
+            "logits",
+            &pos_inf,
+            WireDType::F32,
+            2,
+            Finite::AllowNegInf,
+            &mut out
+        )
+        .is_err());
+        let mut h = Vec::new();
+        let inf16: Vec<u8> = [1.0f32, f32::INFINITY]
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect();
+        assert!(f16_rows("hidden", &inf16, 2, &mut h).is_err());
+    }
+}

@@ -1,0 +1,79 @@
+//! Text → datastore rows for `AddTexts`: the one place the server runs a language model.
+//!
+//! The service sees the model only through [`TextEncoder`], so the gRPC plumbing (auth, limits,
+//! appends, refresh) is tested with a tiny deterministic encoder, and the real llama runtime
+//! ([`crate::model::Model`]) plugs in behind the same trait when the server is started with
+//! `--model`.
+
+use crate::fingerprint::{KeyType, ModelFingerprint};
+use crate::model::{Model, ModelError};
+
+/// Sliding-window length used to key texts: long enough for real left context, short enough
+/// that a window's attention stays cheap on CPU.
+pub const WINDOW: usize = 512;
+/// Windows start every `STRIDE` tokens; each position is keyed once, with the most context.
+pub const STRIDE: usize = 256;
+/// Windows computed together in one forward pass.
+pub const BATCH: usize = 4;
+
+/// Why a text could not be turned into rows.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// The input itself is unusable (e.g. a text too short to yield a key).
+    #[error("{0}")]
+    Input(String),
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// Something that turns text into `(key hidden state, next token)` pairs.
+pub trait TextEncoder: Send + Sync {
+    /// The model the keys come from; checked against the stores at startup.
+    fn fingerprint(&self) -> ModelFingerprint;
+
+    /// Calls `on_pair(key, next_token)` for every keyed position of `text`.
+    fn encode(
+        &self,
+        text: &str,
+        key_type: KeyType,
+        on_pair: &mut dyn FnMut(&[f32], u32),
+    ) -> Result<(), EncodeError>;
+}
+
+impl TextEncoder for Model {
+    fn fingerprint(&self) -> ModelFingerprint {
+        Model::fingerprint(self)
+    }
+
+    fn encode(
+        &self,
+        text: &str,
+        key_type: KeyType,
+        on_pair: &mut dyn FnMut(&[f32], u32),
+    ) -> Result<(), EncodeError> {
+        let tokens = self.tokenizer().encode(text)?;
+        if tokens.len() < 3 {
+            // The first position of a window is never keyed (attention sink) and the last has
+            // no next token, so fewer than three tokens yield nothing.
+            return Err(EncodeError::Input(format!(
+                "text {:?} has {} tokens; at least 3 are needed to produce a datastore row",
+                truncate(text, 40),
+                tokens.len()
+            )));
+        }
+        let window = WINDOW.min(self.config().context_length);
+        let stride = STRIDE.min(window / 2).max(1);
+        self.encode_pairs(&tokens, window, stride, key_type, BATCH, |k, t| {
+            on_pair(k, t)
+        })?;
+        Ok(())
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}

@@ -1,0 +1,251 @@
+//! Prometheus metrics and the plain-HTTP endpoint that exposes them.
+//!
+//! Operators of a decoding sidecar need to see, per RPC, how many requests and errors there are
+//! and where the time of a step goes: turning the wire bytes into rows (`decode`), the engine's
+//! search and rule (`adjust`), writing the answer (`encode`), and appends to a store (`append`).
+//! Batch sizes and store sizes are exported too, so drift updates are visible. The registry is
+//! private to the server (not the global default), so tests can run several servers in one
+//! process.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::ServerError;
+
+/// All metrics of one server.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    latency: HistogramVec,
+    phase: HistogramVec,
+    rows: Histogram,
+    store_rows: IntGaugeVec,
+    store_segments: IntGaugeVec,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    // 10 µs … ~10 s: a sparse step is tens of µs of overhead; an append can take seconds.
+    prometheus::exponential_buckets(1e-5, 2.0, 21).expect("valid bucket spec")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("goodtriever".into()), None)
+            .expect("a constant, valid prefix");
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "RPCs received, by method"),
+            &["method"],
+        )
+        .expect("valid metric");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "errors_total",
+                "RPCs answered with an error, by method and gRPC code",
+            ),
+            &["method", "code"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new("request_seconds", "RPC latency in the server, by method")
+                .buckets(latency_buckets()),
+            &["method"],
+        )
+        .expect("valid metric");
+        let phase = HistogramVec::new(
+            HistogramOpts::new(
+                "phase_seconds",
+                "Time per phase of a request: decode, adjust (search + rule), encode, append",
+            )
+            .buckets(latency_buckets()),
+            &["phase"],
+        )
+        .expect("valid metric");
+        let rows = Histogram::with_opts(
+            HistogramOpts::new("batch_rows", "Rows per Adjust request or stream message")
+                .buckets(prometheus::exponential_buckets(1.0, 2.0, 11).expect("valid")),
+        )
+        .expect("valid metric");
+        let store_rows = IntGaugeVec::new(
+            Opts::new("store_rows", "Live rows per datastore"),
+            &["store"],
+        )
+        .expect("valid metric");
+        let store_segments = IntGaugeVec::new(
+            Opts::new("store_segments", "Live segments per datastore"),
+            &["store"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(latency.clone()),
+            Box::new(phase.clone()),
+            Box::new(rows.clone()),
+            Box::new(store_rows.clone()),
+            Box::new(store_segments.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Self {
+            registry,
+            requests,
+            errors,
+            latency,
+            phase,
+            rows,
+            store_rows,
+            store_segments,
+        }
+    }
+
+    pub fn request(&self, method: &str) {
+        self.requests.with_label_values(&[method]).inc();
+    }
+
+    pub fn finished(&self, method: &str, elapsed: Duration, error: Option<tonic::Code>) {
+        self.latency
+            .with_label_values(&[method])
+            .observe(elapsed.as_secs_f64());
+        if let Some(code) = error {
+            self.errors
+                .with_label_values(&[method, &format!("{code:?}")])
+                .inc();
+        }
+    }
+
+    pub fn phase(&self, phase: &str, elapsed: Duration) {
+        self.phase
+            .with_label_values(&[phase])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn rows(&self, rows: usize) {
+        self.rows.observe(rows as f64);
+    }
+
+    pub fn store_size(&self, store: &str, rows: usize, segments: usize) {
+        self.store_rows.with_label_values(&[store]).set(rows as i64);
+        self.store_segments
+            .with_label_values(&[store])
+            .set(segments as i64);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` turns true.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| ServerError::Bind("metrics".into(), e))?;
+    tracing::info!(%addr, "metrics endpoint listening");
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::warn!(%err, "metrics endpoint: accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|s| *s) => return Ok(()),
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let metrics = metrics.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&req, &metrics)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(%err, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        (&hyper::Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            Bytes::from(metrics.render()),
+        ),
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            Bytes::from_static(b"use GET\n"),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"metrics are at /metrics\n"),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body))
+        .expect("a valid static response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_recorded() {
+        let m = Metrics::new();
+        m.request("Adjust");
+        m.finished(
+            "Adjust",
+            Duration::from_micros(50),
+            Some(tonic::Code::InvalidArgument),
+        );
+        m.phase("decode", Duration::from_micros(3));
+        m.rows(4);
+        m.store_size("toxic", 100, 2);
+        let text = m.render();
+        assert!(
+            text.contains("goodtriever_requests_total{method=\"Adjust\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("goodtriever_errors_total{code=\"InvalidArgument\",method=\"Adjust\"} 1")
+        );
+        assert!(text.contains("goodtriever_phase_seconds_count{phase=\"decode\"} 1"));
+        assert!(text.contains("goodtriever_store_rows{store=\"toxic\"} 100"));
+        assert!(text.contains("goodtriever_batch_rows_count 1"));
+    }
+}

@@ -1,0 +1,268 @@
+//! `goodtriever serve`: the engine as a gRPC sidecar next to a generation server.
+//!
+//! A client engine sends, per decoding step, the key hidden state of the last position (and
+//! for the dense form its logits); the server answers with the logit bias (DESIGN §1, sparse
+//! form) or the adjusted log-probabilities. Writes (`AddExamples`, `AddTexts`) grow the stores
+//! while serving, and the engine sees new segments at once.
+//!
+//! Around the service the server runs what operators expect of a production gRPC service: the
+//! standard health service and server reflection, Prometheus metrics over plain HTTP, limits on
+//! message size and rows, an admin token for writes, TLS when configured, and a graceful
+//! shutdown that finishes in-flight requests (and bounds how long open streams may linger).
+//!
+//! Modules: `service` (the RPCs), `convert` (wire tensors), `status` (error → gRPC code),
+//! `auth` (admin token), `metrics` (Prometheus + /metrics), `encoder` (text → rows for
+//! `AddTexts`), `limits` (message-size errors as `RESOURCE_EXHAUSTED`).
+
+pub mod auth;
+pub mod convert;
+pub mod encoder;
+mod limits;
+pub mod metrics;
+pub mod service;
+mod status;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use auth::AdminAuth;
+pub use encoder::TextEncoder;
+pub use metrics::Metrics;
+pub use service::Limits;
+
+use crate::detox::{Detoxifier, MAX_ROWS};
+
+/// The generated protocol types, client and server (package `goodtriever.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("goodtriever.v1");
+
+    /// The encoded file descriptor set of the protocol, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/goodtriever_descriptor.bin"));
+}
+
+/// Default largest request message: room for 64 dense rows of a 49k vocabulary in f32, or an
+/// AddExamples batch of ~14k rows of 576 f32 values.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 32 << 20;
+/// Default rows per Adjust request.
+pub const DEFAULT_MAX_ROWS: usize = 256;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("binding the {0} address: {1}")]
+    Bind(String, #[source] std::io::Error),
+    #[error("--max-rows must be between 1 and {MAX_ROWS}, got {0}")]
+    MaxRows(usize),
+    #[error("--max-message-bytes must be at least 1024, got {0}")]
+    MaxMessageBytes(usize),
+    #[error("the model does not match the stores: {0}; serve stores built with this model")]
+    ModelMismatch(String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[source] tonic::transport::Error),
+}
+
+/// TLS certificate chain and private key, PEM-encoded.
+#[derive(Clone)]
+pub struct TlsPem {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+}
+
+/// Everything a server needs besides its engine and sockets.
+pub struct ServeOptions {
+    pub limits: Limits,
+    pub auth: AdminAuth,
+    pub encoder: Option<Arc<dyn TextEncoder>>,
+    pub tls: Option<TlsPem>,
+    /// How long, after shutdown starts, open connections may take to finish before the server
+    /// stops anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            limits: Limits {
+                max_rows: DEFAULT_MAX_ROWS,
+                max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            },
+            auth: AdminAuth::disabled(),
+            encoder: None,
+            tls: None,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A server bound to its sockets, ready to run.
+pub struct Server {
+    engine: Arc<Detoxifier>,
+    opts: ServeOptions,
+    grpc: TcpListener,
+    metrics: Option<TcpListener>,
+}
+
+impl Server {
+    /// Binds the gRPC address and, when given, the metrics address.
+    pub async fn bind(
+        engine: Arc<Detoxifier>,
+        opts: ServeOptions,
+        addr: SocketAddr,
+        metrics_addr: Option<SocketAddr>,
+    ) -> Result<Self, ServerError> {
+        let grpc = TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServerError::Bind(format!("gRPC ({addr})"), e))?;
+        let metrics = match metrics_addr {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| ServerError::Bind(format!("metrics ({a})"), e))?,
+            ),
+            None => None,
+        };
+        Self::from_listeners(engine, opts, grpc, metrics)
+    }
+
+    /// Uses already bound sockets (tests bind port 0 and read the port back).
+    pub fn from_listeners(
+        engine: Arc<Detoxifier>,
+        opts: ServeOptions,
+        grpc: TcpListener,
+        metrics: Option<TcpListener>,
+    ) -> Result<Self, ServerError> {
+        let l = opts.limits;
+        if l.max_rows == 0 || l.max_rows > MAX_ROWS {
+            return Err(ServerError::MaxRows(l.max_rows));
+        }
+        if l.max_message_bytes < 1024 {
+            return Err(ServerError::MaxMessageBytes(l.max_message_bytes));
+        }
+        if let Some(enc) = &opts.encoder {
+            let fp = enc.fingerprint();
+            engine
+                .fingerprint()
+                .check_compatible(&fp)
+                .map_err(ServerError::ModelMismatch)?;
+        }
+        Ok(Self {
+            engine,
+            opts,
+            grpc,
+            metrics,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.local_addr().ok()
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|m| m.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
+    /// (open streams end after their current step) and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        use proto::goodtriever_server::GoodtrieverServer;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let metrics = Arc::new(Metrics::new());
+        let limits = self.opts.limits;
+        let shared = Arc::new(service::Shared::new(
+            self.engine,
+            metrics.clone(),
+            limits,
+            self.opts.auth,
+            self.opts.encoder,
+            stop_rx.clone(),
+        ));
+        let svc = GoodtrieverServer::new(service::Service::new(shared))
+            .max_decoding_message_size(limits.max_message_bytes);
+
+        let (health, health_svc) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<GoodtrieverServer<service::Service>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.opts.tls {
+            let identity = tonic::transport::Identity::from_pem(&tls.cert, &tls.key);
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(ServerError::Tls)?;
+        }
+        let metrics_task = self
+            .metrics
+            .map(|l| tokio::spawn(metrics::serve_metrics(l, metrics.clone(), stop_rx.clone())));
+
+        let addr = self.grpc.local_addr().ok();
+        tracing::info!(
+            ?addr,
+            tls = self.opts.tls.is_some(),
+            "gRPC server listening"
+        );
+        let mut stopped = stop_rx.clone();
+        let health_on_stop = health.clone();
+        let signal = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+            health_on_stop
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            health_on_stop
+                .set_not_serving::<GoodtrieverServer<service::Service>>()
+                .await;
+        };
+        let server = builder
+            .layer(limits::ResourceExhaustedLayer::new(
+                limits.max_message_bytes,
+            ))
+            .add_service(health_svc)
+            .add_service(reflection)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal);
+        tokio::pin!(server);
+
+        let grace = self.opts.shutdown_grace;
+        let result = tokio::select! {
+            r = &mut server => r,
+            _ = shutdown => {
+                tracing::info!("shutting down: finishing in-flight requests");
+                let _ = stop_tx.send(true);
+                match tokio::time::timeout(grace, &mut server).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(?grace, "connections still open after the grace period; stopping anyway");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        let _ = stop_tx.send(true);
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        tracing::info!("server stopped");
+        result.map_err(ServerError::Transport)
+    }
+}

@@ -1,0 +1,702 @@
+//! The `goodtriever.v1.Goodtriever` service: request checks, the engine call, the answer.
+//!
+//! Async handlers only move messages; every CPU-bound step (decoding the packed tensors,
+//! searching, the rule, encoding the answer) runs on the rayon pool that the searches use
+//! anyway, so one slow batch never stalls the executor that accepts other clients' requests.
+//! Appends, which fsync, run on tokio's blocking pool instead. Per-request buffers come from a
+//! pool of [`Buffers`], so a steady stream of steps reuses the same allocations.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use half::f16;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::auth::AdminAuth;
+use super::convert::{self, Finite, WireDType};
+use super::encoder::{EncodeError, TextEncoder};
+use super::metrics::Metrics;
+use super::proto::{self, goodtriever_server::Goodtriever};
+use super::status;
+use crate::datastore::{Keys, Provenance};
+use crate::detox::{AdjustOptions, DetoxScratch, Detoxifier};
+use crate::rule::{Mode, SparseRow, MAX_K};
+
+/// Limits a server enforces on each request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Rows per Adjust request or stream message.
+    pub max_rows: usize,
+    /// Largest encoded request message, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// Reusable per-request memory.
+#[derive(Default)]
+struct Buffers {
+    scratch: DetoxScratch,
+    hidden: Vec<f32>,
+    logits: Vec<f32>,
+    dense: Vec<f32>,
+    sparse: Vec<SparseRow>,
+}
+
+/// State shared by all handlers.
+pub struct Shared {
+    pub engine: Arc<Detoxifier>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    pub auth: AdminAuth,
+    pub encoder: Option<Arc<dyn TextEncoder>>,
+    /// Turns true when the server starts shutting down; open streams end after their step.
+    pub shutdown: watch::Receiver<bool>,
+    pool: Mutex<Vec<Buffers>>,
+}
+
+impl Shared {
+    pub fn new(
+        engine: Arc<Detoxifier>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+        auth: AdminAuth,
+        encoder: Option<Arc<dyn TextEncoder>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let shared = Self {
+            engine,
+            metrics,
+            limits,
+            auth,
+            encoder,
+            shutdown,
+            pool: Mutex::new(Vec::new()),
+        };
+        shared.update_store_metrics();
+        shared
+    }
+
+    fn take_buffers(&self) -> Buffers {
+        self.pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn return_buffers(&self, b: Buffers) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        // Enough for every thread that can run a request at once; more would only hold memory.
+        if pool.len() < 2 * rayon::current_num_threads() + 2 {
+            pool.push(b);
+        }
+    }
+
+    fn update_store_metrics(&self) {
+        for s in self.engine.stores() {
+            let live = s.store.segments().iter().filter(|i| !i.retired).count();
+            self.metrics.store_size(&s.name, s.store.len(), live);
+        }
+    }
+
+    /// The server's defaults with the request's overrides, validated.
+    fn options(&self, o: Option<&proto::Overrides>) -> Result<AdjustOptions, Status> {
+        let mut opts = *self.engine.defaults();
+        if let Some(o) = o {
+            if let Some(a) = o.alpha {
+                opts.params.alpha = a;
+            }
+            if let Some(t) = o.temperature {
+                opts.params.temperature = t;
+            }
+            if let Some(k) = o.k {
+                opts.params.k = k as usize;
+            }
+            if let Some(p) = o.filter_p {
+                opts.params.filter_p = p;
+            }
+            if let Some(l) = o.lambda {
+                opts.params.lambda = l;
+            }
+            opts.mode = match proto::Mode::try_from(o.mode) {
+                Ok(proto::Mode::Unspecified) => opts.mode,
+                Ok(proto::Mode::Ensemble) => Mode::Ensemble,
+                Ok(proto::Mode::ToxicOnly) => Mode::ToxicOnly,
+                Ok(proto::Mode::KnnLm) => Mode::KnnLm,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "overrides.mode: unknown value {}; use ENSEMBLE, TOXIC_ONLY or KNN_LM",
+                        o.mode
+                    )))
+                }
+            };
+        }
+        opts.params
+            .validate()
+            .map_err(|e| Status::invalid_argument(format!("overrides: {e}")))?;
+        self.engine
+            .check_mode(opts.mode)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(opts)
+    }
+
+    fn store_info(&self, index: usize) -> proto::StoreInfo {
+        let s = &self.engine.stores()[index];
+        proto::StoreInfo {
+            name: s.name.clone(),
+            weight: s.weight,
+            rows: s.store.len() as u64,
+            key_dtype: s.store.dtype().as_str().to_string(),
+            segments: s
+                .store
+                .segments()
+                .into_iter()
+                .filter(|i| !i.retired)
+                .map(|i| proto::SegmentInfo {
+                    id: i.id,
+                    rows: i.rows as u64,
+                    source: i.provenance.source,
+                    label: i.provenance.label.unwrap_or_default(),
+                    tag: i.provenance.tag.unwrap_or_default(),
+                    added_at: i.provenance.added_at,
+                })
+                .collect(),
+        }
+    }
+
+    fn store_index(&self, name: &str) -> Result<usize, Status> {
+        let stores = self.engine.stores();
+        stores.iter().position(|s| s.name == name).ok_or_else(|| {
+            let names: Vec<&str> = stores.iter().map(|s| s.name.as_str()).collect();
+            Status::invalid_argument(format!(
+                "unknown store {name:?}: this server has {}",
+                names.join(", ")
+            ))
+        })
+    }
+
+    /// One Adjust step, start to finish, on the calling (pool) thread.
+    fn adjust(&self, req: proto::AdjustRequest) -> Result<proto::AdjustResponse, Status> {
+        let t0 = Instant::now();
+        let opts = self.options(req.overrides.as_ref())?;
+        let dense = match proto::ResponseForm::try_from(req.form) {
+            Ok(proto::ResponseForm::Unspecified) => req.logits.is_some(),
+            Ok(proto::ResponseForm::Sparse) => {
+                if req.logits.is_some() {
+                    return Err(Status::invalid_argument(
+                        "logits were sent with form = SPARSE, which does not use them: omit the logits, or ask for form = DENSE",
+                    ));
+                }
+                false
+            }
+            Ok(proto::ResponseForm::Dense) => true,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "form: unknown value {}; use SPARSE or DENSE",
+                    req.form
+                )))
+            }
+        };
+        let engine = &self.engine;
+        let (dim, vocab, max_rows) = (engine.dim(), engine.vocab_size(), self.limits.max_rows);
+        let hidden = req.hidden.as_ref().ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "hidden is missing: send the {} key hidden states, {dim} values per row",
+                engine.key_type()
+            ))
+        })?;
+        let hs = convert::check_shape(
+            "hidden",
+            hidden,
+            dim,
+            &[WireDType::F32, WireDType::F16],
+            max_rows,
+        )
+        .map_err(status::from_convert)?;
+        let logits_shape = if dense {
+            let logits = req.logits.as_ref().ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "form = DENSE needs logits ({vocab} values per row); send them, or ask for form = SPARSE"
+                ))
+            })?;
+            let ls = convert::check_shape(
+                "logits",
+                logits,
+                vocab,
+                &[WireDType::F32, WireDType::F16, WireDType::Bf16],
+                max_rows,
+            )
+            .map_err(status::from_convert)?;
+            if ls.rows != hs.rows {
+                return Err(Status::invalid_argument(format!(
+                    "hidden has {} rows but logits have {}: send one logits row per hidden row",
+                    hs.rows, ls.rows
+                )));
+            }
+            Some((logits, ls))
+        } else {
+            None
+        };
+
+        let mut b = self.take_buffers();
+        let result = self.adjust_with(&req, hidden, hs, logits_shape, &opts, &mut b, t0);
+        self.return_buffers(b);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn adjust_with(
+        &self,
+        req: &proto::AdjustRequest,
+        hidden: &proto::Tensor,
+        hs: convert::Shape,
+        logits: Option<(&proto::Tensor, convert::Shape)>,
+        opts: &AdjustOptions,
+        b: &mut Buffers,
+        t0: Instant,
+    ) -> Result<proto::AdjustResponse, Status> {
+        let engine = &self.engine;
+        let (dim, vocab) = (engine.dim(), engine.vocab_size());
+        convert::to_f32(
+            "hidden",
+            &hidden.data,
+            hs.dtype,
+            dim,
+            Finite::All,
+            &mut b.hidden,
+        )
+        .map_err(status::from_convert)?;
+        if let Some((l, ls)) = logits {
+            convert::to_f32(
+                "logits",
+                &l.data,
+                ls.dtype,
+                vocab,
+                Finite::AllowNegInf,
+                &mut b.logits,
+            )
+            .map_err(status::from_convert)?;
+        }
+        self.metrics.phase("decode", t0.elapsed());
+        self.metrics.rows(hs.rows);
+
+        let t1 = Instant::now();
+        let mut resp = proto::AdjustResponse {
+            num_rows: hs.rows as u32,
+            vocab_size: vocab as u32,
+            step: req.step,
+            params: Some(params_proto(opts)),
+            ..Default::default()
+        };
+        if logits.is_some() {
+            b.dense.resize(b.logits.len(), 0.0);
+            engine
+                .adjust_dense(&b.hidden, &b.logits, opts, &mut b.scratch, &mut b.dense)
+                .map_err(status::from_detox)?;
+            self.metrics.phase("adjust", t1.elapsed());
+            let t2 = Instant::now();
+            resp.log_probs = convert::f32_bytes(&b.dense);
+            self.metrics.phase("encode", t2.elapsed());
+        } else {
+            engine
+                .adjust_sparse(&b.hidden, opts, &mut b.scratch, &mut b.sparse)
+                .map_err(status::from_detox)?;
+            self.metrics.phase("adjust", t1.elapsed());
+            let t2 = Instant::now();
+            resp.rows = b.sparse.iter().map(sparse_proto).collect();
+            self.metrics.phase("encode", t2.elapsed());
+        }
+        Ok(resp)
+    }
+
+    /// Appends rows to a store (blocking: writes and fsyncs), then makes the engine see them.
+    fn append(
+        &self,
+        store: usize,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+    ) -> Result<(u64, u64, proto::StoreInfo), Status> {
+        let t = Instant::now();
+        let s = &self.engine.stores()[store];
+        let info = s
+            .store
+            .append(keys, values, provenance)
+            .map_err(|e| status::from_datastore(&format!("appending to store {:?}", s.name), e))?;
+        // The append swapped the store's snapshot already; refresh picks up anything other
+        // processes committed meanwhile, so Info and searches agree with the disk.
+        if let Err(err) = self.engine.refresh() {
+            tracing::warn!(%err, "refresh after append failed");
+        }
+        self.metrics.phase("append", t.elapsed());
+        self.update_store_metrics();
+        tracing::info!(store = %s.name, segment = info.id, rows = info.rows, "appended");
+        Ok((info.id, info.rows as u64, self.store_info(store)))
+    }
+
+    fn check_tokens(&self, tokens: &[u32], rows: usize) -> Result<(), Status> {
+        if tokens.len() != rows {
+            return Err(Status::invalid_argument(format!(
+                "next_tokens has {} ids for {rows} hidden rows: send exactly one next-token id per row",
+                tokens.len()
+            )));
+        }
+        let vocab = self.engine.vocab_size();
+        if let Some(i) = tokens.iter().position(|&t| t as usize >= vocab) {
+            return Err(Status::invalid_argument(format!(
+                "next_tokens[{i}] = {} is outside the vocabulary of {vocab} tokens",
+                tokens[i]
+            )));
+        }
+        Ok(())
+    }
+
+    fn info(&self) -> proto::InfoResponse {
+        let e = &self.engine;
+        let fp = e.fingerprint();
+        proto::InfoResponse {
+            model: Some(proto::ModelInfo {
+                model_id: fp.model_id.clone(),
+                architecture: fp.architecture.clone().unwrap_or_default(),
+                hidden_size: e.dim() as u32,
+                vocab_size: e.vocab_size() as u32,
+                key_type: e.key_type().as_str().to_string(),
+                tokenizer_digest: fp.tokenizer_digest.clone().unwrap_or_default(),
+                weight_digest: fp.weight_digest.clone().unwrap_or_default(),
+            }),
+            stores: (0..e.stores().len()).map(|i| self.store_info(i)).collect(),
+            defaults: Some(params_proto(e.defaults())),
+            limits: Some(proto::Limits {
+                max_rows: self.limits.max_rows as u32,
+                max_message_bytes: self.limits.max_message_bytes as u64,
+                max_k: MAX_K as u32,
+            }),
+            has_model: self.encoder.is_some(),
+            writes_enabled: self.auth.writes_enabled(),
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+}
+
+fn params_proto(o: &AdjustOptions) -> proto::Params {
+    proto::Params {
+        alpha: o.params.alpha,
+        temperature: o.params.temperature,
+        k: o.params.k as u32,
+        filter_p: o.params.filter_p,
+        mode: match o.mode {
+            Mode::Ensemble => proto::Mode::Ensemble,
+            Mode::ToxicOnly => proto::Mode::ToxicOnly,
+            Mode::KnnLm => proto::Mode::KnnLm,
+        } as i32,
+        lambda: o.params.lambda,
+    }
+}
+
+fn sparse_proto(row: &SparseRow) -> proto::SparseRow {
+    let (kind, scale, lambda, pairs) = match row {
+        SparseRow::Bias { scale, pairs } => (proto::sparse_row::Kind::Bias, *scale, 0.0, pairs),
+        SparseRow::Mixture { lambda, log_probs } => {
+            (proto::sparse_row::Kind::Mixture, 1.0, *lambda, log_probs)
+        }
+    };
+    proto::SparseRow {
+        kind: kind as i32,
+        scale,
+        lambda,
+        tokens: pairs.iter().map(|p| p.0).collect(),
+        values: pairs.iter().map(|p| p.1).collect(),
+    }
+}
+
+/// Runs `f` on the rayon pool and waits for it without blocking the executor.
+async fn on_pool<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    let (tx, rx) = oneshot::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.await
+        .map_err(|_| Status::internal("the request's worker stopped without an answer"))?
+}
+
+/// Runs blocking `f` (disk writes) on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("the write worker failed: {e}")))?
+}
+
+/// Rewrites tonic's "message too large" decode error into `RESOURCE_EXHAUSTED` with a
+/// sentence that says what to do.
+pub(crate) fn map_decode_error(status: Status, limit: usize) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
+        Status::resource_exhausted(format!(
+            "request message too large: {}; this server accepts at most {limit} bytes per message (--max-message-bytes): send fewer rows per request, f16 instead of f32, or the sparse form without logits",
+            status.message().trim_start_matches("Error, ")
+        ))
+    } else {
+        status
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+}
+
+impl Service {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn finish<T>(&self, method: &str, t: Instant, r: &Result<T, Status>) {
+        let code = r.as_ref().err().map(Status::code);
+        if let Some(c) = code {
+            if c != Code::Internal {
+                tracing::debug!(method, code = ?c, message = %r.as_ref().err().map(|s| s.message()).unwrap_or(""), "request refused");
+            }
+        }
+        self.shared.metrics.finished(method, t.elapsed(), code);
+    }
+}
+
+type AdjustStreamOut =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::AdjustResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Goodtriever for Service {
+    async fn adjust(
+        &self,
+        request: Request<proto::AdjustRequest>,
+    ) -> Result<Response<proto::AdjustResponse>, Status> {
+        let t = Instant::now();
+        self.shared.metrics.request("Adjust");
+        let shared = self.shared.clone();
+        let req = request.into_inner();
+        let r = on_pool(move || shared.adjust(req)).await;
+        self.finish("Adjust", t, &r);
+        r.map(Response::new)
+    }
+
+    type AdjustStreamStream = AdjustStreamOut;
+
+    async fn adjust_stream(
+        &self,
+        request: Request<Streaming<proto::AdjustRequest>>,
+    ) -> Result<Response<Self::AdjustStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        // One answer in flight per stream: steps are answered strictly in order, and a client
+        // that stops reading stops the server from computing further steps.
+        let (tx, rx) = mpsc::channel(1);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = this.shared.shutdown.clone();
+            loop {
+                // `wait_for` yields a guard that must not live across an await: map both
+                // branches to owned values first.
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|s| *s) => None,
+                    next = inbound.message() => Some(next),
+                };
+                let Some(next) = next else {
+                    let _ = tx
+                        .send(Err(Status::unavailable(
+                            "the server is shutting down: reconnect to another instance or retry shortly",
+                        )))
+                        .await;
+                    return;
+                };
+                let msg = match next {
+                    Ok(Some(m)) => m,
+                    Ok(None) => return,
+                    Err(status) => {
+                        let status = map_decode_error(status, this.shared.limits.max_message_bytes);
+                        this.shared.metrics.request("AdjustStream");
+                        this.shared.metrics.finished(
+                            "AdjustStream",
+                            std::time::Duration::ZERO,
+                            Some(status.code()),
+                        );
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let t = Instant::now();
+                this.shared.metrics.request("AdjustStream");
+                let shared = this.shared.clone();
+                let step = msg.step;
+                let r = on_pool(move || shared.adjust(msg)).await;
+                this.finish("AdjustStream", t, &r);
+                let failed = r.is_err();
+                let r =
+                    r.map_err(|s| Status::new(s.code(), format!("step {step}: {}", s.message())));
+                if tx.send(r).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn add_examples(
+        &self,
+        request: Request<proto::AddExamplesRequest>,
+    ) -> Result<Response<proto::AddExamplesResponse>, Status> {
+        let t = Instant::now();
+        self.shared.metrics.request("AddExamples");
+        let r = self.add_examples_inner(request).await;
+        self.finish("AddExamples", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn add_texts(
+        &self,
+        request: Request<proto::AddTextsRequest>,
+    ) -> Result<Response<proto::AddTextsResponse>, Status> {
+        let t = Instant::now();
+        self.shared.metrics.request("AddTexts");
+        let r = self.add_texts_inner(request).await;
+        self.finish("AddTexts", t, &r);
+        r.map(Response::new)
+    }
+
+    async fn info(
+        &self,
+        _request: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::InfoResponse>, Status> {
+        let t = Instant::now();
+        self.shared.metrics.request("Info");
+        let r = Ok(self.shared.info());
+        self.finish("Info", t, &r);
+        r.map(Response::new)
+    }
+}
+
+impl Service {
+    async fn add_examples_inner(
+        &self,
+        request: Request<proto::AddExamplesRequest>,
+    ) -> Result<proto::AddExamplesResponse, Status> {
+        self.shared.auth.check(request.metadata())?;
+        let req = request.into_inner();
+        let store = self.shared.store_index(&req.store)?;
+        let shared = self.shared.clone();
+        let (segment_id, rows_added, info) = blocking(move || {
+            let dim = shared.engine.dim();
+            let hidden = req.hidden.as_ref().ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "hidden is missing: send N rows of {dim} key hidden states"
+                ))
+            })?;
+            let shape = convert::check_shape(
+                "hidden",
+                hidden,
+                dim,
+                &[WireDType::F32, WireDType::F16],
+                usize::MAX,
+            )
+            .map_err(status::from_convert)?;
+            shared.check_tokens(&req.next_tokens, shape.rows)?;
+            let provenance = provenance(&req.source, "grpc:AddExamples", &req.store, &req.tag);
+            if shape.dtype == WireDType::F16 {
+                let mut keys: Vec<f16> = Vec::new();
+                convert::f16_rows("hidden", &hidden.data, dim, &mut keys)
+                    .map_err(status::from_convert)?;
+                shared.append(store, Keys::F16(&keys), &req.next_tokens, provenance)
+            } else {
+                let mut keys = Vec::new();
+                convert::to_f32(
+                    "hidden",
+                    &hidden.data,
+                    shape.dtype,
+                    dim,
+                    Finite::All,
+                    &mut keys,
+                )
+                .map_err(status::from_convert)?;
+                shared.append(store, Keys::F32(&keys), &req.next_tokens, provenance)
+            }
+        })
+        .await?;
+        Ok(proto::AddExamplesResponse {
+            segment_id,
+            rows_added,
+            store: Some(info),
+        })
+    }
+
+    async fn add_texts_inner(
+        &self,
+        request: Request<proto::AddTextsRequest>,
+    ) -> Result<proto::AddTextsResponse, Status> {
+        self.shared.auth.check(request.metadata())?;
+        let Some(encoder) = self.shared.encoder.clone() else {
+            return Err(Status::failed_precondition(
+                "this server has no model; start it with --model (or send hidden states with AddExamples)",
+            ));
+        };
+        let req = request.into_inner();
+        let store = self.shared.store_index(&req.store)?;
+        if req.texts.iter().all(|t| t.trim().is_empty()) {
+            return Err(Status::invalid_argument(
+                "texts is empty: send at least one non-empty text",
+            ));
+        }
+        let shared = self.shared.clone();
+        let (segment_id, rows_added, info) = blocking(move || {
+            let key_type = shared.engine.key_type();
+            let mut keys = Vec::new();
+            let mut values = Vec::new();
+            for (i, text) in req.texts.iter().enumerate() {
+                if text.trim().is_empty() {
+                    continue;
+                }
+                encoder
+                    .encode(text, key_type, &mut |k, t| {
+                        keys.extend_from_slice(k);
+                        values.push(t);
+                    })
+                    .map_err(|e| match e {
+                        EncodeError::Input(m) => {
+                            Status::invalid_argument(format!("texts[{i}]: {m}"))
+                        }
+                        EncodeError::Model(m) => {
+                            tracing::error!(err = %m, "model failed on AddTexts");
+                            Status::internal(format!("texts[{i}]: the model failed: {m}"))
+                        }
+                    })?;
+            }
+            shared.check_tokens(&values, values.len())?;
+            let provenance = provenance(&req.source, "grpc:AddTexts", &req.store, &req.tag);
+            shared.append(store, Keys::F32(&keys), &values, provenance)
+        })
+        .await?;
+        Ok(proto::AddTextsResponse {
+            segment_id,
+            rows_added,
+            store: Some(info),
+        })
+    }
+}
+
+fn provenance(source: &str, default: &str, store: &str, tag: &str) -> Provenance {
+    let source = if source.trim().is_empty() {
+        default
+    } else {
+        source
+    };
+    let p = Provenance::new(source).with_label(store);
+    if tag.is_empty() {
+        p
+    } else {
+        p.with_tag(tag)
+    }
+}

@@ -1,0 +1,123 @@
+//! Library errors → gRPC status codes.
+//!
+//! The code tells a client whether to fix its request (`INVALID_ARGUMENT`), fix the server's
+//! setup (`FAILED_PRECONDITION`), send less (`RESOURCE_EXHAUSTED`) or retry/report
+//! (`INTERNAL`); the message is the library error's own sentence, which names the field and the
+//! expected value. Internal errors are also logged, since no client can act on them.
+
+use tonic::{Code, Status};
+
+use super::convert::ConvertError;
+use crate::datastore::DatastoreError;
+use crate::detox::DetoxError;
+use crate::rule::RuleError;
+
+pub fn from_convert(err: ConvertError) -> Status {
+    match err {
+        ConvertError::TooManyRows { .. } => Status::resource_exhausted(err.to_string()),
+        _ => Status::invalid_argument(err.to_string()),
+    }
+}
+
+fn datastore_code(err: &DatastoreError) -> Code {
+    match err {
+        DatastoreError::DimMismatch { .. }
+        | DatastoreError::NonFinite { .. }
+        | DatastoreError::F16Overflow { .. }
+        | DatastoreError::EmptyAppend
+        | DatastoreError::ValueCountMismatch { .. }
+        | DatastoreError::BadK(_)
+        | DatastoreError::BadEf(_)
+        | DatastoreError::KeyTypeMismatch { .. }
+        | DatastoreError::ModelMismatch(_) => Code::InvalidArgument,
+        DatastoreError::EmptyStore(_) => Code::FailedPrecondition,
+        DatastoreError::Io { source, .. } if is_disk_full(source) => Code::ResourceExhausted,
+        _ => Code::Internal,
+    }
+}
+
+fn is_disk_full(err: &std::io::Error) -> bool {
+    // ENOSPC (28) and EDQUOT (122 on Linux): the disk or the quota is full.
+    matches!(err.raw_os_error(), Some(28) | Some(122))
+        || err.kind() == std::io::ErrorKind::StorageFull
+}
+
+pub fn from_datastore(context: &str, err: DatastoreError) -> Status {
+    let code = datastore_code(&err);
+    let message = format!("{context}: {err}");
+    if code == Code::Internal {
+        tracing::error!(%message, "datastore failure");
+    }
+    Status::new(code, message)
+}
+
+pub fn from_detox(err: DetoxError) -> Status {
+    let code = match &err {
+        DetoxError::HiddenShape { .. }
+        | DetoxError::EmptyBatch
+        | DetoxError::NonFiniteHidden { .. }
+        | DetoxError::LogitsShape { .. }
+        | DetoxError::Param(_) => Code::InvalidArgument,
+        DetoxError::TooManyRows { .. } => Code::ResourceExhausted,
+        DetoxError::Row { source, .. } => match source {
+            RuleError::Param(_)
+            | RuleError::LogitsLen { .. }
+            | RuleError::NonFiniteLogit(_)
+            | RuleError::EmptyDistribution => Code::InvalidArgument,
+            RuleError::TokenOutOfVocab { .. } | RuleError::NoNeighbours => Code::FailedPrecondition,
+            RuleError::NonFiniteDistance(_) => Code::Internal,
+        },
+        DetoxError::Search { source, .. } => datastore_code(source),
+        DetoxError::ModeNeeds { .. }
+        | DetoxError::NoStores
+        | DetoxError::TooManyStores(_)
+        | DetoxError::EmptyStore { .. }
+        | DetoxError::Incompatible { .. }
+        | DetoxError::KeyTypeMismatch { .. }
+        | DetoxError::UnknownVocab => Code::FailedPrecondition,
+    };
+    let message = err.to_string();
+    if code == Code::Internal {
+        tracing::error!(%message, "engine failure");
+    }
+    Status::new(code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_follow_who_must_act() {
+        assert_eq!(
+            from_detox(DetoxError::EmptyBatch).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            from_detox(DetoxError::TooManyRows { rows: 9, max: 8 }).code(),
+            Code::ResourceExhausted
+        );
+        let full = DatastoreError::Io {
+            op: "writing",
+            path: "/x".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert_eq!(
+            from_datastore("append", full).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            from_datastore("append", DatastoreError::EmptyAppend).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            from_convert(ConvertError::TooManyRows {
+                what: "hidden",
+                rows: 3,
+                max: 2
+            })
+            .code(),
+            Code::ResourceExhausted
+        );
+    }
+}

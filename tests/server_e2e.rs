@@ -1,0 +1,745 @@
+//! The gRPC server end to end, in this process, on a free loopback port: answers equal the
+//! in-process engine, streams answer in order, writes are seen at once, every bad input gets
+//! the right code and leaves the server serving, and the operational surfaces (health,
+//! reflection, metrics) work.
+
+mod server_support;
+
+use std::sync::Arc;
+
+use goodtriever::detox::{AdjustOptions, DetoxScratch};
+use goodtriever::fingerprint::{KeyType, ModelFingerprint};
+use goodtriever::rule::{Mode, SparseRow};
+use goodtriever::server::encoder::EncodeError;
+use goodtriever::server::proto::{self, Tensor};
+use goodtriever::server::{AdminAuth, Limits, ServeOptions, Server, TextEncoder};
+use half::{bf16, f16};
+use server_support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::{Code, Request};
+
+const TOKEN: &str = "test-admin-token";
+
+fn hidden_tensor(v: &[f32]) -> Option<Tensor> {
+    Some(Tensor {
+        data: f32_bytes(v),
+        dtype: proto::DType::F32 as i32,
+        rows: 0,
+    })
+}
+
+fn logits_tensor(v: &[f32]) -> Option<Tensor> {
+    hidden_tensor(v)
+}
+
+fn sparse_request(hidden: &[f32]) -> proto::AdjustRequest {
+    proto::AdjustRequest {
+        hidden: hidden_tensor(hidden),
+        ..Default::default()
+    }
+}
+
+/// Queries near the stores' data: rows of the stores' own generator, slightly moved.
+fn queries(rows: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Rng::new(seed);
+    rng.vec(rows * DIM, 3.0)
+}
+
+fn admin<T>(msg: T, token: &str) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+fn opts_with_admin() -> ServeOptions {
+    ServeOptions {
+        auth: AdminAuth::with_token(TOKEN).unwrap(),
+        ..Default::default()
+    }
+}
+
+fn assert_same_sparse(got: &[proto::SparseRow], want: &[SparseRow]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        match w {
+            SparseRow::Bias { scale, pairs } => {
+                assert_eq!(g.kind, proto::sparse_row::Kind::Bias as i32);
+                assert_eq!(g.scale, *scale);
+                let tokens: Vec<u32> = pairs.iter().map(|p| p.0).collect();
+                let values: Vec<f32> = pairs.iter().map(|p| p.1).collect();
+                assert_eq!(g.tokens, tokens);
+                assert_eq!(g.values, values);
+            }
+            SparseRow::Mixture { lambda, log_probs } => {
+                assert_eq!(g.kind, proto::sparse_row::Kind::Mixture as i32);
+                assert_eq!(g.lambda, *lambda);
+                let tokens: Vec<u32> = log_probs.iter().map(|p| p.0).collect();
+                assert_eq!(g.tokens, tokens);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_and_dense_equal_the_in_process_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let server = start(engine.clone(), ServeOptions::default()).await;
+    let mut client = server.client().await;
+    let mut scratch = DetoxScratch::default();
+
+    let rows = 5;
+    let hidden = queries(rows, 7);
+    let logits = Rng::new(8).vec(rows * VOCAB, 6.0);
+
+    // Sparse, with the server's defaults.
+    let resp = client
+        .adjust(sparse_request(&hidden))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut want = Vec::new();
+    engine
+        .adjust_sparse(&hidden, engine.defaults(), &mut scratch, &mut want)
+        .unwrap();
+    assert!(want
+        .iter()
+        .any(|r| matches!(r, SparseRow::Bias { pairs, .. } if !pairs.is_empty())));
+    assert_same_sparse(&resp.rows, &want);
+    assert_eq!(resp.num_rows, rows as u32);
+    assert_eq!(resp.params.unwrap().k, 32);
+
+    // Dense, f32 logits.
+    let resp = client
+        .adjust(proto::AdjustRequest {
+            hidden: hidden_tensor(&hidden),
+            logits: logits_tensor(&logits),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut dense = vec![0.0; logits.len()];
+    engine
+        .adjust_dense(
+            &hidden,
+            &logits,
+            engine.defaults(),
+            &mut scratch,
+            &mut dense,
+        )
+        .unwrap();
+    let got = bytes_f32(&resp.log_probs);
+    assert_eq!(got.len(), dense.len());
+    assert!(got
+        .iter()
+        .zip(&dense)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    // Overrides, f16 hidden and bf16 logits: equal to the engine on the same rounded values.
+    let hidden16: Vec<f16> = hidden.iter().map(|&x| f16::from_f32(x)).collect();
+    let logits16: Vec<bf16> = logits.iter().map(|&x| bf16::from_f32(x)).collect();
+    let overrides = proto::Overrides {
+        alpha: Some(0.7),
+        temperature: Some(5.0),
+        k: Some(8),
+        filter_p: Some(0.8),
+        mode: proto::Mode::ToxicOnly as i32,
+        lambda: None,
+    };
+    let resp = client
+        .adjust(proto::AdjustRequest {
+            hidden: Some(Tensor {
+                data: hidden16.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                dtype: proto::DType::F16 as i32,
+                rows: rows as u32,
+            }),
+            logits: Some(Tensor {
+                data: logits16.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                dtype: proto::DType::Bf16 as i32,
+                rows: rows as u32,
+            }),
+            overrides: Some(overrides),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut opts = AdjustOptions {
+        mode: Mode::ToxicOnly,
+        ..*engine.defaults()
+    };
+    opts.params.alpha = 0.7;
+    opts.params.temperature = 5.0;
+    opts.params.k = 8;
+    opts.params.filter_p = 0.8;
+    let h: Vec<f32> = hidden16.iter().map(|x| x.to_f32()).collect();
+    let l: Vec<f32> = logits16.iter().map(|x| x.to_f32()).collect();
+    engine
+        .adjust_dense(&h, &l, &opts, &mut scratch, &mut dense)
+        .unwrap();
+    assert_eq!(bytes_f32(&resp.log_probs), dense);
+    assert_eq!(resp.params.unwrap().mode, proto::Mode::ToxicOnly as i32);
+
+    // Sparse with the same overrides carries the toxic-only scale.
+    let resp = client
+        .adjust(proto::AdjustRequest {
+            hidden: hidden_tensor(&h),
+            overrides: Some(overrides),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    engine
+        .adjust_sparse(&h, &opts, &mut scratch, &mut want)
+        .unwrap();
+    assert_same_sparse(&resp.rows, &want);
+    assert_eq!(resp.rows[0].scale, 1.7);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_100_steps_answers_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let server = start(engine.clone(), ServeOptions::default()).await;
+    let mut client = server.client().await;
+
+    let steps = 100u64;
+    let all: Vec<Vec<f32>> = (0..steps).map(|i| queries(1, 100 + i)).collect();
+    // Send every step at once: the server must still answer them one by one, in order.
+    let requests: Vec<proto::AdjustRequest> = all
+        .iter()
+        .enumerate()
+        .map(|(i, h)| proto::AdjustRequest {
+            step: i as u64,
+            ..sparse_request(h)
+        })
+        .collect();
+    let mut inbound = client
+        .adjust_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut scratch = DetoxScratch::default();
+    let mut want = Vec::new();
+    let mut n = 0u64;
+    while let Some(resp) = inbound.message().await.unwrap() {
+        assert_eq!(resp.step, n, "answers out of order");
+        engine
+            .adjust_sparse(&all[n as usize], engine.defaults(), &mut scratch, &mut want)
+            .unwrap();
+        assert_same_sparse(&resp.rows, &want);
+        n += 1;
+    }
+    assert_eq!(n, steps);
+
+    // A bad step ends the stream with its code and names the step.
+    let mut bad = sparse_request(&all[0]);
+    bad.step = 1;
+    bad.hidden.as_mut().unwrap().data.truncate(4 * (DIM - 1));
+    let mut inbound = client
+        .adjust_stream(tokio_stream::iter(vec![sparse_request(&all[0]), bad]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(inbound.message().await.unwrap().is_some());
+    let err = inbound.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("step 1:"), "{}", err.message());
+    server.stop().await;
+}
+
+/// Token of the rows added by the write tests, outside the bands the seed data uses.
+const NEW_TOKEN: u32 = 197;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_examples_then_adjust_sees_the_new_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let server = start(engine.clone(), opts_with_admin()).await;
+    let mut client = server.client().await;
+
+    // A query far from the seed clusters.
+    let q: Vec<f32> = (0..DIM).map(|i| 40.0 + i as f32).collect();
+    let before = client
+        .adjust(sparse_request(&q))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!before.rows[0].tokens.contains(&NEW_TOKEN));
+
+    // Rows right at the query into the non-toxic store (f16 keys): four in five predict
+    // NEW_TOKEN, the rest NEW_TOKEN + 1, so NEW_TOKEN gains mass over the store's minimum.
+    let n = 40;
+    let keys: Vec<f16> = (0..n)
+        .flat_map(|r| q.iter().map(move |x| f16::from_f32(x + 0.01 * r as f32)))
+        .collect();
+    let resp = client
+        .add_examples(admin(
+            proto::AddExamplesRequest {
+                store: "nontoxic".into(),
+                hidden: Some(Tensor {
+                    data: keys.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    dtype: proto::DType::F16 as i32,
+                    rows: n,
+                }),
+                next_tokens: (0..n).map(|r| NEW_TOKEN + u32::from(r % 5 == 4)).collect(),
+                source: "test-drift".into(),
+                tag: "week-2".into(),
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.rows_added, n as u64);
+    let store = resp.store.unwrap();
+    assert_eq!(store.rows, 300 + n as u64);
+    assert_eq!(store.segments.len(), 2);
+    let seg = store
+        .segments
+        .iter()
+        .find(|s| s.id == resp.segment_id)
+        .unwrap();
+    assert_eq!(
+        (seg.source.as_str(), seg.tag.as_str(), seg.label.as_str()),
+        ("test-drift", "week-2", "nontoxic")
+    );
+
+    let after = client
+        .adjust(sparse_request(&q))
+        .await
+        .unwrap()
+        .into_inner();
+    let row = &after.rows[0];
+    let i = row
+        .tokens
+        .iter()
+        .position(|&t| t == NEW_TOKEN)
+        .expect("the new rows are retrieved");
+    assert!(row.values[i] > 0.0, "non-toxic rows push their token up");
+
+    // The rows are on disk: a fresh handle sees them.
+    let reopened = goodtriever::datastore::Datastore::open(&dir.path().join("nontoxic")).unwrap();
+    assert_eq!(reopened.len(), 300 + n as usize);
+    let info = client
+        .info(proto::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.writes_enabled);
+    assert!(!info.has_model);
+    assert_eq!(info.model.unwrap().hidden_size, DIM as u32);
+    server.stop().await;
+}
+
+/// A deterministic stand-in for the language model: one row per character after the first,
+/// keyed by the character code, predicting the next character's code.
+struct FakeEncoder(ModelFingerprint);
+
+impl TextEncoder for FakeEncoder {
+    fn fingerprint(&self) -> ModelFingerprint {
+        self.0.clone()
+    }
+    fn encode(
+        &self,
+        text: &str,
+        _key_type: KeyType,
+        on_pair: &mut dyn FnMut(&[f32], u32),
+    ) -> Result<(), EncodeError> {
+        let codes: Vec<u32> = text.bytes().map(|b| b as u32 % VOCAB as u32).collect();
+        if codes.len() < 2 {
+            return Err(EncodeError::Input("too short".into()));
+        }
+        for w in codes.windows(2) {
+            on_pair(&[w[0] as f32; DIM], w[1]);
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_texts_runs_the_encoder_and_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let mut opts = opts_with_admin();
+    opts.encoder = Some(Arc::new(FakeEncoder(fingerprint())));
+    let server = start(engine.clone(), opts).await;
+    let mut client = server.client().await;
+    let resp = client
+        .add_texts(admin(
+            proto::AddTextsRequest {
+                store: "toxic".into(),
+                texts: vec!["abcd".into(), "xyz".into()],
+                source: String::new(),
+                tag: String::new(),
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.rows_added, 5);
+    assert_eq!(engine.stores()[0].store.len(), 305);
+    let seg = resp.store.unwrap().segments.pop().unwrap();
+    assert_eq!(seg.source, "grpc:AddTexts");
+    let err = client
+        .add_texts(admin(
+            proto::AddTextsRequest {
+                store: "toxic".into(),
+                texts: vec!["ok text".into(), "a".into()],
+                ..Default::default()
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("texts[1]"), "{}", err.message());
+    assert_eq!(
+        engine.stores()[0].store.len(),
+        305,
+        "a failed request adds nothing"
+    );
+    server.stop().await;
+
+    // A model for another hidden size is refused at startup.
+    let other = ModelFingerprint::named("tiny-test", DIM * 2);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let opts = ServeOptions {
+        encoder: Some(Arc::new(FakeEncoder(other))),
+        ..Default::default()
+    };
+    let err = Server::from_listeners(engine, opts, listener, None)
+        .err()
+        .expect("mismatched model refused");
+    assert!(err.to_string().contains("hidden size"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_input_gets_the_right_code_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let limit = 64 << 10;
+    let opts = ServeOptions {
+        limits: Limits {
+            max_rows: 8,
+            max_message_bytes: limit,
+        },
+        ..opts_with_admin()
+    };
+    let server = start(engine.clone(), opts).await;
+    let mut client = server.client().await;
+    let good = queries(2, 3);
+    let logits = Rng::new(4).vec(2 * VOCAB, 3.0);
+
+    let with = |f: &dyn Fn(&mut proto::AdjustRequest)| {
+        let mut r = sparse_request(&good);
+        f(&mut r);
+        r
+    };
+    let mut nan = good.clone();
+    nan[DIM + 3] = f32::NAN;
+    let mut cases: Vec<(&str, proto::AdjustRequest, Code, &str)> = vec![
+        (
+            "wrong hidden size",
+            sparse_request(&good[..DIM + 1]),
+            Code::InvalidArgument,
+            "whole number of rows",
+        ),
+        ("NaN", sparse_request(&nan), Code::InvalidArgument, "NaN"),
+        (
+            "logits of the wrong vocabulary size",
+            with(&|r| r.logits = logits_tensor(&logits[..2 * VOCAB - 2])),
+            Code::InvalidArgument,
+            "logits has",
+        ),
+        (
+            "logits for fewer rows",
+            with(&|r| r.logits = logits_tensor(&logits[..VOCAB])),
+            Code::InvalidArgument,
+            "one logits row per hidden row",
+        ),
+        (
+            "empty batch",
+            sparse_request(&[]),
+            Code::InvalidArgument,
+            "at least one row",
+        ),
+        (
+            "no hidden at all",
+            proto::AdjustRequest::default(),
+            Code::InvalidArgument,
+            "hidden is missing",
+        ),
+        (
+            "too many rows",
+            sparse_request(&queries(9, 5)),
+            Code::ResourceExhausted,
+            "--max-rows",
+        ),
+        (
+            "k = 0",
+            with(&|r| {
+                r.overrides = Some(proto::Overrides {
+                    k: Some(0),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "k must be between",
+        ),
+        (
+            "k too large",
+            with(&|r| {
+                r.overrides = Some(proto::Overrides {
+                    k: Some(100_000),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "k must be between",
+        ),
+        (
+            "filter_p out of range",
+            with(&|r| {
+                r.overrides = Some(proto::Overrides {
+                    filter_p: Some(1.5),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "filter_p",
+        ),
+        (
+            "logits with form SPARSE",
+            with(&|r| {
+                r.logits = logits_tensor(&logits);
+                r.form = proto::ResponseForm::Sparse as i32;
+            }),
+            Code::InvalidArgument,
+            "form = DENSE",
+        ),
+        (
+            "form DENSE without logits",
+            with(&|r| r.form = proto::ResponseForm::Dense as i32),
+            Code::InvalidArgument,
+            "needs logits",
+        ),
+        (
+            "bf16 hidden",
+            with(&|r| {
+                r.hidden = Some(Tensor {
+                    data: vec![0; 2 * DIM],
+                    dtype: proto::DType::Bf16 as i32,
+                    rows: 0,
+                })
+            }),
+            Code::InvalidArgument,
+            "F32 or F16",
+        ),
+        (
+            "oversized message",
+            sparse_request(&vec![0.5; limit / 4 + DIM]),
+            Code::ResourceExhausted,
+            "--max-message-bytes",
+        ),
+    ];
+    let mut ok_client = server.client().await;
+    for (name, req, code, needle) in cases.drain(..) {
+        let err = client.adjust(req).await.expect_err(name);
+        assert_eq!(err.code(), code, "{name}: {}", err.message());
+        assert!(err.message().contains(needle), "{name}: {}", err.message());
+        // Another client, and the same one, are still served.
+        ok_client.adjust(sparse_request(&good)).await.unwrap();
+        client.adjust(sparse_request(&good)).await.unwrap();
+    }
+
+    // Oversized message in a stream.
+    let mut s = client
+        .adjust_stream(tokio_stream::iter(vec![sparse_request(&vec![
+            0.5;
+            limit / 4
+                + DIM
+        ])]))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = s.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+
+    // Writes.
+    let add = |store: &str, rows: usize, tokens: Vec<u32>| proto::AddExamplesRequest {
+        store: store.into(),
+        hidden: hidden_tensor(&queries(rows, 9)),
+        next_tokens: tokens,
+        ..Default::default()
+    };
+    let write_cases: Vec<(&str, Request<proto::AddExamplesRequest>, Code, &str)> = vec![
+        (
+            "missing admin token",
+            Request::new(add("toxic", 2, vec![1, 2])),
+            Code::Unauthenticated,
+            "missing admin token",
+        ),
+        (
+            "wrong admin token",
+            admin(add("toxic", 2, vec![1, 2]), "not-the-token"),
+            Code::Unauthenticated,
+            "invalid admin token",
+        ),
+        (
+            "unknown store",
+            admin(add("neutral", 2, vec![1, 2]), TOKEN),
+            Code::InvalidArgument,
+            "unknown store \"neutral\"",
+        ),
+        (
+            "token count mismatch",
+            admin(add("toxic", 2, vec![1]), TOKEN),
+            Code::InvalidArgument,
+            "one next-token id per row",
+        ),
+        (
+            "token outside the vocabulary",
+            admin(add("toxic", 2, vec![1, VOCAB as u32]), TOKEN),
+            Code::InvalidArgument,
+            "outside the vocabulary",
+        ),
+        (
+            "empty append",
+            admin(add("toxic", 0, vec![]), TOKEN),
+            Code::InvalidArgument,
+            "at least one row",
+        ),
+    ];
+    for (name, req, code, needle) in write_cases {
+        let err = client.add_examples(req).await.expect_err(name);
+        assert_eq!(err.code(), code, "{name}: {}", err.message());
+        assert!(err.message().contains(needle), "{name}: {}", err.message());
+    }
+    let err = client
+        .add_texts(admin(
+            proto::AddTextsRequest {
+                store: "toxic".into(),
+                texts: vec!["some text".into()],
+                ..Default::default()
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("--model"), "{}", err.message());
+    // Nothing was written by any refused request.
+    for s in engine.stores() {
+        assert_eq!(s.store.len(), 300);
+        assert_eq!(s.store.segments().len(), 1);
+    }
+
+    // The error counter saw them.
+    let text = http_get(server.metrics_addr, "/metrics").await;
+    assert!(
+        text.contains("goodtriever_errors_total{code=\"InvalidArgument\",method=\"Adjust\"}"),
+        "{text}"
+    );
+    server.stop().await;
+
+    // A server without a token refuses writes outright.
+    let server = start(engine.clone(), ServeOptions::default()).await;
+    let mut client = server.client().await;
+    let err = client
+        .add_examples(admin(add("toxic", 2, vec![1, 2]), TOKEN))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("--admin-token-file"),
+        "{}",
+        err.message()
+    );
+    server.stop().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reflection_and_metrics() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let server = start(engine, ServeOptions::default()).await;
+    let channel = server.channel().await;
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "goodtriever.v1.Goodtriever"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut reflection = ServerReflectionClient::new(channel.clone());
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"goodtriever.v1.Goodtriever".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    let mut client = server.client().await;
+    client.adjust(sparse_request(&queries(3, 1))).await.unwrap();
+    let text = http_get(server.metrics_addr, "/metrics").await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for needle in [
+        "goodtriever_requests_total{method=\"Adjust\"} 1",
+        "goodtriever_phase_seconds_count{phase=\"decode\"} 1",
+        "goodtriever_phase_seconds_count{phase=\"adjust\"} 1",
+        "goodtriever_batch_rows_sum 3",
+        "goodtriever_store_rows{store=\"toxic\"} 300",
+        "goodtriever_request_seconds_count{method=\"Adjust\"} 1",
+    ] {
+        assert!(text.contains(needle), "missing {needle}:\n{text}");
+    }
+    assert!(http_get(server.metrics_addr, "/other")
+        .await
+        .starts_with("HTTP/1.1 404"));
+    server.stop().await;
+}
