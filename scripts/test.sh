@@ -5,3 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --locked --all-targets
+
+# The Python client (clients/python) against a real `goodtriever serve`: the pytest fixtures
+# start the server built above on a free loopback port themselves. The venv lives under the
+# git-ignored .venv-client; torch/transformers are not installed, so the transformers test
+# skips unless you add them to that venv.
+python3 -m venv .venv-client
+.venv-client/bin/pip install --quiet --disable-pip-version-check ./clients/python pytest
+(cd clients/python && GOODTRIEVER_BIN="$PWD/../../target/debug/goodtriever" \
+    ../../.venv-client/bin/python -m pytest -q)

@@ -1,0 +1,364 @@
+"""The gRPC client: packing arrays for the wire, unpacking answers, applying a sparse bias.
+
+Tensors travel as packed little-endian bytes (the protocol's `Tensor`), so hidden states are
+sent without per-element encoding; float16 arrays are sent as f16 (half the bytes), anything
+else as f32. The sparse answer is applied on the client exactly as the server's dense form
+computes it (DESIGN §1): log_softmax, base nucleus at `filter_p`, times `scale`, plus the
+bias, log_softmax again.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence, Union
+
+import grpc
+import numpy as np
+
+from ._proto import goodtriever_pb2 as pb
+from ._proto import goodtriever_pb2_grpc as pb_grpc
+
+MODES = {
+    "ensemble": pb.MODE_ENSEMBLE,
+    "toxic-only": pb.MODE_TOXIC_ONLY,
+    "knn-lm": pb.MODE_KNN_LM,
+}
+_MODE_NAMES = {v: k for k, v in MODES.items()}
+
+_OVERRIDE_KEYS = ("alpha", "temperature", "k", "filter_p", "mode", "lam")
+
+
+class GoodtrieverError(Exception):
+    """An RPC failed. `code` is the `grpc.StatusCode`, `details` the server's sentence."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def wrap(cls, err: grpc.RpcError) -> "GoodtrieverError":
+        return cls(err.code(), err.details() or "")
+
+
+@dataclass
+class BiasRow:
+    """One row of a sparse answer.
+
+    kind "bias": add `values` to the listed `tokens` after scaling the filtered log-probs by
+    `scale`. kind "mixture" (kNN-LM mode): `values` are ln q of the kNN distribution; the
+    answer is ln((1 - lam) * p + lam * q).
+    """
+
+    kind: str
+    scale: float
+    lam: float
+    tokens: np.ndarray
+    values: np.ndarray
+
+
+@dataclass
+class Bias:
+    """A sparse answer for a batch: one `BiasRow` per row plus the parameters it was made with."""
+
+    rows: List[BiasRow]
+    filter_p: float
+    vocab_size: int
+    step: int = 0
+    params: dict = field(default_factory=dict)
+
+
+def _to_numpy(x) -> np.ndarray:
+    """numpy arrays pass through; torch tensors are detached and moved to the CPU."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch
+        t = x.detach()
+        if str(t.dtype) in ("torch.bfloat16",):
+            t = t.float()
+        return t.cpu().numpy()
+    return np.asarray(x)
+
+
+def _pack(x, what: str, allow_f16: bool = True) -> pb.Tensor:
+    a = _to_numpy(x)
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"{what} must be 1-D [D] or 2-D [B, D], got shape {a.shape}")
+    if a.dtype == np.float16 and allow_f16:
+        data, dtype = np.ascontiguousarray(a, dtype="<f2").tobytes(), pb.D_TYPE_F16
+    else:
+        data, dtype = np.ascontiguousarray(a, dtype="<f4").tobytes(), pb.D_TYPE_F32
+    return pb.Tensor(data=data, dtype=dtype, rows=a.shape[0])
+
+
+def _overrides(opts: dict) -> Optional[pb.Overrides]:
+    unknown = set(opts) - set(_OVERRIDE_KEYS)
+    if unknown:
+        raise TypeError(f"unknown override(s) {sorted(unknown)}; use {list(_OVERRIDE_KEYS)}")
+    if not any(v is not None for v in opts.values()):
+        return None
+    o = pb.Overrides()
+    for key in ("alpha", "temperature", "filter_p"):
+        if opts.get(key) is not None:
+            setattr(o, key, float(opts[key]))
+    if opts.get("k") is not None:
+        o.k = int(opts["k"])
+    if opts.get("lam") is not None:
+        o.__setattr__("lambda", float(opts["lam"]))
+    if opts.get("mode") is not None:
+        if opts["mode"] not in MODES:
+            raise ValueError(f"mode must be one of {list(MODES)}, got {opts['mode']!r}")
+        o.mode = MODES[opts["mode"]]
+    return o
+
+
+def _params_dict(p: pb.Params) -> dict:
+    return {
+        "alpha": p.alpha,
+        "temperature": p.temperature,
+        "k": p.k,
+        "filter_p": p.filter_p,
+        "mode": _MODE_NAMES.get(p.mode, "unspecified"),
+        "lam": getattr(p, "lambda"),
+    }
+
+
+def _unpack(resp: pb.AdjustResponse) -> Union[Bias, np.ndarray]:
+    if resp.rows:
+        rows = [
+            BiasRow(
+                kind="mixture" if r.kind == pb.SparseRow.KIND_MIXTURE else "bias",
+                scale=r.scale,
+                lam=getattr(r, "lambda"),
+                tokens=np.asarray(r.tokens, dtype=np.int64),
+                values=np.asarray(r.values, dtype=np.float32),
+            )
+            for r in resp.rows
+        ]
+        return Bias(
+            rows=rows,
+            filter_p=resp.params.filter_p,
+            vocab_size=resp.vocab_size,
+            step=resp.step,
+            params=_params_dict(resp.params),
+        )
+    return np.frombuffer(resp.log_probs, dtype="<f4").reshape(resp.num_rows, resp.vocab_size)
+
+
+def _request(hidden, logits, form, opts, step=0) -> pb.AdjustRequest:
+    req = pb.AdjustRequest(hidden=_pack(hidden, "hidden"), step=step)
+    if logits is not None:
+        req.logits.CopyFrom(_pack(logits, "logits"))
+    if form is not None:
+        req.form = {"sparse": pb.RESPONSE_FORM_SPARSE, "dense": pb.RESPONSE_FORM_DENSE}[form]
+    o = _overrides(opts)
+    if o is not None:
+        req.overrides.CopyFrom(o)
+    return req
+
+
+class Client:
+    """A connection to `goodtriever serve`.
+
+    `target` is host:port. `admin_token` is sent with write RPCs (AddExamples, AddTexts).
+    `root_certificates` (PEM bytes) switches to TLS. `timeout` bounds each unary call.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        *,
+        admin_token: Optional[str] = None,
+        root_certificates: Optional[bytes] = None,
+        timeout: Optional[float] = 30.0,
+        max_message_bytes: int = 256 << 20,
+    ):
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if root_certificates is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.GoodtrieverStub(self._channel)
+        self._admin = [("authorization", f"Bearer {admin_token}")] if admin_token else []
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method, request, metadata=()):
+        try:
+            return method(request, timeout=self.timeout, metadata=list(metadata))
+        except grpc.RpcError as err:
+            raise GoodtrieverError.wrap(err) from None
+
+    def info(self) -> pb.InfoResponse:
+        """Stores (rows, segments, provenance), model fingerprint, key type, defaults, limits."""
+        return self._call(self._stub.Info, pb.InfoRequest())
+
+    def adjust(
+        self,
+        hidden,
+        logits=None,
+        *,
+        form: Optional[str] = None,
+        alpha: Optional[float] = None,
+        temperature: Optional[float] = None,
+        k: Optional[int] = None,
+        filter_p: Optional[float] = None,
+        mode: Optional[str] = None,
+        lam: Optional[float] = None,
+    ) -> Union[Bias, np.ndarray]:
+        """One batch. Without logits: a sparse `Bias` (apply it with `apply_bias`). With logits:
+        the adjusted log-probabilities [B, V] (-inf where filtered)."""
+        opts = dict(alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam)
+        req = _request(hidden, logits, form, opts)
+        return _unpack(self._call(self._stub.Adjust, req))
+
+    def session(self, **overrides) -> "Session":
+        """A streaming session for one generation: one `step()` per decoding step."""
+        return Session(self, overrides)
+
+    def add_examples(
+        self, store: str, hidden, next_tokens, *, source: str = "", tag: str = ""
+    ) -> pb.AddExamplesResponse:
+        """Appends (hidden state, next token) rows to `store` ("toxic" or "nontoxic"). Durable
+        when this returns; later adjust calls see the rows."""
+        tokens = np.asarray(_to_numpy(next_tokens)).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**32):
+            raise ValueError("next_tokens must be token ids in [0, 2**32)")
+        req = pb.AddExamplesRequest(
+            store=store,
+            hidden=_pack(hidden, "hidden"),
+            next_tokens=[int(t) for t in tokens],
+            source=source,
+            tag=tag,
+        )
+        return self._call(self._stub.AddExamples, req, self._admin)
+
+    def add_texts(
+        self, store: str, texts: Sequence[str], *, source: str = "", tag: str = ""
+    ) -> pb.AddTextsResponse:
+        """Appends texts to `store`; the server computes the keys with its own model."""
+        if isinstance(texts, str):
+            texts = [texts]
+        req = pb.AddTextsRequest(store=store, texts=list(texts), source=source, tag=tag)
+        return self._call(self._stub.AddTexts, req, self._admin)
+
+
+_END = object()
+
+
+class Session:
+    """One bidirectional AdjustStream: each `step()` sends one message and waits for its answer.
+
+    Use it as a context manager, or call `close()` when the generation is done.
+    """
+
+    def __init__(self, client: Client, overrides: dict):
+        _overrides(overrides)  # validate early
+        self._opts = overrides
+        self._queue: "queue.Queue" = queue.Queue()
+        self._step = 0
+        self._lock = threading.Lock()
+        self._responses = client._stub.AdjustStream(self._requests())
+        self._closed = False
+
+    def _requests(self) -> Iterable[pb.AdjustRequest]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            yield item
+
+    def step(self, hidden, logits=None, *, form: Optional[str] = None) -> Union[Bias, np.ndarray]:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this session is closed")
+            req = _request(hidden, logits, form, self._opts, step=self._step)
+            self._queue.put(req)
+            try:
+                resp = next(self._responses)
+            except grpc.RpcError as err:
+                self._closed = True
+                raise GoodtrieverError.wrap(err) from None
+            if resp.step != self._step:
+                raise RuntimeError(f"answer for step {resp.step} arrived for step {self._step}")
+            self._step += 1
+            return _unpack(resp)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_END)
+            try:
+                for _ in self._responses:
+                    pass
+            except grpc.RpcError:
+                pass
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64; -inf entries stay -inf."""
+    z = np.asarray(z, dtype=np.float64)
+    m = np.max(z, axis=-1, keepdims=True)
+    if np.any(np.isneginf(m)):
+        raise ValueError("a row of logits is all -inf: there is no distribution to adjust")
+    return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
+
+
+def nucleus_filter(l: np.ndarray, filter_p: float) -> np.ndarray:
+    """The base nucleus of DESIGN §1 on normalised log-probs (one row): keep rank r iff r = 0
+    or the mass of the higher ranks is below filter_p; ties go to the smaller token id."""
+    if filter_p >= 1.0:
+        return l
+    order = np.argsort(-l, kind="stable")
+    p = np.exp(l[order].astype(np.float64))
+    before = np.cumsum(p) - p
+    keep = before < filter_p
+    keep[0] = True
+    out = np.full_like(l, -np.inf)
+    out[order[keep]] = l[order[keep]]
+    return out
+
+
+def apply_bias(logits, bias: Bias) -> np.ndarray:
+    """The dense answer from raw logits [B, V] (or [V]) and a sparse `Bias`: normalised
+    adjusted log-probabilities, float32, -inf where filtered."""
+    z = _to_numpy(logits)
+    single = z.ndim == 1
+    z = np.atleast_2d(z)
+    if z.shape[0] != len(bias.rows):
+        raise ValueError(f"logits have {z.shape[0]} rows, the bias {len(bias.rows)}")
+    out = np.empty(z.shape, dtype=np.float32)
+    for i, row in enumerate(bias.rows):
+        l = nucleus_filter(log_softmax(z[i]), bias.filter_p)
+        if row.kind == "bias":
+            s = l * row.scale if row.scale != 1.0 else l.copy()
+            s[row.tokens] += row.values
+        else:
+            # values are ln q of the kNN distribution: mix in log space.
+            with np.errstate(divide="ignore"):
+                s = np.log1p(-row.lam) + l
+                s[row.tokens] = np.logaddexp(s[row.tokens], np.log(row.lam) + row.values)
+        out[i] = log_softmax(s)
+    return out[0] if single else out

@@ -1,0 +1,145 @@
+"""Hugging Face transformers integration: a `LogitsProcessor` that asks goodtriever at every
+decoding step, with a forward hook that captures the key hidden state.
+
+The datastores hold one particular hidden state of the model (the server's `Info` says which):
+`last_ffn_input`, the normalised input of the last block's MLP (the output of the last layer's
+post-attention norm, the paper's choice), or `final_hidden`, the output of the final norm. The
+processor hooks that module, keeps the last position of each row from the step's forward pass,
+sends it to the server, and applies the sparse answer to the scores::
+
+    proc = GoodtrieverLogitsProcessor(Client("127.0.0.1:50051"), model)
+    out = model.generate(**inputs, logits_processor=[proc])
+
+The returned scores are the adjusted normalised log-probabilities (-inf where the base nucleus
+removed a token); sampling, temperature and top-p apply after, as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from transformers import LogitsProcessor
+
+from .client import Bias, Client
+
+# Where the key modules live in common architectures, as attribute paths from the model.
+_LAST_FFN_INPUT = [
+    "model.layers.-1.post_attention_layernorm",  # llama, mistral, qwen2, SmolLM, gemma
+    "gpt_neox.layers.-1.post_attention_layernorm",
+    "transformer.h.-1.ln_2",  # gpt2
+    "model.decoder.layers.-1.final_layer_norm",  # opt
+]
+_FINAL_HIDDEN = [
+    "model.norm",
+    "gpt_neox.final_layer_norm",
+    "transformer.ln_f",
+    "model.decoder.final_layer_norm",
+]
+
+
+def _resolve(model, path: str):
+    obj = model
+    for part in path.split("."):
+        if part.lstrip("-").isdigit():
+            obj = obj[int(part)]
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+def find_key_module(model, key_type: str) -> torch.nn.Module:
+    """The module whose output is the key hidden state of `key_type` in `model`."""
+    candidates = {"last_ffn_input": _LAST_FFN_INPUT, "final_hidden": _FINAL_HIDDEN}.get(key_type)
+    if candidates is None:
+        raise ValueError(f"unknown key type {key_type!r}: expected last_ffn_input or final_hidden")
+    for path in candidates:
+        try:
+            return _resolve(model, path)
+        except (AttributeError, IndexError, TypeError):
+            continue
+    raise ValueError(
+        f"cannot find the {key_type} module of {type(model).__name__}; pass key_module= "
+        "(the module whose output is the key hidden state)"
+    )
+
+
+def apply_bias_torch(scores: torch.Tensor, bias: Bias) -> torch.Tensor:
+    """`apply_bias` on torch tensors, on the scores' device: log_softmax, base nucleus at
+    `filter_p`, scale, bias (or kNN-LM mixture), log_softmax."""
+    z = scores.float()
+    l = torch.log_softmax(z, dim=-1)
+    if bias.filter_p < 1.0:
+        # Stable sort: ties keep ascending token order, as on the server.
+        sorted_l, order = torch.sort(l, dim=-1, descending=True, stable=True)
+        p = sorted_l.double().exp()
+        before = torch.cumsum(p, dim=-1) - p
+        drop_sorted = before >= bias.filter_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        l = l.masked_fill(drop, float("-inf"))
+    out = torch.empty_like(l)
+    for i, row in enumerate(bias.rows):
+        tokens = torch.as_tensor(row.tokens, device=l.device, dtype=torch.long)
+        values = torch.as_tensor(row.values, device=l.device, dtype=torch.float32)
+        if row.kind == "bias":
+            s = l[i] * row.scale if row.scale != 1.0 else l[i].clone()
+            s.index_add_(0, tokens, values)
+        else:
+            # values are ln q of the kNN distribution: ln((1 - lam) p + lam q) in log space.
+            s = l[i] + math.log1p(-row.lam)
+            s[tokens] = torch.logaddexp(s[tokens], math.log(row.lam) + values)
+        out[i] = torch.log_softmax(s, dim=-1)
+    return out.to(scores.dtype)
+
+
+class GoodtrieverLogitsProcessor(LogitsProcessor):
+    """Steers `model.generate` with a goodtriever server.
+
+    `key_type` defaults to the server's; `key_module` overrides the module lookup for
+    architectures not listed here. Overrides (`alpha`, `k`, `mode`, ...) apply to every step.
+    Call `remove()` to detach the hook when done with the model.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        model,
+        *,
+        key_type: Optional[str] = None,
+        key_module: Optional[torch.nn.Module] = None,
+        send_f16: bool = False,
+        **overrides,
+    ):
+        self.client = client
+        self.overrides = overrides
+        self.send_f16 = send_f16
+        if key_type is None:
+            key_type = client.info().model.key_type
+        self.key_type = key_type
+        module = key_module if key_module is not None else find_key_module(model, key_type)
+        self._captured: Optional[torch.Tensor] = None
+        self._handle = module.register_forward_hook(self._hook)
+        self.steps = 0
+
+    def _hook(self, module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        self._captured = hidden[:, -1, :].detach()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        hidden = self._captured
+        if hidden is None:
+            raise RuntimeError("the key hook saw no forward pass: is the processor attached to this model?")
+        if hidden.shape[0] != scores.shape[0]:
+            raise RuntimeError(
+                f"captured {hidden.shape[0]} hidden rows for {scores.shape[0]} score rows"
+            )
+        h = hidden.to(torch.float16 if self.send_f16 else torch.float32).cpu().numpy()
+        bias = self.client.adjust(h, **self.overrides)
+        self._captured = None
+        self.steps += 1
+        return apply_bias_torch(scores, bias)
+
+    def remove(self) -> None:
+        self._handle.remove()

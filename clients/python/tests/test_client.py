@@ -1,0 +1,129 @@
+"""The Python client against a real `goodtriever serve`."""
+
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from goodtriever_client import Bias, Client, GoodtrieverError, apply_bias
+
+from conftest import DIM, TOKEN, VOCAB, make_keys
+
+
+@pytest.fixture
+def client(server):
+    with Client(server.grpc, admin_token=TOKEN) as c:
+        yield c
+
+
+def queries(rows, seed):
+    keys, _ = make_keys(rows, seed)
+    return keys + np.random.default_rng(seed).normal(0, 0.1, size=keys.shape).astype(np.float32)
+
+
+def assert_same_log_probs(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape
+    assert np.array_equal(np.isneginf(a), np.isneginf(b)), "different tokens filtered"
+    finite = np.isfinite(a)
+    np.testing.assert_allclose(a[finite], b[finite], rtol=0, atol=2e-4)
+
+
+def test_info(client):
+    info = client.info()
+    assert info.model.hidden_size == DIM
+    assert info.model.vocab_size == VOCAB
+    assert info.model.key_type == "last_ffn_input"
+    assert [s.name for s in info.stores] == ["toxic", "nontoxic"]
+    assert info.writes_enabled and not info.has_model
+    assert info.defaults.k == 32
+
+
+def test_sparse_applied_by_the_client_equals_dense(client):
+    hidden = queries(4, 11)
+    logits = np.random.default_rng(3).normal(0, 3, size=(4, VOCAB)).astype(np.float32)
+    bias = client.adjust(hidden)
+    assert isinstance(bias, Bias) and len(bias.rows) == 4
+    assert any(len(r.tokens) for r in bias.rows)
+    dense = client.adjust(hidden, logits)
+    assert dense.shape == (4, VOCAB)
+    assert_same_log_probs(apply_bias(logits, bias), dense)
+    # f16 hidden states and f16 logits are accepted; the sparse and dense forms still agree.
+    h16 = hidden.astype(np.float16)
+    bias16 = client.adjust(h16)
+    dense16 = client.adjust(h16, logits.astype(np.float16))
+    assert_same_log_probs(apply_bias(logits.astype(np.float16).astype(np.float32), bias16), dense16)
+
+
+@pytest.mark.parametrize("mode", ["toxic-only", "knn-lm"])
+def test_other_modes_and_overrides(client, mode):
+    hidden = queries(2, 12)
+    logits = np.random.default_rng(4).normal(0, 3, size=(2, VOCAB)).astype(np.float32)
+    bias = client.adjust(hidden, mode=mode, alpha=0.5, k=8, filter_p=0.95)
+    assert bias.params["mode"] == mode and bias.params["k"] == 8
+    if mode == "toxic-only":
+        assert bias.rows[0].kind == "bias" and bias.rows[0].scale == pytest.approx(1.5)
+    else:
+        assert bias.rows[0].kind == "mixture"
+    dense = client.adjust(hidden, logits, mode=mode, alpha=0.5, k=8, filter_p=0.95)
+    assert_same_log_probs(apply_bias(logits, bias), dense)
+
+
+def test_a_session_answers_100_steps_in_order(client):
+    steps = [queries(1, 100 + i) for i in range(100)]
+    with client.session(k=16) as s:
+        answers = [s.step(h) for h in steps]
+    assert [a.step for a in answers] == list(range(100))
+    for h, a in zip(steps[::17], answers[::17]):
+        unary = client.adjust(h, k=16)
+        np.testing.assert_array_equal(unary.rows[0].tokens, a.rows[0].tokens)
+        np.testing.assert_array_equal(unary.rows[0].values, a.rows[0].values)
+
+
+def test_add_examples_then_adjust_sees_them(client):
+    q = np.linspace(30, 45, DIM, dtype=np.float32)
+    new_token = 198
+    assert new_token not in client.adjust(q).rows[0].tokens
+    keys = q[None, :] + 0.01 * np.arange(20, dtype=np.float32)[:, None]
+    tokens = np.where(np.arange(20) % 5 == 4, new_token + 1, new_token)
+    before = client.info().stores[1].rows
+    r = client.add_examples("nontoxic", keys, tokens, source="pytest", tag="drift")
+    assert r.rows_added == 20 and r.store.rows == before + 20
+    row = client.adjust(q).rows[0]
+    i = list(row.tokens).index(new_token)
+    assert row.values[i] > 0
+
+
+def test_bad_input_gets_a_code_and_a_sentence(client, server):
+    with pytest.raises(GoodtrieverError) as e:
+        client.adjust(np.zeros((1, DIM + 1), np.float32))
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "whole number of rows" in e.value.details
+    bad = queries(1, 1)
+    bad[0, 2] = np.nan
+    with pytest.raises(GoodtrieverError) as e:
+        client.adjust(bad)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in e.value.details
+    with pytest.raises(GoodtrieverError) as e:
+        client.adjust(queries(1, 1), k=0)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(GoodtrieverError) as e:
+        client.add_examples("neutral", queries(1, 1), [1])
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with Client(server.grpc) as anonymous:
+        with pytest.raises(GoodtrieverError) as e:
+            anonymous.add_examples("toxic", queries(1, 1), [1])
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(GoodtrieverError) as e:
+        client.add_texts("toxic", ["no model here"])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    # Still serving.
+    assert len(client.adjust(queries(2, 2)).rows) == 2
+
+
+def test_metrics_endpoint(client, server):
+    client.adjust(queries(1, 5))
+    text = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=10).read().decode()
+    assert 'goodtriever_requests_total{method="Adjust"}' in text
+    assert 'goodtriever_store_rows{store="toxic"} 300' in text
