@@ -160,15 +160,15 @@ impl Sampler {
         }
         let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
         self.idx.clear();
-        self.idx.extend(
-            (0..logits.len() as u32).filter(|&i| logits[i as usize] > f32::NEG_INFINITY),
-        );
+        self.idx
+            .extend((0..logits.len() as u32).filter(|&i| logits[i as usize] > f32::NEG_INFINITY));
         let n = self.idx.len();
         if n == 0 {
             return None;
         }
         if params.top_k > 0 && params.top_k < n {
-            self.idx.select_nth_unstable_by(params.top_k - 1, by_logit_desc);
+            self.idx
+                .select_nth_unstable_by(params.top_k - 1, by_logit_desc);
             self.idx.truncate(params.top_k);
         }
         let inv_t = 1.0 / params.temperature;
@@ -326,7 +326,9 @@ impl<'m> Generator<'m> {
             })
             .collect();
         let mut rngs: Vec<StdRng> = (0..n as u64)
-            .map(|i| StdRng::seed_from_u64(self.params.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            .map(|i| {
+                StdRng::seed_from_u64(self.params.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            })
             .collect();
 
         let t0 = Instant::now();
@@ -447,7 +449,10 @@ mod tests {
         assert_eq!(s.sample(&l, &params(0.0, 1.0, 0), &mut rng), Some(1));
         assert_eq!(argmax(&[f32::NEG_INFINITY, -1e30]), Some(1));
         assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), None);
-        assert_eq!(s.sample(&[f32::NEG_INFINITY; 3], &params(1.0, 0.9, 0), &mut rng), None);
+        assert_eq!(
+            s.sample(&[f32::NEG_INFINITY; 3], &params(1.0, 0.9, 0), &mut rng),
+            None
+        );
     }
 
     #[test]

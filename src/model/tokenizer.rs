@@ -86,7 +86,9 @@ impl Tokenizer {
         let types: Vec<u32> = match md.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()
-                .map_err(|_| ModelError::Metadata("tokenizer.ggml.token_type is not an array".into()))?
+                .map_err(|_| {
+                    ModelError::Metadata("tokenizer.ggml.token_type is not an array".into())
+                })?
                 .iter()
                 .map(|t| number(t).unwrap_or(1))
                 .collect(),
@@ -217,8 +219,10 @@ impl Tokenizer {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
