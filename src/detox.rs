@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::datastore::{Datastore, DatastoreError, Neighbour, SearchParams};
 use crate::fingerprint::{KeyType, ModelFingerprint};
+use crate::generate::{HookError, StepHook};
 use crate::rule::{
     self, Expert, Mode, ParamError, Retrieved, RuleError, RuleParams, RuleScratch, SparseRow,
 };
@@ -431,6 +432,53 @@ impl Detoxifier {
         Ok(())
     }
 
+    /// Dense form over the logits' own buffer: `logits` (`rows × vocab`) holds raw logits on
+    /// entry and normalised adjusted log-probabilities on return. For in-process generation,
+    /// where the caller does not need the raw logits afterwards.
+    pub fn adjust_dense_in_place(
+        &self,
+        hidden: &[f32],
+        logits: &mut [f32],
+        opts: &AdjustOptions,
+        scratch: &mut DetoxScratch,
+    ) -> Result<(), DetoxError> {
+        let rows = self.check_hidden(hidden)?;
+        if logits.len() != rows * self.vocab {
+            return Err(DetoxError::LogitsShape {
+                len: logits.len(),
+                rows,
+                vocab: self.vocab,
+            });
+        }
+        for (row, z) in logits.chunks_exact(self.vocab).enumerate() {
+            rule::check_logits(z, self.vocab).map_err(|source| DetoxError::Row { row, source })?;
+        }
+        let selection = self.retrieve(hidden, rows, opts, scratch)?;
+        let DetoxScratch {
+            neighbours,
+            rule,
+            sparse,
+        } = scratch;
+        let mut experts = [Expert::<Neighbour> {
+            weight: 0.0,
+            neighbours: &[],
+        }; MAX_STORES];
+        for (row, z) in logits.chunks_exact_mut(self.vocab).enumerate() {
+            let n = self.experts_for(selection, neighbours, row, &mut experts);
+            rule::sparse_row(
+                opts.mode,
+                &experts[..n],
+                &opts.params,
+                self.vocab,
+                rule,
+                sparse,
+            )
+            .and_then(|()| rule::apply_sparse_in_place(z, sparse, opts.params.filter_p, rule))
+            .map_err(|source| DetoxError::Row { row, source })?;
+        }
+        Ok(())
+    }
+
     /// The neighbours found for `row` of the last call, per searched store (for `explain`-style
     /// debugging and tests).
     pub fn last_neighbours<'s>(
@@ -459,5 +507,38 @@ impl StoreSelection {
             StoreSelection::All => 0..n,
             StoreSelection::One(j) => j..j + 1,
         }
+    }
+}
+
+/// The engine as the generator's per-step hook: every decoding step's keys are searched and
+/// the step's logits are replaced by the controlled log-probabilities.
+pub struct ControlHook {
+    detox: Arc<Detoxifier>,
+    opts: AdjustOptions,
+    scratch: DetoxScratch,
+}
+
+impl ControlHook {
+    pub fn new(detox: Arc<Detoxifier>, opts: AdjustOptions) -> Result<Self, DetoxError> {
+        opts.params.validate()?;
+        detox.check_mode(opts.mode)?;
+        Ok(Self {
+            detox,
+            opts,
+            scratch: DetoxScratch::default(),
+        })
+    }
+}
+
+impl StepHook for ControlHook {
+    fn key_type(&self) -> KeyType {
+        self.detox.key_type()
+    }
+
+    fn adjust(&mut self, keys: &[f32], logits: &mut [f32], rows: usize) -> Result<(), HookError> {
+        debug_assert_eq!(keys.len(), rows * self.detox.dim());
+        self.detox
+            .adjust_dense_in_place(keys, logits, &self.opts, &mut self.scratch)
+            .map_err(HookError::new)
     }
 }

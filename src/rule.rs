@@ -585,6 +585,21 @@ pub fn apply_sparse(
 ) -> Result<(), RuleError> {
     check_logits(logits, out.len())?;
     out.copy_from_slice(logits);
+    apply_sparse_in_place(out, row, filter_p, scratch)
+}
+
+/// [`apply_sparse`] over the logits' own buffer: `z` holds raw logits on entry and the
+/// normalised adjusted log-probabilities on return. Saves a vocabulary-sized copy per row in
+/// the generator's loop.
+pub fn apply_sparse_in_place(
+    z: &mut [f32],
+    row: &SparseRow,
+    filter_p: f32,
+    scratch: &mut RuleScratch,
+) -> Result<(), RuleError> {
+    check_logits(z, z.len())?;
+    let vocab = z.len();
+    let out = z;
     log_softmax_in_place(out)?;
     nucleus_filter(out, filter_p, scratch);
     match row {
@@ -596,10 +611,9 @@ pub fn apply_sparse(
                 }
             }
             for &(t, b) in pairs {
-                let slot = out.get_mut(t as usize).ok_or(RuleError::TokenOutOfVocab {
-                    token: t,
-                    vocab: logits.len(),
-                })?;
+                let slot = out
+                    .get_mut(t as usize)
+                    .ok_or(RuleError::TokenOutOfVocab { token: t, vocab })?;
                 *slot += b;
             }
         }
@@ -611,10 +625,9 @@ pub fn apply_sparse(
             }
             let ln_lambda = (*lambda as f64).ln();
             for &(t, lp) in log_probs {
-                let slot = out.get_mut(t as usize).ok_or(RuleError::TokenOutOfVocab {
-                    token: t,
-                    vocab: logits.len(),
-                })?;
+                let slot = out
+                    .get_mut(t as usize)
+                    .ok_or(RuleError::TokenOutOfVocab { token: t, vocab })?;
                 *slot = logaddexp(*slot as f64, ln_lambda + lp as f64) as f32;
             }
         }
