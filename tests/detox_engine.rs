@@ -235,6 +235,11 @@ fn dense_equals_sparse_applied_to_the_logits_in_every_mode() {
         detox
             .adjust_dense(&q, &z, &o, &mut scratch, &mut dense)
             .unwrap();
+        let mut in_place = z.clone();
+        detox
+            .adjust_dense_in_place(&q, &mut in_place, &o, &mut scratch)
+            .unwrap();
+        assert_eq!(in_place, dense, "{mode}: in place equals out of place");
         let mut sparse = Vec::new();
         detox
             .adjust_sparse(&q, &o, &mut scratch, &mut sparse)
