@@ -274,7 +274,7 @@ impl Detoxifier {
         if hidden.is_empty() {
             return Err(DetoxError::EmptyBatch);
         }
-        if hidden.len() % self.dim != 0 {
+        if !hidden.len().is_multiple_of(self.dim) {
             return Err(DetoxError::HiddenShape {
                 len: hidden.len(),
                 dim: self.dim,
