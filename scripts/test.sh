@@ -4,7 +4,7 @@
 # (`goodtriever model fetch` puts it there) and say that they skipped otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --locked --all-targets
+cargo test --locked
 
 # The Python client (clients/python) against a real `goodtriever serve`: the pytest fixtures
 # start the server built above on a free loopback port themselves. The venv lives under the
