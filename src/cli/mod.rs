@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 pub mod adjust;
 pub mod control_args;
 pub mod datastore;
+pub mod generate;
+pub mod model;
 pub mod serve;
 
 /// Toxicity-controlled decoding for language models (Goodtriever): kNN datastores of hidden
@@ -27,6 +29,10 @@ pub enum Command {
     Datastore(datastore::DatastoreArgs),
     /// Apply the control offline to dumped hidden states (and logits).
     Adjust(Box<adjust::AdjustArgs>),
+    /// Get (`fetch`) and inspect (`info`) the language model.
+    Model(model::ModelArgs),
+    /// Sample continuations from the model, optionally steered by the datastores.
+    Generate(Box<generate::GenerateArgs>),
     /// Serve the control over gRPC: a decoding hook for any generation engine.
     Serve(Box<serve::ServeArgs>),
 }
@@ -50,5 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Datastore(args) => datastore::run(args),
         Command::Adjust(args) => adjust::run(*args),
         Command::Serve(args) => serve::run(*args),
+        Command::Model(args) => model::run(args),
+        Command::Generate(args) => generate::run(*args),
     }
 }
