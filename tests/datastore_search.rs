@@ -124,12 +124,23 @@ fn hnsw_recall_on_clustered_data_is_high_and_distances_are_exact() {
             .unwrap();
         assert!(recall(&wide, &truth) >= r - 1e-9);
     }
-    // Auto on these small segments is exact.
-    let auto = ds.search(&queries, 10, &SearchParams::default()).unwrap();
+    // Auto decides per segment: with ef = 400 both segments (6000 and 3000 rows) are under
+    // 20 × ef rows, so both are scanned exactly; with the default ef = 128 the 6000-row one is
+    // over the threshold and is walked with HNSW, the 3000-row one is still scanned.
+    assert!(use_exact_for(400, 6000) && use_exact_for(400, 3000));
+    assert!(!use_exact_for(128, 6000) && use_exact_for(128, 3000));
+    let auto_wide = SearchParams {
+        mode: SearchMode::Auto,
+        ef: Some(400),
+    };
     assert_eq!(
-        auto,
+        ds.search(&queries, 10, &auto_wide).unwrap(),
         ds.search(&queries, 10, &SearchParams::exact()).unwrap()
     );
+}
+
+fn use_exact_for(ef: usize, rows: usize) -> bool {
+    rows <= goodtriever::datastore::AUTO_MIN_ROWS.max(goodtriever::datastore::AUTO_EF_FACTOR * ef)
 }
 
 #[test]
@@ -184,7 +195,7 @@ fn identical_queries_in_a_batch_get_identical_results() {
         let single = ds.search(&a, 20, &p).unwrap();
         assert_eq!(single[0], r[0]);
         // search_into reuses buffers and gives the same answer.
-        let mut out = vec![Vec::with_capacity(20); 5];
+        let mut out: Vec<Vec<Neighbour>> = (0..5).map(|_| Vec::with_capacity(20)).collect();
         ds.search_into(&batch, 20, &p, &mut out).unwrap();
         assert_eq!(out, r);
     }

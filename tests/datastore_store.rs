@@ -6,9 +6,7 @@ mod datastore_common;
 use std::sync::Arc;
 
 use datastore_common::*;
-use goodtriever::datastore::{
-    Datastore, DatastoreError, KeyDtype, Keys, Provenance, SearchParams,
-};
+use goodtriever::datastore::{Datastore, DatastoreError, KeyDtype, Keys, Provenance, SearchParams};
 use half::f16;
 
 const D: usize = 16;
@@ -61,7 +59,10 @@ fn create_append_open_round_trip_keeps_rows_values_and_provenance() {
 fn f16_input_is_accepted_and_f32_that_overflows_f16_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let ds = create(tmp.path(), 2, KeyDtype::F16);
-    let k16: Vec<f16> = [1.0f32, 2.0, 3.0, 4.0].iter().map(|&x| f16::from_f32(x)).collect();
+    let k16: Vec<f16> = [1.0f32, 2.0, 3.0, 4.0]
+        .iter()
+        .map(|&x| f16::from_f32(x))
+        .collect();
     ds.append(Keys::F16(&k16), &[7, 8], prov("h")).unwrap();
     let r = ds.search(&[3.0, 4.0], 1, &SearchParams::exact()).unwrap();
     assert_eq!((r[0][0].id, r[0][0].value, r[0][0].dist), (1, 8, 0.0));
@@ -69,7 +70,10 @@ fn f16_input_is_accepted_and_f32_that_overflows_f16_is_refused() {
     let err = ds
         .append(Keys::F32(&[1.0, 70000.0]), &[1], prov("x"))
         .unwrap_err();
-    assert!(matches!(err, DatastoreError::F16Overflow { row: 0, col: 1, .. }), "{err}");
+    assert!(
+        matches!(err, DatastoreError::F16Overflow { row: 0, col: 1, .. }),
+        "{err}"
+    );
     assert_eq!(before, snapshot(tmp.path()));
 }
 
@@ -83,7 +87,8 @@ fn every_bad_input_is_a_clear_error_and_changes_nothing() {
     let e = ds.search(&q, 1, &SearchParams::default()).unwrap_err();
     assert!(matches!(e, DatastoreError::EmptyStore(_)), "{e}");
     let keys = clustered(50, D, 2, 3);
-    ds.append(Keys::F32(&keys), &values(50, 3), prov("a")).unwrap();
+    ds.append(Keys::F32(&keys), &values(50, 3), prov("a"))
+        .unwrap();
     let before = snapshot(dir);
 
     let mut nan = keys.clone();
@@ -147,7 +152,11 @@ fn every_bad_input_is_a_clear_error_and_changes_nothing() {
         let msg = err.to_string();
         assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
     }
-    assert_eq!(before, snapshot(dir), "a refused call changed the directory");
+    assert_eq!(
+        before,
+        snapshot(dir),
+        "a refused call changed the directory"
+    );
     assert_eq!(ds.len(), 50);
     assert!(matches!(
         Datastore::open(&tmp.path().join("nope")),
@@ -161,8 +170,12 @@ fn verify_names_the_file_with_a_flipped_byte_and_open_catches_truncation() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let ds = create(dir, D, KeyDtype::F32);
-        ds.append(Keys::F32(&clustered(200, D, 3, 4)), &values(200, 4), prov("a"))
-            .unwrap();
+        ds.append(
+            Keys::F32(&clustered(200, D, 3, 4)),
+            &values(200, 4),
+            prov("a"),
+        )
+        .unwrap();
         let path = dir.join("segments/0").join(name);
         let mut bytes = std::fs::read(&path).unwrap();
         let at = bytes.len() / 2 + 1;
@@ -171,7 +184,10 @@ fn verify_names_the_file_with_a_flipped_byte_and_open_catches_truncation() {
         let report = ds.verify().unwrap();
         assert!(!report.is_ok(), "{name}: flip not detected");
         let first = &report.problems[0];
-        assert!(first.path.ends_with(format!("segments/0/{name}")), "{first}");
+        assert!(
+            first.path.ends_with(format!("segments/0/{name}")),
+            "{first}"
+        );
         assert!(first.detail.contains("checksum"), "{first}");
         let err = report.into_result().unwrap_err().to_string();
         assert!(err.contains(name), "{err}");
@@ -189,8 +205,12 @@ fn damaged_index_structure_is_a_typed_error_not_a_panic() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ds = create(dir, D, KeyDtype::F32);
-    ds.append(Keys::F32(&clustered(100, D, 3, 5)), &values(100, 5), prov("a"))
-        .unwrap();
+    ds.append(
+        Keys::F32(&clustered(100, D, 3, 5)),
+        &values(100, 5),
+        prov("a"),
+    )
+    .unwrap();
     drop(ds);
     let path = dir.join("segments/0/index.bin");
     let clean = std::fs::read(&path).unwrap();
@@ -203,7 +223,7 @@ fn damaged_index_structure_is_a_typed_error_not_a_panic() {
         std::fs::write(&path, &bytes).unwrap();
         if let Ok(ds) = Datastore::open(dir) {
             // Structurally valid damage: search must still work.
-            ds.search(&vec![0.5; D], 5, &SearchParams::hnsw(None)).unwrap();
+            ds.search(&[0.5; D], 5, &SearchParams::hnsw(None)).unwrap();
         }
     }
 }
@@ -214,11 +234,18 @@ fn a_reader_sees_rows_appended_by_another_handle_after_refresh() {
     let dir = tmp.path();
     let writer = create(dir, D, KeyDtype::F16);
     let a = clustered(100, D, 2, 6);
-    writer.append(Keys::F32(&a), &values(100, 6), prov("a")).unwrap();
+    writer
+        .append(Keys::F32(&a), &values(100, 6), prov("a"))
+        .unwrap();
     let reader = Arc::new(Datastore::open(dir).unwrap());
-    assert!(!reader.refresh().unwrap(), "unchanged manifest must be a no-op");
+    assert!(
+        !reader.refresh().unwrap(),
+        "unchanged manifest must be a no-op"
+    );
     let b = clustered(40, D, 2, 7);
-    writer.append(Keys::F32(&b), &values(40, 7), prov("b")).unwrap();
+    writer
+        .append(Keys::F32(&b), &values(40, 7), prov("b"))
+        .unwrap();
     assert_eq!(reader.len(), 100);
     let q = as_stored(&b[..D], KeyDtype::F16);
     let before = reader.search(&q, 1, &SearchParams::exact()).unwrap();
@@ -235,8 +262,12 @@ fn garbage_of_an_interrupted_writer_is_removed_on_open() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let ds = create(dir, D, KeyDtype::F16);
-    ds.append(Keys::F32(&clustered(30, D, 2, 8)), &values(30, 8), prov("a"))
-        .unwrap();
+    ds.append(
+        Keys::F32(&clustered(30, D, 2, 8)),
+        &values(30, 8),
+        prov("a"),
+    )
+    .unwrap();
     drop(ds);
     std::fs::create_dir_all(dir.join("segments/.tmp-1-999")).unwrap();
     std::fs::write(dir.join("segments/.tmp-1-999/keys.bin"), b"half").unwrap();
@@ -261,10 +292,18 @@ fn retire_unretire_and_compact_keep_ids_consistent() {
     assert_eq!(ds.len(), 180);
     ds.retire(1).unwrap();
     assert_eq!(ds.len(), 120);
-    assert!(matches!(ds.retire(1), Err(DatastoreError::SegmentState { .. })));
-    assert!(matches!(ds.retire(9), Err(DatastoreError::UnknownSegment(9))));
+    assert!(matches!(
+        ds.retire(1),
+        Err(DatastoreError::SegmentState { .. })
+    ));
+    assert!(matches!(
+        ds.retire(9),
+        Err(DatastoreError::UnknownSegment(9))
+    ));
     // Segment 2's first row is now id 60.
-    let r = ds.search(&parts[2][..D], 1, &SearchParams::exact()).unwrap();
+    let r = ds
+        .search(&parts[2][..D], 1, &SearchParams::exact())
+        .unwrap();
     assert_eq!((r[0][0].id, r[0][0].dist), (60, 0.0));
     let reopened = Datastore::open(dir).unwrap();
     assert_eq!(reopened.len(), 120);
@@ -281,7 +320,13 @@ fn retire_unretire_and_compact_keep_ids_consistent() {
     assert!(ds.verify().unwrap().is_ok());
     assert!(ds.compact().unwrap().is_none());
     // The reader opened before compaction still works on its old snapshot, then refreshes.
-    assert_eq!(reopened.search(&parts[2][..D], 1, &SearchParams::exact()).unwrap()[0][0].dist, 0.0);
+    assert_eq!(
+        reopened
+            .search(&parts[2][..D], 1, &SearchParams::exact())
+            .unwrap()[0][0]
+            .dist,
+        0.0
+    );
     assert!(reopened.refresh().unwrap());
     assert_eq!(reopened.len(), 120);
 }

@@ -21,6 +21,12 @@ pub struct DatastoreArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum DatastoreCommand {
+    /// Build a new datastore from labelled text by running the model (see `add` to grow one).
+    Build(Box<super::datastore_build::BuildArgs>),
+    /// Add labelled text to a datastore as one new segment; open readers see it on refresh.
+    Add(Box<super::datastore_build::AddArgs>),
+    /// List segments with their provenance (source, label filter, tag, time, rows).
+    Segments(super::datastore_build::SegmentsArgs),
     /// Import keys and values from .npy files as a new segment (creating the store if needed).
     Import(ImportArgs),
     /// Show a datastore's model, key type, dtype, rows and segments.
@@ -124,6 +130,9 @@ pub struct SearchArgs {
 
 pub fn run(args: DatastoreArgs) -> Result<()> {
     match args.command {
+        DatastoreCommand::Build(a) => super::datastore_build::build(*a),
+        DatastoreCommand::Add(a) => super::datastore_build::add(*a),
+        DatastoreCommand::Segments(a) => super::datastore_build::segments(a),
         DatastoreCommand::Import(a) => import(a),
         DatastoreCommand::Info(a) => info(&a.dir, a.json),
         DatastoreCommand::Verify(a) => verify(&a.dir, a.json),

@@ -276,7 +276,10 @@ mod tests {
             let tol = |w: f64| 1e-5 * w.max(1.0);
             assert!((l2_f32(&q, &x) as f64 - want).abs() < tol(want), "d={d}");
             assert!((l2_f32_scalar(&q, &x) as f64 - want).abs() < tol(want));
-            assert!((l2_f16(&q, &xh) as f64 - want_h).abs() < tol(want_h), "d={d}");
+            assert!(
+                (l2_f16(&q, &xh) as f64 - want_h).abs() < tol(want_h),
+                "d={d}"
+            );
             assert!((l2_f16_scalar(&q, &xh) as f64 - want_h).abs() < tol(want_h));
             let rows: Vec<f32> = x.iter().chain(q.iter()).copied().collect();
             let mut out = [0f32; 2];

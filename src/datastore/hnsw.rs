@@ -286,7 +286,10 @@ impl Graph {
         let w = self.words();
         if level == 0 {
             let r = row as usize;
-            let (a, b) = (w[self.l0_offsets + r] as usize, w[self.l0_offsets + r + 1] as usize);
+            let (a, b) = (
+                w[self.l0_offsets + r] as usize,
+                w[self.l0_offsets + r + 1] as usize,
+            );
             return &w[self.l0_adj + a..self.l0_adj + b];
         }
         let up = &self.upper[level - 1];

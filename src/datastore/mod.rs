@@ -37,9 +37,7 @@ pub use error::{DatastoreError, MAX_K};
 pub use hnsw::{DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
 pub use keys::Keys;
 pub use manifest::{KeyDtype, Provenance};
-pub use search::{
-    Neighbour, SearchMode, SearchParams, AUTO_EF_FACTOR, AUTO_MIN_ROWS, DEFAULT_EF,
-};
+pub use search::{Neighbour, SearchMode, SearchParams, AUTO_EF_FACTOR, AUTO_MIN_ROWS, DEFAULT_EF};
 pub use verify::{FileCheck, VerifyProblem, VerifyReport};
 
 use crate::fingerprint::{KeyType, ModelFingerprint};
@@ -288,7 +286,7 @@ impl Datastore {
         if keys.is_empty() {
             return Err(DatastoreError::EmptyAppend);
         }
-        if keys.len() % dim != 0 {
+        if !keys.len().is_multiple_of(dim) {
             return Err(DatastoreError::DimMismatch {
                 expected: dim,
                 got: keys.len(),
@@ -350,7 +348,8 @@ impl Datastore {
                     .map_err(|e| DatastoreError::io("remove stale directory", stale, e))?;
             }
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| DatastoreError::io("create directory", &tmp, e))?;
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| DatastoreError::io("create directory", &tmp, e))?;
         let written = segment::write_segment(
             &tmp,
             &key_bytes,
@@ -367,7 +366,8 @@ impl Datastore {
                 return Err(e);
             }
         };
-        std::fs::rename(&tmp, &fin).map_err(|e| DatastoreError::io("rename into place", &fin, e))?;
+        std::fs::rename(&tmp, &fin)
+            .map_err(|e| DatastoreError::io("rename into place", &fin, e))?;
         durable::sync_dir(&seg_root)?;
         let entry = SegmentEntry {
             id,
@@ -457,7 +457,7 @@ impl Datastore {
         if params.ef == Some(0) {
             return Err(DatastoreError::BadEf(0));
         }
-        if queries.len() % dim != 0 {
+        if !queries.len().is_multiple_of(dim) {
             return Err(DatastoreError::DimMismatch {
                 expected: dim,
                 got: queries.len(),
@@ -475,15 +475,7 @@ impl Datastore {
         if snap.rows == 0 {
             return Err(DatastoreError::EmptyStore(self.dir.clone()));
         }
-        search::search_batch(
-            &snap.segments,
-            &snap.starts,
-            queries,
-            dim,
-            k,
-            params,
-            out,
-        );
+        search::search_batch(&snap.segments, &snap.starts, queries, dim, k, params, out);
         Ok(())
     }
 
@@ -517,7 +509,11 @@ impl Datastore {
         if e.retired == retired {
             return Err(DatastoreError::SegmentState {
                 id,
-                state: if retired { "already retired" } else { "not retired" },
+                state: if retired {
+                    "already retired"
+                } else {
+                    "not retired"
+                },
             });
         }
         e.retired = retired;
@@ -525,7 +521,12 @@ impl Datastore {
         let raw = m.to_bytes();
         // Opening the new snapshot first proves an unretired segment's files are intact
         // before the manifest points at them.
-        let snap = Snapshot::load(&self.dir, m.clone(), raw.clone(), Some(&self.snap.load_full()))?;
+        let snap = Snapshot::load(
+            &self.dir,
+            m.clone(),
+            raw.clone(),
+            Some(&self.snap.load_full()),
+        )?;
         durable::atomic_write(&self.dir.join(MANIFEST_FILE), &raw)?;
         self.snap.store(Arc::new(snap));
         Ok(self
@@ -579,7 +580,8 @@ impl Datastore {
                 }
                 let ids: Vec<String> = live.iter().map(|e| e.id.to_string()).collect();
                 let mut prov = Provenance::new(format!("compaction of segments {}", ids.join(",")));
-                let labels: Vec<&Option<String>> = live.iter().map(|e| &e.provenance.label).collect();
+                let labels: Vec<&Option<String>> =
+                    live.iter().map(|e| &e.provenance.label).collect();
                 if labels.windows(2).all(|w| w[0] == w[1]) {
                     prov.label = labels.first().and_then(|l| (*l).clone());
                 }

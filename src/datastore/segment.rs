@@ -58,10 +58,12 @@ impl Segment {
         let dir = segment_dir(store, entry.id);
         let want = |name: &str, bytes: u64| -> Result<PathBuf> {
             let path = dir.join(name);
-            let f = entry.file(name).ok_or_else(|| DatastoreError::BadManifest {
-                path: store.join(super::manifest::MANIFEST_FILE),
-                detail: format!("segment {} does not list {name}", entry.id),
-            })?;
+            let f = entry
+                .file(name)
+                .ok_or_else(|| DatastoreError::BadManifest {
+                    path: store.join(super::manifest::MANIFEST_FILE),
+                    detail: format!("segment {} does not list {name}", entry.id),
+                })?;
             if f.bytes != bytes {
                 return Err(DatastoreError::BadManifest {
                     path: store.join(super::manifest::MANIFEST_FILE),

@@ -58,7 +58,11 @@ impl VerifyReport {
             Some(p) => Err(DatastoreError::Corrupt {
                 path: p.path.clone(),
                 detail: if self.problems.len() > 1 {
-                    format!("{} (and {} more problems)", p.detail, self.problems.len() - 1)
+                    format!(
+                        "{} (and {} more problems)",
+                        p.detail,
+                        self.problems.len() - 1
+                    )
                 } else {
                     p.detail.clone()
                 },
