@@ -127,7 +127,7 @@ pub fn check_shape(
         return Err(ConvertError::Empty { what, width });
     }
     let row_bytes = width * dtype.size();
-    if width == 0 || t.data.len() % row_bytes != 0 {
+    if width == 0 || !t.data.len().is_multiple_of(row_bytes) {
         return Err(ConvertError::Length {
             what,
             bytes: t.data.len(),

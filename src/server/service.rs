@@ -295,7 +295,9 @@ impl Shared {
             engine
                 .adjust_dense(&b.hidden, &b.logits, opts, &mut b.scratch, &mut b.dense)
                 .map_err(status::from_detox)?;
-            self.metrics.phase("adjust", t1.elapsed());
+            let engine_time = t1.elapsed();
+            resp.engine_micros = engine_time.as_micros() as u64;
+            self.metrics.phase("adjust", engine_time);
             let t2 = Instant::now();
             resp.log_probs = convert::f32_bytes(&b.dense);
             self.metrics.phase("encode", t2.elapsed());
@@ -303,7 +305,9 @@ impl Shared {
             engine
                 .adjust_sparse(&b.hidden, opts, &mut b.scratch, &mut b.sparse)
                 .map_err(status::from_detox)?;
-            self.metrics.phase("adjust", t1.elapsed());
+            let engine_time = t1.elapsed();
+            resp.engine_micros = engine_time.as_micros() as u64;
+            self.metrics.phase("adjust", engine_time);
             let t2 = Instant::now();
             resp.rows = b.sparse.iter().map(sparse_proto).collect();
             self.metrics.phase("encode", t2.elapsed());

@@ -68,6 +68,8 @@ class Bias:
     vocab_size: int
     step: int = 0
     params: dict = field(default_factory=dict)
+    # Time the server's engine spent on this answer; a round trip minus this is transport cost.
+    engine_micros: int = 0
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -145,6 +147,7 @@ def _unpack(resp: pb.AdjustResponse) -> Union[Bias, np.ndarray]:
             vocab_size=resp.vocab_size,
             step=resp.step,
             params=_params_dict(resp.params),
+            engine_micros=resp.engine_micros,
         )
     return np.frombuffer(resp.log_probs, dtype="<f4").reshape(resp.num_rows, resp.vocab_size)
 

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Load benchmark of `goodtriever serve`: steps/s and per-step p50/p99 latency for 1, 8 and 64
+concurrent decoding streams, sparse versus dense answers, and the overhead of the gRPC path
+over calling the engine in-process on the same stores and queries.
+
+Everything stays on loopback and is bounded: each configuration runs at most --seconds and at
+most --max-steps steps per stream. Steps:
+
+1. Builds (once, cached in --work-dir) two datastores of --rows rows each (default 200k,
+   D = 576, f16 keys, the shape of SmolLM2-135M's hidden states), clustered so that HNSW is
+   meaningful, with `goodtriever datastore import`.
+2. Starts `goodtriever serve` on a free loopback port.
+3. Runs the Rust load generator (examples/bench_server_load.rs, built --release) which drives
+   N AdjustStream sessions with tonic, then calls the engine in-process with the same queries.
+4. Optionally (--python) times the Python client too, for one stream.
+
+Usage: scripts/bench_server.py [--rows 200000] [--seconds 10] [--streams 1 8 64]
+"""
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DIM = 576
+VOCAB = 49152
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def make_store_data(rows, seed, centres):
+    rng = np.random.default_rng(seed)
+    cluster = rng.integers(0, len(centres), size=rows)
+    keys = centres[cluster] + rng.normal(0, 0.6, size=(rows, DIM)).astype(np.float32)
+    # Each cluster predicts from its own band of tokens, as real contexts would.
+    values = (cluster * 97 + rng.integers(0, 500, size=rows)) % VOCAB
+    return keys.astype(np.float16), values.astype(np.int64)
+
+
+def build_stores(binary, work, rows):
+    centres = np.random.default_rng(0).normal(0, 2.0, size=(256, DIM)).astype(np.float32)
+    dirs = {}
+    for name, seed in (("toxic", 1), ("nontoxic", 2)):
+        d = work / f"{name}-{rows}"
+        dirs[name] = d
+        if (d / "manifest.json").exists():
+            continue
+        keys, values = make_store_data(rows, seed, centres)
+        np.save(work / f"{name}_keys.npy", keys)
+        np.save(work / f"{name}_values.npy", values)
+        t = time.time()
+        log(f"importing {rows} rows into {d} (builds the HNSW index)...")
+        subprocess.run(
+            [str(binary), "datastore", "import", "--keys", str(work / f"{name}_keys.npy"),
+             "--values", str(work / f"{name}_values.npy"), "--model-id", "bench",
+             "--dtype", "f16", "--label", name, str(d)],
+            check=True,
+        )
+        log(f"  {time.time() - t:.0f} s")
+    queries = work / "queries.npy"
+    if not queries.exists():
+        rng = np.random.default_rng(3)
+        q = centres[rng.integers(0, len(centres), size=4096)] + rng.normal(0, 0.6, size=(4096, DIM))
+        np.save(queries, q.astype(np.float32))
+    return dirs, queries
+
+
+def start_server(binary, dirs, extra):
+    proc = subprocess.Popen(
+        [str(binary), "serve", "--toxic", str(dirs["toxic"]), "--nontoxic", str(dirs["nontoxic"]),
+         "--addr", "127.0.0.1:0", "--no-metrics", "--vocab-size", str(VOCAB),
+         "--max-rows", "64", "--max-message-bytes", str(64 << 20), *extra],
+        stdout=subprocess.PIPE, text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("listening"):
+        proc.kill()
+        raise SystemExit(f"serve did not start: {line!r}")
+    return proc, line.split()[1].split("=", 1)[1]
+
+
+def python_client_steps(addr, queries, seconds, max_steps):
+    sys.path.insert(0, str(REPO / "clients" / "python"))
+    from goodtriever_client import Client
+
+    q = np.load(queries)
+    lat = []
+    with Client(addr) as c, c.session() as s:
+        end = time.time() + seconds
+        for i in range(max_steps):
+            if time.time() > end:
+                break
+            t = time.perf_counter()
+            s.step(q[i % len(q)])
+            lat.append(time.perf_counter() - t)
+    lat = np.array(lat) * 1e6
+    return {"steps": len(lat), "p50_us": float(np.percentile(lat, 50)),
+            "p99_us": float(np.percentile(lat, 99))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--seconds", type=float, default=10.0, help="per configuration")
+    ap.add_argument("--max-steps", type=int, default=2000, help="per stream and configuration")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
+    ap.add_argument("--forms", nargs="+", default=["sparse", "dense"])
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--exact", action="store_true", help="exact search instead of HNSW")
+    ap.add_argument("--work-dir", type=Path, default=REPO / "target" / "bench-server")
+    ap.add_argument("--python", action="store_true", help="also time the Python client (1 stream)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON")
+    ap.add_argument("--prepare-only", action="store_true", help="build the stores and stop")
+    args = ap.parse_args()
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    log("building goodtriever and the load generator (release)...")
+    subprocess.run(["cargo", "build", "--release", "--bin", "goodtriever",
+                    "--example", "bench_server_load"], cwd=REPO, check=True)
+    binary = REPO / "target" / "release" / "goodtriever"
+    loadgen = REPO / "target" / "release" / "examples" / "bench_server_load"
+    dirs, queries = build_stores(binary, args.work_dir, args.rows)
+    if args.prepare_only:
+        return
+
+    search = ["--exact"] if args.exact else []
+    proc, addr = start_server(binary, dirs, ["--k", str(args.k), *search])
+    results = {
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+        "rows_per_store": args.rows, "dim": DIM, "vocab": VOCAB, "k": args.k,
+        "search": "exact" if args.exact else "auto (HNSW)", "runs": [],
+    }
+    try:
+        for form in args.forms:
+            for n in args.streams:
+                cmd = [str(loadgen), "--addr", addr, "--toxic", str(dirs["toxic"]),
+                       "--nontoxic", str(dirs["nontoxic"]), "--queries", str(queries),
+                       "--streams", str(n), "--form", form, "--seconds", str(args.seconds),
+                       "--max-steps", str(args.max_steps), "--k", str(args.k),
+                       "--vocab", str(VOCAB), *search]
+                log(f"{form}, {n} stream(s)...")
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                r = json.loads(out)
+                results["runs"].append(r)
+                log(f"  grpc {r['grpc']['steps_per_s']:.0f} steps/s p50 {r['grpc']['p50_us']:.0f} us "
+                    f"p99 {r['grpc']['p99_us']:.0f} us | in-process p50 {r['in_process']['p50_us']:.0f} us "
+                    f"| overhead p50 {r['overhead_p50_us']:.0f} us p99 {r['overhead_p99_us']:.0f} us")
+        if args.python:
+            results["python_client_1_stream_sparse"] = python_client_steps(
+                addr, queries, args.seconds, args.max_steps)
+            log(f"python client: {results['python_client_1_stream_sparse']}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+    print("| form | streams | steps/s | p50 µs | p99 µs | in-process p50 µs | in-process steps/s | gRPC overhead p50 / p99 µs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        g, i = r["grpc"], r["in_process"]
+        print(f"| {r['form']} | {r['streams']} | {g['steps_per_s']:.0f} | {g['p50_us']:.0f} | {g['p99_us']:.0f} "
+              f"| {i['p50_us']:.0f} | {i['steps_per_s']:.0f} | {r['overhead_p50_us']:.0f} / {r['overhead_p99_us']:.0f} |")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
