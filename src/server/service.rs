@@ -1,9 +1,9 @@
 //! The `goodtriever.v1.Goodtriever` service: request checks, the engine call, the answer.
 //!
 //! Async handlers only move messages; every CPU-bound step (decoding the packed tensors,
-//! searching, the rule, encoding the answer) runs on the rayon pool that the searches use
-//! anyway, so one slow batch never stalls the executor that accepts other clients' requests.
-//! Appends, which fsync, run on tokio's blocking pool instead. Per-request buffers come from a
+//! searching, the rule, encoding the answer) runs outside the executor's scheduling (see
+//! [`Shared::run_cpu`]), so one slow batch never stalls the accepting of other clients'
+//! requests. Appends, which fsync, run on tokio's blocking pool instead. Per-request buffers come from a
 //! pool of [`Buffers`], so a steady stream of steps reuses the same allocations.
 
 use std::pin::Pin;
@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use half::f16;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -54,6 +55,8 @@ pub struct Shared {
     /// Turns true when the server starts shutting down; open streams end after their step.
     pub shutdown: watch::Receiver<bool>,
     pool: Mutex<Vec<Buffers>>,
+    /// One permit per core: how many requests compute at once.
+    cpu: Semaphore,
 }
 
 impl Shared {
@@ -73,9 +76,39 @@ impl Shared {
             encoder,
             shutdown,
             pool: Mutex::new(Vec::new()),
+            cpu: Semaphore::new(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1),
+            ),
         };
         shared.update_store_metrics();
         shared
+    }
+
+    /// Runs the CPU-bound `f` of one request.
+    ///
+    /// On a multi-threaded runtime the worker thread that holds the request runs it itself,
+    /// after handing its other tasks to another worker (`block_in_place`): the executor keeps
+    /// serving, and no thread hand-off sits on the request's path (on a loaded machine each
+    /// hand-off waits for a time slice, which dominated the gRPC overhead when the work went
+    /// through a separate pool). A semaphore with one permit per core bounds how many requests
+    /// compute at once, so 64 streams queue asynchronously instead of oversubscribing the CPU.
+    /// A current-thread runtime cannot block in place; there the rayon pool runs `f`.
+    async fn run_cpu<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let _permit = self
+            .cpu
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the server is shutting down"))?;
+        if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+            tokio::task::block_in_place(f)
+        } else {
+            on_pool(f).await
+        }
     }
 
     fn take_buffers(&self) -> Buffers {
@@ -415,7 +448,8 @@ fn sparse_proto(row: &SparseRow) -> proto::SparseRow {
     }
 }
 
-/// Runs `f` on the rayon pool and waits for it without blocking the executor.
+/// Runs `f` on the rayon pool and waits for it without blocking the executor (the fallback of
+/// [`Shared::run_cpu`] on a current-thread runtime).
 async fn on_pool<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
@@ -484,7 +518,7 @@ impl Goodtriever for Service {
         self.shared.metrics.request("Adjust");
         let shared = self.shared.clone();
         let req = request.into_inner();
-        let r = on_pool(move || shared.adjust(req)).await;
+        let r = self.shared.run_cpu(move || shared.adjust(req)).await;
         self.finish("Adjust", t, &r);
         r.map(Response::new)
     }
@@ -537,7 +571,7 @@ impl Goodtriever for Service {
                 this.shared.metrics.request("AdjustStream");
                 let shared = this.shared.clone();
                 let step = msg.step;
-                let r = on_pool(move || shared.adjust(msg)).await;
+                let r = this.shared.run_cpu(move || shared.adjust(msg)).await;
                 this.finish("AdjustStream", t, &r);
                 let failed = r.is_err();
                 let r =
