@@ -1,3 +1,4 @@
+pub mod build;
 pub mod datastore;
 pub mod detox;
 pub mod fingerprint;

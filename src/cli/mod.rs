@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 pub mod adjust;
 pub mod control_args;
 pub mod datastore;
+pub mod datastore_build;
 pub mod generate;
 pub mod model;
 pub mod serve;

@@ -1,0 +1,200 @@
+//! From documents to the token streams the model runs over, and which positions become rows.
+//!
+//! Documents are tokenized once and kept only as token ids (4 bytes a token, against 1–2 KB a
+//! key), so the whole plan of a build — how many chunks, how many rows each — is known before
+//! the model runs: that gives an exact ETA and lets an interrupted build check what it already
+//! committed. The ids are then cut into **chunks** of about `segment_tokens` tokens at document
+//! boundaries (a document longer than that is split); each chunk becomes one segment, so the
+//! memory of a build is bounded by one chunk's keys whatever the input size.
+//!
+//! Within a chunk, documents are joined as `EOS d₁ EOS d₂ … EOS`. The paper concatenated
+//! documents with no separator, which pairs the end of one document with the start of an
+//! unrelated one as if that were a real continuation. With the separator, the last token of a
+//! document is paired with EOS (a true fact about where texts end) and every document's first
+//! token is keyed with the same "start of text" context. The key *at* a separator would predict
+//! the first token of whatever document happens to follow, which is noise, so separator
+//! positions are never stored. Sliding windows ([`Windows::plan`]) decide the rest: every other
+//! position is keyed once, by the window that gives it the most context, and the first position
+//! of each window (an attention sink) is skipped.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::BuildError;
+use crate::model::{Tokenizer, Windows};
+
+/// All selected documents as token ids.
+#[derive(Clone, Debug, Default)]
+pub struct Corpus {
+    pub tokens: Vec<u32>,
+    /// `docs[i]` is the range of document `i` in `tokens`. Never empty.
+    pub docs: Vec<Range<usize>>,
+}
+
+impl Corpus {
+    /// Tokenizes `texts` (in parallel) and appends the non-empty results.
+    pub fn extend(&mut self, tokenizer: &Tokenizer, texts: &[String]) -> Result<(), BuildError> {
+        let ids: Vec<Vec<u32>> = texts
+            .par_iter()
+            .map(|t| tokenizer.encode(t))
+            .collect::<Result<_, _>>()?;
+        for d in ids {
+            if d.is_empty() {
+                continue;
+            }
+            let start = self.tokens.len();
+            self.tokens.extend_from_slice(&d);
+            self.docs.push(start..self.tokens.len());
+        }
+        Ok(())
+    }
+}
+
+/// A piece of one document inside a chunk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Range in [`Corpus::tokens`].
+    pub range: Range<usize>,
+    /// The piece is the beginning of its document (it gets a separator in front).
+    pub starts_doc: bool,
+    /// The piece is the end of its document (a separator follows it).
+    pub ends_doc: bool,
+}
+
+/// The documents (or parts of documents) that make one segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkPlan {
+    pub pieces: Vec<Piece>,
+}
+
+impl ChunkPlan {
+    /// The token stream of this chunk and, for each position, whether it is a separator.
+    pub fn stream(&self, corpus: &Corpus, eos: u32) -> (Vec<u32>, Vec<bool>) {
+        let mut tokens = Vec::new();
+        let mut sep = Vec::new();
+        for p in &self.pieces {
+            if p.starts_doc {
+                tokens.push(eos);
+                sep.push(true);
+            }
+            tokens.extend_from_slice(&corpus.tokens[p.range.clone()]);
+            sep.resize(tokens.len(), false);
+        }
+        if self.pieces.last().is_some_and(|p| p.ends_doc) {
+            tokens.push(eos);
+            sep.push(true);
+        }
+        (tokens, sep)
+    }
+}
+
+/// Cuts the corpus into chunks of at least `segment_tokens` stream tokens (the last may be
+/// smaller), splitting only documents longer than that.
+pub fn plan_chunks(corpus: &Corpus, segment_tokens: usize) -> Vec<ChunkPlan> {
+    let cap = segment_tokens.max(1);
+    let mut chunks = Vec::new();
+    let mut cur = ChunkPlan { pieces: Vec::new() };
+    let mut len = 0usize;
+    for doc in &corpus.docs {
+        let mut pos = doc.start;
+        while pos < doc.end {
+            let take = (doc.end - pos).min(cap.saturating_sub(len).max(1));
+            let piece = Piece {
+                range: pos..pos + take,
+                starts_doc: pos == doc.start,
+                ends_doc: pos + take == doc.end,
+            };
+            len += take + usize::from(piece.starts_doc);
+            cur.pieces.push(piece);
+            pos += take;
+            if len >= cap {
+                chunks.push(std::mem::replace(
+                    &mut cur,
+                    ChunkPlan { pieces: Vec::new() },
+                ));
+                len = 0;
+            }
+        }
+    }
+    if !cur.pieces.is_empty() {
+        chunks.push(cur);
+    }
+    chunks
+}
+
+/// The positions of a stream of `n` tokens that become rows, in order: every position the
+/// window plan keys, except separators. Row `j` pairs the key at `positions[j]` with the token
+/// at `positions[j] + 1`.
+pub fn row_positions(
+    n: usize,
+    window: usize,
+    stride: usize,
+    sep: &[bool],
+) -> Result<Vec<usize>, BuildError> {
+    Ok(Windows::plan(n, window, stride)?
+        .iter()
+        .flat_map(|w| w.first_keyed..w.last_keyed)
+        .filter(|&p| !sep[p])
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(lens: &[usize]) -> Corpus {
+        let mut c = Corpus::default();
+        for (i, &l) in lens.iter().enumerate() {
+            let s = c.tokens.len();
+            c.tokens.extend((0..l).map(|j| (100 * (i + 1) + j) as u32));
+            c.docs.push(s..c.tokens.len());
+        }
+        c
+    }
+
+    #[test]
+    fn streams_separate_documents_with_eos_and_mark_the_separators() {
+        let c = corpus(&[2, 3]);
+        let plan = plan_chunks(&c, 1000);
+        assert_eq!(plan.len(), 1);
+        let (t, sep) = plan[0].stream(&c, 9);
+        assert_eq!(t, vec![9, 100, 101, 9, 200, 201, 202, 9]);
+        assert_eq!(
+            sep,
+            vec![true, false, false, true, false, false, false, true]
+        );
+        // One window over everything: positions 1..7 keyed, minus the separator at 3.
+        assert_eq!(
+            row_positions(t.len(), 16, 8, &sep).unwrap(),
+            vec![1, 2, 4, 5, 6]
+        );
+    }
+
+    #[test]
+    fn chunks_cover_every_token_once_and_split_only_long_documents() {
+        let c = corpus(&[3, 4, 20, 1, 5]);
+        let plan = plan_chunks(&c, 8);
+        let mut seen: Vec<usize> = plan
+            .iter()
+            .flat_map(|ch| ch.pieces.iter().flat_map(|p| p.range.clone()))
+            .collect();
+        let n = seen.len();
+        seen.dedup();
+        assert_eq!(n, c.tokens.len());
+        assert_eq!(seen, (0..c.tokens.len()).collect::<Vec<_>>());
+        for ch in &plan[..plan.len() - 1] {
+            let (t, _) = ch.stream(&c, 0);
+            assert!(t.len() >= 8, "{ch:?}");
+        }
+        // Only the 20-token document is split; its middle pieces carry no separators.
+        let split: Vec<&Piece> = plan
+            .iter()
+            .flat_map(|ch| &ch.pieces)
+            .filter(|p| !(p.starts_doc && p.ends_doc))
+            .collect();
+        assert!(split.iter().all(|p| c.tokens[p.range.start] / 100 == 3));
+        assert_eq!(split.iter().filter(|p| p.starts_doc).count(), 1);
+        assert_eq!(split.iter().filter(|p| p.ends_doc).count(), 1);
+    }
+}

@@ -1,0 +1,391 @@
+//! `goodtriever datastore build | add | segments`: datastores from labelled text and the drift
+//! view of a store's segments. Thin: parse, load the model, call `goodtriever::build`, show
+//! progress and print. (`retire`, `unretire` and `compact` live in `datastore.rs`.)
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use goodtriever::build::{
+    self, BuildOptions, BuildProgress, BuildReport, InputFormat, LabelFilter, DEFAULT_BATCH,
+    DEFAULT_SEGMENT_TOKENS,
+};
+use goodtriever::datastore::{Datastore, KeyDtype, SegmentInfo};
+use goodtriever::fingerprint::KeyType;
+use goodtriever::model::{resolve_model_path, Model, WeightFormat};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+/// Where the text comes from and how it becomes rows (shared by `build` and `add`).
+#[derive(Debug, Args)]
+pub struct TextArgs {
+    /// Input files: txt (one document per line), jsonl (one object per line) or csv (with a
+    /// header row).
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// Input format; default: from each file's extension (.txt, .jsonl/.ndjson, .csv).
+    #[arg(long)]
+    pub format: Option<InputFormat>,
+    /// Field of jsonl records / csv column that holds the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Numeric field / column to select documents by (with --min-label and/or --max-label).
+    #[arg(long)]
+    pub label_field: Option<String>,
+    /// Keep documents whose label is at least this (e.g. toxicity >= 0.5 for a toxic store).
+    #[arg(long, requires = "label_field")]
+    pub min_label: Option<f64>,
+    /// Keep documents whose label is at most this (e.g. toxicity <= 0.0 for a clean store).
+    #[arg(long, requires = "label_field")]
+    pub max_label: Option<f64>,
+    /// Which hidden state to key on: last_ffn_input (the paper's) or final_hidden. Default:
+    /// last_ffn_input for a new store, the store's own for `add`.
+    #[arg(long)]
+    pub key_type: Option<KeyType>,
+    /// GGUF model; default: the cached default model (`goodtriever model fetch`).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Weights in memory: f32 is the fastest for batched extraction.
+    #[arg(long, default_value = "f32")]
+    pub weights: WeightFormat,
+    /// Sliding window in tokens (default 1024, or the model's context if smaller).
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// Distance between window starts (default: half the window).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
+    pub batch: usize,
+    /// Label recorded in the segment's provenance (default: the label filter).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Free-form tag recorded in the segment's provenance (a drift domain, a date).
+    #[arg(long)]
+    pub tag: Option<String>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub text: TextArgs,
+    /// The new datastore's directory (must not exist, or be empty).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Tokens per segment: bounds the memory of a large build (about 3.5 KB a token at
+    /// D = 576 while a segment is indexed).
+    #[arg(long, default_value_t = DEFAULT_SEGMENT_TOKENS)]
+    pub segment_tokens: usize,
+    /// Key storage type (f16 halves memory and scan time).
+    #[arg(long, default_value = "f16")]
+    pub dtype: KeyDtype,
+}
+
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The datastore to add to.
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub text: TextArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct SegmentsArgs {
+    /// The datastore directory.
+    pub dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn options(t: &TextArgs) -> BuildOptions {
+    let mut o = BuildOptions::new(t.input.clone());
+    o.input.format = t.format;
+    o.input.text_field = t.text_field.clone();
+    o.input.filter = t.label_field.as_ref().map(|f| LabelFilter {
+        field: f.clone(),
+        min: t.min_label,
+        max: t.max_label,
+    });
+    o.key_type = t.key_type;
+    o.window = t.window;
+    o.stride = t.stride;
+    o.batch = t.batch;
+    o.label = t.label.clone();
+    o.tag = t.tag.clone();
+    o
+}
+
+fn load_model(t: &TextArgs) -> Result<Model> {
+    let path = resolve_model_path(t.model.as_deref())?;
+    let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let m = Model::load(&path, t.weights)
+        .with_context(|| format!("cannot load the model {}", path.display()));
+    spinner.finish_and_clear();
+    m
+}
+
+pub fn build(a: BuildArgs) -> Result<()> {
+    let mut opts = options(&a.text);
+    opts.segment_tokens = a.segment_tokens;
+    opts.dtype = a.dtype;
+    // Cheap checks first, so a typo does not cost a model load.
+    opts.input.validate()?;
+    let model = load_model(&a.text)?;
+    let progress = Bars::new();
+    let report = build::build(&a.out, &model, &opts, &progress)
+        .with_context(|| format!("cannot build {}", a.out.display()))?;
+    progress.finish();
+    print_report(&report, a.text.json, "built")
+}
+
+pub fn add(a: AddArgs) -> Result<()> {
+    let opts = options(&a.text);
+    opts.input.validate()?;
+    let store = Datastore::open(&a.dir)
+        .with_context(|| format!("cannot open datastore {}", a.dir.display()))?;
+    let model = load_model(&a.text)?;
+    let progress = Bars::new();
+    let report = build::add(&store, &model, &opts, &progress)
+        .with_context(|| format!("cannot add to {}", a.dir.display()))?;
+    progress.finish();
+    print_report(&report, a.text.json, "added to")
+}
+
+fn print_report(r: &BuildReport, json: bool, verb: &str) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let secs = r.extract_seconds + r.index_seconds;
+    println!(
+        "{verb} {}: {} documents, {} tokens -> {} rows ({} resumed) in {} segment(s); window {} stride {}, {} keys",
+        r.dir.display(),
+        r.documents,
+        r.tokens,
+        r.rows + r.resumed_rows,
+        r.resumed_rows,
+        r.segments.len(),
+        r.window,
+        r.stride,
+        r.key_type
+    );
+    if r.rows > 0 {
+        println!(
+            "extraction {:.1} s ({:.0} rows/s), indexing {:.1} s, total {:.1} s",
+            r.extract_seconds,
+            r.rows as f64 / r.extract_seconds.max(1e-9),
+            r.index_seconds,
+            secs
+        );
+    }
+    Ok(())
+}
+
+pub fn segments(a: SegmentsArgs) -> Result<()> {
+    let store = Datastore::open(&a.dir)
+        .with_context(|| format!("cannot open datastore {}", a.dir.display()))?;
+    let segs = store.segments();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&segs)?);
+        return Ok(());
+    }
+    println!(
+        "{:>5}  {:>9}  {:>10}  {:<7}  {:<20}  {:<18}  {:<14}  source",
+        "id", "rows", "first id", "state", "added (UTC)", "label", "tag"
+    );
+    for s in &segs {
+        println!("{}", segment_line(s));
+    }
+    let live: usize = segs.iter().filter(|s| !s.retired).map(|s| s.rows).sum();
+    println!(
+        "{} segment(s), {} live rows, {} retired segment(s)",
+        segs.len(),
+        live,
+        segs.iter().filter(|s| s.retired).count()
+    );
+    Ok(())
+}
+
+fn segment_line(s: &SegmentInfo) -> String {
+    format!(
+        "{:>5}  {:>9}  {:>10}  {:<7}  {:<20}  {:<18}  {:<14}  {}",
+        s.id,
+        s.rows,
+        s.first_id
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "-".into()),
+        if s.retired { "retired" } else { "live" },
+        utc(s.provenance.added_at),
+        s.provenance.label.as_deref().unwrap_or("-"),
+        s.provenance.tag.as_deref().unwrap_or("-"),
+        s.provenance.source
+    )
+}
+
+/// `YYYY-MM-DD hh:mm:ss` of a Unix time (days-from-civil inverse, Howard Hinnant's algorithm).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Terminal progress: one bar for extraction (rows = keyed tokens, with rate and ETA) and one
+/// per segment being indexed. Hidden automatically when stderr is not a terminal.
+struct Bars {
+    multi: MultiProgress,
+    extract: ProgressBar,
+    index: Mutex<Option<ProgressBar>>,
+    /// When stderr is not a terminal (logs, CI) the bars are hidden; a plain line is printed
+    /// every `PLAIN_EVERY` instead, so long builds still show signs of life.
+    plain: Option<Mutex<PlainLog>>,
+}
+
+struct PlainLog {
+    start: Instant,
+    last: Instant,
+    done_at_start: u64,
+}
+
+const PLAIN_EVERY: Duration = Duration::from_secs(15);
+
+impl Bars {
+    fn new() -> Self {
+        let multi = MultiProgress::new();
+        let extract = multi.add(ProgressBar::new(0));
+        extract.set_style(
+            ProgressStyle::with_template(
+                "{msg:10} [{bar:36}] {human_pos}/{human_len} tokens  {per_sec:>14}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        extract.set_message("extracting");
+        let plain = (!std::io::stderr().is_terminal()).then(|| {
+            Mutex::new(PlainLog {
+                start: Instant::now(),
+                last: Instant::now(),
+                done_at_start: 0,
+            })
+        });
+        Bars {
+            multi,
+            extract,
+            index: Mutex::new(None),
+            plain,
+        }
+    }
+
+    fn finish(&self) {
+        self.extract.finish_and_clear();
+        if let Some(b) = self.index.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl BuildProgress for Bars {
+    fn start(&self, total: u64, done: u64) {
+        self.extract.set_length(total);
+        self.extract.set_position(done);
+        self.extract.reset_eta();
+        if done > 0 {
+            self.say(format!(
+                "resuming an interrupted build: {done} of {total} rows already committed"
+            ));
+        }
+        if let Some(p) = &self.plain {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            p.start = Instant::now();
+            p.last = p.start;
+            p.done_at_start = done;
+        }
+    }
+
+    fn rows(&self, n: u64) {
+        self.extract.inc(n);
+        if let Some(p) = &self.plain {
+            let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+            if p.last.elapsed() >= PLAIN_EVERY {
+                p.last = Instant::now();
+                let (pos, len) = (self.extract.position(), self.extract.length().unwrap_or(0));
+                let rate = (pos - p.done_at_start) as f64 / p.start.elapsed().as_secs_f64();
+                let eta = len.saturating_sub(pos) as f64 / rate.max(1e-9);
+                eprintln!("extracting: {pos}/{len} tokens, {rate:.0} tokens/s, ETA {eta:.0} s");
+            }
+        }
+    }
+
+    fn indexing(&self, rows: u64) {
+        let b = self.multi.add(ProgressBar::new(rows));
+        b.set_style(
+            ProgressStyle::with_template(
+                "{msg:10} [{bar:36}] {human_pos}/{human_len} rows    ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        b.set_message("indexing");
+        if let Some(old) = self
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(b)
+        {
+            old.finish_and_clear();
+        }
+    }
+
+    fn indexed(&self, rows: u64) {
+        if let Some(b) = &*self.index.lock().unwrap_or_else(|p| p.into_inner()) {
+            b.set_position(rows);
+        }
+    }
+
+    fn committed(&self, s: &SegmentInfo) {
+        if let Some(b) = self.index.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            b.finish_and_clear();
+        }
+        self.say(format!("committed segment {} ({} rows)", s.id, s.rows));
+    }
+}
+
+impl Bars {
+    fn say(&self, line: String) {
+        if self.plain.is_some() {
+            eprintln!("{line}");
+        } else {
+            let _ = self.multi.println(line);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(super::utc(1_700_000_000), "2023-11-14 22:13:20");
+    }
+}
