@@ -1,0 +1,179 @@
+//! Windowing and (key, next token) pairing of a built store, checked against a direct
+//! computation written here from the definition: the stream is `EOS d₁ EOS d₂ … EOS`; every
+//! position p except separators is keyed by the earliest window `[ks, ks + w)` with
+//! `ks < p < ks + w`, its key is the hidden state at p of a plain forward pass over that
+//! window alone, and its value is the token at p + 1.
+
+mod build_common;
+
+use build_common::*;
+use goodtriever::build::{self, BuildOptions, NoProgress};
+use goodtriever::datastore::{Datastore, KeyDtype};
+use goodtriever::fingerprint::KeyType;
+use goodtriever::model::{Model, Outputs, Positions, WeightFormat};
+
+fn direct(
+    model: &Model,
+    docs: &[String],
+    w: usize,
+    s: usize,
+    key_type: KeyType,
+) -> (Vec<f32>, Vec<u32>) {
+    let tok = model.tokenizer();
+    let eos = tok.eos_token_id().unwrap();
+    let mut stream = vec![eos];
+    let mut sep = vec![true];
+    for d in docs {
+        let ids = tok.encode(d).unwrap();
+        sep.extend(std::iter::repeat_n(false, ids.len()));
+        stream.extend(ids);
+        stream.push(eos);
+        sep.push(true);
+    }
+    let n = stream.len();
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    for p in 1..n - 1 {
+        if sep[p] {
+            continue;
+        }
+        let Some(k) = (0..)
+            .take_while(|k| k * s < n)
+            .find(|k| k * s < p && p < k * s + w)
+        else {
+            continue;
+        };
+        let (b, e) = (k * s, (k * s + w).min(n));
+        let mut cache = model.new_cache(1);
+        let out = model
+            .forward(
+                &stream[b..e],
+                1,
+                &mut cache,
+                Outputs {
+                    logits: Positions::None,
+                    keys: Positions::All,
+                    key_type,
+                },
+            )
+            .unwrap();
+        keys.extend_from_slice(out.key_at(0, p - b));
+        values.push(stream[p + 1]);
+    }
+    (keys, values)
+}
+
+fn check(window: usize, stride: usize, batch: usize, key_type: KeyType) {
+    let dir = tempfile::tempdir().unwrap();
+    let model_path = tiny_model(dir.path(), 64);
+    let model = Model::load(&model_path, WeightFormat::F32).unwrap();
+    let docs = texts(12, 7);
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &docs);
+
+    let mut opts = BuildOptions::new(vec![input]);
+    opts.window = Some(window);
+    opts.stride = Some(stride);
+    opts.batch = batch;
+    opts.dtype = KeyDtype::F32;
+    opts.key_type = Some(key_type);
+    let out = dir.path().join("store");
+    let report = build::build(&out, &model, &opts, &NoProgress).unwrap();
+
+    let (want_k, want_v) = direct(&model, &docs, window, stride, key_type);
+    let (got_k, got_v) = live_rows(&out);
+    assert_eq!(report.rows, want_v.len());
+    assert_eq!(got_v, want_v, "values (next tokens) differ");
+    assert_eq!(got_k.len(), want_k.len());
+    let worst = got_k
+        .iter()
+        .zip(&want_k)
+        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 1e-4,
+        "keys differ from the direct computation by {worst}"
+    );
+    let ds = Datastore::open(&out).unwrap();
+    assert_eq!(ds.len(), want_v.len());
+    assert_eq!(ds.key_type(), key_type);
+    assert_eq!(ds.fingerprint(), &model.fingerprint());
+}
+
+#[test]
+fn overlapping_windows_key_each_position_once_with_most_context() {
+    check(16, 6, 3, KeyType::LastFfnInput);
+}
+
+#[test]
+fn disjoint_windows_skip_each_window_start() {
+    check(10, 10, 2, KeyType::FinalHidden);
+}
+
+#[test]
+fn one_window_over_everything_matches_a_single_forward_pass() {
+    check(256, 128, 1, KeyType::LastFfnInput);
+}
+
+#[test]
+fn label_filter_selects_documents_and_multi_segment_builds_cover_all_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&tiny_model(dir.path(), 64), WeightFormat::F32).unwrap();
+    let docs = texts(40, 3);
+    let input = dir.path().join("in.jsonl");
+    write_jsonl(&input, &docs);
+    let toxic: Vec<String> = docs.iter().step_by(2).cloned().collect();
+
+    let mut opts = BuildOptions::new(vec![input.clone()]);
+    opts.window = Some(32);
+    opts.stride = Some(16);
+    opts.dtype = KeyDtype::F32;
+    opts.input.filter = Some(build::LabelFilter {
+        field: "toxicity".into(),
+        min: Some(0.5),
+        max: None,
+    });
+    // Small segments: several chunks, each its own segment.
+    opts.segment_tokens = 60;
+    let out = dir.path().join("toxic");
+    let report = build::build(&out, &model, &opts, &NoProgress).unwrap();
+    assert_eq!(report.documents, toxic.len());
+    assert!(
+        report.segments.len() >= 3,
+        "{} segments",
+        report.segments.len()
+    );
+    let segs = Datastore::open(&out).unwrap().segments();
+    assert!(segs
+        .iter()
+        .all(|s| s.provenance.label.as_deref() == Some("toxicity >= 0.5")));
+
+    // The same documents given directly as txt, as one chunk. Chunking only loses the pairs
+    // that straddle a split document (the last token of one chunk has no successor, the first
+    // token of the next is a window start), so the chunked rows are the whole build's rows
+    // minus at most two per chunk boundary, in the same order.
+    let txt = dir.path().join("toxic.txt");
+    std::fs::write(&txt, toxic.join("\n")).unwrap();
+    let mut one = BuildOptions::new(vec![txt]);
+    one.window = Some(32);
+    one.stride = Some(16);
+    one.dtype = KeyDtype::F32;
+    let whole = dir.path().join("whole");
+    let r1 = build::build(&whole, &model, &one, &NoProgress).unwrap();
+    assert_eq!(r1.tokens, report.tokens);
+    assert_eq!(r1.segments.len(), 1);
+    let (_, v_chunked) = live_rows(&out);
+    let (_, v_whole) = live_rows(&whole);
+    assert_eq!(v_chunked.len(), report.rows);
+    let lost = v_whole.len() - v_chunked.len();
+    assert!(
+        lost <= 2 * (report.segments.len() - 1),
+        "chunking lost {lost} rows over {} chunks",
+        report.segments.len()
+    );
+    let mut it = v_whole.iter();
+    assert!(
+        v_chunked.iter().all(|v| it.any(|w| w == v)),
+        "the chunked build's values are not a subsequence of the whole build's"
+    );
+}
