@@ -22,6 +22,27 @@ pub enum ModelCommand {
     Fetch(FetchArgs),
     /// Print a GGUF model's architecture, sizes, quantisation and fingerprint.
     Info(InfoArgs),
+    /// Per-token log-probabilities of a text under the model (perplexity; comparing engines).
+    Score(ScoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// The text to score.
+    #[arg(long, conflicts_with = "file")]
+    pub text: Option<String>,
+    /// A file whose whole content is scored.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// A GGUF llama-family model; the default model when omitted.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// How the weights are held: native, q8_0 or f32.
+    #[arg(long, default_value = "native")]
+    pub weights: String,
+    /// Print {"tokens", "logprobs", "nll"} as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +101,7 @@ pub fn run(args: ModelArgs) -> anyhow::Result<()> {
     match args.command {
         ModelCommand::Fetch(a) => fetch(a),
         ModelCommand::Info(a) => info(a),
+        ModelCommand::Score(a) => score(a),
     }
 }
 
@@ -143,5 +165,36 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
         f.tokenizer_digest.as_deref().unwrap_or("-")
     );
     println!("weight sha256 {}", f.weight_digest.as_deref().unwrap_or("-"));
+    Ok(())
+}
+
+fn score(args: ScoreArgs) -> anyhow::Result<()> {
+    let text = match (&args.text, &args.file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        (None, None) => anyhow::bail!("give --text TEXT or --file PATH"),
+    };
+    let format: goodtriever::model::WeightFormat = args.weights.parse()?;
+    let path = resolve_model_path(args.model.as_deref())?;
+    let model =
+        Model::load(&path, format).with_context(|| format!("loading {}", path.display()))?;
+    let tokens = model.tokenizer().encode(&text)?;
+    if tokens.len() < 2 {
+        anyhow::bail!("the text has {} token(s): nothing to score", tokens.len());
+    }
+    let logprobs = model.token_logprobs(&tokens)?;
+    let nll = -logprobs.iter().map(|&l| f64::from(l)).sum::<f64>() / logprobs.len() as f64;
+    if args.json {
+        let v = serde_json::json!({"tokens": tokens, "logprobs": logprobs, "nll": nll});
+        println!("{v}");
+    } else {
+        println!(
+            "{} tokens, per-token NLL {nll:.4} nats, perplexity {:.3} ({format} weights)",
+            tokens.len(),
+            nll.exp()
+        );
+    }
     Ok(())
 }

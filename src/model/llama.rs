@@ -3,37 +3,96 @@
 //! at any position (the retrieval key) and logits at chosen positions only, for a batch of rows
 //! with per-row positions.
 //!
-//! It computes the same function as `ModelWeights` (checked by the tests), with two changes that
-//! only affect speed: grouped-query attention is done by viewing the query heads of one KV head
-//! as extra query rows (no copy of K and V per query head), and the LM head and even the last
-//! MLP are skipped when the caller asks only for keys.
+//! It computes the same function as `ModelWeights` (checked by the tests), with changes that
+//! only affect speed: the Q, K, V projections and the gate and up projections are each fused
+//! into one matrix (one pass over the activations instead of three or two); grouped-query
+//! attention is done by viewing the query heads of one KV head as extra query rows (no copy of
+//! K and V per query head); the LM head and even the last MLP are skipped when the caller asks
+//! only for keys; and with [`WeightFormat::Q8_0`] the matrices run on our own 8-bit kernel
+//! ([`super::q8`]).
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use std::borrow::Cow;
+
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::config::LlamaConfig;
 use super::kv_cache::KvCache;
+use super::q8::{Q8Linear, BLOCK};
 use super::{ModelError, WeightFormat};
 use crate::fingerprint::KeyType;
 
+/// A weight matrix `(out, in)` applied to the last dimension of its input.
+enum Linear {
+    Candle(QMatMul),
+    Q8(Q8Linear),
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+        match self {
+            Linear::Candle(m) => Ok(m.forward(x)?),
+            Linear::Q8(l) => {
+                let x = x.contiguous()?;
+                let dims = x.dims();
+                let k = *dims.last().expect("at least 1-D");
+                let m = x.elem_count() / k;
+                let mut out = vec![0f32; m * l.out_features()];
+                {
+                    let (storage, layout) = x.storage_and_layout();
+                    let candle_core::Storage::Cpu(cpu) = &*storage else {
+                        return Err(ModelError::Input("only the CPU device is supported".into()));
+                    };
+                    let o = layout.start_offset();
+                    l.forward(&cpu.as_slice::<f32>()?[o..o + m * k], m, &mut out);
+                }
+                let mut shape = dims.to_vec();
+                *shape.last_mut().expect("at least 1-D") = l.out_features();
+                Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+            }
+        }
+    }
+}
+
+/// Several projections of the same input (Q, K, V; gate, up), fused into one matrix when
+/// their storage allows it, else kept apart.
+struct Proj {
+    parts: Vec<Linear>,
+    sizes: Vec<usize>,
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
+        if self.parts.len() == 1 && self.sizes.len() > 1 {
+            let y = self.parts[0].forward(x)?;
+            let mut at = 0;
+            let mut out = Vec::with_capacity(self.sizes.len());
+            for &n in &self.sizes {
+                out.push(y.narrow(candle_core::D::Minus1, at, n)?);
+                at += n;
+            }
+            Ok(out)
+        } else {
+            self.parts.iter().map(|p| p.forward(x)).collect()
+        }
+    }
+}
+
 pub(crate) struct Layer {
     attn_norm: RmsNorm,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    qkv: Proj,
+    wo: Linear,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate_up: Proj,
+    down: Linear,
 }
 
 pub(crate) struct Weights {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Linear,
     /// RoPE tables, `(context, head_dim / 2)`.
     cos: Tensor,
     sin: Tensor,
@@ -108,22 +167,79 @@ impl ForwardOutput {
     }
 }
 
-fn convert(q: QTensor, format: WeightFormat) -> Result<QMatMul, ModelError> {
+fn in_features(q: &QTensor) -> usize {
+    *q.shape().dims().last().unwrap_or(&0)
+}
+
+fn convert(q: QTensor, format: WeightFormat) -> Result<Linear, ModelError> {
     let dev = Device::Cpu;
-    let m = match format {
-        WeightFormat::Native => QMatMul::from_qtensor(q)?,
-        WeightFormat::F32 => QMatMul::Tensor(q.dequantize(&dev)?),
-        WeightFormat::Q8_0 => {
-            let k = *q.shape().dims().last().unwrap_or(&0);
-            if q.dtype() == GgmlDType::Q8_0 || k % GgmlDType::Q8_0.block_size() != 0 {
-                QMatMul::from_qtensor(q)?
+    Ok(match format {
+        WeightFormat::Native => Linear::Candle(QMatMul::from_qtensor(q)?),
+        WeightFormat::F32 => Linear::Candle(QMatMul::Tensor(q.dequantize(&dev)?)),
+        WeightFormat::Q8_0 if in_features(&q) % BLOCK == 0 => {
+            let (n, k) = q.shape().dims2()?;
+            let w: Vec<f32> = q.dequantize(&dev)?.flatten_all()?.to_vec1()?;
+            Linear::Q8(Q8Linear::from_f32(&w, n, k))
+        }
+        WeightFormat::Q8_0 => Linear::Candle(QMatMul::from_qtensor(q)?),
+    })
+}
+
+/// Fuses `parts` (same input size) into one matrix if their storage allows it.
+fn fuse(parts: Vec<QTensor>, format: WeightFormat) -> Result<Proj, ModelError> {
+    let dev = Device::Cpu;
+    let sizes: Vec<usize> = parts.iter().map(|q| q.shape().dims()[0]).collect();
+    let k = in_features(&parts[0]);
+    let n: usize = sizes.iter().sum();
+    let same_k = parts.iter().all(|q| q.shape().rank() == 2 && in_features(q) == k);
+    let one = match format {
+        _ if !same_k => None,
+        WeightFormat::F32 => {
+            let ts = parts
+                .iter()
+                .map(|q| q.dequantize(&dev))
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(Linear::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?)))
+        }
+        WeightFormat::Q8_0 if k % BLOCK == 0 => {
+            let mut w = Vec::with_capacity(n * k);
+            for q in &parts {
+                w.extend(q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Some(Linear::Q8(Q8Linear::from_f32(&w, n, k)))
+        }
+        WeightFormat::Q8_0 => None,
+        WeightFormat::Native => {
+            // Quantised rows are whole blocks: concatenating the raw bytes stacks the rows.
+            let dtype = parts[0].dtype();
+            if parts.iter().all(|q| q.dtype() == dtype) && k % dtype.block_size() == 0 {
+                let mut bytes = Vec::new();
+                for q in &parts {
+                    bytes.extend_from_slice(&q.data()?);
+                }
+                let storage = QStorage::from_data(Cow::Owned(bytes), &dev, dtype)?;
+                Some(Linear::Candle(QMatMul::from_qtensor(QTensor::new(
+                    storage,
+                    (n, k),
+                )?)?))
             } else {
-                let f = q.dequantize(&dev)?;
-                QMatMul::from_qtensor(QTensor::quantize(&f, GgmlDType::Q8_0)?)?
+                None
             }
         }
     };
-    Ok(m)
+    Ok(match one {
+        Some(l) => Proj {
+            parts: vec![l],
+            sizes,
+        },
+        None => Proj {
+            parts: parts
+                .into_iter()
+                .map(|q| convert(q, format))
+                .collect::<Result<_, _>>()?,
+            sizes,
+        },
+    })
 }
 
 fn rope_tables(cfg: &LlamaConfig) -> Result<(Tensor, Tensor), ModelError> {
@@ -156,27 +272,23 @@ impl Weights {
         let lm_head = if has("output.weight") {
             convert(fetch("output.weight")?, format)?
         } else if format == WeightFormat::F32 {
-            QMatMul::Tensor(embed.clone())
+            Linear::Candle(QMatMul::Tensor(embed.clone()))
         } else {
             convert(embed_q, format)?
         };
         let norm = RmsNorm::from_qtensor(fetch("output_norm.weight")?, eps)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
-            let mut w = |n: &str| convert(fetch(&format!("blk.{i}.{n}.weight"))?, format);
+            let mut w = |n: &str| fetch(&format!("blk.{i}.{n}.weight"));
+            let qkv = fuse(vec![w("attn_q")?, w("attn_k")?, w("attn_v")?], format)?;
+            let gate_up = fuse(vec![w("ffn_gate")?, w("ffn_up")?], format)?;
             layers.push(Layer {
-                wq: w("attn_q")?,
-                wk: w("attn_k")?,
-                wv: w("attn_v")?,
-                wo: w("attn_output")?,
-                gate: w("ffn_gate")?,
-                up: w("ffn_up")?,
-                down: w("ffn_down")?,
-                attn_norm: RmsNorm::from_qtensor(
-                    fetch(&format!("blk.{i}.attn_norm.weight"))?,
-                    eps,
-                )?,
-                ffn_norm: RmsNorm::from_qtensor(fetch(&format!("blk.{i}.ffn_norm.weight"))?, eps)?,
+                qkv,
+                wo: convert(w("attn_output")?, format)?,
+                gate_up,
+                down: convert(w("ffn_down")?, format)?,
+                attn_norm: RmsNorm::from_qtensor(w("attn_norm")?, eps)?,
+                ffn_norm: RmsNorm::from_qtensor(w("ffn_norm")?, eps)?,
             });
         }
         let (cos, sin) = rope_tables(cfg)?;
@@ -295,9 +407,8 @@ impl Weights {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let xn = layer.attn_norm.forward(&x)?;
-            let q = layer.wq.forward(&xn)?;
-            let k = layer.wk.forward(&xn)?;
-            let v = layer.wv.forward(&xn)?;
+            let qkv = layer.qkv.forward(&xn)?;
+            let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
             let q = q
                 .reshape((batch, seq, h, hd))?
                 .transpose(1, 2)?
@@ -341,9 +452,10 @@ impl Weights {
                     break;
                 }
             }
-            let mlp = layer.down.forward(
-                &(candle_nn::ops::silu(&layer.gate.forward(&hn)?)? * layer.up.forward(&hn)?)?,
-            )?;
+            let gu = layer.gate_up.forward(&hn)?;
+            let mlp = layer
+                .down
+                .forward(&(candle_nn::ops::silu(&gu[0])? * &gu[1])?)?;
             x = (mlp + x1)?;
         }
         cache.commit(seq);
