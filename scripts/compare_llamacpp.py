@@ -11,10 +11,11 @@ Usage (llama-cpp-python builds llama.cpp from source; this takes a while on 2 co
     .venv-llama/bin/python scripts/compare_llamacpp.py [--model PATH] [--weights native]
 
 It prints, for each weight format asked for, the token agreement, the mean and max absolute
-difference of per-token log-probabilities, and both per-token NLLs, and exits non-zero when
-the tolerance is exceeded: mean |Δ log p| ≤ 0.03 nats and |Δ NLL| ≤ 0.03 nats per token for
-the native format (both engines run the same Q4_1 weights, with Q8 activations in both),
-0.1 / 0.1 for converted formats (F32 drops the activation quantisation, Q8_0 re-quantises).
+difference of per-token log-probabilities, and both per-token NLLs, and exits non-zero unless
+the token ids are identical, mean |Δ log p| ≤ 0.08 nats and |Δ NLL| ≤ 0.02 nats per token.
+The per-token noise floor comes from llama.cpp's own approximations (f16 KV cache, 8-bit
+activations): even our F32 path, which has neither, differs from it by ~0.04 nats per token on
+average, while the mean over the text agrees to ~0.001-0.01.
 """
 
 import argparse
@@ -96,14 +97,13 @@ def main():
         mine = np.array(res["logprobs"], dtype=np.float64)
         d = np.abs(mine - theirs)
         nll_mine, nll_theirs = -mine.mean(), -theirs.mean()
-        tol = 0.03 if weights == "native" else 0.1
-        ok = same_tokens and d.mean() <= tol and abs(nll_mine - nll_theirs) <= tol
+        ok = same_tokens and d.mean() <= 0.08 and abs(nll_mine - nll_theirs) <= 0.02
         failed |= not ok
         print(
             f"{weights:<7} tokens {len(tokens)} (same as llama.cpp: {same_tokens}) | "
             f"|Δ log p| mean {d.mean():.4f} max {d.max():.4f} | "
             f"NLL ours {nll_mine:.4f} llama.cpp {nll_theirs:.4f} | "
-            f"tolerance {tol} -> {'OK' if ok else 'FAIL'}"
+            f"{'OK' if ok else 'FAIL'} (tolerance: mean 0.08, NLL 0.02)"
         )
     sys.exit(1 if failed else 0)
 

@@ -85,6 +85,17 @@ fn reference(path: &Path) -> ModelWeights {
     ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap()
 }
 
+/// F32 weights: the same function to float precision. Quantised weights run on our own
+/// kernels (equal to candle's per matmul up to f16 rounding of activation block sums, see
+/// `model::quant`), which this random network amplifies to under 2% of the largest logit.
+fn tol(dtype: GgmlDType, logits: &[f32]) -> f32 {
+    if dtype == GgmlDType::F32 {
+        1e-4
+    } else {
+        0.02 * logits.iter().fold(0f32, |m, v| m.max(v.abs()))
+    }
+}
+
 #[test]
 fn logits_equal_candle_transformers_quantized_llama() {
     let dir = tempfile::tempdir().unwrap();
@@ -126,7 +137,7 @@ fn logits_equal_candle_transformers_quantized_llama() {
             .to_vec1()
             .unwrap();
         let d = max_abs_diff(&ours.logits, &want);
-        assert!(d < 1e-4, "{dtype:?}: prefill logits differ by {d}");
+        assert!(d < tol(dtype, &want), "{dtype:?}: prefill logits differ by {d}");
         for (step, tok) in [17u32, 201].into_iter().enumerate() {
             let ours = model
                 .forward(&[tok], 1, &mut cache, Outputs::last(KeyType::FinalHidden))
@@ -143,7 +154,7 @@ fn logits_equal_candle_transformers_quantized_llama() {
                 .to_vec1()
                 .unwrap();
             let d = max_abs_diff(&ours.logits, &want);
-            assert!(d < 1e-4, "{dtype:?}: step {step} logits differ by {d}");
+            assert!(d < tol(dtype, &want), "{dtype:?}: step {step} logits differ by {d}");
         }
     }
 }

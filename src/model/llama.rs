@@ -9,17 +9,17 @@
 //! attention is done by viewing the query heads of one KV head as extra query rows (no copy of
 //! K and V per query head); the LM head and even the last MLP are skipped when the caller asks
 //! only for keys; and with [`WeightFormat::Q8_0`] the matrices run on our own 8-bit kernel
-//! ([`super::q8`]).
+//! ([`super::quant`]).
 
 use std::borrow::Cow;
 
-use candle_core::quantized::{QMatMul, QStorage, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::config::LlamaConfig;
 use super::kv_cache::KvCache;
-use super::q8::{Q8Linear, BLOCK};
+use super::quant::{Q4_1Linear, Q8Linear, BLOCK};
 use super::{ModelError, WeightFormat};
 use crate::fingerprint::KeyType;
 
@@ -27,32 +27,43 @@ use crate::fingerprint::KeyType;
 enum Linear {
     Candle(QMatMul),
     Q8(Q8Linear),
+    Q4_1(Q4_1Linear),
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Q8(l) => {
-                let x = x.contiguous()?;
-                let dims = x.dims();
-                let k = *dims.last().expect("at least 1-D");
-                let m = x.elem_count() / k;
-                let mut out = vec![0f32; m * l.out_features()];
-                {
-                    let (storage, layout) = x.storage_and_layout();
-                    let candle_core::Storage::Cpu(cpu) = &*storage else {
-                        return Err(ModelError::Input("only the CPU device is supported".into()));
-                    };
-                    let o = layout.start_offset();
-                    l.forward(&cpu.as_slice::<f32>()?[o..o + m * k], m, &mut out);
-                }
-                let mut shape = dims.to_vec();
-                *shape.last_mut().expect("at least 1-D") = l.out_features();
-                Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
+            Linear::Q8(l) => run_quant(x, l.out_features(), |x, m, out| l.forward(x, m, out)),
+            Linear::Q4_1(l) => {
+                run_quant(x, l.out_features(), |x, m, out| l.forward(x, m, out))
             }
         }
     }
+}
+
+/// Applies one of our quantised kernels to the rows of `x`.
+fn run_quant(
+    x: &Tensor,
+    n: usize,
+    f: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<Tensor, ModelError> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let dims = x.dims();
+    let k = *dims.last().expect("at least 1-D");
+    let m = x.elem_count() / k;
+    let mut out = vec![0f32; m * n];
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(ModelError::Input("only the CPU device is supported".into()));
+        };
+        let o = layout.start_offset();
+        f(&cpu.as_slice::<f32>()?[o..o + m * k], m, &mut out);
+    }
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("at least 1-D") = n;
+    Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
 }
 
 /// Several projections of the same input (Q, K, V; gate, up), fused into one matrix when
@@ -173,15 +184,20 @@ fn in_features(q: &QTensor) -> usize {
 
 fn convert(q: QTensor, format: WeightFormat) -> Result<Linear, ModelError> {
     let dev = Device::Cpu;
-    Ok(match format {
-        WeightFormat::Native => Linear::Candle(QMatMul::from_qtensor(q)?),
-        WeightFormat::F32 => Linear::Candle(QMatMul::Tensor(q.dequantize(&dev)?)),
-        WeightFormat::Q8_0 if in_features(&q) % BLOCK == 0 => {
+    let k = in_features(&q);
+    Ok(match (format, q.dtype()) {
+        (WeightFormat::F32, _) => Linear::Candle(QMatMul::Tensor(q.dequantize(&dev)?)),
+        (WeightFormat::Native, GgmlDType::Q4_1) if k % BLOCK == 0 => {
+            let (n, k) = q.shape().dims2()?;
+            Linear::Q4_1(Q4_1Linear::from_ggml(&q.data()?, n, k))
+        }
+        // Q8_0 stored: re-quantising its dequantised values gives back the same blocks.
+        (WeightFormat::Q8_0, _) | (WeightFormat::Native, GgmlDType::Q8_0) if k % BLOCK == 0 => {
             let (n, k) = q.shape().dims2()?;
             let w: Vec<f32> = q.dequantize(&dev)?.flatten_all()?.to_vec1()?;
             Linear::Q8(Q8Linear::from_f32(&w, n, k))
         }
-        WeightFormat::Q8_0 => Linear::Candle(QMatMul::from_qtensor(q)?),
+        _ => Linear::Candle(QMatMul::from_qtensor(q)?),
     })
 }
 
@@ -218,10 +234,7 @@ fn fuse(parts: Vec<QTensor>, format: WeightFormat) -> Result<Proj, ModelError> {
                     bytes.extend_from_slice(&q.data()?);
                 }
                 let storage = QStorage::from_data(Cow::Owned(bytes), &dev, dtype)?;
-                Some(Linear::Candle(QMatMul::from_qtensor(QTensor::new(
-                    storage,
-                    (n, k),
-                )?)?))
+                Some(convert(QTensor::new(storage, (n, k))?, format)?)
             } else {
                 None
             }

@@ -20,7 +20,7 @@ mod extract;
 pub mod fetch;
 pub mod kv_cache;
 pub mod llama;
-mod q8;
+mod quant;
 pub mod testing;
 pub mod tokenizer;
 
