@@ -752,8 +752,9 @@ pub fn build(
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new(".")),
     )?;
-    drop(lock);
+    // Removed while still locked, so a concurrent build cannot start in it meanwhile.
     remove_if_exists(&staging)?;
+    drop(lock);
 
     Ok(BuildReport {
         dir: out.to_path_buf(),
