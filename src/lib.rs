@@ -1,6 +1,7 @@
 pub mod build;
 pub mod datastore;
 pub mod detox;
+pub mod eval;
 pub mod fingerprint;
 pub mod generate;
 pub mod model;

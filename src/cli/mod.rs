@@ -7,6 +7,7 @@ pub mod adjust;
 pub mod control_args;
 pub mod datastore;
 pub mod datastore_build;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod serve;
@@ -36,6 +37,8 @@ pub enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Serve the control over gRPC: a decoding hook for any generation engine.
     Serve(Box<serve::ServeArgs>),
+    /// Toxicity evaluation: sample many prompts base vs controlled, and conditional perplexity.
+    Eval(eval::EvalArgs),
 }
 
 pub fn init_tracing(verbose: u8) {
@@ -59,5 +62,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(*args),
         Command::Model(args) => model::run(args),
         Command::Generate(args) => generate::run(*args),
+        Command::Eval(args) => eval::run(args),
     }
 }
