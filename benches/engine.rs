@@ -7,7 +7,10 @@
 //!   which takes minutes to index on 2 cores);
 //! - `GOODTRIEVER_BENCH_DTYPE`: `f32` (default) or `f16`;
 //! - `GOODTRIEVER_BENCH_STORES=TOXIC_DIR,NONTOXIC_DIR`: bench existing stores instead (for
-//!   example the ones `scripts/bench_search.py` caches under target/bench-data), no build.
+//!   example the ones `scripts/bench_search.py` caches under target/bench-data), no build;
+//! - `GOODTRIEVER_BENCH_QUERIES=Q.npy`: queries ([B, 576] f32) drawn from those stores'
+//!   distribution (e.g. the script's `queries.npy`); the default queries come from this file's
+//!   own mixture and are far from other stores' data, which makes HNSW walks unrepresentative.
 //!
 //! For latency at matched recall against faiss, memory and build time, see
 //! `scripts/bench_search.py`.
@@ -143,7 +146,18 @@ fn stores() -> (Arc<Datastore>, Arc<Datastore>, Option<tempfile::TempDir>) {
 
 fn engine(c: &mut Criterion) {
     let (toxic, nontoxic, _tmp) = stores();
-    let queries = Mixture::new(0x5eed).sample(32, 3).0;
+    let queries = match std::env::var("GOODTRIEVER_BENCH_QUERIES") {
+        Ok(p) => {
+            let (b, d, q) = goodtriever::npy::read_queries(std::path::Path::new(&p))
+                .unwrap_or_else(|e| panic!("cannot read {p}: {e}"));
+            assert!(
+                d == DIM && b >= 32,
+                "{p} must hold at least 32 rows of D = {DIM}"
+            );
+            q[..32 * DIM].to_vec()
+        }
+        Err(_) => Mixture::new(0x5eed).sample(32, 3).0,
+    };
     let rows = toxic.len();
     let mut group = c.benchmark_group(format!("adjust_sparse_1row/{rows}rows"));
     group
