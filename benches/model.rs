@@ -24,7 +24,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn tokens(n: usize, salt: u32) -> Vec<u32> {
     // Ordinary English token ids (no control tokens), varied per row.
-    (0..n as u32).map(|i| 300 + (i * 7919 + salt * 104_729) % 40_000).collect()
+    (0..n as u32)
+        .map(|i| 300 + (i * 7919 + salt * 104_729) % 40_000)
+        .collect()
 }
 
 /// Seconds to prefill `batch` rows of `len` tokens.
@@ -33,7 +35,12 @@ fn prefill(model: &Model, batch: usize, len: usize) -> f64 {
     let mut cache = model.new_cache(batch);
     let t = Instant::now();
     model
-        .forward(&flat, batch, &mut cache, Outputs::last(KeyType::FinalHidden))
+        .forward(
+            &flat,
+            batch,
+            &mut cache,
+            Outputs::last(KeyType::FinalHidden),
+        )
         .unwrap();
     t.elapsed().as_secs_f64()
 }
@@ -44,13 +51,19 @@ fn decode(model: &Model, batch: usize, steps: usize) -> f64 {
     let mut cache = model.new_cache(1);
     let mut out = ForwardOutput::default();
     let o = Outputs::last(KeyType::LastFfnInput);
-    model.forward_into(&prompt, 1, &mut cache, o, &mut out).unwrap();
+    model
+        .forward_into(&prompt, 1, &mut cache, o, &mut out)
+        .unwrap();
     cache.select_rows(&vec![0; batch]).unwrap();
     let mut next = vec![500u32; batch];
     let t = Instant::now();
     for s in 0..steps {
-        model.forward_into(&next, batch, &mut cache, o, &mut out).unwrap();
-        next.iter_mut().enumerate().for_each(|(r, x)| *x = 300 + ((s * 31 + r * 17) % 30_000) as u32);
+        model
+            .forward_into(&next, batch, &mut cache, o, &mut out)
+            .unwrap();
+        next.iter_mut()
+            .enumerate()
+            .for_each(|(r, x)| *x = 300 + ((s * 31 + r * 17) % 30_000) as u32);
     }
     t.elapsed().as_secs_f64() / steps as f64
 }
@@ -62,7 +75,14 @@ fn extract(model: &Model, n_tokens: usize, window: usize, stride: usize, batch: 
     let mut pairs = 0usize;
     let t = Instant::now();
     model
-        .encode_pairs(&stream, window, stride, KeyType::LastFfnInput, batch, |_, _| pairs += 1)
+        .encode_pairs(
+            &stream,
+            window,
+            stride,
+            KeyType::LastFfnInput,
+            batch,
+            |_, _| pairs += 1,
+        )
         .unwrap();
     pairs as f64 / t.elapsed().as_secs_f64()
 }
@@ -89,7 +109,9 @@ fn main() {
     println!(
         "model {} | {} threads | {} repetitions, medians",
         path.display(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         reps
     );
     println!(

@@ -137,7 +137,10 @@ fn logits_equal_candle_transformers_quantized_llama() {
             .to_vec1()
             .unwrap();
         let d = max_abs_diff(&ours.logits, &want);
-        assert!(d < tol(dtype, &want), "{dtype:?}: prefill logits differ by {d}");
+        assert!(
+            d < tol(dtype, &want),
+            "{dtype:?}: prefill logits differ by {d}"
+        );
         for (step, tok) in [17u32, 201].into_iter().enumerate() {
             let ours = model
                 .forward(&[tok], 1, &mut cache, Outputs::last(KeyType::FinalHidden))
@@ -154,7 +157,10 @@ fn logits_equal_candle_transformers_quantized_llama() {
                 .to_vec1()
                 .unwrap();
             let d = max_abs_diff(&ours.logits, &want);
-            assert!(d < tol(dtype, &want), "{dtype:?}: step {step} logits differ by {d}");
+            assert!(
+                d < tol(dtype, &want),
+                "{dtype:?}: step {step} logits differ by {d}"
+            );
         }
     }
 }

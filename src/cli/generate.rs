@@ -80,7 +80,8 @@ pub struct GenerateArgs {
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
-    s.parse().map_err(|e: goodtriever::model::ModelError| e.to_string())
+    s.parse()
+        .map_err(|e: goodtriever::model::ModelError| e.to_string())
 }
 
 fn parse_mode(s: &str) -> Result<Mode, String> {
@@ -90,7 +91,8 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
     let mut prompts = args.prompt.clone();
     if let Some(path) = &args.prompts {
-        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
         for (i, line) in BufReader::new(file).lines().enumerate() {
             let line = line.with_context(|| format!("reading {}", path.display()))?;
             if line.trim().is_empty() {
@@ -109,7 +111,10 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
             };
             match text {
                 Some(t) => prompts.push(t.to_string()),
-                None => bail!("{}: expected a string or an object with \"prompt\" or \"text\"", where_()),
+                None => bail!(
+                    "{}: expected a string or an object with \"prompt\" or \"text\"",
+                    where_()
+                ),
             }
         }
     }
@@ -119,7 +124,7 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
     Ok(prompts)
 }
 
-fn open_store(path: &PathBuf, role: &str) -> anyhow::Result<Arc<Datastore>> {
+fn open_store(path: &std::path::Path, role: &str) -> anyhow::Result<Arc<Datastore>> {
     Ok(Arc::new(Datastore::open(path).with_context(|| {
         format!("opening the {role} datastore {}", path.display())
     })?))
@@ -216,7 +221,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     if steps > 0 {
         let control = if hook.is_some() {
-            format!(", control {:.1} ms ({:.0}%)", hook_ms, 100.0 * hook_ms / step_ms.max(1e-9))
+            format!(
+                ", control {:.1} ms ({:.0}%)",
+                hook_ms,
+                100.0 * hook_ms / step_ms.max(1e-9)
+            )
         } else {
             String::new()
         };

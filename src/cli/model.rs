@@ -136,14 +136,24 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
         .iter()
         .map(|(t, n)| format!("{t} ×{n}"))
         .collect();
-    println!("file          {} ({} bytes)", info.path.display(), info.file_size);
+    println!(
+        "file          {} ({} bytes)",
+        info.path.display(),
+        info.file_size
+    );
     println!("name          {}", c.name);
     println!("architecture  {}", c.architecture);
     println!("parameters    {}", info.parameters);
     println!("tensors       {}", types.join(", "));
     println!(
         "sizes         hidden {}, layers {}, heads {} (kv {}), head dim {}, ffn {}, vocab {}",
-        c.hidden_size, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.intermediate_size, c.vocab_size
+        c.hidden_size,
+        c.n_layers,
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size
     );
     println!(
         "rope          base {}, context {}; rms eps {:e}",
@@ -164,7 +174,10 @@ fn info(args: InfoArgs) -> anyhow::Result<()> {
         "vocab sha256  {}",
         f.tokenizer_digest.as_deref().unwrap_or("-")
     );
-    println!("weight sha256 {}", f.weight_digest.as_deref().unwrap_or("-"));
+    println!(
+        "weight sha256 {}",
+        f.weight_digest.as_deref().unwrap_or("-")
+    );
     Ok(())
 }
 

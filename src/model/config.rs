@@ -106,8 +106,8 @@ impl LlamaConfig {
             opt_u32(md, &a("attention.head_count_kv")).unwrap_or(n_heads as u32) as usize;
         if n_heads == 0
             || n_kv_heads == 0
-            || hidden_size % n_heads != 0
-            || n_heads % n_kv_heads != 0
+            || !hidden_size.is_multiple_of(n_heads)
+            || !n_heads.is_multiple_of(n_kv_heads)
         {
             return Err(ModelError::Metadata(format!(
                 "inconsistent attention sizes: hidden {hidden_size}, heads {n_heads}, kv heads {n_kv_heads}"

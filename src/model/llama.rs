@@ -35,9 +35,7 @@ impl Linear {
         match self {
             Linear::Candle(m) => Ok(m.forward(x)?),
             Linear::Q8(l) => run_quant(x, l.out_features(), |x, m, out| l.forward(x, m, out)),
-            Linear::Q4_1(l) => {
-                run_quant(x, l.out_features(), |x, m, out| l.forward(x, m, out))
-            }
+            Linear::Q4_1(l) => run_quant(x, l.out_features(), |x, m, out| l.forward(x, m, out)),
         }
     }
 }
@@ -187,12 +185,14 @@ fn convert(q: QTensor, format: WeightFormat) -> Result<Linear, ModelError> {
     let k = in_features(&q);
     Ok(match (format, q.dtype()) {
         (WeightFormat::F32, _) => Linear::Candle(QMatMul::Tensor(q.dequantize(&dev)?)),
-        (WeightFormat::Native, GgmlDType::Q4_1) if k % BLOCK == 0 => {
+        (WeightFormat::Native, GgmlDType::Q4_1) if k.is_multiple_of(BLOCK) => {
             let (n, k) = q.shape().dims2()?;
             Linear::Q4_1(Q4_1Linear::from_ggml(&q.data()?, n, k))
         }
         // Q8_0 stored: re-quantising its dequantised values gives back the same blocks.
-        (WeightFormat::Q8_0, _) | (WeightFormat::Native, GgmlDType::Q8_0) if k % BLOCK == 0 => {
+        (WeightFormat::Q8_0, _) | (WeightFormat::Native, GgmlDType::Q8_0)
+            if k.is_multiple_of(BLOCK) =>
+        {
             let (n, k) = q.shape().dims2()?;
             let w: Vec<f32> = q.dequantize(&dev)?.flatten_all()?.to_vec1()?;
             Linear::Q8(Q8Linear::from_f32(&w, n, k))
@@ -207,7 +207,9 @@ fn fuse(parts: Vec<QTensor>, format: WeightFormat) -> Result<Proj, ModelError> {
     let sizes: Vec<usize> = parts.iter().map(|q| q.shape().dims()[0]).collect();
     let k = in_features(&parts[0]);
     let n: usize = sizes.iter().sum();
-    let same_k = parts.iter().all(|q| q.shape().rank() == 2 && in_features(q) == k);
+    let same_k = parts
+        .iter()
+        .all(|q| q.shape().rank() == 2 && in_features(q) == k);
     let one = match format {
         _ if !same_k => None,
         WeightFormat::F32 => {
@@ -217,7 +219,7 @@ fn fuse(parts: Vec<QTensor>, format: WeightFormat) -> Result<Proj, ModelError> {
                 .collect::<Result<Vec<_>, _>>()?;
             Some(Linear::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?)))
         }
-        WeightFormat::Q8_0 if k % BLOCK == 0 => {
+        WeightFormat::Q8_0 if k.is_multiple_of(BLOCK) => {
             let mut w = Vec::with_capacity(n * k);
             for q in &parts {
                 w.extend(q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?);
@@ -228,7 +230,7 @@ fn fuse(parts: Vec<QTensor>, format: WeightFormat) -> Result<Proj, ModelError> {
         WeightFormat::Native => {
             // Quantised rows are whole blocks: concatenating the raw bytes stacks the rows.
             let dtype = parts[0].dtype();
-            if parts.iter().all(|q| q.dtype() == dtype) && k % dtype.block_size() == 0 {
+            if parts.iter().all(|q| q.dtype() == dtype) && k.is_multiple_of(dtype.block_size()) {
                 let mut bytes = Vec::new();
                 for q in &parts {
                     bytes.extend_from_slice(&q.data()?);
@@ -331,7 +333,7 @@ impl Weights {
         want: Outputs,
         out: &mut ForwardOutput,
     ) -> Result<(), ModelError> {
-        if batch == 0 || tokens.is_empty() || tokens.len() % batch != 0 {
+        if batch == 0 || tokens.is_empty() || !tokens.len().is_multiple_of(batch) {
             return Err(ModelError::Input(format!(
                 "{} tokens do not form {batch} rows of equal length",
                 tokens.len()

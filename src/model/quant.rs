@@ -38,11 +38,19 @@ fn quantize_block(x: &[f32], q: &mut [i8]) -> f32 {
 impl Q8Linear {
     /// Quantises a row-major `n × k` f32 matrix.
     pub fn from_f32(w: &[f32], n: usize, k: usize) -> Self {
-        assert!(k % BLOCK == 0 && w.len() == n * k, "{n}×{k} with {} values", w.len());
+        assert!(
+            k.is_multiple_of(BLOCK) && w.len() == n * k,
+            "{n}×{k} with {} values",
+            w.len()
+        );
         let nb = k / BLOCK;
         let mut qs = vec![0i8; n * k];
         let mut scales = vec![0f32; n * nb];
-        for ((wb, qb), s) in w.chunks(BLOCK).zip(qs.chunks_mut(BLOCK)).zip(scales.iter_mut()) {
+        for ((wb, qb), s) in w
+            .chunks(BLOCK)
+            .zip(qs.chunks_mut(BLOCK))
+            .zip(scales.iter_mut())
+        {
             // ggml stores the scale as f16; the quants are computed with the f32 scale.
             *s = f16::from_f32(quantize_block(wb, qb)).to_f32();
         }
@@ -87,7 +95,7 @@ const Q4_1_BYTES: usize = 20;
 impl Q4_1Linear {
     /// From the raw bytes of a ggml Q4_1 tensor of `n` rows of `k` values.
     pub fn from_ggml(bytes: &[u8], n: usize, k: usize) -> Self {
-        assert!(k % BLOCK == 0 && bytes.len() == n * k / BLOCK * Q4_1_BYTES);
+        assert!(k.is_multiple_of(BLOCK) && bytes.len() == n * k / BLOCK * Q4_1_BYTES);
         let blocks = n * k / BLOCK;
         let mut nibbles = Vec::with_capacity(blocks * 16);
         let mut d = Vec::with_capacity(blocks);
@@ -97,7 +105,13 @@ impl Q4_1Linear {
             min.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
             nibbles.extend_from_slice(&b[4..20]);
         }
-        Self { n, k, nibbles, d, min }
+        Self {
+            n,
+            k,
+            nibbles,
+            d,
+            min,
+        }
     }
 
     pub fn out_features(&self) -> usize {
@@ -135,7 +149,7 @@ struct Activations {
 
 impl Activations {
     fn quantize(x: &[f32], m: usize, k: usize) -> Self {
-        assert!(k % BLOCK == 0 && x.len() == m * k);
+        assert!(k.is_multiple_of(BLOCK) && x.len() == m * k);
         let mut qs = vec![0i8; m * k];
         let mut scales = vec![0f32; m * k / BLOCK];
         let mut sums = vec![0f32; m * k / BLOCK];
@@ -152,7 +166,12 @@ impl Activations {
             *s = f16::from_f32(scale * qb.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
                 .to_f32();
         }
-        Self { k, qs, scales, sums }
+        Self {
+            k,
+            qs,
+            scales,
+            sums,
+        }
     }
 
     fn row(&self, i: usize) -> &[i8] {
@@ -253,7 +272,11 @@ pub fn dot_q4_1_scalar(w: &[u8], d: &[f32], mn: &[f32], x: &[i8], xs: &[f32], xs
 pub fn dot_scalar(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
     let mut acc = 0f32;
     for (b, (wb, xb)) in w.chunks(BLOCK).zip(x.chunks(BLOCK)).enumerate() {
-        let s: i32 = wb.iter().zip(xb).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+        let s: i32 = wb
+            .iter()
+            .zip(xb)
+            .map(|(&a, &b)| i32::from(a) * i32::from(b))
+            .sum();
         acc += ws[b] * xs[b] * s as f32;
     }
     acc
@@ -374,7 +397,10 @@ mod tests {
             let x = Q8Linear::from_f32(&data(k, 2), 1, k);
             let want = dot_scalar(&w.qs, &w.scales, &x.qs, &x.scales);
             let got = kernel_q8()(&w.qs, &w.scales, &x.qs, &x.scales);
-            assert!((want - got).abs() <= 1e-4 * want.abs().max(1.0), "{nb}: {want} vs {got}");
+            assert!(
+                (want - got).abs() <= 1e-4 * want.abs().max(1.0),
+                "{nb}: {want} vs {got}"
+            );
         }
         // Extreme values: |q| = 127 everywhere must not overflow the pairwise i16 sums.
         let k = 64;
@@ -416,9 +442,26 @@ mod tests {
                 &lin.d[j * nb..(j + 1) * nb],
                 &lin.min[j * nb..(j + 1) * nb],
             );
-            let want = dot_q4_1_scalar(args.0, args.1, args.2, act.row(1), act.scales(1), act.sums(1));
-            let got = kernel_q4_1()(args.0, args.1, args.2, act.row(1), act.scales(1), act.sums(1));
-            assert!((want - got).abs() <= 1e-4 * want.abs().max(1.0), "{want} vs {got}");
+            let want = dot_q4_1_scalar(
+                args.0,
+                args.1,
+                args.2,
+                act.row(1),
+                act.scales(1),
+                act.sums(1),
+            );
+            let got = kernel_q4_1()(
+                args.0,
+                args.1,
+                args.2,
+                act.row(1),
+                act.scales(1),
+                act.sums(1),
+            );
+            assert!(
+                (want - got).abs() <= 1e-4 * want.abs().max(1.0),
+                "{want} vs {got}"
+            );
         }
         let mut out = vec![0f32; m * n];
         lin.forward(&x, m, &mut out);
@@ -435,7 +478,10 @@ mod tests {
                     }
                 }
                 let got = out[i * n + j];
-                assert!((exact - got).abs() < 0.05 * (k as f32).sqrt(), "({i},{j}) {exact} vs {got}");
+                assert!(
+                    (exact - got).abs() < 0.05 * (k as f32).sqrt(),
+                    "({i},{j}) {exact} vs {got}"
+                );
             }
         }
     }
@@ -454,7 +500,13 @@ mod tests {
             if dtype == GgmlDType::Q4_1 {
                 Q4_1Linear::from_ggml(&q.data().unwrap(), n, k).forward(&x, m, &mut ours);
             } else {
-                let deq: Vec<f32> = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                let deq: Vec<f32> = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
                 Q8Linear::from_f32(&deq, n, k).forward(&x, m, &mut ours);
             }
             let theirs: Vec<f32> = QMatMul::from_qtensor(q)
@@ -465,7 +517,11 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let d = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let d = ours
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             // Equal up to the f16 rounding of the activations' block sums (candle rounds the
             // sum before scaling it, ggml after): ~1e-4 relative on outputs of magnitude ~8.
             assert!(d < 3e-3, "{dtype:?}: {d}");
@@ -484,7 +540,10 @@ mod tests {
             for j in 0..n {
                 let exact: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
                 let got = out[i * n + j];
-                assert!((exact - got).abs() < 0.02 * (k as f32).sqrt(), "({i},{j}) {exact} vs {got}");
+                assert!(
+                    (exact - got).abs() < 0.02 * (k as f32).sqrt(),
+                    "({i},{j}) {exact} vs {got}"
+                );
             }
         }
         // Large enough to take the parallel path: same as row by row.
