@@ -123,8 +123,8 @@ def add_latency(add_tokens: int, big_from: Path, big_rows: int) -> dict:
     big = WORK / "big"
     rows = replicate(big_from, big, big_rows)
     log(f"{big}: {rows} rows in hard-linked segments of {big_from}")
-    # ~25 tokens per tweet; the report gives the exact count.
-    texts = tweets(toxic=False)[: max(1, add_tokens // 25)]
+    # ~42 tokens per tweet (measured); the add's report gives the exact count.
+    texts = tweets(toxic=False)[: max(1, add_tokens // 42)]
     src = WORK / "add.jsonl"
     write_jsonl(src, texts)
     reader = subprocess.Popen([str(READER), str(big), "10"], stdout=subprocess.PIPE,

@@ -3,8 +3,8 @@
 //! Documents are tokenized once and kept only as token ids (4 bytes a token, against 1–2 KB a
 //! key), so the whole plan of a build — how many chunks, how many rows each — is known before
 //! the model runs: that gives an exact ETA and lets an interrupted build check what it already
-//! committed. The ids are then cut into **chunks** of about `segment_tokens` tokens at document
-//! boundaries (a document longer than that is split); each chunk becomes one segment, so the
+//! committed. The ids are then cut into **chunks** of at most `segment_tokens` tokens at
+//! document boundaries (a document longer than that is split); each chunk becomes one segment, so the
 //! memory of a build is bounded by one chunk's keys whatever the input size.
 //!
 //! Within a chunk, documents are joined as `EOS d₁ EOS d₂ … EOS`. The paper concatenated
@@ -89,37 +89,54 @@ impl ChunkPlan {
     }
 }
 
-/// Cuts the corpus into chunks of at least `segment_tokens` stream tokens (the last may be
-/// smaller), splitting only documents longer than that.
+/// Cuts the corpus into chunks of at most `segment_tokens` stream tokens (separators
+/// included, plus the final EOS) at document boundaries. Only a document that does not fit in
+/// a chunk of its own is split, into pieces that each fill a chunk.
 pub fn plan_chunks(corpus: &Corpus, segment_tokens: usize) -> Vec<ChunkPlan> {
-    let cap = segment_tokens.max(1);
+    let cap = segment_tokens.max(2);
     let mut chunks = Vec::new();
-    let mut cur = ChunkPlan { pieces: Vec::new() };
-    let mut len = 0usize;
+    let mut cur: Vec<Piece> = Vec::new();
+    let mut len = 0usize; // stream tokens of `cur`, separators included
+    let close = |cur: &mut Vec<Piece>, len: &mut usize, chunks: &mut Vec<ChunkPlan>| {
+        if !cur.is_empty() {
+            chunks.push(ChunkPlan {
+                pieces: std::mem::take(cur),
+            });
+        }
+        *len = 0;
+    };
     for doc in &corpus.docs {
+        let need = doc.len() + 1; // the separator in front
+        if len > 0 && len + need > cap {
+            close(&mut cur, &mut len, &mut chunks);
+        }
+        if need <= cap {
+            cur.push(Piece {
+                range: doc.clone(),
+                starts_doc: true,
+                ends_doc: true,
+            });
+            len += need;
+            continue;
+        }
+        // Longer than a chunk (and `cur` is empty here): pieces that each fill one.
         let mut pos = doc.start;
         while pos < doc.end {
-            let take = (doc.end - pos).min(cap.saturating_sub(len).max(1));
-            let piece = Piece {
+            let first = usize::from(pos == doc.start);
+            let take = (doc.end - pos).min((cap - len - first).max(1));
+            cur.push(Piece {
                 range: pos..pos + take,
                 starts_doc: pos == doc.start,
                 ends_doc: pos + take == doc.end,
-            };
-            len += take + usize::from(piece.starts_doc);
-            cur.pieces.push(piece);
+            });
+            len += take + first;
             pos += take;
             if len >= cap {
-                chunks.push(std::mem::replace(
-                    &mut cur,
-                    ChunkPlan { pieces: Vec::new() },
-                ));
-                len = 0;
+                close(&mut cur, &mut len, &mut chunks);
             }
         }
     }
-    if !cur.pieces.is_empty() {
-        chunks.push(cur);
-    }
+    close(&mut cur, &mut len, &mut chunks);
     chunks
 }
 
@@ -183,9 +200,9 @@ mod tests {
         seen.dedup();
         assert_eq!(n, c.tokens.len());
         assert_eq!(seen, (0..c.tokens.len()).collect::<Vec<_>>());
-        for ch in &plan[..plan.len() - 1] {
+        for ch in &plan {
             let (t, _) = ch.stream(&c, 0);
-            assert!(t.len() >= 8, "{ch:?}");
+            assert!(t.len() <= 8 + 1, "{ch:?}");
         }
         // Only the 20-token document is split; its middle pieces carry no separators.
         let split: Vec<&Piece> = plan

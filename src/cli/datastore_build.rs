@@ -77,7 +77,7 @@ pub struct BuildArgs {
     /// The new datastore's directory (must not exist, or be empty).
     #[arg(long)]
     pub out: PathBuf,
-    /// Tokens per segment: bounds the memory of a large build (about 3.5 KB a token at
+    /// Tokens per segment: bounds the memory of a large build (about 5 KB a token at
     /// D = 576 while a segment is indexed).
     #[arg(long, default_value_t = DEFAULT_SEGMENT_TOKENS)]
     pub segment_tokens: usize,
