@@ -45,8 +45,9 @@ pub struct GenerateArgs {
     /// A GGUF llama-family model; the default model (`goodtriever model fetch`) when omitted.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// How the weights are held: q8_0 (fastest decoding), f32 or native.
-    #[arg(long, default_value = "q8_0", value_parser = parse_format)]
+    /// How the weights are held: native (as in the file; our Q4_1/Q8_0 kernels, the fastest
+    /// decoding for the default model), q8_0 or f32.
+    #[arg(long, default_value = "native", value_parser = parse_format)]
     pub weights: WeightFormat,
     /// One JSON object per sample: prompt, continuation, token ids, timing.
     #[arg(long)]
