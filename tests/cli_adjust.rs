@@ -129,7 +129,7 @@ fn mismatched_inputs_fail_with_a_message_and_write_nothing() {
     let p = tmp.path();
     make_store(&p.join("tox"), 1, 15);
     make_store(&p.join("non"), 2, 30);
-    npy::write_f32(&p.join("h.npy"), 2, DIM + 1, &vec![0.5; 2 * (DIM + 1)]).unwrap();
+    npy::write_f32(&p.join("h.npy"), 2, DIM + 1, &[0.5; 2 * (DIM + 1)]).unwrap();
     let out = bin()
         .args(["adjust", "--toxic"])
         .arg(p.join("tox"))

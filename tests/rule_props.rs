@@ -144,7 +144,10 @@ fn neighbours(vocab: u32, k: usize) -> impl Strategy<Value = Vec<(u32, f32)>> {
     prop::collection::vec((0..vocab, 0.0f32..3000.0), 1..=k)
 }
 
-fn case() -> impl Strategy<Value = (Vec<f32>, Vec<(u32, f32)>, Vec<(u32, f32)>, RuleParams)> {
+/// Logits, the non-toxic store's neighbours, the toxic store's neighbours, parameters.
+type Case = (Vec<f32>, Vec<(u32, f32)>, Vec<(u32, f32)>, RuleParams);
+
+fn case() -> impl Strategy<Value = Case> {
     (8usize..200).prop_flat_map(|vocab| {
         (
             prop::collection::vec(-20.0f32..20.0, vocab),

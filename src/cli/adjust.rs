@@ -2,7 +2,7 @@
 //! another engine; the same engine the server and the generator call.
 
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -46,7 +46,7 @@ pub struct AdjustArgs {
     pub out: PathBuf,
 }
 
-fn open(path: &PathBuf, role: &str) -> anyhow::Result<Arc<Datastore>> {
+fn open(path: &Path, role: &str) -> anyhow::Result<Arc<Datastore>> {
     let store = Datastore::open(path)
         .with_context(|| format!("opening the {role} datastore {}", path.display()))?;
     Ok(Arc::new(store))
@@ -123,7 +123,7 @@ pub fn run(args: AdjustArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_sparse_jsonl(path: &PathBuf, rows: &[SparseRow]) -> anyhow::Result<()> {
+fn write_sparse_jsonl(path: &Path, rows: &[SparseRow]) -> anyhow::Result<()> {
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut w = BufWriter::new(file);
