@@ -158,7 +158,13 @@ impl Sampler {
         if params.temperature <= 0.0 {
             return argmax(logits);
         }
-        let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        // Ties go to the smaller token id, as in `argmax`, so top-k 1 and a tiny top-p are
+        // exactly greedy and the kept set never depends on the selection algorithm's order.
+        let by_logit_desc = |a: &u32, b: &u32| {
+            logits[*b as usize]
+                .total_cmp(&logits[*a as usize])
+                .then(a.cmp(b))
+        };
         self.idx.clear();
         self.idx
             .extend((0..logits.len() as u32).filter(|&i| logits[i as usize] > f32::NEG_INFINITY));

@@ -3,16 +3,14 @@
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use goodtriever::datastore::Datastore;
-use goodtriever::detox::{ControlStore, DetoxScratch, Detoxifier};
+use goodtriever::detox::{DetoxScratch, Detoxifier};
 use goodtriever::npy;
-use goodtriever::rule::{Mode, SparseRow};
+use goodtriever::rule::SparseRow;
 
-use super::control_args::{RuleArgs, SearchArgs};
+use super::control_args::{open_control_stores, RuleArgs, SearchArgs};
 
 /// Adjust dumped hidden states with the toxic and non-toxic datastores.
 ///
@@ -46,37 +44,9 @@ pub struct AdjustArgs {
     pub out: PathBuf,
 }
 
-fn open(path: &Path, role: &str) -> anyhow::Result<Arc<Datastore>> {
-    let store = Datastore::open(path)
-        .with_context(|| format!("opening the {role} datastore {}", path.display()))?;
-    Ok(Arc::new(store))
-}
-
 pub fn run(args: AdjustArgs) -> anyhow::Result<()> {
     let opts = args.rule.options()?;
-    let mut stores = Vec::new();
-    if let Some(p) = &args.toxic {
-        stores.push(ControlStore {
-            name: "toxic".into(),
-            store: open(p, "toxic")?,
-            weight: -1.0,
-        });
-    }
-    if let Some(p) = &args.nontoxic {
-        stores.push(ControlStore {
-            name: "nontoxic".into(),
-            store: open(p, "non-toxic")?,
-            weight: 1.0,
-        });
-    }
-    match opts.mode {
-        Mode::Ensemble if args.toxic.is_none() || args.nontoxic.is_none() => {
-            bail!("ensemble mode needs both --toxic and --nontoxic")
-        }
-        Mode::ToxicOnly if args.toxic.is_none() => bail!("toxic-only mode needs --toxic"),
-        Mode::KnnLm if args.nontoxic.is_none() => bail!("knn-lm mode needs --nontoxic"),
-        _ => {}
-    }
+    let stores = open_control_stores(args.toxic.as_deref(), args.nontoxic.as_deref(), opts.mode)?;
 
     let (rows, dim, hidden) = npy::read_queries(&args.hidden)?;
     let logits = match &args.logits {

@@ -1,9 +1,14 @@
 //! Command-line knobs of the control, shared by `adjust`, `generate` and `serve` so that the
 //! three spell and default them the same way.
 
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
 use clap::Args;
-use goodtriever::datastore::{SearchMode, SearchParams};
-use goodtriever::detox::AdjustOptions;
+use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
+use goodtriever::detox::{AdjustOptions, ControlHook, ControlStore, Detoxifier};
+use goodtriever::model::Model;
 use goodtriever::rule::{Mode, RuleParams};
 
 /// The decoding rule's parameters (defaults: the paper's).
@@ -73,4 +78,56 @@ impl SearchArgs {
             ef: self.ef,
         }
     }
+}
+
+/// Opens the stores given as `--toxic` / `--nontoxic` as the control's experts (toxic weight
+/// −1, non-toxic +1), after checking that `mode` gets the stores it needs.
+pub fn open_control_stores(
+    toxic: Option<&Path>,
+    nontoxic: Option<&Path>,
+    mode: Mode,
+) -> anyhow::Result<Vec<ControlStore>> {
+    match mode {
+        Mode::Ensemble if toxic.is_none() || nontoxic.is_none() => {
+            bail!("ensemble mode needs both --toxic and --nontoxic")
+        }
+        Mode::ToxicOnly if toxic.is_none() => bail!("toxic-only mode needs --toxic"),
+        Mode::KnnLm if nontoxic.is_none() => bail!("knn-lm mode needs --nontoxic"),
+        _ => {}
+    }
+    let mut stores = Vec::new();
+    for (path, name, role, weight) in [
+        (toxic, "toxic", "toxic", -1.0),
+        (nontoxic, "nontoxic", "non-toxic", 1.0),
+    ] {
+        if let Some(p) = path {
+            let store = Datastore::open(p)
+                .with_context(|| format!("opening the {role} datastore {}", p.display()))?;
+            stores.push(ControlStore {
+                name: name.into(),
+                store: Arc::new(store),
+                weight,
+            });
+        }
+    }
+    Ok(stores)
+}
+
+/// The generator's per-step control for `model`, or `None` when no store was given.
+pub fn control_hook(
+    toxic: Option<&Path>,
+    nontoxic: Option<&Path>,
+    opts: AdjustOptions,
+    search: SearchParams,
+    model: &Model,
+) -> anyhow::Result<Option<ControlHook>> {
+    if toxic.is_none() && nontoxic.is_none() {
+        return Ok(None);
+    }
+    let stores = open_control_stores(toxic, nontoxic, opts.mode)?;
+    let detox = Detoxifier::new(stores, opts, search, Some(model.config().vocab_size))?;
+    if let Err(why) = model.fingerprint().check_compatible(detox.fingerprint()) {
+        bail!("the datastores were built with another model than this one: {why}");
+    }
+    Ok(Some(ControlHook::new(Arc::new(detox), opts)?))
 }

@@ -2,18 +2,16 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use goodtriever::datastore::Datastore;
-use goodtriever::detox::{AdjustOptions, ControlHook, ControlStore, Detoxifier};
+use goodtriever::detox::{AdjustOptions, ControlHook};
 use goodtriever::generate::{Generator, Sample, SamplingParams, StepHook};
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use goodtriever::rule::{Mode, RuleParams};
 use serde_json::json;
 
-use super::control_args::SearchArgs;
+use super::control_args::{control_hook, SearchArgs};
 
 /// Sample continuations of prompts; with --toxic/--nontoxic datastores, every step is steered
 /// by the Goodtriever rule.
@@ -125,16 +123,7 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
     Ok(prompts)
 }
 
-fn open_store(path: &std::path::Path, role: &str) -> anyhow::Result<Arc<Datastore>> {
-    Ok(Arc::new(Datastore::open(path).with_context(|| {
-        format!("opening the {role} datastore {}", path.display())
-    })?))
-}
-
 fn control(args: &GenerateArgs, model: &Model) -> anyhow::Result<Option<ControlHook>> {
-    if args.toxic.is_none() && args.nontoxic.is_none() {
-        return Ok(None);
-    }
     let opts = AdjustOptions {
         params: RuleParams {
             alpha: args.alpha,
@@ -146,37 +135,13 @@ fn control(args: &GenerateArgs, model: &Model) -> anyhow::Result<Option<ControlH
         mode: args.mode,
     };
     opts.params.validate()?;
-    match opts.mode {
-        Mode::Ensemble if args.toxic.is_none() || args.nontoxic.is_none() => {
-            bail!("ensemble mode needs both --toxic and --nontoxic")
-        }
-        Mode::ToxicOnly if args.toxic.is_none() => bail!("toxic-only mode needs --toxic"),
-        Mode::KnnLm if args.nontoxic.is_none() => bail!("knn-lm mode needs --nontoxic"),
-        _ => {}
-    }
-    let mut stores = Vec::new();
-    for (path, name, role, weight) in [
-        (&args.toxic, "toxic", "toxic", -1.0),
-        (&args.nontoxic, "nontoxic", "non-toxic", 1.0),
-    ] {
-        if let Some(p) = path {
-            stores.push(ControlStore {
-                name: name.into(),
-                store: open_store(p, role)?,
-                weight,
-            });
-        }
-    }
-    let detox = Detoxifier::new(
-        stores,
+    control_hook(
+        args.toxic.as_deref(),
+        args.nontoxic.as_deref(),
         opts,
         args.search.params(),
-        Some(model.config().vocab_size),
-    )?;
-    if let Err(why) = model.fingerprint().check_compatible(detox.fingerprint()) {
-        bail!("the datastores were built with another model than this one: {why}");
-    }
-    Ok(Some(ControlHook::new(Arc::new(detox), opts)?))
+        model,
+    )
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
