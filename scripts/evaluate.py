@@ -54,7 +54,7 @@ TARGETS = {
     "dist_drop_max": 0.03,
     "control_latency_share_max": 0.25,
 }
-QUICK = {"n_prompts": 60, "samples": 10, "tokens": 20}
+QUICK = {"n_prompts": 50, "samples": 10, "tokens": 20}
 FULL = {"n_prompts": 1000, "samples": 25, "tokens": 20}
 
 
