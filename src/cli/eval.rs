@@ -14,19 +14,16 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use goodtriever::datastore::Datastore;
-use goodtriever::detox::{ControlHook, ControlStore, Detoxifier};
 use goodtriever::eval::{continuation_logprobs, read_prompts};
 use goodtriever::generate::{Generator, SamplingParams, StepHook, StopReason};
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use serde_json::{json, Value};
 
-use super::control_args::{RuleArgs, SearchArgs};
+use super::control_args::{control_hook, RuleArgs, SearchArgs};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -77,7 +74,9 @@ pub struct EvalGenerateArgs {
     /// A GGUF llama-family model; the default model when omitted.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[arg(long, default_value = "q8_0", value_parser = parse_format)]
+    /// How the weights are held: native (the file's, our kernels: the fastest decoding for the
+    /// default model), q8_0 or f32.
+    #[arg(long, default_value = "native", value_parser = parse_format)]
     pub weights: WeightFormat,
     /// The toxic datastore (anti-expert).
     #[arg(long)]
@@ -132,39 +131,6 @@ fn load_model(path: Option<&Path>, weights: WeightFormat) -> anyhow::Result<Mode
     Model::load(&path, weights).with_context(|| format!("loading the model {}", path.display()))
 }
 
-fn control(args: &EvalGenerateArgs, model: &Model) -> anyhow::Result<Option<ControlHook>> {
-    let mut stores = Vec::new();
-    for (path, name, weight) in [
-        (&args.toxic, "toxic", -1.0),
-        (&args.nontoxic, "nontoxic", 1.0),
-    ] {
-        if let Some(p) = path {
-            let store = Datastore::open(p)
-                .with_context(|| format!("opening the {name} datastore {}", p.display()))?;
-            stores.push(ControlStore {
-                name: name.into(),
-                store: Arc::new(store),
-                weight,
-            });
-        }
-    }
-    if stores.is_empty() {
-        return Ok(None);
-    }
-    let opts = args.rule.options()?;
-    // Detoxifier::new checks that the stores suit the mode (both for ensemble, ...).
-    let detox = Detoxifier::new(
-        stores,
-        opts,
-        args.search.params(),
-        Some(model.config().vocab_size),
-    )?;
-    if let Err(why) = model.fingerprint().check_compatible(detox.fingerprint()) {
-        bail!("the datastores were built with another model than this one: {why}");
-    }
-    Ok(Some(ControlHook::new(Arc::new(detox), opts)?))
-}
-
 fn create(path: &Path) -> anyhow::Result<BufWriter<File>> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -191,7 +157,13 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
         bail!("{} holds no prompt", args.prompts.display());
     }
     let model = load_model(args.model.as_deref(), args.weights)?;
-    let mut hook = control(&args, &model)?;
+    let mut hook = control_hook(
+        args.toxic.as_deref(),
+        args.nontoxic.as_deref(),
+        args.rule.options()?,
+        args.search.params(),
+        &model,
+    )?;
     if hook.is_none() && args.skip_base {
         bail!("--skip-base leaves nothing to generate without --toxic/--nontoxic");
     }
