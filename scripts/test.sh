@@ -14,3 +14,7 @@ python3 -m venv .venv-client
 .venv-client/bin/pip install --quiet --disable-pip-version-check ./clients/python pytest
 (cd clients/python && GOODTRIEVER_BIN="$PWD/../../target/debug/goodtriever" \
     ../../.venv-client/bin/python -m pytest -q)
+
+# The evaluation's metric code (EMT, toxicity probability, dist-n, perplexity) on hand-computed
+# cases; pure Python, so the client's venv (which has pytest) runs it.
+.venv-client/bin/python -m pytest -q -p no:cacheprovider scripts/tests
