@@ -402,34 +402,15 @@ impl Detoxifier {
         scratch: &mut DetoxScratch,
         out: &mut [f32],
     ) -> Result<(), DetoxError> {
-        let rows = self.check_hidden(hidden)?;
-        if logits.len() != rows * self.vocab || out.len() != logits.len() {
+        if out.len() != logits.len() {
             return Err(DetoxError::LogitsShape {
-                len: logits.len(),
-                rows,
+                len: out.len(),
+                rows: hidden.len() / self.dim.max(1),
                 vocab: self.vocab,
             });
         }
-        let selection = self.retrieve(hidden, rows, opts, scratch)?;
-        let DetoxScratch {
-            neighbours,
-            rule,
-            sparse,
-        } = scratch;
-        let mut experts = [Expert::<Neighbour> {
-            weight: 0.0,
-            neighbours: &[],
-        }; MAX_STORES];
-        for (row, (z, o)) in logits
-            .chunks_exact(self.vocab)
-            .zip(out.chunks_exact_mut(self.vocab))
-            .enumerate()
-        {
-            let n = self.experts_for(selection, neighbours, row, &mut experts);
-            rule::dense_row(opts.mode, &experts[..n], &opts.params, z, rule, sparse, o)
-                .map_err(|source| DetoxError::Row { row, source })?;
-        }
-        Ok(())
+        out.copy_from_slice(logits);
+        self.adjust_dense_in_place(hidden, out, opts, scratch)
     }
 
     /// Dense form over the logits' own buffer: `logits` (`rows × vocab`) holds raw logits on
