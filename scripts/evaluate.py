@@ -38,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from data_venv import reexec_in_data_venv  # noqa: E402
+
 from eval_metrics import (  # noqa: E402
     dist_n,
     expected_max_toxicity,
@@ -64,13 +66,7 @@ def log(msg: str) -> None:
 
 def ensure_venv() -> None:
     """Re-executes inside .venv-data (scorer, matplotlib)."""
-    venv = REPO / ".venv-data"
-    if Path(sys.prefix).resolve() == venv.resolve():
-        return
-    py = venv / "bin" / "python"
-    if not py.exists():
-        sys.exit(f"{py} is missing: run python3 scripts/prepare_data.py first")
-    os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
+    reexec_in_data_venv(__file__)
 
 
 def run(cmd: list[str]) -> float:

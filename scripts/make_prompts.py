@@ -48,6 +48,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from data_venv import reexec_in_data_venv  # noqa: E402
 DAVIDSON = REPO.parent / "shared" / "data" / "davidson" / "labeled_data.csv"
 MIN_WORDS, MAX_WORDS = 8, 50
 CHALLENGING_MIN = 0.5
@@ -73,13 +76,7 @@ def davidson_is_heldout(row_index: str) -> bool:
 
 def ensure_venv() -> None:
     """Re-executes inside .venv-data, where prepare_data.py installed alt-profanity-check."""
-    venv = REPO / ".venv-data"
-    if Path(sys.prefix).resolve() == venv.resolve():
-        return
-    py = venv / "bin" / "python"
-    if not py.exists():
-        sys.exit(f"{py} is missing: run python3 scripts/prepare_data.py first")
-    os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
+    reexec_in_data_venv(__file__)
 
 
 def clean_tweet(t: str) -> str:
