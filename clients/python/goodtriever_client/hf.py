@@ -11,13 +11,18 @@ sends it to the server, and applies the sparse answer to the scores::
     out = model.generate(**inputs, logits_processor=[proc])
 
 The returned scores are the adjusted normalised log-probabilities (-inf where the base nucleus
-removed a token); sampling, temperature and top-p apply after, as usual.
+removed a token). transformers runs user processors after its own penalties and before its
+sampling warpers, so temperature, top-k and top-p apply after the control, as in the paper.
+
+Tested with transformers 4.47.1 on torch 1.13.1 (Debian's python3-torch). With that torch on
+Python 3.11, pass `synced_gpus=False` to `generate` (see the README).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import time
+from typing import List, Optional
 
 import torch
 from transformers import LogitsProcessor
@@ -65,6 +70,12 @@ def find_key_module(model, key_type: str) -> torch.nn.Module:
     )
 
 
+def _hidden_size(model) -> Optional[int]:
+    config = getattr(model, "config", None)
+    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return int(size) if size else None
+
+
 def apply_bias_torch(scores: torch.Tensor, bias: Bias) -> torch.Tensor:
     """`apply_bias` on torch tensors, on the scores' device: log_softmax, base nucleus at
     `filter_p`, scale, bias (or kNN-LM mixture), log_softmax."""
@@ -99,7 +110,12 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
 
     `key_type` defaults to the server's; `key_module` overrides the module lookup for
     architectures not listed here. Overrides (`alpha`, `k`, `mode`, ...) apply to every step.
-    Call `remove()` to detach the hook when done with the model.
+    `send_f16` halves the bytes on the wire. Call `remove()` to detach the hook when done with
+    the model.
+
+    After a generation, `step_seconds` holds the wall time each step spent in the processor
+    (copy to the CPU, the round trip, applying the bias) and `engine_micros` the server's
+    engine time of each step; `reset_timings()` clears both.
     """
 
     def __init__(
@@ -116,12 +132,25 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
         self.overrides = overrides
         self.send_f16 = send_f16
         if key_type is None:
-            key_type = client.info().model.key_type
+            info = client.info().model
+            key_type = info.key_type
+            hidden_size = _hidden_size(model)
+            if hidden_size is not None and info.hidden_size and hidden_size != info.hidden_size:
+                raise ValueError(
+                    f"the model's hidden size is {hidden_size} but the server's stores hold "
+                    f"{info.hidden_size}-dimensional keys: they come from another model"
+                )
         self.key_type = key_type
         module = key_module if key_module is not None else find_key_module(model, key_type)
         self._captured: Optional[torch.Tensor] = None
         self._handle = module.register_forward_hook(self._hook)
         self.steps = 0
+        self.step_seconds: List[float] = []
+        self.engine_micros: List[int] = []
+
+    def reset_timings(self) -> None:
+        self.step_seconds.clear()
+        self.engine_micros.clear()
 
     def _hook(self, module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -135,11 +164,22 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
             raise RuntimeError(
                 f"captured {hidden.shape[0]} hidden rows for {scores.shape[0]} score rows"
             )
+        start = time.perf_counter()
         h = hidden.to(torch.float16 if self.send_f16 else torch.float32).cpu().numpy()
         bias = self.client.adjust(h, **self.overrides)
         self._captured = None
+        width = scores.shape[-1]
+        for row in bias.rows:
+            if len(row.tokens) and int(row.tokens.max()) >= width:
+                raise RuntimeError(
+                    f"the server answered token {int(row.tokens.max())} but the scores have only "
+                    f"{width} columns: its stores come from a model with a larger vocabulary"
+                )
+        out = apply_bias_torch(scores, bias)
         self.steps += 1
-        return apply_bias_torch(scores, bias)
+        self.step_seconds.append(time.perf_counter() - start)
+        self.engine_micros.append(bias.engine_micros)
+        return out
 
     def remove(self) -> None:
         self._handle.remove()

@@ -41,25 +41,32 @@ def binary() -> Path:
     return _binary()
 
 
+def import_store(binary: Path, directory: Path, keys: np.ndarray, values: np.ndarray, *, model_id: str = "tiny-test", label: str = "") -> Path:
+    """Writes keys [N, D] and next-token values [N] to .npy files beside `directory` and imports
+    them with `goodtriever datastore import` (f32 keys)."""
+    directory = Path(directory)
+    np.save(directory.parent / f"{directory.name}_keys.npy", np.ascontiguousarray(keys, dtype=np.float32))
+    np.save(directory.parent / f"{directory.name}_values.npy", np.asarray(values, dtype=np.int64))
+    subprocess.run(
+        [
+            str(binary), "datastore", "import",
+            "--keys", str(directory.parent / f"{directory.name}_keys.npy"),
+            "--values", str(directory.parent / f"{directory.name}_values.npy"),
+            "--model-id", model_id, "--dtype", "f32", "--label", label or directory.name, str(directory),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return directory
+
+
 @pytest.fixture(scope="session")
 def stores(tmp_path_factory, binary):
     root = tmp_path_factory.mktemp("stores")
     dirs = {}
     for name, seed in (("toxic", 1), ("nontoxic", 2)):
         keys, values = make_keys(300, seed)
-        np.save(root / f"{name}_keys.npy", keys)
-        np.save(root / f"{name}_values.npy", values)
-        d = root / name
-        subprocess.run(
-            [
-                str(binary), "datastore", "import", "--keys", str(root / f"{name}_keys.npy"),
-                "--values", str(root / f"{name}_values.npy"), "--model-id", "tiny-test",
-                "--dtype", "f32", "--label", name, str(d),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        dirs[name] = d
+        dirs[name] = import_store(binary, root / name, keys, values, label=name)
     return dirs
 
 
@@ -68,14 +75,13 @@ class Served:
         self.proc, self.grpc, self.metrics = proc, grpc, metrics
 
 
-@pytest.fixture(scope="module")
-def server(stores, binary):
-    env = dict(os.environ, GOODTRIEVER_ADMIN_TOKEN=TOKEN)
+def start_server(binary: Path, toxic: Path, nontoxic: Path, *args: str, env=None) -> Served:
+    """`goodtriever serve` on free loopback ports (gRPC and metrics), waiting for its
+    `listening grpc=... metrics=...` line. Stop it with `stop_server`."""
     proc = subprocess.Popen(
         [
-            str(binary), "serve", "--toxic", str(stores["toxic"]), "--nontoxic",
-            str(stores["nontoxic"]), "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0",
-            "--vocab-size", str(VOCAB), "--k", "32", "--temperature", "10", "--exact",
+            str(binary), "serve", "--toxic", str(toxic), "--nontoxic", str(nontoxic),
+            "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", *args,
         ],
         stdout=subprocess.PIPE,
         env=env,
@@ -86,7 +92,21 @@ def server(stores, binary):
         proc.kill()
         pytest.fail(f"goodtriever serve did not start: {line!r}")
     fields = dict(w.split("=", 1) for w in line.split()[1:])
-    served = Served(proc, fields["grpc"], fields["metrics"])
+    return Served(proc, fields["grpc"], fields["metrics"])
+
+
+def stop_server(served: Served) -> None:
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def server(stores, binary):
+    env = dict(os.environ, GOODTRIEVER_ADMIN_TOKEN=TOKEN)
+    served = start_server(
+        binary, stores["toxic"], stores["nontoxic"],
+        "--vocab-size", str(VOCAB), "--k", "32", "--temperature", "10", "--exact",
+        env=env,
+    )
     yield served
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, "serve did not exit cleanly on SIGTERM"
+    stop_server(served)
