@@ -1,7 +1,8 @@
 //! `goodtriever eval generate` and `eval perplexity` end to end on the tiny random llama and
 //! two tiny stores: the record layout scripts/evaluate.py relies on (one record per prompt ×
 //! variant × sample, prompt fields carried through, batch timings), seeded reruns, and
-//! perplexities equal to the model's own unbatched token log-probabilities.
+//! perplexities equal to the model's own unbatched token log-probabilities; and the sampling
+//! and control flags spelled the same in `generate` and `eval generate`.
 
 mod build_common;
 
@@ -85,6 +86,10 @@ fn generate_then_perplexity_on_the_tiny_model() {
             &nontoxic,
             "--alpha",
             "4",
+            "--temperature",
+            "1",
+            "--knn-temperature",
+            "100",
             "--out",
             out.to_str().unwrap(),
         ]);
@@ -181,4 +186,71 @@ fn generate_then_perplexity_on_the_tiny_model() {
         let want_ppl = (nll / cont.len() as f64).exp();
         assert!((p["ppl"].as_f64().unwrap() / want_ppl - 1.0).abs() < 1e-2);
     }
+}
+
+/// The long flags of a command, from its --help.
+fn long_flags(cmd: &[&str]) -> Vec<String> {
+    let mut args = cmd.to_vec();
+    args.push("--help");
+    let (ok, out, err) = run(&args);
+    assert!(ok, "{err}");
+    let mut flags: Vec<String> = out
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == '[' || c == ']')
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches(['.', ')', ':']).to_string())
+        .collect();
+    flags.sort();
+    flags.dedup();
+    flags
+}
+
+#[test]
+fn generate_and_eval_generate_spell_sampling_and_rule_flags_alike() {
+    let generate = long_flags(&["generate"]);
+    let eval = long_flags(&["eval", "generate"]);
+    for f in [
+        "--temperature",
+        "--knn-temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--max-new-tokens",
+        "--num-samples",
+        "--alpha",
+        "--k",
+        "--filter-p",
+        "--lambda",
+        "--mode",
+        "--exact",
+        "--ef",
+        "--model",
+        "--weights",
+        "--toxic",
+        "--nontoxic",
+    ] {
+        assert!(
+            generate.contains(&f.to_string()),
+            "generate lacks {f}: {generate:?}"
+        );
+        assert!(
+            eval.contains(&f.to_string()),
+            "eval generate lacks {f}: {eval:?}"
+        );
+    }
+    for old in ["--sample-temperature"] {
+        assert!(!eval.contains(&old.to_string()), "{old} is gone");
+    }
+    // adjust does not sample: its kNN temperature is --knn-temperature, --temperature still
+    // accepted as its old name.
+    assert!(long_flags(&["adjust"]).contains(&"--knn-temperature".to_string()));
+    let (_, _, err) = run(&[
+        "adjust",
+        "--temperature",
+        "0",
+        "--hidden",
+        "x.npy",
+        "--out",
+        "y",
+    ]);
+    assert!(!err.contains("unexpected argument"), "{err}");
 }

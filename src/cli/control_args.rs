@@ -1,13 +1,20 @@
-//! Command-line knobs of the control, shared by `adjust`, `generate` and `serve` so that the
-//! three spell and default them the same way.
+//! Command-line knobs of the control and of sampling, shared by `adjust`, `generate`,
+//! `eval generate` and `serve` so that they spell and default them the same way.
+//!
+//! Two temperatures meet in the commands that sample: the sampler's and the kNN softmax's.
+//! Everywhere, `--knn-temperature` is the kNN's (T of the rule) and, in the commands that
+//! sample (`generate`, `eval generate`), `--temperature` is the sampler's. `adjust` and `serve`
+//! do not sample, so there `--temperature` stays accepted as another name for the kNN's
+//! ([`RuleArgs`]); the sampling commands flatten [`SamplingRuleArgs`], which drops that alias.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{ArgMatches, Args, Command, FromArgMatches};
 use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
 use goodtriever::detox::{AdjustOptions, ControlHook, ControlStore, Detoxifier};
+use goodtriever::generate::SamplingParams;
 use goodtriever::model::Model;
 use goodtriever::rule::{Mode, RuleParams};
 
@@ -17,9 +24,14 @@ pub struct RuleArgs {
     /// Strength of the control (α): 0 leaves the model's distribution as it is.
     #[arg(long, default_value_t = RuleParams::default().alpha, allow_negative_numbers = true)]
     pub alpha: f32,
-    /// Temperature of the kNN softmax over squared L2 distances (T > 0).
-    #[arg(long, default_value_t = RuleParams::default().temperature)]
-    pub temperature: f32,
+    /// Temperature of the kNN softmax over squared L2 distances (T > 0); not the sampling
+    /// temperature. `adjust` and `serve` also accept it as `--temperature`.
+    #[arg(
+        long = "knn-temperature",
+        alias = "temperature",
+        default_value_t = RuleParams::default().temperature
+    )]
+    pub knn_temperature: f32,
     /// Neighbours retrieved from each datastore (1..=4096).
     #[arg(long, default_value_t = RuleParams::default().k)]
     pub k: usize,
@@ -43,7 +55,7 @@ impl RuleArgs {
     pub fn options(&self) -> anyhow::Result<AdjustOptions> {
         let params = RuleParams {
             alpha: self.alpha,
-            temperature: self.temperature,
+            temperature: self.knn_temperature,
             k: self.k,
             filter_p: self.filter_p,
             lambda: self.lambda,
@@ -53,6 +65,78 @@ impl RuleArgs {
             params,
             mode: self.mode,
         })
+    }
+}
+
+/// [`RuleArgs`] for the commands that also sample: the kNN temperature is only
+/// `--knn-temperature`, since `--temperature` is the sampler's ([`SamplingArgs`]).
+#[derive(Debug, Clone)]
+pub struct SamplingRuleArgs(pub RuleArgs);
+
+impl SamplingRuleArgs {
+    pub fn options(&self) -> anyhow::Result<AdjustOptions> {
+        self.0.options()
+    }
+
+    /// `alias(None)` clears the aliases of RuleArgs' kNN temperature.
+    fn without_alias(cmd: Command) -> Command {
+        cmd.mut_arg("knn_temperature", |a| a.alias(None))
+    }
+}
+
+impl FromArgMatches for SamplingRuleArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        RuleArgs::from_arg_matches(m).map(Self)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        self.0.update_from_arg_matches(m)
+    }
+}
+
+impl Args for SamplingRuleArgs {
+    fn augment_args(cmd: Command) -> Command {
+        Self::without_alias(RuleArgs::augment_args(cmd))
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::without_alias(RuleArgs::augment_args_for_update(cmd))
+    }
+}
+
+/// The sampler's knobs, shared by `generate` and `eval generate` (the number of samples per
+/// prompt is each command's own: its default differs).
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// New tokens per continuation (the paper's evaluation: 20).
+    #[arg(long, default_value_t = 20)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy (the kNN softmax's is --knn-temperature).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Nucleus sampling mass, in (0, 1]; 1 switches it off (the paper: 0.9). Under the control
+    /// it applies after the rule, whose own nucleus is --filter-p.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f32,
+    /// Keep only the k most likely tokens; 0 switches it off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    /// The generator's parameters for `num_samples` rows seeded with `seed`.
+    pub fn params(&self, num_samples: usize, seed: u64) -> SamplingParams {
+        SamplingParams {
+            num_samples,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed,
+        }
     }
 }
 

@@ -19,11 +19,11 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use goodtriever::eval::{continuation_logprobs, read_prompts};
-use goodtriever::generate::{Generator, SamplingParams, StepHook, StopReason};
+use goodtriever::generate::{Generator, StepHook, StopReason};
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use serde_json::{json, Value};
 
-use super::control_args::{control_hook, RuleArgs, SearchArgs};
+use super::control_args::{control_hook, SamplingArgs, SamplingRuleArgs, SearchArgs};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -56,21 +56,11 @@ pub struct EvalGenerateArgs {
     /// Continuations per prompt (the paper: 25), decoded as one batch.
     #[arg(long, default_value_t = 25)]
     pub num_samples: usize,
-    /// New tokens per continuation (the paper: 20).
-    #[arg(long, default_value_t = 20)]
-    pub max_new_tokens: usize,
-    /// Sampling temperature (`--temperature` is the kNN softmax's, as in `adjust`/`serve`).
-    #[arg(long, default_value_t = 1.0)]
-    pub sample_temperature: f32,
-    /// Nucleus sampling mass (the paper: 0.9).
-    #[arg(long, default_value_t = 0.9)]
-    pub top_p: f32,
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    /// Run seed; each prompt's samples are seeded from (seed, prompt index), the same for the
-    /// base and the controlled variant.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    // Sampling (the paper: top-p 0.9, 20 tokens). `--seed` is the run's: each prompt's
+    // samples are seeded from (seed, prompt index), the same for the base and the controlled
+    // variant.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// A GGUF llama-family model; the default model when omitted.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -91,7 +81,7 @@ pub struct EvalGenerateArgs {
     #[arg(long, default_value = "goodtriever")]
     pub variant: String,
     #[command(flatten)]
-    pub rule: RuleArgs,
+    pub rule: SamplingRuleArgs,
     #[command(flatten)]
     pub search: SearchArgs,
 }
@@ -172,14 +162,9 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let (mut sequences, mut step_ms, mut hook_ms) = (0usize, BTreeMap::new(), 0.0);
     for (pi, prompt) in prompts.iter().enumerate() {
-        let params = SamplingParams {
-            num_samples: args.num_samples,
-            max_new_tokens: args.max_new_tokens,
-            temperature: args.sample_temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: prompt_seed(args.seed, pi),
-        };
+        let params = args
+            .sampling
+            .params(args.num_samples, prompt_seed(args.sampling.seed, pi));
         let mut generator = Generator::new(&model, params)?;
         let prompt_tokens = model.tokenizer().encode(&prompt.text)?;
         let mut variants: Vec<(&str, Option<&mut dyn StepHook>)> = Vec::new();
@@ -218,7 +203,7 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
                     "batch_prefill_ms": longest.timing.prefill_ms,
                     "batch_hook_ms": batch_hook_ms,
                     "batch_steps": longest.timing.step_ms.len(),
-                    "seed": args.seed,
+                    "seed": args.sampling.seed,
                 });
                 if variant != "base" {
                     rec["rule"] = serde_json::to_value(rule)?;

@@ -5,13 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use goodtriever::detox::{AdjustOptions, ControlHook};
-use goodtriever::generate::{Generator, Sample, SamplingParams, StepHook};
+use goodtriever::detox::ControlHook;
+use goodtriever::generate::{Generator, Sample, StepHook};
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
-use goodtriever::rule::{Mode, RuleParams};
 use serde_json::json;
 
-use super::control_args::{control_hook, SearchArgs};
+use super::control_args::{control_hook, SamplingArgs, SamplingRuleArgs, SearchArgs};
 
 /// Sample continuations of prompts; with --toxic/--nontoxic datastores, every step is steered
 /// by the Goodtriever rule.
@@ -27,19 +26,8 @@ pub struct GenerateArgs {
     /// Continuations per prompt, decoded as one batch.
     #[arg(long, default_value_t = 1)]
     pub num_samples: usize,
-    #[arg(long, default_value_t = 20)]
-    pub max_new_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
-    pub temperature: f32,
-    /// Nucleus sampling mass, in (0, 1]; 1 switches it off.
-    #[arg(long, default_value_t = 0.9)]
-    pub top_p: f32,
-    /// Keep only the k most likely tokens; 0 switches it off.
-    #[arg(long, default_value_t = 0)]
-    pub top_k: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// A GGUF llama-family model; the default model (`goodtriever model fetch`) when omitted.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -56,24 +44,8 @@ pub struct GenerateArgs {
     /// The non-toxic datastore (expert).
     #[arg(long)]
     pub nontoxic: Option<PathBuf>,
-    /// Strength of the control (α).
-    #[arg(long, default_value_t = RuleParams::default().alpha, allow_negative_numbers = true)]
-    pub alpha: f32,
-    /// Temperature of the kNN softmax over squared L2 distances (not the sampling temperature).
-    #[arg(long, default_value_t = RuleParams::default().temperature)]
-    pub knn_temperature: f32,
-    /// Neighbours retrieved from each datastore.
-    #[arg(long, default_value_t = RuleParams::default().k)]
-    pub k: usize,
-    /// Base nucleus kept before the experts are combined, in (0, 1].
-    #[arg(long, default_value_t = RuleParams::default().filter_p)]
-    pub filter_p: f32,
-    /// Weight of the kNN distribution in knn-lm mode.
-    #[arg(long, default_value_t = RuleParams::default().lambda)]
-    pub lambda: f32,
-    /// ensemble (both stores), toxic-only, or knn-lm (non-toxic store only).
-    #[arg(long, default_value = "ensemble", value_parser = parse_mode)]
-    pub mode: Mode,
+    #[command(flatten)]
+    pub rule: SamplingRuleArgs,
     #[command(flatten)]
     pub search: SearchArgs,
 }
@@ -81,10 +53,6 @@ pub struct GenerateArgs {
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
     s.parse()
         .map_err(|e: goodtriever::model::ModelError| e.to_string())
-}
-
-fn parse_mode(s: &str) -> Result<Mode, String> {
-    s.parse()
 }
 
 fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
@@ -124,21 +92,10 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
 }
 
 fn control(args: &GenerateArgs, model: &Model) -> anyhow::Result<Option<ControlHook>> {
-    let opts = AdjustOptions {
-        params: RuleParams {
-            alpha: args.alpha,
-            temperature: args.knn_temperature,
-            k: args.k,
-            filter_p: args.filter_p,
-            lambda: args.lambda,
-        },
-        mode: args.mode,
-    };
-    opts.params.validate()?;
     control_hook(
         args.toxic.as_deref(),
         args.nontoxic.as_deref(),
-        opts,
+        args.rule.options()?,
         args.search.params(),
         model,
     )
@@ -150,14 +107,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let model = Model::load(&path, args.weights)
         .with_context(|| format!("loading the model {}", path.display()))?;
     let mut hook = control(&args, &model)?;
-    let params = SamplingParams {
-        num_samples: args.num_samples,
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        seed: args.seed,
-    };
+    let params = args.sampling.params(args.num_samples, args.sampling.seed);
     let mut generator = Generator::new(&model, params)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
