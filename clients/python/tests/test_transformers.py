@@ -249,3 +249,22 @@ def test_a_store_from_another_model_is_refused(steered):
     ).eval()
     with pytest.raises(ValueError, match="hidden size"):
         GoodtrieverLogitsProcessor(Client(steered["grpc"]), other)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("filter_p", [0.05, 0.5, 0.9, 0.999])
+def test_partial_nucleus_equals_the_sorted_one(seed, filter_p):
+    """The processor's top-k nucleus keeps exactly the tokens of the full stable sort, ties (to
+    the smaller token id) included, on small and large vocabularies."""
+    from goodtriever_client import log_softmax, nucleus_filter
+    from goodtriever_client.hf import _nucleus_drop
+
+    rng = np.random.default_rng(seed)
+    for vocab, scale in ((VOCAB, 1.0), (5000, 4.0)):
+        # Rounded logits: many exact ties, also at the nucleus boundary.
+        z = np.round(rng.normal(0, scale, size=(3, vocab)) * 2) / 2
+        l = log_softmax(z).astype(np.float32)
+        drop = _nucleus_drop(torch.from_numpy(l), filter_p).numpy()
+        for i in range(3):
+            want = np.isneginf(nucleus_filter(l[i].astype(np.float64), filter_p))
+            assert np.array_equal(drop[i], want), (vocab, i, int(drop[i].sum()), int(want.sum()))
