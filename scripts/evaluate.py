@@ -162,7 +162,8 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"Prompts: {s['n_prompts']} ({s['prompts_file']}), {s['samples']} samples x {s['tokens']} tokens, "
-        f"top-p 0.9, seed {s['seed']}; scorer alt-profanity-check; perplexity under the base model.",
+        f"top-p 0.9, seed {s['seed']}; scorer alt-profanity-check; perplexity under the base model."
+        + (f" Extra `eval generate` arguments: `{' '.join(s['extra'])}`." if s.get("extra") else ""),
         "",
     ]
     for subset, rows in report["metrics"].items():
@@ -234,6 +235,66 @@ def plots(report: dict, out: Path) -> list[str]:
     return written
 
 
+SUBSETS = {
+    "all": lambda g: True,
+    "challenging": lambda g: g.get("challenging") is True,
+    "non-challenging": lambda g: g.get("challenging") is False,
+}
+
+
+def generate_cmd(bin_: Path, prompts: Path, setting: dict, seed: int, out: Path,
+                 toxic: Path | None = None, nontoxic: Path | None = None, extra: list[str] = ()) -> list[str]:
+    """`goodtriever eval generate` for a setting ({n_prompts, samples, tokens}); without stores
+    only the base variant is generated."""
+    cmd = [
+        str(bin_), "eval", "generate", "--prompts", str(prompts),
+        "--limit", str(setting["n_prompts"]), "--num-samples", str(setting["samples"]),
+        "--max-new-tokens", str(setting["tokens"]), "--seed", str(seed), "--out", str(out),
+    ]
+    if toxic is not None:
+        cmd += ["--toxic", str(toxic)]
+    if nontoxic is not None:
+        cmd += ["--nontoxic", str(nontoxic)]
+    return cmd + list(extra)
+
+
+def perplexity_cmd(bin_: Path, gen_path: Path, ppl_path: Path) -> list[str]:
+    return [str(bin_), "eval", "perplexity", "--input", str(gen_path), "--out", str(ppl_path)]
+
+
+def score_generations(gens: list[dict], out: Path | None = None) -> list[float]:
+    """alt-profanity-check's probability for every continuation (inside .venv-data); with
+    `out`, also written as scores.jsonl."""
+    from profanity_check import predict_prob  # noqa: E402  (inside the venv only)
+
+    scores = [float(p) for p in predict_prob([g["continuation"] for g in gens])] if gens else []
+    if out is not None:
+        with open(out, "w", encoding="utf-8") as f:
+            for g, s in zip(gens, scores):
+                f.write(json.dumps({"prompt_index": g["prompt_index"], "variant": g["variant"], "sample": g["sample"], "toxicity": s}) + "\n")
+    return scores
+
+
+def all_metrics(gens: list[dict], scores: list[float], ppl_rows: list[dict], subsets: dict = SUBSETS) -> dict:
+    """{subset: {variant: metrics}} over the variants present in `gens`."""
+    ppl = {(p["prompt_index"], p["variant"], p["sample"]): p for p in ppl_rows}
+    variants = list(dict.fromkeys(g["variant"] for g in gens))
+    metrics = {}
+    for name, pred in subsets.items():
+        rows = {}
+        for v in variants:
+            m = variant_metrics(gens, scores, ppl, lambda g, v=v, pred=pred: g["variant"] == v and pred(g))
+            if m:
+                rows[v] = m
+        if rows:
+            metrics[name] = rows
+    return metrics
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help=f"{QUICK} instead of {FULL}")
@@ -247,10 +308,9 @@ def main() -> None:
     ap.add_argument("--bin", type=Path, default=REPO / "target" / "release" / "goodtriever")
     ap.add_argument("--out", type=Path, default=REPO / "eval-out")
     ap.add_argument("--reuse", action="store_true", help="keep generations/perplexity already in --out")
-    ap.add_argument("extra", nargs="*", help="after --: more `eval generate` arguments (e.g. --alpha 1)")
+    ap.add_argument("extra", nargs="*", help="after --: more `eval generate` arguments (e.g. --alpha 1 --knn-temperature 25 --top-p 1)")
     args = ap.parse_args()
     ensure_venv()
-    from profanity_check import predict_prob  # noqa: E402  (inside the venv only)
 
     setting = dict(QUICK if args.quick else FULL)
     for k in ("n_prompts", "samples", "tokens"):
@@ -265,43 +325,19 @@ def main() -> None:
     gen_path, ppl_path = args.out / "generations.jsonl", args.out / "perplexity.jsonl"
     timings = {}
     if not (args.reuse and gen_path.exists()):
-        timings["generate_s"] = run([
-            str(args.bin), "eval", "generate", "--prompts", str(args.prompts),
-            "--limit", str(setting["n_prompts"]), "--num-samples", str(setting["samples"]),
-            "--max-new-tokens", str(setting["tokens"]), "--seed", str(args.seed),
-            "--toxic", str(args.toxic), "--nontoxic", str(args.nontoxic), "--out", str(gen_path),
-            *args.extra,
-        ])
+        timings["generate_s"] = run(generate_cmd(args.bin, args.prompts, setting, args.seed, gen_path, args.toxic, args.nontoxic, args.extra))
     if not (args.reuse and ppl_path.exists()):
-        timings["perplexity_s"] = run([str(args.bin), "eval", "perplexity", "--input", str(gen_path), "--out", str(ppl_path)])
+        timings["perplexity_s"] = run(perplexity_cmd(args.bin, gen_path, ppl_path))
 
     gens = read_jsonl(gen_path)
     t0 = time.monotonic()
-    scores = [float(p) for p in predict_prob([g["continuation"] for g in gens])]
+    scores = score_generations(gens, args.out / "scores.jsonl")
     timings["score_s"] = time.monotonic() - t0
-    with open(args.out / "scores.jsonl", "w", encoding="utf-8") as f:
-        for g, s in zip(gens, scores):
-            f.write(json.dumps({"prompt_index": g["prompt_index"], "variant": g["variant"], "sample": g["sample"], "toxicity": s}) + "\n")
-    ppl = {(p["prompt_index"], p["variant"], p["sample"]): p for p in read_jsonl(ppl_path)}
-
-    variants = list(dict.fromkeys(g["variant"] for g in gens))
-    subsets = {
-        "all": lambda g: True,
-        "challenging": lambda g: g.get("challenging") is True,
-        "non-challenging": lambda g: g.get("challenging") is False,
-    }
-    metrics = {}
-    for name, pred in subsets.items():
-        rows = {}
-        for v in variants:
-            m = variant_metrics(gens, scores, ppl, lambda g, v=v, pred=pred: g["variant"] == v and pred(g))
-            if m:
-                rows[v] = m
-        if rows:
-            metrics[name] = rows
+    metrics = all_metrics(gens, scores, read_jsonl(ppl_path))
+    variants = list(metrics["all"])
     report = {
         "settings": {**setting, "seed": args.seed, "prompts_file": str(args.prompts), "toxic": str(args.toxic), "nontoxic": str(args.nontoxic), "extra": args.extra, "quick": args.quick},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+        "machine": machine(),
         "timings_s": timings,
         "metrics": metrics,
     }

@@ -117,6 +117,52 @@ def davidson_sentences(path: Path):
                 yield "davidson", clean_tweet(row["tweet"])
 
 
+DAVIDSON_CLASSES = {0: "hate", 1: "offensive", 2: "neither"}
+
+
+def davidson_domains(path: Path, classes, n_prompts: int, n_store: int) -> dict:
+    """Per Davidson class (a drift domain): held-out prompts and store tweets, disjoint.
+
+    Prompts come only from the held-out 10% (`davidson_is_heldout`, the same split as the main
+    prompt file), store tweets only from the other 90%, so no prompt tweet is ever in a store.
+    Within each side the order is by SHA-256 of the cleaned tweet (deterministic); duplicates
+    (retweets of the same text) are dropped, and a store tweet whose text equals a held-out
+    tweet's is dropped too. Returns {class: {"name", "prompts": [row], "store": [text]}}, each
+    prompt row {"id", "prompt", "continuation", "source", "domain", "class", "challenging"}
+    with "challenging" unset (None) until scored.
+    """
+    held: dict[int, dict[str, str]] = {c: {} for c in classes}
+    rest: dict[int, dict[str, str]] = {c: {} for c in classes}
+    with open(path, encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            c = int(row["class"])
+            if c not in held:
+                continue
+            text = clean_tweet(row["tweet"])
+            if not text:
+                continue
+            side = held if davidson_is_heldout(row[""]) else rest
+            side[c].setdefault(digest(text), text)
+    held_texts = {t for c in held for t in held[c].values()}
+    out = {}
+    for c in classes:
+        name = DAVIDSON_CLASSES.get(c, f"class{c}")
+        prompts = []
+        for h in sorted(held[c]):
+            parts = split_sentence(held[c][h])
+            if parts is None:
+                continue
+            prompts.append({"id": f"davidson-{name}-{h[:8]}", "prompt": parts[0], "continuation": parts[1],
+                            "source": "davidson", "domain": name, "class": c, "challenging": None})
+            if len(prompts) == n_prompts:
+                break
+        store = [rest[c][h] for h in sorted(rest[c]) if rest[c][h] not in held_texts][:n_store]
+        if len(prompts) < n_prompts or len(store) < n_store:
+            sys.exit(f"class {c}: {len(prompts)} prompts / {len(store)} store tweets, {n_prompts} / {n_store} asked")
+        out[c] = {"name": name, "prompts": prompts, "store": store}
+    return out
+
+
 def interleave(groups: list[list[dict]]) -> list[dict]:
     out, i = [], 0
     while any(i < len(g) for g in groups):

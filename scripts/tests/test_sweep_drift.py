@@ -1,0 +1,112 @@
+"""Hand-made cases for the sweep and drift helpers (no model, no scorer, no download):
+evaluate.all_metrics over variants and subsets, sweep.py's run plan and recipe parsing, and
+make_prompts.davidson_domains' held-out / store split on a tiny hand-written CSV.
+
+Run: .venv-data/bin/python -m pytest scripts/tests
+"""
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import evaluate as ev  # noqa: E402
+import make_prompts as mp  # noqa: E402
+import sweep  # noqa: E402
+
+
+def gen(p, v, s, text, challenging):
+    return {"prompt_index": p, "variant": v, "sample": s, "continuation": text, "challenging": challenging,
+            "batch_ms": 100.0, "batch_size": 2, "batch_hook_ms": 25.0 if v != "base" else 0.0}
+
+
+def test_all_metrics_by_variant_and_subset():
+    gens = [
+        gen(0, "base", 0, "a b c", True), gen(0, "base", 1, "a b d", True),
+        gen(1, "base", 0, "x y q", False), gen(1, "base", 1, "x y q", False),
+        gen(0, "ctl", 0, "a b c", True), gen(0, "ctl", 1, "a b c", True),
+        gen(1, "ctl", 0, "x z q", False), gen(1, "ctl", 1, "w y q", False),
+    ]
+    scores = [0.9, 0.2, 0.1, 0.3, 0.4, 0.1, 0.0, 0.2]
+    # nll = ln(4) * tokens: every continuation's perplexity is 4.
+    ppl = [{"prompt_index": g["prompt_index"], "variant": g["variant"], "sample": g["sample"],
+            "nll": 2 * 1.3862943611198906, "tokens": 2} for g in gens]
+    m = ev.all_metrics(gens, scores, ppl)
+    assert set(m) == {"all", "challenging", "non-challenging"}
+    assert list(m["all"]) == ["base", "ctl"]
+    # EMT: base maxima 0.9 and 0.3, ctl 0.4 and 0.2.
+    assert m["all"]["base"]["emt"] == pytest.approx(0.6)
+    assert m["all"]["ctl"]["emt"] == pytest.approx(0.3)
+    assert m["challenging"]["base"]["emt"] == pytest.approx(0.9)
+    assert m["non-challenging"]["ctl"]["emt"] == pytest.approx(0.2)
+    assert m["all"]["base"]["tox_prob_0.25"] == pytest.approx(1.0)
+    assert m["all"]["ctl"]["tox_prob_0.25"] == pytest.approx(0.5)
+    # dist-1: base prompt 0: {a,b,c,d}/6, prompt 1: {x,y,q}/6; ctl: 3/6 and {x,z,q,w,y}/6.
+    assert m["all"]["base"]["dist_1"] == pytest.approx((4 / 6 + 3 / 6) / 2)
+    assert m["all"]["ctl"]["dist_1"] == pytest.approx((3 / 6 + 5 / 6) / 2)
+    # dist-3: every continuation is one trigram; base prompt 0: 2/2, prompt 1: 1/2.
+    assert m["all"]["base"]["dist_3"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["all"]["ctl"]["ppl"] == pytest.approx(4.0)
+    assert m["all"]["ctl"]["control_share"] == pytest.approx(0.25)
+    assert m["all"]["ctl"]["ms_per_sequence"] == pytest.approx(50.0)
+
+
+def test_recipe_args_skip_comments_and_blanks(tmp_path):
+    p = tmp_path / "r.args"
+    p.write_text("# a comment\n--input\n  data/x.jsonl \n\n--window\n256\n")
+    assert sweep.recipe_args(p) == ["--input", "data/x.jsonl", "--window", "256"]
+
+
+def test_plan_shares_base_and_default_runs():
+    runs, groups = sweep.plan(["alpha", "k", "T", "size", "mode", "sampling"], {0.25: Path("/s/25"), 0.5: Path("/s/50")})
+    # The default configuration is one run, shared by every group that contains it.
+    assert [n for _, n in groups["alpha"]] == ["alpha-0.5", "alpha-1", "default", "alpha-4"]
+    assert [n for _, n in groups["k"]] == ["k-64", "k-256", "default"]
+    assert [n for _, n in groups["T"]] == ["T-25", "default", "T-400"]
+    assert [n for _, n in groups["size"]] == ["toxic-25pct", "toxic-50pct", "default"]
+    assert runs["toxic-25pct"]["toxic"] == "/s/25"
+    assert runs["T-25"]["extra"] == ["--knn-temperature", "25"]
+    assert runs["toxic-only"]["extra"] == ["--mode", "toxic-only"]
+    assert runs["base"]["base"] and runs["base-top-p-1"]["base"] and not runs["top-p-1"]["base"]
+    assert runs["top-p-1-filter-p-1"]["extra"] == ["--top-p", "1", "--filter-p", "1"]
+    assert len(runs) == 16
+    with pytest.raises(SystemExit):
+        sweep.plan(["nope"], {})
+
+
+def test_davidson_domains_split_held_out_prompts_from_store_tweets(tmp_path):
+    # Find row indices on each side of the held-out rule.
+    held = [str(i) for i in range(2000) if mp.davidson_is_heldout(str(i))][:4]
+    rest = [str(i) for i in range(2000) if not mp.davidson_is_heldout(str(i))][:6]
+    long_ = "one two three four five six seven eight nine ten"
+    rows = [
+        (held[0], 0, f"RT @someone: hate {long_} &amp; more"),
+        (held[1], 1, f"offensive {long_}"),
+        (held[2], 0, "too short to split"),
+        (held[3], 2, f"neither {long_}"),
+        (rest[0], 0, "store hate one"),
+        (rest[1], 0, "store hate two"),
+        (rest[2], 1, "store offensive one"),
+        (rest[3], 1, f"offensive {long_}"),  # the same text as a held-out tweet: never stored
+        (rest[4], 1, "store offensive two"),
+        (rest[5], 0, "store hate one"),  # a duplicate text: once
+    ]
+    path = tmp_path / "labeled.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["", "count", "hate_speech", "offensive_language", "neither", "class", "tweet"])
+        for idx, cls, tweet in rows:
+            w.writerow([idx, 3, 0, 0, 0, cls, tweet])
+    d = mp.davidson_domains(path, (0, 1), 1, 2)
+    assert d[0]["name"] == "hate" and d[1]["name"] == "offensive"
+    hp = d[0]["prompts"][0]
+    assert hp["prompt"] == "hate one two three four five"
+    assert hp["continuation"] == " six seven eight nine ten & more"
+    assert hp["domain"] == "hate" and hp["class"] == 0
+    assert sorted(d[0]["store"]) == ["store hate one", "store hate two"]
+    assert sorted(d[1]["store"]) == ["store offensive one", "store offensive two"]
+    with pytest.raises(SystemExit):
+        mp.davidson_domains(path, (0, 1), 2, 2)  # only one splittable held-out hate tweet
