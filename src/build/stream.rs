@@ -37,7 +37,7 @@ impl Corpus {
     pub fn extend(&mut self, tokenizer: &Tokenizer, texts: &[String]) -> Result<(), BuildError> {
         let ids: Vec<Vec<u32>> = texts
             .par_iter()
-            .map(|t| tokenizer.encode(t))
+            .map(|t| tokenizer.encode_plain(t))
             .collect::<Result<_, _>>()?;
         for d in ids {
             if d.is_empty() {

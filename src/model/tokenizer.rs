@@ -7,6 +7,16 @@
 //! over tokens + merges, pre-tokenised by splitting digits one by one and then ByteLevel
 //! without a prefix space, a ByteLevel decoder, and the control tokens (token type 3) registered
 //! as special tokens so that text such as `<|im_start|>` maps to its single id.
+//!
+//! Two entry points, because text plays two roles:
+//! - [`Tokenizer::encode`] parses control tokens written in the text. It is for text that *we*
+//!   or the user write for the model: generation prompts (chat templates need `<|im_start|>`),
+//!   evaluation prompts, `model score`.
+//! - [`Tokenizer::encode_plain`] treats the whole text as data: a tweet that contains the
+//!   characters `<|im_end|>` or `<|endoftext|>` is tokenized as those characters, never as the
+//!   control token. It is for corpus text going into a datastore (`datastore build`/`add`):
+//!   otherwise such a document would store a fake EOS (or a chat marker) in the middle of a
+//!   text. The EOS the builder puts *between* documents is inserted by id, not parsed.
 
 use std::collections::HashMap;
 
@@ -30,6 +40,8 @@ const TOKEN_TYPE_CONTROL: u32 = 3;
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// `inner` with control-token matching switched off (`encode_special_tokens`).
+    plain: tokenizers::Tokenizer,
     vocab_size: usize,
     special_ids: Vec<u32>,
     bos: Option<u32>,
@@ -126,6 +138,9 @@ impl Tokenizer {
             .add_special_tokens(specials)
             .map_err(|e| ModelError::Tokenizer(format!("adding control tokens: {e}")))?;
 
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+
         let mut h = Sha256::new();
         for t in &tokens {
             h.update(t.as_bytes());
@@ -135,6 +150,7 @@ impl Tokenizer {
         let id = |k: &str| md.get(k).and_then(number);
         Ok(Self {
             inner,
+            plain,
             vocab_size: tokens.len(),
             special_ids,
             bos: id("tokenizer.ggml.bos_token_id"),
@@ -147,11 +163,23 @@ impl Tokenizer {
         })
     }
 
-    /// Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) become
-    /// their ids; a BOS token is put in front only when the model's metadata asks for it.
+    /// Token ids of `text`, parsing control tokens: `<|im_start|>` written in the text becomes
+    /// its id. For prompts (chat templates); a BOS token is put in front only when the model's
+    /// metadata asks for it. Corpus text must use [`encode_plain`](Self::encode_plain).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self
-            .inner
+        self.encode_with(&self.inner, text)
+    }
+
+    /// Token ids of `text` as plain text: control-token strings in it (`<|endoftext|>`,
+    /// `<|im_end|>`, ...) are tokenized as ordinary characters and never yield a control id.
+    /// For corpus text (datastore building). A BOS token is put in front only when the model's
+    /// metadata asks for it, as in [`encode`](Self::encode).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        self.encode_with(&self.plain, text)
+    }
+
+    fn encode_with(&self, tok: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = tok
             .encode_fast(text, false)
             .map_err(|e| ModelError::Tokenizer(format!("encoding: {e}")))?;
         let ids = enc.get_ids();
