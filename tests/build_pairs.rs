@@ -24,7 +24,7 @@ fn direct(
     let mut stream = vec![eos];
     let mut sep = vec![true];
     for d in docs {
-        let ids = tok.encode(d).unwrap();
+        let ids = tok.encode_plain(d).unwrap();
         sep.extend(std::iter::repeat_n(false, ids.len()));
         stream.extend(ids);
         stream.push(eos);
@@ -147,6 +147,25 @@ fn label_filter_selects_documents_and_multi_segment_builds_cover_all_rows() {
     assert!(segs
         .iter()
         .all(|s| s.provenance.label.as_deref() == Some("toxicity >= 0.5")));
+    // Structured provenance: the filter as numbers, the part of the build, and counts that
+    // add up to the whole build.
+    let n = segs.len();
+    let mut tokens = 0;
+    for (i, s) in segs.iter().enumerate() {
+        let t = s.provenance.text.as_ref().expect("text provenance");
+        let f = t.label_filter.as_ref().unwrap();
+        assert_eq!(
+            (f.field.as_str(), f.min, f.max),
+            ("toxicity", Some(0.5), None)
+        );
+        assert_eq!(t.part.map(|p| (p.index, p.of)), Some((i + 1, n)));
+        assert_eq!((t.window, t.stride), (32, 16));
+        assert_eq!(t.files.len(), 1);
+        assert_eq!((t.files[0].records, t.files[0].selected), (40, 20));
+        assert!(t.documents >= 1);
+        tokens += t.tokens;
+    }
+    assert_eq!(tokens, report.tokens);
 
     // The same documents given directly as txt, as one chunk. Chunking only loses the pairs
     // that straddle a split document (the last token of one chunk has no successor, the first
@@ -176,4 +195,59 @@ fn label_filter_selects_documents_and_multi_segment_builds_cover_all_rows() {
         v_chunked.iter().all(|v| it.any(|w| w == v)),
         "the chunked build's values are not a subsequence of the whole build's"
     );
+}
+
+#[test]
+fn control_token_strings_in_corpus_text_are_plain_text_but_prompts_parse_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(&tiny_model(dir.path(), 64), WeightFormat::F32).unwrap();
+    let tok = model.tokenizer();
+    let eos = tok.eos_token_id().unwrap();
+    let specials = tok.special_token_ids().to_vec();
+    assert!(specials.contains(&eos));
+    let tweet = "the cat<|im_end|> sat <|endoftext|>on <|im_start|>the mat";
+
+    // Corpus text: the literal strings are characters, and they round-trip.
+    let plain = tok.encode_plain(tweet).unwrap();
+    assert!(
+        plain.iter().all(|t| !specials.contains(t)),
+        "a control id in {plain:?}"
+    );
+    assert_eq!(tok.decode(&plain, false).unwrap(), tweet);
+    // Prompts (chat templates) still parse them into their single ids.
+    let prompt = tok.encode(tweet).unwrap();
+    for s in ["<|im_end|>", "<|endoftext|>", "<|im_start|>"] {
+        assert!(prompt.contains(&tok.token_to_id(s).unwrap()), "{s}");
+    }
+    assert_eq!(
+        tok.encode("<|im_start|>hello").unwrap()[0],
+        tok.token_to_id("<|im_start|>").unwrap()
+    );
+
+    // A store built from such documents holds no control id except the EOS we insert between
+    // documents: exactly one EOS value per document (its last token predicts the separator).
+    let docs = vec![tweet.to_string(), "hello <|im_end|> world".to_string()];
+    let input = dir.path().join("tweets.jsonl");
+    write_jsonl(&input, &docs);
+    let mut opts = BuildOptions::new(vec![input]);
+    opts.window = Some(256);
+    opts.stride = Some(128);
+    opts.dtype = KeyDtype::F32;
+    let out = dir.path().join("store");
+    let report = build::build(&out, &model, &opts, &NoProgress).unwrap();
+    let want_tokens: usize = docs.iter().map(|d| plain_len(&model, d)).sum();
+    assert_eq!(report.tokens, want_tokens);
+    let (_, values) = live_rows(&out);
+    assert_eq!(values.iter().filter(|&&v| v == eos).count(), docs.len());
+    assert!(
+        values.iter().all(|v| *v == eos || !specials.contains(v)),
+        "a control id stored as a value: {values:?}"
+    );
+    // And the rows equal the direct computation over the plain tokens.
+    let (_, want_v) = direct(&model, &docs, 256, 128, KeyType::LastFfnInput);
+    assert_eq!(values, want_v);
+}
+
+fn plain_len(model: &Model, text: &str) -> usize {
+    model.tokenizer().encode_plain(text).unwrap().len()
 }

@@ -330,3 +330,163 @@ fn retire_unretire_and_compact_keep_ids_consistent() {
     assert!(reopened.refresh().unwrap());
     assert_eq!(reopened.len(), 120);
 }
+
+/// A manifest written before provenance was structured: each segment's provenance has only
+/// `source`, `label`, `tag` and `added_at` (as in the default stores built then).
+#[test]
+fn a_manifest_with_the_old_provenance_format_still_opens_and_compacts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let keys = clustered(50, D, 3, 5);
+    {
+        let ds = create(dir, D, KeyDtype::F16);
+        ds.append(Keys::F32(&keys), &values(50, 5), prov("x"))
+            .unwrap();
+    }
+    let path = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let old = serde_json::json!({
+        "source": "data/corpora/toxic.jsonl",
+        "label": "toxicity >= 0.8",
+        "tag": "default-toxic",
+        "added_at": 1_795_769_723u64
+    });
+    m["segments"][0]["provenance"] = old.clone();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+
+    let ds = Datastore::open(dir).unwrap();
+    assert_eq!(ds.len(), 50);
+    let p = &ds.segments()[0].provenance;
+    assert_eq!(p.source, "data/corpora/toxic.jsonl");
+    assert_eq!(p.label.as_deref(), Some("toxicity >= 0.8"));
+    assert_eq!(p.tag.as_deref(), Some("default-toxic"));
+    assert_eq!(p.added_at, 1_795_769_723);
+    assert!(p.tool.is_none() && p.text.is_none() && p.merged_from.is_empty());
+    assert!(ds.verify().unwrap().is_ok());
+
+    // A new segment records the tool; rewriting the manifest leaves the old record as it was.
+    let info = ds
+        .append(Keys::F32(&keys), &values(50, 6), prov("new"))
+        .unwrap();
+    assert_eq!(
+        info.provenance.tool.as_deref(),
+        Some(goodtriever::datastore::TOOL)
+    );
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(m["segments"][0]["provenance"], old);
+
+    // Compacting keeps the old record among the merged originals.
+    let merged = ds.compact().unwrap().unwrap();
+    assert_eq!(merged.provenance.merged_from.len(), 2);
+    assert_eq!(
+        merged.provenance.merged_from[0].provenance.source,
+        "data/corpora/toxic.jsonl"
+    );
+    assert_eq!(
+        merged.provenance.merged_from[0].provenance.added_at,
+        1_795_769_723
+    );
+    assert!(Datastore::open(dir).unwrap().verify().unwrap().is_ok());
+}
+
+#[test]
+fn compaction_keeps_the_provenance_of_every_merged_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ds = create(dir, D, KeyDtype::F32);
+    let rows = [40usize, 25, 30];
+    for (i, &n) in rows.iter().enumerate() {
+        let p = Provenance::new(format!("part-{i}.npy"))
+            .with_label(if i == 2 { "non_toxic" } else { "toxic" })
+            .with_tag(format!("week-{i}"));
+        ds.append(
+            Keys::F32(&clustered(n, D, 2, 40 + i as u64)),
+            &values(n, 40 + i as u64),
+            p,
+        )
+        .unwrap();
+    }
+    ds.retire(1).unwrap();
+    let before = ds.segments();
+    let merged = ds.compact().unwrap().unwrap();
+    let p = &merged.provenance;
+    // Retired segment 1 is deleted, not merged.
+    let got: Vec<String> = p
+        .merged_from
+        .iter()
+        .map(|m| {
+            let q = &m.provenance;
+            format!(
+                "#{} rows {} from {} label {:?} tag {:?}",
+                m.id, m.rows, m.first_row, q.label, q.tag
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            r#"#0 rows 40 from 0 label Some("toxic") tag Some("week-0")"#,
+            r#"#2 rows 30 from 40 label Some("non_toxic") tag Some("week-2")"#,
+        ]
+    );
+    assert_eq!(p.merged_from[0].provenance, before[0].provenance);
+    assert_eq!(p.merged_from[1].provenance, before[2].provenance);
+    // Labels and tags differ, so the merged segment claims neither.
+    assert_eq!((p.label.as_deref(), p.tag.as_deref()), (None, None));
+    assert_eq!(p.source, "compaction of segments 0,2");
+
+    // Another segment, compacted again: the originals are listed flat, with their offsets.
+    ds.append(
+        Keys::F32(&clustered(10, D, 2, 50)),
+        &values(10, 50),
+        Provenance::new("late.npy").with_label("toxic"),
+    )
+    .unwrap();
+    let again = ds.compact().unwrap().unwrap();
+    let ids: Vec<(u64, usize, u64)> = again
+        .provenance
+        .merged_from
+        .iter()
+        .map(|m| (m.id, m.rows, m.first_row))
+        .collect();
+    assert_eq!(ids, vec![(0, 40, 0), (2, 30, 40), (4, 10, 70)]);
+    assert!(again
+        .provenance
+        .merged_from
+        .iter()
+        .all(|m| m.provenance.merged_from.is_empty()));
+    // Persisted: a fresh open reads the same record.
+    let reopened = Datastore::open(dir).unwrap();
+    assert_eq!(reopened.segments()[0].provenance, again.provenance);
+    assert_eq!(reopened.len(), 80);
+}
+
+#[test]
+fn row_reads_back_the_stored_key_and_value_of_any_live_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ds = create(dir, D, KeyDtype::F16);
+    let parts: Vec<(Vec<f32>, Vec<u32>)> = (0..3)
+        .map(|i| (clustered(20, D, 2, 60 + i), values(20, 60 + i)))
+        .collect();
+    for (k, v) in &parts {
+        ds.append(Keys::F32(k), v, prov("r")).unwrap();
+    }
+    ds.retire(1).unwrap();
+    // Live ids 20..40 are segment 2's rows now.
+    let r = ds.row(27).unwrap();
+    assert_eq!(
+        (r.segment, r.row_in_segment, r.value),
+        (2, 7, parts[2].1[7])
+    );
+    assert_eq!(r.key, as_stored(&parts[2].0[7 * D..8 * D], KeyDtype::F16));
+    let r0 = ds.row(0).unwrap();
+    assert_eq!(
+        (r0.segment, r0.row_in_segment, r0.value),
+        (0, 0, parts[0].1[0])
+    );
+    assert!(matches!(
+        ds.row(40),
+        Err(DatastoreError::NoSuchRow { id: 40, rows: 40 })
+    ));
+}

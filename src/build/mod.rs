@@ -40,7 +40,8 @@ pub use input::{read_documents, FileStats, InputFormat, InputSpec, LabelFilter};
 pub use stream::{plan_chunks, row_positions, ChunkPlan, Corpus, Piece};
 
 use crate::datastore::{
-    CreateOptions, Datastore, DatastoreError, KeyDtype, Keys, Provenance, SegmentInfo,
+    CreateOptions, Datastore, DatastoreError, KeyDtype, Keys, LabelRange, Part, Provenance,
+    SegmentInfo, SourceFile, TextProvenance,
 };
 use crate::fingerprint::KeyType;
 use crate::model::{Model, ModelError};
@@ -177,18 +178,20 @@ impl BuildOptions {
         Ok((window, stride))
     }
 
-    fn provenance(&self, part: Option<(usize, usize)>) -> Provenance {
-        let files: Vec<String> = self
-            .input
-            .paths
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        let mut source = files.join(", ");
+    /// The provenance of one segment: `files` are the run's inputs, `part` (index, count) the
+    /// chunk of a build, `documents` and `tokens` what the segment holds.
+    fn provenance(
+        &self,
+        files: &[SourceFile],
+        (window, stride): (usize, usize),
+        part: Option<(usize, usize)>,
+        (documents, tokens): (usize, usize),
+    ) -> Provenance {
+        let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        let mut source = names.join(", ");
+        let part = part.filter(|&(_, n)| n > 1);
         if let Some((i, n)) = part {
-            if n > 1 {
-                source.push_str(&format!(" (part {}/{n})", i + 1));
-            }
+            source.push_str(&format!(" (part {}/{n})", i + 1));
         }
         let mut p = Provenance::new(source);
         p.label = self
@@ -196,8 +199,56 @@ impl BuildOptions {
             .clone()
             .or_else(|| self.input.filter.as_ref().map(|f| f.describe()));
         p.tag = self.tag.clone();
+        p.text = Some(TextProvenance {
+            files: files.to_vec(),
+            text_field: self.input.text_field.clone(),
+            label_filter: self.input.filter.as_ref().map(|f| LabelRange {
+                field: f.field.clone(),
+                min: f.min,
+                max: f.max,
+            }),
+            window,
+            stride,
+            part: part.map(|(i, n)| Part {
+                index: i + 1,
+                of: n,
+            }),
+            documents,
+            tokens,
+        });
         p
     }
+}
+
+/// The provenance records of the input files: path, format, size, SHA-256 and the counts of
+/// the read (`stats`, one per path, in order).
+fn source_files(
+    spec: &InputSpec,
+    stats: &[FileStats],
+    digests: &[(String, u64, String)],
+) -> Result<Vec<SourceFile>, BuildError> {
+    spec.paths
+        .iter()
+        .zip(stats)
+        .zip(digests)
+        .map(|((path, st), (name, bytes, sha))| {
+            Ok(SourceFile {
+                path: name.clone(),
+                format: spec.format_of(path)?.as_str().to_string(),
+                bytes: *bytes,
+                sha256: sha.clone(),
+                records: st.records,
+                selected: st.selected,
+            })
+        })
+        .collect()
+}
+
+fn digests(spec: &InputSpec) -> Result<Vec<(String, u64, String)>, BuildError> {
+    spec.paths
+        .iter()
+        .map(|p| file_digest(p).map(|(n, h)| (p.display().to_string(), n, h)))
+        .collect()
 }
 
 /// Progress callbacks; all take `&self` so a terminal progress bar can be shared with the
@@ -384,23 +435,34 @@ struct SegmentWriter<'a> {
     window: usize,
     stride: usize,
     key_type: KeyType,
+    sources: Vec<SourceFile>,
     progress: &'a dyn BuildProgress,
     extract_seconds: f64,
     index_seconds: f64,
 }
 
 impl SegmentWriter<'_> {
+    /// Extracts and commits the chunk `plan` (the `part` of a build).
     fn write(
         &mut self,
-        tokens: &[u32],
-        sep: &[bool],
+        corpus: &Corpus,
+        eos: u32,
+        plan: &ChunkPlan,
         part: Option<(usize, usize)>,
     ) -> Result<SegmentInfo, BuildError> {
+        let (tokens, sep) = plan.stream(corpus, eos);
+        let doc_tokens = plan.pieces.iter().map(|p| p.range.len()).sum();
+        let provenance = self.opts.provenance(
+            &self.sources,
+            (self.window, self.stride),
+            part,
+            (plan.pieces.len(), doc_tokens),
+        );
         let t0 = Instant::now();
         let (keys, values) = extract_rows(
             self.model,
-            tokens,
-            sep,
+            &tokens,
+            &sep,
             self.window,
             self.stride,
             self.key_type,
@@ -411,12 +473,11 @@ impl SegmentWriter<'_> {
         let t1 = Instant::now();
         self.progress.indexing(values.len() as u64);
         let progress = self.progress;
-        let seg = self.store.append_with_progress(
-            keys.as_keys(),
-            &values,
-            self.opts.provenance(part),
-            &|n| progress.indexed(n as u64),
-        )?;
+        let seg = self
+            .store
+            .append_with_progress(keys.as_keys(), &values, provenance, &|n| {
+                progress.indexed(n as u64)
+            })?;
         self.extract_seconds += (t1 - t0).as_secs_f64();
         self.index_seconds += t1.elapsed().as_secs_f64();
         self.progress.committed(&seg);
@@ -470,6 +531,7 @@ pub fn add(
     };
     let (tokens, sep) = whole.stream(&corpus, eos);
     let total = row_positions(tokens.len(), window, stride, &sep)?.len();
+    let sources = source_files(&opts.input, &files, &digests(&opts.input)?)?;
     progress.start(total as u64, 0);
     let mut writer = SegmentWriter {
         store,
@@ -478,11 +540,12 @@ pub fn add(
         window,
         stride,
         key_type,
+        sources,
         progress,
         extract_seconds: 0.0,
         index_seconds: 0.0,
     };
-    let seg = writer.write(&tokens, &sep, None)?;
+    let seg = writer.write(&corpus, eos, &whole, None)?;
     Ok(BuildReport {
         dir: store.dir().to_path_buf(),
         files,
@@ -622,14 +685,11 @@ pub fn build(
         )));
     }
 
-    let inputs = opts
-        .input
-        .paths
-        .iter()
-        .map(|p| file_digest(p).map(|(n, h)| (p.display().to_string(), n, h)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let inputs = digests(&opts.input)?;
+    let sources = source_files(&opts.input, &files, &inputs)?;
     let journal = serde_json::to_vec_pretty(&Journal {
-        format: "goodtriever-build-v1",
+        // v2: corpus text is tokenized as plain text (control-token strings are not parsed).
+        format: "goodtriever-build-v2",
         inputs,
         text_field: &opts.input.text_field,
         format_override: opts.input.format,
@@ -727,13 +787,13 @@ pub fn build(
         window,
         stride,
         key_type,
+        sources,
         progress,
         extract_seconds: 0.0,
         index_seconds: 0.0,
     };
     for (i, chunk) in chunks.iter().enumerate().skip(done) {
-        let (tokens, sep) = chunk.stream(&corpus, eos);
-        writer.write(&tokens, &sep, Some((i, chunks.len())))?;
+        writer.write(&corpus, eos, chunk, Some((i, chunks.len())))?;
     }
     let timing = (writer.extract_seconds, writer.index_seconds);
     let segments = store.segments();

@@ -41,6 +41,24 @@ pub enum DatastoreCommand {
     Unretire(SegmentArgs),
     /// Merge all live segments into one and delete retired and merged files.
     Compact(InfoArgs),
+    /// Read one row back: its segment, value (next token id) and key (summary, or all of it
+    /// with --full). For checking what an import or build stored.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The datastore directory.
+    pub dir: PathBuf,
+    /// Row id among live rows, as searches return it (0-based).
+    #[arg(long)]
+    pub row: u64,
+    /// Print the whole key, not only its summary.
+    #[arg(long)]
+    pub full: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -137,6 +155,7 @@ pub fn run(args: DatastoreArgs) -> Result<()> {
         DatastoreCommand::Info(a) => info(&a.dir, a.json),
         DatastoreCommand::Verify(a) => verify(&a.dir, a.json),
         DatastoreCommand::Search(a) => search(a),
+        DatastoreCommand::Show(a) => show(a),
         DatastoreCommand::Retire(a) => {
             let ds = open(&a.dir)?;
             let s = ds.retire(a.segment)?;
@@ -257,7 +276,11 @@ fn import(a: ImportArgs) -> Result<()> {
         Datastore::create(&a.dir, opts)
             .with_context(|| format!("cannot create datastore {}", a.dir.display()))?
     };
-    let mut prov = Provenance::new(a.keys.display().to_string());
+    let mut prov = Provenance::new(format!(
+        "{} (values {})",
+        a.keys.display(),
+        a.values.display()
+    ));
     prov.label = a.label;
     prov.tag = a.tag;
     let bar = progress_bar(keys.rows as u64, "indexing");
@@ -313,6 +336,88 @@ fn info(dir: &Path, json: bool) -> Result<()> {
                 .as_ref()
                 .map(|t| format!(" tag={t}"))
                 .unwrap_or_default(),
+        );
+    }
+    Ok(())
+}
+
+/// Number of leading key components `show` prints without --full.
+const SHOW_HEAD: usize = 8;
+
+fn show(a: ShowArgs) -> Result<()> {
+    let ds = open(&a.dir)?;
+    let row = ds
+        .row(a.row)
+        .with_context(|| format!("cannot read row {} of {}", a.row, a.dir.display()))?;
+    let seg = ds
+        .segments()
+        .into_iter()
+        .find(|s| s.id == row.segment)
+        .context("the row's segment is not listed (the store changed while reading)")?;
+    let k = &row.key;
+    let norm = k
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    let mean = k.iter().map(|&x| f64::from(x)).sum::<f64>() / k.len().max(1) as f64;
+    let min = k.iter().copied().fold(f32::INFINITY, f32::min);
+    let max = k.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let head = &k[..k.len().min(SHOW_HEAD)];
+    if a.json {
+        let mut v = serde_json::json!({
+            "dir": ds.dir(),
+            "row": row.id,
+            "live_rows": ds.len(),
+            "segment": row.segment,
+            "row_in_segment": row.row_in_segment,
+            "value": row.value,
+            "key_type": ds.key_type(),
+            "dtype": ds.dtype(),
+            "dim": k.len(),
+            "key_summary": {"l2_norm": norm, "mean": mean, "min": min, "max": max, "head": head},
+            "segment_provenance": seg.provenance,
+        });
+        if a.full {
+            v["key"] = serde_json::json!(k);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("row        {} of {} live rows", row.id, ds.len());
+    println!(
+        "segment    {} (row {} of its {}){}",
+        row.segment,
+        row.row_in_segment,
+        seg.rows,
+        seg.provenance
+            .tag
+            .as_ref()
+            .map(|t| format!(", tag {t}"))
+            .unwrap_or_default()
+    );
+    println!("source     {}", seg.provenance.source);
+    println!("value      {} (next token id)", row.value);
+    println!(
+        "key        {} x {} {}: l2 norm {norm:.4}, mean {mean:.4}, min {min:.4}, max {max:.4}",
+        k.len(),
+        ds.dtype(),
+        ds.key_type()
+    );
+    let fmt = |xs: &[f32]| {
+        xs.iter()
+            .map(|x| format!("{x}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if a.full {
+        println!("key values [{}]", fmt(k));
+    } else {
+        println!(
+            "key head   [{}{}]  (--full prints all {})",
+            fmt(head),
+            if k.len() > head.len() { ", ..." } else { "" },
+            k.len()
         );
     }
     Ok(())

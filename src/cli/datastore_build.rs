@@ -13,7 +13,7 @@ use goodtriever::build::{
     self, BuildOptions, BuildProgress, BuildReport, InputFormat, LabelFilter, DEFAULT_BATCH,
     DEFAULT_SEGMENT_TOKENS,
 };
-use goodtriever::datastore::{Datastore, KeyDtype, SegmentInfo};
+use goodtriever::datastore::{Datastore, KeyDtype, Provenance, SegmentInfo, TextProvenance};
 use goodtriever::fingerprint::KeyType;
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -202,6 +202,9 @@ pub fn segments(a: SegmentsArgs) -> Result<()> {
     );
     for s in &segs {
         println!("{}", segment_line(s));
+        for line in provenance_lines(&s.provenance) {
+            println!("{:7}{line}", "");
+        }
     }
     let live: usize = segs.iter().filter(|s| !s.retired).map(|s| s.rows).sum();
     println!(
@@ -229,8 +232,67 @@ fn segment_line(s: &SegmentInfo) -> String {
     )
 }
 
+/// The structured provenance under a segment's table line: the text record (files, field,
+/// filter, windowing, counts), the tool, and for a compacted segment every original.
+fn provenance_lines(p: &Provenance) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(t) = &p.text {
+        out.push(text_summary(t));
+        for f in &t.files {
+            out.push(format!(
+                "file {} ({}, {} bytes, sha256 {}, {} of {} records selected)",
+                f.path,
+                f.format,
+                f.bytes,
+                f.sha256.get(..16).unwrap_or(&f.sha256),
+                f.selected,
+                f.records
+            ));
+        }
+    }
+    if let Some(tool) = &p.tool {
+        out.push(format!("written by {tool}"));
+    }
+    if !p.merged_from.is_empty() {
+        out.push(format!("merged from {} segment(s):", p.merged_from.len()));
+        for m in &p.merged_from {
+            let q = &m.provenance;
+            out.push(format!(
+                "  #{} rows {}..{}  added {}  label {}  tag {}  {}",
+                m.id,
+                m.first_row,
+                m.first_row + m.rows as u64,
+                utc(q.added_at),
+                q.label.as_deref().unwrap_or("-"),
+                q.tag.as_deref().unwrap_or("-"),
+                q.source
+            ));
+            out.extend(q.text.iter().map(|t| format!("    {}", text_summary(t))));
+        }
+    }
+    out
+}
+
+fn text_summary(t: &TextProvenance) -> String {
+    format!(
+        "text field {:?}, filter {}, window {} stride {}{}, {} document(s), {} tokens",
+        t.text_field,
+        t.label_filter
+            .as_ref()
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "none".into()),
+        t.window,
+        t.stride,
+        t.part
+            .map(|p| format!(", part {}/{}", p.index, p.of))
+            .unwrap_or_default(),
+        t.documents,
+        t.tokens
+    )
+}
+
 /// `YYYY-MM-DD hh:mm:ss` of a Unix time (days-from-civil inverse, Howard Hinnant's algorithm).
-fn utc(secs: u64) -> String {
+pub(crate) fn utc(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let z = days + 719_468;

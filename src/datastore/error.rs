@@ -88,6 +88,9 @@ pub enum DatastoreError {
 
     #[error("index build failed: {0}")]
     IndexBuild(String),
+
+    #[error("no row {id}: the datastore has {rows} live rows (row ids start at 0)")]
+    NoSuchRow { id: u64, rows: usize },
 }
 
 impl DatastoreError {

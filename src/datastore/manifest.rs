@@ -62,12 +62,22 @@ impl std::str::FromStr for KeyDtype {
     }
 }
 
+/// The tool that writes new segments, recorded in their provenance.
+pub const TOOL: &str = concat!("goodtriever ", env!("CARGO_PKG_VERSION"));
+
 /// Where a segment's rows came from.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The first four fields are all that stores written before version 0.1's structured
+/// provenance have; every later field is optional (serde defaults), so those manifests still
+/// open. The model fingerprint and key type are not repeated here: they are the store's
+/// (`Manifest::fingerprint`, `Manifest::key_type`), the same for every segment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Provenance {
-    /// Source file or producer, e.g. the path of the imported `.npy`.
+    /// One-line summary of the source, e.g. the imported `.npy`, the input files of a build,
+    /// `grpc:AddTexts`, or `compaction of segments 1,2`. The structured record is in `text`
+    /// and `merged_from`.
     pub source: String,
-    /// Dataset label, e.g. `toxic` or `non_toxic`.
+    /// Dataset label, e.g. `toxic` or `toxicity >= 0.5`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
     /// Free-form tag, e.g. a drift domain or a date.
@@ -75,16 +85,109 @@ pub struct Provenance {
     pub tag: Option<String>,
     /// When the segment was added, in seconds since the Unix epoch.
     pub added_at: u64,
+    /// The program that wrote the segment, e.g. `goodtriever 0.1.0` ([`TOOL`]). Absent in
+    /// older stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// How the rows were made from text (`datastore build` / `add`). Absent for imported
+    /// hidden states, appends over gRPC and older stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<TextProvenance>,
+    /// For a segment made by compaction: every original segment it holds, in row order.
+    /// Merging a merged segment again lists its originals, not the intermediate merge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<MergedSegment>,
+}
+
+/// How a segment's rows were made from labelled text.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TextProvenance {
+    /// Every input file of the run that wrote the segment, in reading order.
+    pub files: Vec<SourceFile>,
+    /// Field of jsonl records / csv column holding the text.
+    pub text_field: String,
+    /// The label filter that selected documents; `None`: every document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_filter: Option<LabelRange>,
+    /// Sliding window and stride, in tokens.
+    pub window: usize,
+    pub stride: usize,
+    /// Which chunk of a build this segment is, when a build wrote several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<Part>,
+    /// Documents (or pieces of documents split across segments) in this segment.
+    pub documents: usize,
+    /// Document tokens in this segment, the EOS separators not counted.
+    pub tokens: usize,
+}
+
+/// One input file of a build or add.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// The path as given on the command line.
+    pub path: String,
+    /// `txt`, `jsonl` or `csv`.
+    pub format: String,
+    /// Size and SHA-256 (hex) of the file when it was read.
+    pub bytes: u64,
+    pub sha256: String,
+    /// Records read from the file and records selected (label filter, non-blank text), over
+    /// the whole run (a build that wrote several segments counts every segment's).
+    pub records: usize,
+    pub selected: usize,
+}
+
+/// A label threshold: documents with `min <= field <= max` (either bound optional).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabelRange {
+    pub field: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+impl std::fmt::Display for LabelRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.min, self.max) {
+            (Some(a), Some(b)) => write!(f, "{a} <= {} <= {b}", self.field),
+            (Some(a), None) => write!(f, "{} >= {a}", self.field),
+            (None, Some(b)) => write!(f, "{} <= {b}", self.field),
+            (None, None) => write!(f, "{} (any)", self.field),
+        }
+    }
+}
+
+/// Segment `index` (1-based) of the `of` segments a build wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub index: usize,
+    pub of: usize,
+}
+
+/// An original segment inside a compacted one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MergedSegment {
+    /// The original segment's id (no longer in the manifest).
+    pub id: u64,
+    pub rows: usize,
+    /// Its first row within the compacted segment.
+    pub first_row: u64,
+    /// Its provenance as it was (with `merged_from` empty: originals are listed flat).
+    pub provenance: Provenance,
 }
 
 impl Provenance {
-    /// Provenance for `source`, stamped with the current time.
+    /// Provenance for `source`, stamped with the current time and this tool's version.
     pub fn new(source: impl Into<String>) -> Self {
         Provenance {
             source: source.into(),
             label: None,
             tag: None,
             added_at: now_unix(),
+            tool: Some(TOOL.to_string()),
+            text: None,
+            merged_from: Vec::new(),
         }
     }
 
@@ -96,6 +199,46 @@ impl Provenance {
     pub fn with_tag(mut self, tag: impl Into<String>) -> Self {
         self.tag = Some(tag.into());
         self
+    }
+
+    /// The provenance of the compaction of `segments` (in row order): the originals they
+    /// hold, flattened, with their row offsets; the label and tag when all originals agree.
+    pub fn merged<'a>(segments: impl IntoIterator<Item = (u64, usize, &'a Provenance)>) -> Self {
+        let mut merged_from = Vec::new();
+        let mut ids = Vec::new();
+        let mut offset = 0u64;
+        for (id, rows, p) in segments {
+            ids.push(id.to_string());
+            if p.merged_from.is_empty() {
+                merged_from.push(MergedSegment {
+                    id,
+                    rows,
+                    first_row: offset,
+                    provenance: p.clone(),
+                });
+            } else {
+                for m in &p.merged_from {
+                    merged_from.push(MergedSegment {
+                        first_row: offset + m.first_row,
+                        ..m.clone()
+                    });
+                }
+            }
+            offset += rows as u64;
+        }
+        let common = |f: fn(&Provenance) -> &Option<String>| -> Option<String> {
+            let first = f(&merged_from.first()?.provenance);
+            merged_from
+                .iter()
+                .all(|m| f(&m.provenance) == first)
+                .then(|| first.clone())
+                .flatten()
+        };
+        let mut p = Provenance::new(format!("compaction of segments {}", ids.join(",")));
+        p.label = common(|p| &p.label);
+        p.tag = common(|p| &p.tag);
+        p.merged_from = merged_from;
+        p
     }
 }
 
@@ -121,7 +264,7 @@ pub struct IndexParams {
     pub ef_construction: usize,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SegmentEntry {
     pub id: u64,
     pub rows: usize,
@@ -142,7 +285,7 @@ impl SegmentEntry {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
     pub format_version: u32,

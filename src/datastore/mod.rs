@@ -36,7 +36,9 @@ pub use distance::kernel_name;
 pub use error::{DatastoreError, MAX_K};
 pub use hnsw::{DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
 pub use keys::Keys;
-pub use manifest::{KeyDtype, Provenance};
+pub use manifest::{
+    KeyDtype, LabelRange, MergedSegment, Part, Provenance, SourceFile, TextProvenance, TOOL,
+};
 pub use search::{Neighbour, SearchMode, SearchParams, AUTO_EF_FACTOR, AUTO_MIN_ROWS, DEFAULT_EF};
 pub use verify::{FileCheck, VerifyProblem, VerifyReport};
 
@@ -59,7 +61,7 @@ pub struct CreateOptions {
 }
 
 /// A segment as the manifest describes it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SegmentInfo {
     pub id: u64,
     pub rows: usize,
@@ -69,6 +71,20 @@ pub struct SegmentInfo {
     pub provenance: Provenance,
     /// Total bytes of the segment's files.
     pub bytes: u64,
+}
+
+/// One stored row read back ([`Datastore::row`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StoredRow {
+    /// The row's id among live rows, as searches return it.
+    pub id: u64,
+    /// The segment that holds it, and its index within that segment.
+    pub segment: u64,
+    pub row_in_segment: usize,
+    /// The value: the next token id.
+    pub value: u32,
+    /// The key, widened to f32 (exact for f16 stores: every f16 is an f32).
+    pub key: Vec<f32>,
 }
 
 /// An immutable view: one manifest and its mapped live segments.
@@ -258,6 +274,30 @@ impl Datastore {
     /// All segments of the current snapshot (live and retired), in manifest order.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         self.snap.load().infos()
+    }
+
+    /// Reads live row `id` (the id searches return) back from its segment.
+    pub fn row(&self, id: u64) -> Result<StoredRow> {
+        let snap = self.snap.load();
+        if id >= snap.rows as u64 {
+            return Err(DatastoreError::NoSuchRow {
+                id,
+                rows: snap.rows,
+            });
+        }
+        // `starts` is ascending; the segment is the last one starting at or before `id`.
+        let s = snap.starts.partition_point(|&st| st <= id) - 1;
+        let seg = &snap.segments[s];
+        let r = (id - snap.starts[s]) as usize;
+        let mut key = Vec::new();
+        seg.keys().row_f32(r, snap.manifest.dim(), &mut key);
+        Ok(StoredRow {
+            id,
+            segment: seg.id,
+            row_in_segment: r,
+            value: seg.values()[r],
+            key,
+        })
     }
 
     /// Appends `keys` (row-major, `values.len()` × D) as a new segment and builds its index.
@@ -537,10 +577,11 @@ impl Datastore {
     }
 
     /// Merges all live segments into one new segment (same rows, same order, so ids do not
-    /// change) and deletes the files of the merged and retired segments. Returns the new
-    /// segment, or `None` when there is nothing to do (at most one live segment and no
-    /// retired ones). Handles that still use the old segments keep working until they
-    /// `refresh` (their maps outlive the deleted files).
+    /// change) and deletes the files of the merged and retired segments. The new segment's
+    /// provenance lists every merged original (id, rows, first row, provenance) in
+    /// `merged_from`. Returns the new segment, or `None` when there is nothing to do (at most
+    /// one live segment and no retired ones). Handles that still use the old segments keep
+    /// working until they `refresh` (their maps outlive the deleted files).
     pub fn compact(&self) -> Result<Option<SegmentInfo>> {
         self.compact_with_progress(&|_| {})
     }
@@ -578,13 +619,9 @@ impl Datastore {
                 if values.is_empty() {
                     return Err(DatastoreError::EmptyStore(dir.clone()));
                 }
-                let ids: Vec<String> = live.iter().map(|e| e.id.to_string()).collect();
-                let mut prov = Provenance::new(format!("compaction of segments {}", ids.join(",")));
-                let labels: Vec<&Option<String>> =
-                    live.iter().map(|e| &e.provenance.label).collect();
-                if labels.windows(2).all(|w| w[0] == w[1]) {
-                    prov.label = labels.first().and_then(|l| (*l).clone());
-                }
+                // The merged segment keeps every original's provenance (ids, rows, row
+                // offsets); retired segments are deleted, not merged, so they are not listed.
+                let prov = Provenance::merged(live.iter().map(|e| (e.id, e.rows, &e.provenance)));
                 let replaces = m.segments.iter().map(|s| s.id).collect();
                 Ok((key_bytes, values, prov, replaces))
             },
