@@ -31,6 +31,7 @@ use hnsw_rs::hnsw::Hnsw;
 use memmap2::Mmap;
 
 use super::error::{DatastoreError, Result};
+use super::hnsw_repair::{self, RepairStats};
 use super::keys::KeyRows;
 
 pub const INDEX_FILE: &str = "index.bin";
@@ -86,76 +87,109 @@ pub fn build(
         progress(end);
         start = end;
     }
-    Ok(encode(&hnsw, rows, m))
+    let mut layers = Layers::from_hnsw_rs(&hnsw, rows);
+    drop(hnsw);
+    repair(keys, dim, m, &mut layers)?;
+    Ok(layers.encode(m))
 }
 
-fn encode(hnsw: &Hnsw<f32, DistL2>, rows: usize, m: usize) -> Vec<u8> {
-    let pi = hnsw.get_point_indexation();
-    // adjacency[l] : (row, neighbours) for every point present at level l.
-    let mut levels: Vec<Vec<(u32, Vec<u32>)>> = vec![Vec::new(); MAX_LEVELS];
-    let mut top = 0usize;
-    let mut entry = 0u32;
-    for layer in 0..MAX_LEVELS {
-        for point in pi.get_layer_iterator(layer) {
-            let row = point.get_origin_id() as u32;
-            let level = point.get_point_id().0 as usize;
-            let hood = point.get_neighborhood_id();
-            for (l, list) in hood.iter().enumerate().take(level + 1) {
-                let ids = list.iter().map(|n| n.d_id as u32).collect();
-                levels[l].push((row, ids));
+/// Level-0 repair of hnsw_rs's graph (see `hnsw_repair`): heuristic re-selection with reverse
+/// links, then every row made reachable from the entry point.
+fn repair(keys: KeyRows<'_>, dim: usize, m: usize, layers: &mut Layers) -> Result<RepairStats> {
+    let links = |l: &Layers| l.l0.iter().map(Vec::len).sum::<usize>();
+    let mut stats = RepairStats {
+        links_before: links(layers),
+        ..RepairStats::default()
+    };
+    stats.reverse_added = hnsw_repair::diversify(keys, dim, &mut layers.l0, 2 * m);
+    (stats.unfindable, stats.findable_linked) = hnsw_repair::make_findable(keys, dim, layers);
+    (stats.unreachable, stats.reconnected) = hnsw_repair::connect(keys, dim, layers);
+    stats.links_after = links(layers);
+    tracing::debug!(?stats, "HNSW level-0 repair");
+    Ok(stats)
+}
+
+/// The graph in memory: level 0 indexed by row, upper levels as (row, neighbours) ascending.
+pub(super) struct Layers {
+    pub(super) entry: u32,
+    pub(super) l0: Vec<Vec<u32>>,
+    /// `upper[l - 1]` is level `l`.
+    pub(super) upper: Vec<Vec<(u32, Vec<u32>)>>,
+}
+
+impl Layers {
+    fn from_hnsw_rs(hnsw: &Hnsw<f32, DistL2>, rows: usize) -> Self {
+        let pi = hnsw.get_point_indexation();
+        // levels[l] : (row, neighbours) for every point present at level l.
+        let mut levels: Vec<Vec<(u32, Vec<u32>)>> = vec![Vec::new(); MAX_LEVELS];
+        let mut top = 0usize;
+        let mut entry = 0u32;
+        for layer in 0..MAX_LEVELS {
+            for point in pi.get_layer_iterator(layer) {
+                let row = point.get_origin_id() as u32;
+                let level = point.get_point_id().0 as usize;
+                let hood = point.get_neighborhood_id();
+                for (l, list) in hood.iter().enumerate().take(level + 1) {
+                    let ids = list.iter().map(|n| n.d_id as u32).collect();
+                    levels[l].push((row, ids));
+                }
+                // Any point of the highest level is a valid entry point.
+                if level >= top {
+                    top = level;
+                    entry = row;
+                }
             }
-            // Any point of the highest level is a valid entry point.
-            if level >= top {
-                top = level;
-                entry = row;
+        }
+        levels.truncate(top + 1);
+        // Level 0 holds every row; index it by row id.
+        let mut l0: Vec<Vec<u32>> = vec![Vec::new(); rows];
+        for (row, n) in std::mem::take(&mut levels[0]) {
+            l0[row as usize] = n;
+        }
+        let mut upper: Vec<_> = levels.into_iter().skip(1).collect();
+        for level in &mut upper {
+            level.sort_by_key(|(r, _)| *r);
+        }
+        Layers { entry, l0, upper }
+    }
+
+    fn encode(&self, m: usize) -> Vec<u8> {
+        let rows = self.l0.len();
+        let m0 = self.l0.iter().map(Vec::len).max().unwrap_or(0) as u32;
+        let mut w: Vec<u32> = vec![
+            MAGIC,
+            VERSION,
+            rows as u32,
+            self.upper.len() as u32,
+            self.entry,
+            m as u32,
+            m0,
+            0,
+        ];
+        let csr = |w: &mut Vec<u32>, lists: &mut dyn Iterator<Item = &Vec<u32>>| {
+            let lists: Vec<&Vec<u32>> = lists.collect();
+            let mut off = 0u32;
+            w.push(0);
+            for n in &lists {
+                off += n.len() as u32;
+                w.push(off);
             }
+            for n in &lists {
+                w.extend_from_slice(n);
+            }
+        };
+        csr(&mut w, &mut self.l0.iter());
+        for level in &self.upper {
+            w.push(level.len() as u32);
+            w.extend(level.iter().map(|(r, _)| *r));
+            csr(&mut w, &mut level.iter().map(|(_, n)| n));
         }
-    }
-    levels.truncate(top + 1);
-    let m0 = levels[0].iter().map(|(_, n)| n.len()).max().unwrap_or(0) as u32;
-    let mut w: Vec<u32> = vec![
-        MAGIC,
-        VERSION,
-        rows as u32,
-        top as u32,
-        entry,
-        m as u32,
-        m0,
-        0,
-    ];
-    // Level 0 holds every row; index it by row id.
-    let mut l0: Vec<Vec<u32>> = vec![Vec::new(); rows];
-    for (row, n) in std::mem::take(&mut levels[0]) {
-        l0[row as usize] = n;
-    }
-    let mut off = 0u32;
-    w.push(0);
-    for n in &l0 {
-        off += n.len() as u32;
-        w.push(off);
-    }
-    for n in &l0 {
-        w.extend_from_slice(n);
-    }
-    for level in levels.iter_mut().skip(1) {
-        level.sort_by_key(|(r, _)| *r);
-        w.push(level.len() as u32);
-        w.extend(level.iter().map(|(r, _)| *r));
-        let mut off = 0u32;
-        w.push(0);
-        for (_, n) in level.iter() {
-            off += n.len() as u32;
-            w.push(off);
+        let mut bytes = Vec::with_capacity(w.len() * 4);
+        for x in w {
+            bytes.extend_from_slice(&x.to_le_bytes());
         }
-        for (_, n) in level.iter() {
-            w.extend_from_slice(n);
-        }
+        bytes
     }
-    let mut bytes = Vec::with_capacity(w.len() * 4);
-    for x in w {
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
-    bytes
 }
 
 /// Word ranges of one upper level inside the file.

@@ -19,6 +19,7 @@ mod durable;
 mod error;
 mod exact;
 mod hnsw;
+mod hnsw_repair;
 mod keys;
 mod manifest;
 mod search;
