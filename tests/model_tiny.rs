@@ -247,6 +247,56 @@ fn a_row_in_a_padded_batch_equals_the_row_alone() {
     assert!(model.new_cache(2).set_left_padding(&[1]).is_err());
 }
 
+/// Long chunks (prefill, datastore building) take the blocked attention path and decoding
+/// steps the direct one: a padded batch of long rows, continued in a second long chunk, must
+/// give what each row alone gives one token at a time.
+#[test]
+fn long_padded_chunks_equal_token_by_token_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Model::load(
+        &tiny(dir.path(), "m.gguf", &TinySpec::default()),
+        WeightFormat::Native,
+    )
+    .unwrap();
+    let row = |n: usize, salt: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i * 37 + salt * 11) % 250 + 3)
+            .collect()
+    };
+    // Longer than one query block (64) and with a padded row, then a second chunk of 70.
+    let rows = [row(150, 1), row(90, 2)];
+    let refs: Vec<&[u32]> = rows.iter().map(|r| &r[..]).collect();
+    let (flat, pad) = model.pad_left(&refs);
+    assert_eq!(pad, vec![0, 60]);
+    let more = [row(70, 3), row(70, 4)];
+    let mut cache = model.new_cache(2);
+    cache.set_left_padding(&pad).unwrap();
+    let o = all_outputs(KeyType::LastFfnInput);
+    let first = model.forward(&flat, 2, &mut cache, o).unwrap();
+    let flat_more: Vec<u32> = more.iter().flatten().copied().collect();
+    let second = model.forward(&flat_more, 2, &mut cache, o).unwrap();
+    for r in 0..2 {
+        let mut alone = model.new_cache(1);
+        let tokens: Vec<u32> = rows[r].iter().chain(&more[r]).copied().collect();
+        for (p, &t) in tokens.iter().enumerate() {
+            let step = model
+                .forward(&[t], 1, &mut alone, Outputs::last(KeyType::LastFfnInput))
+                .unwrap();
+            let (chunk, at) = if p < rows[r].len() {
+                (&first, pad[r] + p)
+            } else {
+                (&second, p - rows[r].len())
+            };
+            let dl = max_abs_diff(step.logits_at(0, 0), chunk.logits_at(r, at));
+            let dk = max_abs_diff(step.key_at(0, 0), chunk.key_at(r, at));
+            assert!(
+                dl < 1e-4 && dk < 1e-4,
+                "row {r} position {p}: logits {dl}, keys {dk}"
+            );
+        }
+    }
+}
+
 /// Reads an F32 tensor of the tiny file as a flat vector.
 fn weight(path: &Path, name: &str) -> Vec<f32> {
     let mut f = std::fs::File::open(path).unwrap();
@@ -357,7 +407,7 @@ fn final_hidden_times_tied_embeddings_gives_the_logits() {
     let out = model
         .forward(&PROMPT, 1, &mut cache, all_outputs(KeyType::FinalHidden))
         .unwrap();
-    let emb: Vec<f32> = model.embeddings().flatten_all().unwrap().to_vec1().unwrap();
+    let emb = model.embeddings().to_vec();
     for p in [0, 3, 6] {
         let logits = matvec(&emb, out.key_at(0, p));
         assert!(max_abs_diff(&logits, out.logits_at(0, p)) < 1e-3);

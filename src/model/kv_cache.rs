@@ -1,4 +1,5 @@
-//! Per-layer key/value cache for a batch of sequences, with per-row left padding.
+//! Per-layer key/value cache for a batch of sequences, with per-row left padding, plus the
+//! scratch buffers of the forward pass that runs over it.
 //!
 //! Rows of a batch may have prompts of different lengths. Instead of running them one by one,
 //! they are left-padded to a common length: row `b` starts with `pad[b]` padding slots, which no
@@ -6,11 +7,13 @@
 //! RoPE position 0). So a row computed inside a padded batch gives the same result as the row
 //! alone.
 //!
-//! Buffers are preallocated and grown by doubling, and new keys/values are written in place,
-//! so that a decoding step copies only the new column instead of the whole cache.
+//! Keys and values are plain `f32` buffers laid out `(row, kv head, slot, head dim)`, so that the
+//! attention of one (row, head) reads one contiguous run of slots. Capacity grows by doubling
+//! and new slots are written in place: a decoding step copies only the new column. The forward
+//! pass's intermediate buffers live here too, because a cache is what one generation owns: a
+//! decoding loop allocates nothing after its first steps.
 
-use candle_core::{DType, Device, Tensor};
-
+use super::llama::Scratch;
 use super::ModelError;
 
 /// Keys and values of every layer for `batch` rows, plus each row's left padding.
@@ -21,9 +24,12 @@ pub struct KvCache {
     head_dim: usize,
     /// Slots filled (padding included); the same for every row.
     len: usize,
+    /// Slots allocated per (row, head) in every layer.
     capacity: usize,
     pad: Vec<usize>,
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    pub(crate) scratch: Scratch,
 }
 
 impl KvCache {
@@ -35,7 +41,9 @@ impl KvCache {
             len: 0,
             capacity: 0,
             pad: vec![0; batch],
-            layers: vec![None; n_layers],
+            keys: vec![Vec::new(); n_layers],
+            values: vec![Vec::new(); n_layers],
+            scratch: Scratch::default(),
         }
     }
 
@@ -82,59 +90,43 @@ impl KvCache {
         Ok(())
     }
 
-    pub(crate) fn has_padding(&self) -> bool {
-        self.pad.iter().any(|&p| p > 0)
+    /// Slots allocated per (row, head); offsets into a layer's buffers use it as stride.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
     }
 
-    /// Appends `k`, `v` (each `(batch, kv_heads, new, head_dim)`) to layer `layer` and returns
-    /// views of everything cached for that layer.
-    pub(crate) fn append(
-        &mut self,
-        layer: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor), ModelError> {
-        let new = k.dim(2)?;
-        let needed = self.len + new;
-        let fits = match &self.layers[layer] {
-            Some((kb, _)) => kb.dim(2)? >= needed,
-            None => false,
-        };
-        if !fits {
-            self.grow(layer, needed, k.device(), k.dtype())?;
+    /// Makes room for `total` slots in every layer, keeping what is cached.
+    pub(crate) fn reserve(&mut self, total: usize) {
+        if total <= self.capacity {
+            return;
         }
-        let (kb, vb) = self.layers[layer].as_ref().expect("allocated above");
-        kb.slice_set(k, 2, self.len)?;
-        vb.slice_set(v, 2, self.len)?;
-        Ok((kb.narrow(2, 0, needed)?, vb.narrow(2, 0, needed)?))
+        let new_cap = total.next_power_of_two().max(64);
+        let (old_cap, hd, len) = (self.capacity, self.head_dim, self.len);
+        let runs = self.batch * self.n_kv_heads;
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            let mut fresh = vec![0f32; runs * new_cap * hd];
+            for r in 0..runs {
+                fresh[r * new_cap * hd..][..len * hd]
+                    .copy_from_slice(&buf[r * old_cap * hd..][..len * hd]);
+            }
+            *buf = fresh;
+        }
+        self.capacity = new_cap;
     }
 
-    /// Called once the last layer has appended: advances the filled length.
+    /// The keys and values of layer `layer`, `(batch, kv heads, capacity, head dim)`, and the
+    /// scratch buffers, borrowed together for one layer of the forward pass.
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32], &mut Scratch) {
+        (
+            &mut self.keys[layer],
+            &mut self.values[layer],
+            &mut self.scratch,
+        )
+    }
+
+    /// Called once the last layer has written its slots: advances the filled length.
     pub(crate) fn commit(&mut self, new: usize) {
         self.len += new;
-    }
-
-    fn grow(
-        &mut self,
-        layer: usize,
-        needed: usize,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<(), ModelError> {
-        // All layers share one capacity; a layer allocated before the capacity last changed is
-        // enlarged lazily when its turn comes.
-        if needed > self.capacity {
-            self.capacity = needed.next_power_of_two().max(64);
-        }
-        let shape = (self.batch, self.n_kv_heads, self.capacity, self.head_dim);
-        let fresh = || Tensor::zeros(shape, dtype, device);
-        let (k, v) = (fresh()?, fresh()?);
-        if let Some((ok, ov)) = &self.layers[layer] {
-            k.slice_set(&ok.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-            v.slice_set(&ov.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-        }
-        self.layers[layer] = Some((k, v));
-        Ok(())
     }
 
     /// Keeps only the rows listed in `rows`, in that order; a row may be listed several times
@@ -149,12 +141,16 @@ impl KvCache {
         if rows.is_empty() {
             return Err(ModelError::Input("a cache needs at least one row".into()));
         }
-        let ids: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        for layer in self.layers.iter_mut() {
-            if let Some((k, v)) = layer.take() {
-                let idx = Tensor::new(ids.as_slice(), k.device())?;
-                *layer = Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?));
+        let row_size = self.n_kv_heads * self.capacity * self.head_dim;
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            if buf.is_empty() {
+                continue;
             }
+            let mut fresh = Vec::with_capacity(rows.len() * row_size);
+            for &r in rows {
+                fresh.extend_from_slice(&buf[r * row_size..(r + 1) * row_size]);
+            }
+            *buf = fresh;
         }
         self.pad = rows.iter().map(|&r| self.pad[r]).collect();
         self.batch = rows.len();

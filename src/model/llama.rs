@@ -1,110 +1,216 @@
-//! The llama forward pass, written from candle's public pieces so that it can return what
+//! The llama forward pass over candle's GGUF reader, written so that it can return what
 //! `candle_transformers::models::quantized_llama::ModelWeights` keeps private: the hidden state
 //! at any position (the retrieval key) and logits at chosen positions only, for a batch of rows
 //! with per-row positions.
 //!
-//! It computes the same function as `ModelWeights` (checked by the tests), with changes that
-//! only affect speed: the Q, K, V projections and the gate and up projections are each fused
-//! into one matrix (one pass over the activations instead of three or two); grouped-query
-//! attention is done by viewing the query heads of one KV head as extra query rows (no copy of
-//! K and V per query head); the LM head and even the last MLP are skipped when the caller asks
-//! only for keys; and with [`WeightFormat::Q8_0`] the matrices run on our own 8-bit kernel
-//! ([`super::quant`]).
+//! It computes the same function as `ModelWeights` (checked by the tests), but on plain `f32`
+//! buffers that live in the [`KvCache`] instead of a graph of candle tensors: one decoding
+//! step of the 30-layer default model is ~400 small operations, and as tensors each allocated
+//! its output and every matmul asked the OS for the CPU count (candle reads `/proc/cpuinfo` on
+//! each call), which cost more than the arithmetic. Besides that: the Q, K, V projections and
+//! the gate and up projections are each fused into one matrix (one pass over the activations);
+//! grouped-query attention reads each cached key once for all the query heads that share it;
+//! only causally visible slots are scored; the LM head and even the last MLP are skipped when
+//! the caller asks only for keys. Matrices run on our quantised kernels ([`super::quant`]),
+//! on `gemm` (candle's own f32 matmul) for f32 weights, and on candle's `QMatMul` for any other
+//! GGUF type.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
-use candle_transformers::quantized_nn::RmsNorm;
+use candle_core::{Device, Module, Tensor};
+use rayon::prelude::*;
 
 use super::config::LlamaConfig;
 use super::kv_cache::KvCache;
-use super::quant::{Q4_1Linear, Q8Linear, BLOCK};
+use super::quant::{Activations, Q4_1Linear, Q8Linear, BLOCK};
 use super::{ModelError, WeightFormat};
 use crate::fingerprint::KeyType;
 
-/// A weight matrix `(out, in)` applied to the last dimension of its input.
+/// A weight matrix `(out, in)` applied to rows of activations.
 enum Linear {
-    Candle(QMatMul),
+    /// Dense weights, row-major `(n, k)`; shared with the embedding when the head is tied.
+    F32 {
+        w: Arc<[f32]>,
+        n: usize,
+        k: usize,
+    },
     Q8(Q8Linear),
     Q4_1(Q4_1Linear),
+    /// Any other GGUF type, through candle's kernels (copies in and out; not a hot path).
+    Candle {
+        m: QMatMul,
+        n: usize,
+        k: usize,
+    },
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor, ModelError> {
+    fn out_features(&self) -> usize {
         match self {
-            Linear::Candle(m) => Ok(m.forward(x)?),
-            Linear::Q8(l) => run_quant(x, l.out_features(), |x, m, out| l.forward(x, m, out)),
-            Linear::Q4_1(l) => run_quant(x, l.out_features(), |x, m, out| l.forward(x, m, out)),
+            Linear::F32 { n, .. } | Linear::Candle { n, .. } => *n,
+            Linear::Q8(l) => l.out_features(),
+            Linear::Q4_1(l) => l.out_features(),
         }
+    }
+
+    fn in_features(&self) -> usize {
+        match self {
+            Linear::F32 { k, .. } | Linear::Candle { k, .. } => *k,
+            Linear::Q8(l) => l.in_features(),
+            Linear::Q4_1(l) => l.in_features(),
+        }
+    }
+
+    /// `out` (`m × n`) = `x` (`m × k`) times the transposed weights; `act` is reused scratch.
+    fn forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        act: &mut Activations,
+    ) -> Result<(), ModelError> {
+        let (n, k) = (self.out_features(), self.in_features());
+        debug_assert!(x.len() == m * k && out.len() == m * n);
+        match self {
+            Linear::F32 { w, .. } => sgemm_nt(x, m, k, w, n, out),
+            Linear::Q8(l) => {
+                act.quantize(x, m, k);
+                l.forward_quantized(act, out);
+            }
+            Linear::Q4_1(l) => {
+                act.quantize(x, m, k);
+                l.forward_quantized(act, out);
+            }
+            Linear::Candle { m: mm, .. } => {
+                let y = mm.forward(&Tensor::from_slice(x, (m, k), &Device::Cpu)?)?;
+                out.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(())
     }
 }
 
-/// Applies one of our quantised kernels to the rows of `x`.
-fn run_quant(
-    x: &Tensor,
-    n: usize,
-    f: impl FnOnce(&[f32], usize, &mut [f32]),
-) -> Result<Tensor, ModelError> {
-    let x = x.to_dtype(DType::F32)?.contiguous()?;
-    let dims = x.dims();
-    let k = *dims.last().expect("at least 1-D");
-    let m = x.elem_count() / k;
-    let mut out = vec![0f32; m * n];
-    {
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(ModelError::Input("only the CPU device is supported".into()));
-        };
-        let o = layout.start_offset();
-        f(&cpu.as_slice::<f32>()?[o..o + m * k], m, &mut out);
+/// `out = x · wᵀ` with `x` `(m, k)` and `w` `(n, k)`, both row-major.
+fn sgemm_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the strides produce: dst (i, j) at i·n + j,
+    // lhs (i, t) at i·k + t, rhs (t, j) = w[j][t] at j·k + t; read_dst = false, so the
+    // uninitialised-read concern does not arise (dst is written, never read).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
     }
-    let mut shape = dims.to_vec();
-    *shape.last_mut().expect("at least 1-D") = n;
-    Ok(Tensor::from_vec(out, shape, &Device::Cpu)?)
 }
 
 /// Several projections of the same input (Q, K, V; gate, up), fused into one matrix when
-/// their storage allows it, else kept apart.
+/// their storage allows it, else kept apart and their outputs laid side by side.
 struct Proj {
     parts: Vec<Linear>,
-    sizes: Vec<usize>,
+    width: usize,
 }
 
 impl Proj {
-    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, ModelError> {
-        if self.parts.len() == 1 && self.sizes.len() > 1 {
-            let y = self.parts[0].forward(x)?;
-            let mut at = 0;
-            let mut out = Vec::with_capacity(self.sizes.len());
-            for &n in &self.sizes {
-                out.push(y.narrow(candle_core::D::Minus1, at, n)?);
-                at += n;
-            }
-            Ok(out)
-        } else {
-            self.parts.iter().map(|p| p.forward(x)).collect()
+    fn forward(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut Vec<f32>,
+        tmp: &mut Vec<f32>,
+        act: &mut Activations,
+    ) -> Result<(), ModelError> {
+        out.resize(m * self.width, 0.0);
+        if let [one] = self.parts.as_slice() {
+            return one.forward(x, m, out, act);
         }
+        let mut at = 0;
+        for p in &self.parts {
+            let n = p.out_features();
+            tmp.resize(m * n, 0.0);
+            p.forward(x, m, tmp, act)?;
+            for (dst, src) in out.chunks_mut(self.width).zip(tmp.chunks(n)) {
+                dst[at..at + n].copy_from_slice(src);
+            }
+            at += n;
+        }
+        Ok(())
     }
 }
 
 pub(crate) struct Layer {
-    attn_norm: RmsNorm,
+    attn_norm: Vec<f32>,
     qkv: Proj,
     wo: Linear,
-    ffn_norm: RmsNorm,
+    ffn_norm: Vec<f32>,
     gate_up: Proj,
     down: Linear,
 }
 
 pub(crate) struct Weights {
-    embed: Tensor,
+    /// Token embeddings, `(vocab, hidden)` row-major.
+    embed: Arc<[f32]>,
     layers: Vec<Layer>,
-    norm: RmsNorm,
+    norm: Vec<f32>,
     lm_head: Linear,
-    /// RoPE tables, `(context, head_dim / 2)`.
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE tables, `(context, head_dim / 2)` row-major.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Intermediate buffers of the forward pass, kept in the [`KvCache`] between calls.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Scratch {
+    /// Residual stream, `rows × hidden`.
+    x: Vec<f32>,
+    /// Normalised residual stream.
+    xn: Vec<f32>,
+    /// Fused Q, K, V projections, `rows × (hidden + 2 · kv width)`.
+    qkv: Vec<f32>,
+    /// Attention output, `rows × hidden`.
+    y: Vec<f32>,
+    /// Output of a projection before it is added to the residual stream.
+    tmp: Vec<f32>,
+    /// Unfused projections' outputs before they are laid side by side.
+    part: Vec<f32>,
+    /// Fused gate and up projections, `rows × 2 · intermediate`.
+    gu: Vec<f32>,
+    /// SiLU(gate) · up, `rows × intermediate`.
+    ff: Vec<f32>,
+    /// Final-norm output of the rows that need it.
+    fin: Vec<f32>,
+    /// Rows gathered for the LM head.
+    head_in: Vec<f32>,
+    /// RoPE position of each row of the chunk.
+    pos: Vec<usize>,
+    /// Attention scores, one run of slots per parallel task.
+    scores: Vec<f32>,
+    act: Activations,
 }
 
 /// Which positions of each row a forward call should return something for.
@@ -180,96 +286,111 @@ fn in_features(q: &QTensor) -> usize {
     *q.shape().dims().last().unwrap_or(&0)
 }
 
+fn dequantize(q: &QTensor) -> Result<Vec<f32>, ModelError> {
+    Ok(q.dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
 fn convert(q: QTensor, format: WeightFormat) -> Result<Linear, ModelError> {
-    let dev = Device::Cpu;
-    let k = in_features(&q);
-    Ok(match (format, q.dtype()) {
-        (WeightFormat::F32, _) => Linear::Candle(QMatMul::Tensor(q.dequantize(&dev)?)),
+    let (n, k) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    Ok(match (format, dtype) {
+        (WeightFormat::F32, _)
+        | (WeightFormat::Native, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+            Linear::F32 {
+                w: dequantize(&q)?.into(),
+                n,
+                k,
+            }
+        }
         (WeightFormat::Native, GgmlDType::Q4_1) if k.is_multiple_of(BLOCK) => {
-            let (n, k) = q.shape().dims2()?;
             Linear::Q4_1(Q4_1Linear::from_ggml(&q.data()?, n, k))
         }
         // Q8_0 stored: re-quantising its dequantised values gives back the same blocks.
         (WeightFormat::Q8_0, _) | (WeightFormat::Native, GgmlDType::Q8_0)
             if k.is_multiple_of(BLOCK) =>
         {
-            let (n, k) = q.shape().dims2()?;
-            let w: Vec<f32> = q.dequantize(&dev)?.flatten_all()?.to_vec1()?;
-            Linear::Q8(Q8Linear::from_f32(&w, n, k))
+            Linear::Q8(Q8Linear::from_f32(&dequantize(&q)?, n, k))
         }
-        _ => Linear::Candle(QMatMul::from_qtensor(q)?),
+        _ => Linear::Candle {
+            m: QMatMul::from_qtensor(q)?,
+            n,
+            k,
+        },
     })
 }
 
 /// Fuses `parts` (same input size) into one matrix if their storage allows it.
 fn fuse(parts: Vec<QTensor>, format: WeightFormat) -> Result<Proj, ModelError> {
     let dev = Device::Cpu;
-    let sizes: Vec<usize> = parts.iter().map(|q| q.shape().dims()[0]).collect();
+    let width: usize = parts.iter().map(|q| q.shape().dims()[0]).sum();
     let k = in_features(&parts[0]);
-    let n: usize = sizes.iter().sum();
-    let same_k = parts
+    let dtype = parts[0].dtype();
+    let same = parts
         .iter()
-        .all(|q| q.shape().rank() == 2 && in_features(q) == k);
-    let one = match format {
-        _ if !same_k => None,
-        WeightFormat::F32 => {
-            let ts = parts
-                .iter()
-                .map(|q| q.dequantize(&dev))
-                .collect::<Result<Vec<_>, _>>()?;
-            Some(Linear::Candle(QMatMul::Tensor(Tensor::cat(&ts, 0)?)))
-        }
-        WeightFormat::Q8_0 if k.is_multiple_of(BLOCK) => {
-            let mut w = Vec::with_capacity(n * k);
+        .all(|q| q.shape().rank() == 2 && in_features(q) == k && q.dtype() == dtype);
+    let one = if !same {
+        None
+    } else if format == WeightFormat::Native
+        && !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+    {
+        // Quantised rows are whole blocks: concatenating the raw bytes stacks the rows.
+        if k.is_multiple_of(dtype.block_size()) {
+            let mut bytes = Vec::new();
             for q in &parts {
-                w.extend(q.dequantize(&dev)?.flatten_all()?.to_vec1::<f32>()?);
+                bytes.extend_from_slice(&q.data()?);
             }
-            Some(Linear::Q8(Q8Linear::from_f32(&w, n, k)))
+            let storage = QStorage::from_data(Cow::Owned(bytes), &dev, dtype)?;
+            Some(convert(QTensor::new(storage, (width, k))?, format)?)
+        } else {
+            None
         }
-        WeightFormat::Q8_0 => None,
-        WeightFormat::Native => {
-            // Quantised rows are whole blocks: concatenating the raw bytes stacks the rows.
-            let dtype = parts[0].dtype();
-            if parts.iter().all(|q| q.dtype() == dtype) && k.is_multiple_of(dtype.block_size()) {
-                let mut bytes = Vec::new();
-                for q in &parts {
-                    bytes.extend_from_slice(&q.data()?);
-                }
-                let storage = QStorage::from_data(Cow::Owned(bytes), &dev, dtype)?;
-                Some(convert(QTensor::new(storage, (n, k))?, format)?)
-            } else {
-                None
+    } else if format == WeightFormat::Q8_0 && !k.is_multiple_of(BLOCK) {
+        None
+    } else {
+        let mut w = Vec::with_capacity(width * k);
+        for q in &parts {
+            w.extend(dequantize(q)?);
+        }
+        Some(if format == WeightFormat::Q8_0 {
+            Linear::Q8(Q8Linear::from_f32(&w, width, k))
+        } else {
+            Linear::F32 {
+                w: w.into(),
+                n: width,
+                k,
             }
-        }
+        })
     };
-    Ok(match one {
-        Some(l) => Proj {
-            parts: vec![l],
-            sizes,
-        },
-        None => Proj {
-            parts: parts
-                .into_iter()
-                .map(|q| convert(q, format))
-                .collect::<Result<_, _>>()?,
-            sizes,
-        },
-    })
+    let parts = match one {
+        Some(l) => vec![l],
+        None => parts
+            .into_iter()
+            .map(|q| convert(q, format))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(Proj { parts, width })
 }
 
-fn rope_tables(cfg: &LlamaConfig) -> Result<(Tensor, Tensor), ModelError> {
+/// `(cos, sin)` of every position's rotation angles, `(context, head_dim / 2)` row-major.
+fn rope_tables(cfg: &LlamaConfig) -> (Vec<f32>, Vec<f32>) {
     let half = cfg.head_dim / 2;
     let theta: Vec<f32> = (0..cfg.head_dim)
         .step_by(2)
         .map(|i| 1f32 / cfg.rope_base.powf(i as f32 / cfg.head_dim as f32))
         .collect();
-    let theta = Tensor::from_vec(theta, (1, half), &Device::Cpu)?;
     let n = cfg.context_length.max(1);
-    let pos = Tensor::arange(0u32, n as u32, &Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .reshape((n, 1))?;
-    let angles = pos.matmul(&theta)?;
-    Ok((angles.cos()?, angles.sin()?))
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for &t in &theta {
+            let a = p as f32 * t;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
 }
 
 impl Weights {
@@ -280,18 +401,25 @@ impl Weights {
         mut fetch: impl FnMut(&str) -> Result<QTensor, ModelError>,
         has: impl Fn(&str) -> bool,
     ) -> Result<Self, ModelError> {
-        let dev = Device::Cpu;
-        let eps = cfg.rms_norm_eps;
         let embed_q = fetch("token_embd.weight")?;
-        let embed = embed_q.dequantize(&dev)?;
+        let embed: Arc<[f32]> = dequantize(&embed_q)?.into();
         let lm_head = if has("output.weight") {
             convert(fetch("output.weight")?, format)?
-        } else if format == WeightFormat::F32 {
-            Linear::Candle(QMatMul::Tensor(embed.clone()))
+        } else if matches!(format, WeightFormat::F32)
+            || matches!(
+                embed_q.dtype(),
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            )
+        {
+            Linear::F32 {
+                w: embed.clone(),
+                n: cfg.vocab_size,
+                k: cfg.hidden_size,
+            }
         } else {
             convert(embed_q, format)?
         };
-        let norm = RmsNorm::from_qtensor(fetch("output_norm.weight")?, eps)?;
+        let norm = dequantize(&fetch("output_norm.weight")?)?;
         let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let mut w = |n: &str| fetch(&format!("blk.{i}.{n}.weight"));
@@ -302,11 +430,11 @@ impl Weights {
                 wo: convert(w("attn_output")?, format)?,
                 gate_up,
                 down: convert(w("ffn_down")?, format)?,
-                attn_norm: RmsNorm::from_qtensor(w("attn_norm")?, eps)?,
-                ffn_norm: RmsNorm::from_qtensor(w("ffn_norm")?, eps)?,
+                attn_norm: dequantize(&w("attn_norm")?)?,
+                ffn_norm: dequantize(&w("ffn_norm")?)?,
             });
         }
-        let (cos, sin) = rope_tables(cfg)?;
+        let (cos, sin) = rope_tables(cfg);
         Ok(Self {
             embed,
             layers,
@@ -317,8 +445,8 @@ impl Weights {
         })
     }
 
-    /// The token embedding matrix, `(vocab, hidden)`, in f32.
-    pub(crate) fn embeddings(&self) -> &Tensor {
+    /// The token embedding matrix, `(vocab, hidden)` row-major, in f32.
+    pub(crate) fn embeddings(&self) -> &[f32] {
         &self.embed
     }
 
@@ -360,153 +488,101 @@ impl Weights {
                 context: cfg.context_length,
             });
         }
-        let dev = Device::Cpu;
-        let (h, hkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-        let n_rep = h / hkv;
-        let padded = cache.has_padding();
-
-        // RoPE tables for this chunk: shared when no row is padded, per row otherwise.
-        let (cos, sin) = if padded {
-            let mut pos = Vec::with_capacity(batch * seq);
-            for b in 0..batch {
-                let p = cache.left_padding()[b];
-                pos.extend((start..total).map(|j| j.saturating_sub(p) as u32));
-            }
-            let idx = Tensor::from_vec(pos, batch * seq, &dev)?;
-            let half = hd / 2;
-            (
-                self.cos
-                    .index_select(&idx, 0)?
-                    .reshape((batch, seq, half))?,
-                self.sin
-                    .index_select(&idx, 0)?
-                    .reshape((batch, seq, half))?,
-            )
-        } else {
-            (
-                self.cos.narrow(0, start, seq)?,
-                self.sin.narrow(0, start, seq)?,
-            )
+        let d = cfg.hidden_size;
+        let rows = batch * seq;
+        let eps = cfg.rms_norm_eps as f32;
+        let dims = AttnDims {
+            batch,
+            seq,
+            start,
+            heads: cfg.n_heads,
+            kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+            capacity: 0,
         };
-
-        // Additive mask `(batch|1, 1, 1, seq, total)`: causal, padding slots hidden from real
-        // queries; a padding query sees itself so that its softmax stays finite.
-        let mask = if seq > 1 || padded {
-            let rows = if padded { batch } else { 1 };
-            let mut m = vec![0f32; rows * seq * total];
-            for b in 0..rows {
-                let p = cache.left_padding()[b];
-                for q in 0..seq {
-                    let i = start + q;
-                    let row = &mut m[(b * seq + q) * total..(b * seq + q + 1) * total];
-                    for (j, v) in row.iter_mut().enumerate() {
-                        let visible = j == i || (j < i && j >= p);
-                        if !visible {
-                            *v = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-            }
-            Some(Tensor::from_vec(m, (rows, 1, 1, seq, total), &dev)?)
-        } else {
-            None
+        cache.reserve(total);
+        let dims = AttnDims {
+            capacity: cache.capacity(),
+            ..dims
         };
+        let pad = cache.left_padding().to_vec();
 
-        let ids = Tensor::from_slice(tokens, (batch, seq), &dev)?;
-        let mut x = candle_nn::Embedding::new(self.embed.clone(), cfg.hidden_size).forward(&ids)?;
+        {
+            let s = &mut cache.scratch;
+            s.pos.clear();
+            for &p in &pad {
+                s.pos.extend((start..total).map(|j| j.saturating_sub(p)));
+            }
+            s.x.clear();
+            for &t in tokens {
+                s.x.extend_from_slice(&self.embed[t as usize * d..][..d]);
+            }
+        }
         let skip_last_mlp = want.logits == Positions::None
             && (want.keys == Positions::None || want.key_type == KeyType::LastFfnInput);
-        let mut key: Option<Tensor> = None;
-        let scale = 1.0 / (hd as f64).sqrt();
+        out.keys.clear();
         let n_layers = self.layers.len();
         for (li, layer) in self.layers.iter().enumerate() {
-            let residual = &x;
-            let xn = layer.attn_norm.forward(&x)?;
-            let qkv = layer.qkv.forward(&xn)?;
-            let (q, k, v) = (&qkv[0], &qkv[1], &qkv[2]);
-            let q = q
-                .reshape((batch, seq, h, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = k
-                .reshape((batch, seq, hkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = v
-                .reshape((batch, seq, hkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            let (k_all, v_all) = cache.append(li, &k, &v)?;
-            // Query heads h·n_rep .. (h+1)·n_rep - 1 share KV head h: view them as one group.
-            let q = q.reshape((batch, hkv, n_rep * seq, hd))?;
-            let att = (q.matmul(&k_all.t()?)? * scale)?;
-            let att = match &mask {
-                Some(m) => att
-                    .reshape((batch, hkv, n_rep, seq, total))?
-                    .broadcast_add(m)?
-                    .reshape((batch, hkv, n_rep * seq, total))?,
-                None => att,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v_all.contiguous()?)?;
-            let y = y.reshape((batch, h, seq, hd))?.transpose(1, 2)?.reshape((
-                batch,
-                seq,
-                cfg.hidden_size,
-            ))?;
-            let x1 = (layer.wo.forward(&y)? + residual)?;
-            let hn = layer.ffn_norm.forward(&x1)?;
+            let (kc, vc, s) = cache.layer_mut(li);
+            rms_norm(&s.x, &layer.attn_norm, eps, &mut s.xn);
+            layer
+                .qkv
+                .forward(&s.xn, rows, &mut s.qkv, &mut s.part, &mut s.act)?;
+            rope_and_store(&mut s.qkv, &s.pos, &self.cos, &self.sin, dims, kc, vc);
+            s.y.resize(rows * d, 0.0);
+            attention(&s.qkv, kc, vc, &pad, dims, &mut s.scores, &mut s.y);
+            s.tmp.resize(rows * d, 0.0);
+            layer.wo.forward(&s.y, rows, &mut s.tmp, &mut s.act)?;
+            add_in_place(&mut s.x, &s.tmp);
+            rms_norm(&s.x, &layer.ffn_norm, eps, &mut s.xn);
             if li + 1 == n_layers {
                 if want.key_type == KeyType::LastFfnInput {
-                    key = Some(hn.clone());
+                    pick_rows(&s.xn, d, batch, seq, want.keys, &mut out.keys);
                 }
                 if skip_last_mlp {
-                    x = x1;
                     break;
                 }
             }
-            let gu = layer.gate_up.forward(&hn)?;
-            let mlp = layer
-                .down
-                .forward(&(candle_nn::ops::silu(&gu[0])? * &gu[1])?)?;
-            x = (mlp + x1)?;
+            let ff = cfg.intermediate_size;
+            layer
+                .gate_up
+                .forward(&s.xn, rows, &mut s.gu, &mut s.part, &mut s.act)?;
+            silu_mul(&s.gu, ff, &mut s.ff);
+            layer.down.forward(&s.ff, rows, &mut s.tmp, &mut s.act)?;
+            add_in_place(&mut s.x, &s.tmp);
         }
         cache.commit(seq);
 
         out.batch = batch;
         out.vocab = cfg.vocab_size;
-        out.hidden = cfg.hidden_size;
-        let need_final = want.logits != Positions::None
-            || (want.keys != Positions::None && want.key_type == KeyType::FinalHidden);
-        let final_h = if need_final {
-            Some(self.norm.forward(&x)?)
-        } else {
-            None
-        };
-        let pick = |t: &Tensor, p: Positions| -> Result<Tensor, ModelError> {
-            Ok(match p {
-                Positions::Last => t.narrow(1, seq - 1, 1)?,
-                _ => t.clone(),
-            })
-        };
+        out.hidden = d;
         out.key_positions = positions(want.keys, seq);
-        if want.keys != Positions::None {
-            let k = match want.key_type {
-                KeyType::LastFfnInput => key.as_ref().expect("captured at the last layer"),
-                KeyType::FinalHidden => final_h.as_ref().expect("computed above"),
-            };
-            copy_into(&pick(k, want.keys)?, &mut out.keys)?;
-        } else {
-            out.keys.clear();
-        }
         out.logit_positions = positions(want.logits, seq);
-        if want.logits != Positions::None {
-            let f = pick(final_h.as_ref().expect("computed above"), want.logits)?;
-            let logits = self.lm_head.forward(&f.contiguous()?)?;
-            copy_into(&logits, &mut out.logits)?;
-        } else {
+        let s = &mut cache.scratch;
+        let final_keys = want.keys != Positions::None && want.key_type == KeyType::FinalHidden;
+        // The final norm of every row only if some output needs every position.
+        let final_rows =
+            if want.logits == Positions::All || (final_keys && want.keys == Positions::All) {
+                Positions::All
+            } else {
+                Positions::Last
+            };
+        if want.logits != Positions::None || final_keys {
+            pick_rows(&s.x, d, batch, seq, final_rows, &mut s.head_in);
+            rms_norm(&s.head_in, &self.norm, eps, &mut s.fin);
+            let from = if final_rows == Positions::All { seq } else { 1 };
+            if final_keys {
+                pick_rows(&s.fin, d, batch, from, want.keys, &mut out.keys);
+            }
+            if want.logits != Positions::None {
+                pick_rows(&s.fin, d, batch, from, want.logits, &mut s.head_in);
+                let m = batch * out.logit_positions;
+                out.logits.resize(m * cfg.vocab_size, 0.0);
+                self.lm_head
+                    .forward(&s.head_in, m, &mut out.logits, &mut s.act)?;
+            }
+        }
+        if want.logits == Positions::None {
             out.logits.clear();
         }
         Ok(())
@@ -521,17 +597,404 @@ fn positions(p: Positions, seq: usize) -> usize {
     }
 }
 
-/// Copies an f32 tensor into `dst`, reusing its allocation.
-fn copy_into(t: &Tensor, dst: &mut Vec<f32>) -> Result<(), ModelError> {
-    let t = t.to_dtype(DType::F32)?.contiguous()?;
-    let n = t.elem_count();
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(ModelError::Input("only the CPU device is supported".into()));
-    };
-    let src = cpu.as_slice::<f32>()?;
-    let o = layout.start_offset();
+/// Copies into `dst` the rows of `src` (`batch × seq` rows of `width`) at positions `p`.
+fn pick_rows(
+    src: &[f32],
+    width: usize,
+    batch: usize,
+    seq: usize,
+    p: Positions,
+    dst: &mut Vec<f32>,
+) {
     dst.clear();
-    dst.extend_from_slice(&src[o..o + n]);
-    Ok(())
+    match p {
+        Positions::None => {}
+        Positions::All => dst.extend_from_slice(&src[..batch * seq * width]),
+        Positions::Last => {
+            for b in 0..batch {
+                dst.extend_from_slice(&src[((b + 1) * seq - 1) * width..][..width]);
+            }
+        }
+    }
+}
+
+/// Rows at least this many are processed in parallel by the elementwise steps.
+const PAR_ROWS: usize = 16;
+
+/// `out = x / sqrt(mean(x²) + eps) · w` per row, as candle's `rms_norm`.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    let d = w.len();
+    out.resize(x.len(), 0.0);
+    let norm = |(xr, or): (&[f32], &mut [f32])| {
+        let sum2: f32 = xr.iter().map(|v| v * v).sum();
+        let m = (sum2 / d as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v / m * g;
+        }
+    };
+    if x.len() / d >= PAR_ROWS {
+        x.par_chunks(d).zip(out.par_chunks_mut(d)).for_each(norm);
+    } else {
+        x.chunks(d).zip(out.chunks_mut(d)).for_each(norm);
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// `out[r] = silu(gate[r]) · up[r]` for rows laid out `[gate | up]` of `2 · ff` values.
+fn silu_mul(gu: &[f32], ff: usize, out: &mut Vec<f32>) {
+    let rows = gu.len() / (2 * ff);
+    out.resize(rows * ff, 0.0);
+    let f = |(g, o): (&[f32], &mut [f32])| {
+        let (gate, up) = g.split_at(ff);
+        for ((o, &a), &b) in o.iter_mut().zip(gate).zip(up) {
+            *o = a / (1.0 + (-a).exp()) * b;
+        }
+    };
+    if rows >= PAR_ROWS {
+        gu.par_chunks(2 * ff)
+            .zip(out.par_chunks_mut(ff))
+            .for_each(f);
+    } else {
+        gu.chunks(2 * ff).zip(out.chunks_mut(ff)).for_each(f);
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+struct AttnDims {
+    batch: usize,
+    seq: usize,
+    /// Slots already cached before this chunk.
+    start: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Slots allocated per (row, head) in the cache.
+    capacity: usize,
+}
+
+impl AttnDims {
+    fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+
+    /// Offset of slot `slot` of (row `b`, KV head `g`) in a layer's cache buffer.
+    fn slot(&self, b: usize, g: usize, slot: usize) -> usize {
+        ((b * self.kv_heads + g) * self.capacity + slot) * self.head_dim
+    }
+}
+
+/// Rotates the queries and keys of the chunk in place (interleaved pairs, as candle's
+/// `rope_i` and llama.cpp's llama RoPE) and writes its keys and values into the cache.
+fn rope_and_store(
+    qkv: &mut [f32],
+    pos: &[usize],
+    cos: &[f32],
+    sin: &[f32],
+    dims: AttnDims,
+    kc: &mut [f32],
+    vc: &mut [f32],
+) {
+    let (hd, h, hkv) = (dims.head_dim, dims.heads, dims.kv_heads);
+    let half = hd / 2;
+    for (r, row) in qkv.chunks_mut(dims.qkv_width()).enumerate() {
+        let (c, s) = (&cos[pos[r] * half..][..half], &sin[pos[r] * half..][..half]);
+        let (qk, v) = row.split_at_mut((h + hkv) * hd);
+        for head in qk.chunks_mut(hd) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * c[i] - x1 * s[i];
+                pair[1] = x0 * s[i] + x1 * c[i];
+            }
+        }
+        let (b, t) = (r / dims.seq, dims.start + r % dims.seq);
+        let k = &qk[h * hd..];
+        for g in 0..hkv {
+            let at = dims.slot(b, g, t);
+            kc[at..at + hd].copy_from_slice(&k[g * hd..][..hd]);
+            vc[at..at + hd].copy_from_slice(&v[g * hd..][..hd]);
+        }
+    }
+}
+
+/// Causal attention of the chunk's queries over the cache, into `y` (`rows × hidden`).
+///
+/// One task per (row, KV head): its query heads share the keys, which are read once per
+/// query position. A query at slot `i` of row `b` sees slots `pad[b]..=i`; a padding query
+/// (`i < pad[b]`) sees only itself, so that its softmax stays finite.
+fn attention(
+    qkv: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pad: &[usize],
+    dims: AttnDims,
+    scores: &mut Vec<f32>,
+    y: &mut [f32],
+) {
+    let tasks = dims.batch * dims.kv_heads;
+    let total = dims.start + dims.seq;
+    // Long chunks (prefill, datastore building) score blocks of queries with gemm; short ones
+    // (decoding) walk the keys directly.
+    let per_task = if dims.seq >= GEMM_MIN_QUERIES {
+        QUERY_BLOCK.min(dims.seq) * total
+    } else {
+        total
+    };
+    scores.resize(tasks * per_task, 0.0);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    let run = |(task, sc): (usize, &mut [f32])| {
+        let (b, g) = (task / dims.kv_heads, task % dims.kv_heads);
+        // SAFETY: task (b, g) writes only the outputs of its own row and query heads.
+        unsafe {
+            if dims.seq >= GEMM_MIN_QUERIES {
+                attend_blocks(qkv, kc, vc, pad[b], dims, b, g, sc, &y_ptr)
+            } else {
+                attend(qkv, kc, vc, pad[b], dims, b, g, sc, &y_ptr)
+            }
+        }
+    };
+    let work = dims.batch * dims.heads * dims.seq * total * dims.head_dim;
+    if tasks > 1 && work >= 1 << 20 {
+        scores.par_chunks_mut(per_task).enumerate().for_each(run);
+    } else {
+        scores.chunks_mut(per_task).enumerate().for_each(run);
+    }
+}
+
+/// Chunks of at least this many queries use [`attend_blocks`].
+const GEMM_MIN_QUERIES: usize = 16;
+/// Queries scored at once by [`attend_blocks`] (bounds its scratch to this many rows).
+const QUERY_BLOCK: usize = 64;
+
+/// [`attend`] for long chunks: per query head, blocks of queries are scored against the
+/// visible keys with one gemm, masked and normalised in place, and multiplied by the values
+/// with a second gemm.
+///
+/// # Safety
+/// No other task may write the outputs of row `b`'s query heads of group `g` meanwhile;
+/// `scores` holds at least `QUERY_BLOCK.min(seq) · (start + seq)` values.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_blocks(
+    qkv: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pad: usize,
+    dims: AttnDims,
+    b: usize,
+    g: usize,
+    scores: &mut [f32],
+    y: &SendPtr,
+) {
+    let hd = dims.head_dim;
+    let n_rep = dims.heads / dims.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let width = dims.qkv_width();
+    let d = dims.heads * hd;
+    let keys = &kc[dims.slot(b, g, 0)..];
+    let values = &vc[dims.slot(b, g, 0)..];
+    for rep in 0..n_rep {
+        let head = g * n_rep + rep;
+        for s0 in (0..dims.seq).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(dims.seq - s0);
+            // Keys past the block's last query are invisible to all of it.
+            let cols = dims.start + s0 + rows;
+            let r0 = b * dims.seq + s0;
+            let q = &qkv[r0 * width + head * hd..];
+            assert!(scores.len() >= rows * cols && keys.len() >= cols * hd);
+            assert!(q.len() > (rows - 1) * width + hd - 1 && values.len() >= cols * hd);
+            // SAFETY: the asserts bound every index: scores (t, j) at t·cols + j; q (t, e) at
+            // t·width + e; keys (e, j) = K[j][e] at j·hd + e.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    cols,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    false,
+                    q.as_ptr(),
+                    1,
+                    width as isize,
+                    keys.as_ptr(),
+                    hd as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+            for t in 0..rows {
+                let i = dims.start + s0 + t;
+                let first = if i < pad { i } else { pad };
+                let row = &mut scores[t * cols..(t + 1) * cols];
+                row[..first].fill(0.0);
+                row[i + 1..].fill(0.0);
+                let vis = &mut row[first..=i];
+                let max = vis.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for v in vis.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                vis.iter_mut().for_each(|v| *v *= inv);
+            }
+            // SAFETY: y rows r0..r0 + rows, columns head·hd.. + hd belong to this task alone
+            // (caller's contract); values (j, e) at j·hd + e with j < cols (asserted).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    hd,
+                    cols,
+                    y.0.add(r0 * d + head * hd),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    cols as isize,
+                    values.as_ptr(),
+                    1,
+                    hd as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+        }
+    }
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint elements from the tasks of one call.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One (row, KV head) attention task; dispatches to an AVX2 build of the same code.
+///
+/// # Safety
+/// No other task may write the outputs of row `b`'s query heads of group `g` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend(
+    qkv: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pad: usize,
+    dims: AttnDims,
+    b: usize,
+    g: usize,
+    scores: &mut [f32],
+    y: &SendPtr,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::quant::has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA; the caller upholds the output contract.
+        return unsafe { attend_avx2(qkv, kc, vc, pad, dims, b, g, scores, y) };
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { attend_body(qkv, kc, vc, pad, dims, b, g, scores, y) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_avx2(
+    qkv: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pad: usize,
+    dims: AttnDims,
+    b: usize,
+    g: usize,
+    scores: &mut [f32],
+    y: &SendPtr,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { attend_body(qkv, kc, vc, pad, dims, b, g, scores, y) }
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_body(
+    qkv: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    pad: usize,
+    dims: AttnDims,
+    b: usize,
+    g: usize,
+    scores: &mut [f32],
+    y: &SendPtr,
+) {
+    let hd = dims.head_dim;
+    let n_rep = dims.heads / dims.kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let width = dims.qkv_width();
+    let d = dims.heads * hd;
+    let keys = &kc[dims.slot(b, g, 0)..];
+    let values = &vc[dims.slot(b, g, 0)..];
+    for s in 0..dims.seq {
+        let i = dims.start + s;
+        let first = if i < pad { i } else { pad };
+        let r = b * dims.seq + s;
+        for rep in 0..n_rep {
+            let head = g * n_rep + rep;
+            let q = &qkv[r * width + head * hd..][..hd];
+            let sc = &mut scores[first..=i];
+            let mut max = f32::NEG_INFINITY;
+            for (j, v) in sc.iter_mut().enumerate() {
+                *v = dot(q, &keys[(first + j) * hd..][..hd]) * scale;
+                max = max.max(*v);
+            }
+            let mut sum = 0f32;
+            for v in sc.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            // SAFETY: the caller guarantees this task alone writes these hd outputs.
+            let out = unsafe { std::slice::from_raw_parts_mut(y.0.add(r * d + head * hd), hd) };
+            out.fill(0.0);
+            let inv = 1.0 / sum;
+            for (j, &w) in sc.iter().enumerate() {
+                axpy(out, w * inv, &values[(first + j) * hd..][..hd]);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o += a * v;
+    }
 }

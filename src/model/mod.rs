@@ -2,9 +2,9 @@
 //! logits, the hidden states that Goodtriever uses as retrieval keys.
 //!
 //! - [`Model::load`] reads a GGUF file, converts the weights to the chosen [`WeightFormat`]
-//!   (candle's Q4_1 kernel is scalar, so the default model decodes faster re-quantised to Q8_0
-//!   and extracts keys in batches faster dequantised to F32) and builds the [`Tokenizer`] from
-//!   the file's own metadata.
+//!   (Q4_1 and Q8_0 weights as stored run on our AVX2 kernels, the fastest way to decode one
+//!   token at a time; dequantised to F32 they run on gemm, the fastest way to extract keys in
+//!   large batches) and builds the [`Tokenizer`] from the file's own metadata.
 //! - [`Model::forward`] runs a batch of rows with a [`KvCache`], per-row left padding, and
 //!   returns logits and/or keys at the positions asked for.
 //! - [`Model::encode_pairs`] turns a token stream into (key, next token) pairs for building a
@@ -74,11 +74,11 @@ pub enum ModelError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// As stored in the file.
+    /// As stored in the file (Q4_1 and Q8_0 on our kernels): the fast decoding path.
     Native,
-    /// Re-quantised to Q8_0 (candle has SIMD kernels for it): the fast decoding path.
+    /// Re-quantised to Q8_0, for files whose own type has no fast kernel here.
     Q8_0,
-    /// Dequantised to f32 (BLAS-style matmuls): the fast batched extraction path.
+    /// Dequantised to f32 (gemm matmuls): the fast batched extraction path.
     F32,
 }
 
@@ -278,8 +278,8 @@ impl Model {
         &self.info
     }
 
-    /// The token embedding matrix `(vocab, hidden)` in f32 (the LM head when tied).
-    pub fn embeddings(&self) -> &candle_core::Tensor {
+    /// The token embedding matrix `(vocab, hidden)`, row-major, in f32 (the LM head when tied).
+    pub fn embeddings(&self) -> &[f32] {
         self.weights.embeddings()
     }
 
@@ -317,8 +317,13 @@ impl Model {
         outputs: Outputs,
         out: &mut ForwardOutput,
     ) -> Result<(), ModelError> {
-        self.weights
-            .forward(&self.config, tokens, batch, cache, outputs, out)
+        // On a pool thread, the many small parallel loops of one step hand work to the other
+        // workers directly; from an outside thread each of them would be a round trip through
+        // the pool's queue and a sleep/wake of the caller (hundreds per decoding step).
+        rayon::scope(|_| {
+            self.weights
+                .forward(&self.config, tokens, batch, cache, outputs, out)
+        })
     }
 
     /// Left-pads `rows` to a common length. Returns the flat tokens and each row's padding,

@@ -62,11 +62,27 @@ impl Q8Linear {
         self.n
     }
 
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
     /// `out[i][j] = Σ_k x[i][k] · w[j][k]` for `m` rows of `x` (`m × k`); `out` is `m × n`.
+    #[cfg(test)]
     pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (n, k) = (self.n, self.k);
+        let mut act = Activations::default();
+        act.quantize(x, m, self.k);
+        self.forward_quantized(&act, out);
+    }
+
+    /// [`Q8Linear::forward`] on activations already quantised (and reused across calls).
+    pub fn forward_quantized(&self, act: &Activations, out: &mut [f32]) {
+        let (n, k, m) = (self.n, self.k, act.m);
+        assert_eq!(
+            act.k, k,
+            "activations of width {} for a {n}×{k} matrix",
+            act.k
+        );
         let nb = k / BLOCK;
-        let act = Activations::quantize(x, m, k);
         let dot = kernel_q8();
         run(n, m, k, out, |j, i| {
             dot(
@@ -118,11 +134,27 @@ impl Q4_1Linear {
         self.n
     }
 
+    pub fn in_features(&self) -> usize {
+        self.k
+    }
+
     /// Same contract as [`Q8Linear::forward`].
+    #[cfg(test)]
     pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        let (n, k) = (self.n, self.k);
+        let mut act = Activations::default();
+        act.quantize(x, m, self.k);
+        self.forward_quantized(&act, out);
+    }
+
+    /// Same contract as [`Q8Linear::forward_quantized`].
+    pub fn forward_quantized(&self, act: &Activations, out: &mut [f32]) {
+        let (n, k, m) = (self.n, self.k, act.m);
+        assert_eq!(
+            act.k, k,
+            "activations of width {} for a {n}×{k} matrix",
+            act.k
+        );
         let nb = k / BLOCK;
-        let act = Activations::quantize(x, m, k);
         let dot = kernel_q4_1();
         run(n, m, k, out, |j, i| {
             let blocks = j * nb..(j + 1) * nb;
@@ -138,8 +170,11 @@ impl Q4_1Linear {
     }
 }
 
-/// Activations quantised to Q8 per block of 32, with each block's scale and scaled sum.
-struct Activations {
+/// Activations quantised to Q8 per block of 32, with each block's scale and scaled sum. The
+/// buffers are kept between calls, so a decoding loop quantises without allocating.
+#[derive(Clone, Debug, Default)]
+pub struct Activations {
+    m: usize,
     k: usize,
     qs: Vec<i8>,
     scales: Vec<f32>,
@@ -148,16 +183,19 @@ struct Activations {
 }
 
 impl Activations {
-    fn quantize(x: &[f32], m: usize, k: usize) -> Self {
+    /// Quantises the `m × k` row-major `x`, reusing the buffers.
+    pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
         assert!(k.is_multiple_of(BLOCK) && x.len() == m * k);
-        let mut qs = vec![0i8; m * k];
-        let mut scales = vec![0f32; m * k / BLOCK];
-        let mut sums = vec![0f32; m * k / BLOCK];
+        self.m = m;
+        self.k = k;
+        self.qs.resize(m * k, 0);
+        self.scales.resize(m * k / BLOCK, 0.0);
+        self.sums.resize(m * k / BLOCK, 0.0);
         for (((xb, qb), d), s) in x
             .chunks(BLOCK)
-            .zip(qs.chunks_mut(BLOCK))
-            .zip(scales.iter_mut())
-            .zip(sums.iter_mut())
+            .zip(self.qs.chunks_mut(BLOCK))
+            .zip(self.scales.iter_mut())
+            .zip(self.sums.iter_mut())
         {
             // As ggml's Q8_0/Q8_1 activations: quants from the f32 scale, scale and scaled
             // sum stored as f16, so that results match candle's and llama.cpp's kernels.
@@ -165,12 +203,6 @@ impl Activations {
             *d = f16::from_f32(scale).to_f32();
             *s = f16::from_f32(scale * qb.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
                 .to_f32();
-        }
-        Self {
-            k,
-            qs,
-            scales,
-            sums,
         }
     }
 
@@ -225,7 +257,7 @@ unsafe impl Sync for SendPtr {}
 type DotQ8 = fn(&[i8], &[f32], &[i8], &[f32]) -> f32;
 type DotQ4_1 = fn(&[u8], &[f32], &[f32], &[i8], &[f32], &[f32]) -> f32;
 
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
@@ -344,8 +376,32 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Block `b` of a Q4_1 · Q8 product: (broadcast scale, the block's integer dot as f32s).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn q4_1_block(
+        wp: *const __m128i,
+        xp: *const __m256i,
+        b: usize,
+        scale: &f32,
+        low: __m256i,
+        ones: __m256i,
+    ) -> (__m256, __m256) {
+        // SAFETY: the caller passes a block index inside both arrays.
+        unsafe {
+            let v = _mm_loadu_si128(wp.add(b));
+            let q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), low);
+            let xv = _mm256_loadu_si256(xp.add(b));
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
+            (_mm256_broadcast_ss(scale), _mm256_cvtepi32_ps(p))
+        }
+    }
+
     /// One Q4_1 · Q8 dot product. The 4-bit quants are unsigned, so `maddubs` takes them
-    /// directly (|q·x| pairs ≤ 2·15·127, no overflow); the minimum term is a scalar per block.
+    /// directly (|q·x| pairs ≤ 2·15·127, no overflow). Decoding runs this once per weight row,
+    /// so it is written for throughput: the per-block scale products and the minimum term
+    /// (Σ min·xsum) are computed 8 blocks at a time up front, and four accumulators keep the
+    /// FMA latency chain off the critical path.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q4_1(
         w: &[u8],
@@ -356,26 +412,62 @@ mod avx2 {
         xsum: &[f32],
     ) -> f32 {
         let nb = d.len();
-        debug_assert!(w.len() == nb * 16 && x.len() == nb * BLOCK && xs.len() == nb);
+        debug_assert!(
+            w.len() == nb * 16
+                && x.len() == nb * BLOCK
+                && xs.len() == nb
+                && mn.len() == nb
+                && xsum.len() == nb
+        );
+        const CHUNK: usize = 64;
         let ones = _mm256_set1_epi16(1);
-        let low = _mm_set1_epi8(0x0F);
-        let mut acc = _mm256_setzero_ps();
-        let mut min_term = 0f32;
+        let low = _mm256_set1_epi8(0x0F);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut min_acc = _mm256_setzero_ps();
+        let mut min_tail = 0f32;
+        // Written before it is read, chunk by chunk; not zeroed (rows are short, calls many).
+        let mut ds = std::mem::MaybeUninit::<[f32; CHUNK]>::uninit();
+        let ds = ds.as_mut_ptr() as *mut f32;
         let wp = w.as_ptr() as *const __m128i;
         let xp = x.as_ptr() as *const __m256i;
-        for b in 0..nb {
-            let p = unsafe {
-                let v = _mm_loadu_si128(wp.add(b));
-                let lo = _mm_and_si128(v, low);
-                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
-                let q = _mm256_set_m128i(hi, lo);
-                let xv = _mm256_loadu_si256(xp.add(b));
-                _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones)
-            };
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xs[b]), _mm256_cvtepi32_ps(p), acc);
-            min_term += mn[b] * xsum[b];
+        let mut c0 = 0;
+        while c0 < nb {
+            let len = CHUNK.min(nb - c0);
+            let mut t = 0;
+            while t + 8 <= len {
+                let at = c0 + t;
+                unsafe {
+                    let dv = _mm256_loadu_ps(d.as_ptr().add(at));
+                    let sv = _mm256_loadu_ps(xs.as_ptr().add(at));
+                    _mm256_storeu_ps(ds.add(t), _mm256_mul_ps(dv, sv));
+                    let mv = _mm256_loadu_ps(mn.as_ptr().add(at));
+                    let uv = _mm256_loadu_ps(xsum.as_ptr().add(at));
+                    min_acc = _mm256_fmadd_ps(mv, uv, min_acc);
+                }
+                t += 8;
+            }
+            for t in t..len {
+                // SAFETY: t < len ≤ CHUNK.
+                unsafe { *ds.add(t) = d[c0 + t] * xs[c0 + t] };
+                min_tail += mn[c0 + t] * xsum[c0 + t];
+            }
+            let mut t = 0;
+            while t + 4 <= len {
+                for (lane, a) in acc.iter_mut().enumerate() {
+                    let (sc, p) =
+                        unsafe { q4_1_block(wp, xp, c0 + t + lane, &*ds.add(t + lane), low, ones) };
+                    *a = _mm256_fmadd_ps(sc, p, *a);
+                }
+                t += 4;
+            }
+            for t in t..len {
+                let (sc, p) = unsafe { q4_1_block(wp, xp, c0 + t, &*ds.add(t), low, ones) };
+                acc[0] = _mm256_fmadd_ps(sc, p, acc[0]);
+            }
+            c0 += len;
         }
-        hsum(acc) + min_term
+        let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum(sum) + hsum(min_acc) + min_tail
     }
 }
 
@@ -434,7 +526,8 @@ mod tests {
         let w = data(n * k, 7);
         let lin = Q4_1Linear::from_ggml(&q4_1_bytes(&w), n, k);
         let x = data(m * k, 8);
-        let act = Activations::quantize(&x, m, k);
+        let mut act = Activations::default();
+        act.quantize(&x, m, k);
         let nb = k / BLOCK;
         for j in [0, 17, n - 1] {
             let args = (
