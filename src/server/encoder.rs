@@ -52,7 +52,9 @@ impl TextEncoder for Model {
         key_type: KeyType,
         on_pair: &mut dyn FnMut(&[f32], u32),
     ) -> Result<(), EncodeError> {
-        let tokens = self.tokenizer().encode(text)?;
+        // Texts added to a store are data: a literal `<|im_end|>` in them is plain text, as in
+        // `datastore build` (see `Tokenizer::encode_plain`).
+        let tokens = self.tokenizer().encode_plain(text)?;
         if tokens.len() < 3 {
             // The first position of a window is never keyed (attention sink) and the last has
             // no next token, so fewer than three tokens yield nothing.
