@@ -136,7 +136,7 @@ fn main() {
             )
         };
         let d1 = rep(&|| decode(&model, 1, 32));
-        let ex = rep(&|| extract(&model, 2048, 128, 128, 8));
+        let ex = rep(&|| extract(&model, 4096, 128, 128, 8));
         println!(
             "{:<7} {:>8.0} tok/s {:>8.0} tok/s {:>6.1} ms {:>4.0} t/s {:>6.1} ms {:>4.0} t/s {:>10.0} tok/s   (load {:.1} s)",
             format.as_str(),
