@@ -34,6 +34,11 @@ Per N and k (1024 and 64), single query at a time (a decoding step):
 Everything built (data, stores, faiss indexes, ground truth, build times) is cached under
 `--data-dir` (default target/bench-data, git-ignored): the 1M-row HNSW builds take many minutes
 on 2 cores and are measured once; later runs reuse them and report the recorded build time.
+Stores built by an older goodtriever HNSW build (INDEX_REV below) are rebuilt. Before building
+an N that is not cached, the log gives an estimate extrapolated from the largest cached smaller
+build (N log N). N = 1M needs about 10 GB of disk under --data-dir (two 2.3 GB key files, one
+goodtriever store, the faiss index) and ~8 GB of memory (faiss flat + HNSW indexes while the
+goodtriever store is searched); from 1M on the rule uses store a twice (--rule-same-store-from).
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ import numpy as np
 D = 576
 VOCAB = 49_152
 GEN_VERSION = 1  # bump when the generator changes, so cached data is rebuilt
+# Bump when goodtriever's HNSW build changes, so cached stores are rebuilt rather than
+# benchmarked with an old graph. 2: level-0 repair after hnsw_rs (src/datastore/hnsw_repair.rs).
+INDEX_REV = 2
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -148,14 +156,18 @@ def children_cpu_s() -> float:
 
 
 def build_entry(v) -> dict:
-    """Build-cache entries are {"wall_s", "cpu_s", "load"}; early runs recorded wall time only."""
+    """Build-cache entries are {"wall_s", "cpu_s", "load"} (+ "index_rev" for goodtriever
+    stores); early runs recorded wall time only."""
     return v if isinstance(v, dict) else {"wall_s": v, "cpu_s": None, "load": None}
 
 
 def gt_import(binary: Path, keys: Path, values: Path, store: Path, dtype: str, cache: dict, key: str) -> dict:
-    """Imports a store once; returns the (recorded) wall and CPU time of the import."""
+    """Imports a store once; returns the (recorded) wall and CPU time of the import. A store
+    built by an older HNSW build (INDEX_REV) is rebuilt."""
     if key in cache and (store / "manifest.json").exists():
-        return build_entry(cache[key])
+        if build_entry(cache[key]).get("index_rev") == INDEX_REV:
+            return build_entry(cache[key])
+        log(f"{store} was built by an older HNSW build: rebuilding")
     if store.exists():
         subprocess.run(["rm", "-rf", str(store)], check=True)
     load = load_avg()
@@ -166,8 +178,38 @@ def gt_import(binary: Path, keys: Path, values: Path, store: Path, dtype: str, c
          "--dtype", dtype, "--model-id", "bench", "--key-type", "final_hidden", "--json", str(store)],
         check=True, stdout=subprocess.DEVNULL,
     )
-    cache[key] = {"wall_s": time.perf_counter() - t, "cpu_s": children_cpu_s() - c, "load": load}
+    cache[key] = {"wall_s": time.perf_counter() - t, "cpu_s": children_cpu_s() - c, "load": load,
+                  "index_rev": INDEX_REV, "rows": rows_of(keys)}
     return cache[key]
+
+
+def rows_of(npy: Path) -> int:
+    return int(np.load(npy, mmap_mode="r").shape[0])
+
+
+def estimate_build(cache: dict, n: int, faiss_index: bool) -> str | None:
+    """Build time for n rows extrapolated from the largest cached smaller build of the same
+    kind, as N·log N (HNSW insertions each cost ~log N distance evaluations): CPU seconds, and
+    wall on every core of an idle machine. None when nothing comparable is cached."""
+    best = None
+    for path, v in cache.items():
+        e = build_entry(v)
+        if faiss_index != path.endswith(".index") or not e.get("cpu_s"):
+            continue
+        if not faiss_index and e.get("index_rev") != INDEX_REV:
+            continue
+        m = e.get("rows")
+        if m is None:  # early entries: the row count is in the directory name (n<rows>-...)
+            part = next((p for p in Path(path).parts if p.startswith("n") and "-c" in p), None)
+            m = int(part[1:].split("-")[0]) if part else None
+        if m and m < n and (best is None or m > best[0]):
+            best = (m, e["cpu_s"])
+    if best is None:
+        return None
+    m, cpu = best
+    est = cpu * (n * np.log(n)) / (m * np.log(m))
+    cores = os.cpu_count() or 1
+    return f"~{est:.0f} s CPU, ~{est / cores / 60:.0f} min wall on {cores} idle cores (from {m} rows: {cpu:.0f} s CPU)"
 
 
 def gt_search(example: Path, store: Path, queries: Path, k: int, efs: list[int], out: Path,
@@ -343,6 +385,10 @@ def main() -> int:
         # ---- builds
         store_a = d / f"gt-{args.dtype}-a"
         store_b = d / f"gt-{args.dtype}-b"
+        for what, is_faiss in (("goodtriever import", False), ("faiss HNSW build", True)):
+            est = estimate_build(build_cache, n, is_faiss)
+            if est:
+                log(f"N={n}: {what} estimate per store (if not cached): {est}")
         build_a = gt_import(args.bin, paths["keys_a"], paths["values_a"], store_a, args.dtype, build_cache, str(store_a))
         build_cache_path.write_text(json.dumps(build_cache, indent=1))
         same_store = n >= args.rule_same_store_from
@@ -363,7 +409,7 @@ def main() -> int:
                 for s in range(0, n, 100_000):
                     index.add(np.ascontiguousarray(xb[s : s + 100_000]))
                 build_cache[str(fpath)] = {"wall_s": time.perf_counter() - t,
-                                           "cpu_s": time.process_time() - c, "load": load}
+                                           "cpu_s": time.process_time() - c, "load": load, "rows": n}
                 faiss.write_index(index, str(fpath))
                 build_cache_path.write_text(json.dumps(build_cache, indent=1))
                 del index

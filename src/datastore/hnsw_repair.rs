@@ -417,6 +417,43 @@ mod tests {
         assert_eq!(l0[0], vec![1, 3]);
     }
 
+    /// Rows 0–2 form the reachable part; row 3 has no links and rows 4–5 only each other.
+    fn islands() -> (Vec<f32>, Layers) {
+        let keys = vec![0.0, 1.0, 2.0, 3.0, 10.0, 11.0];
+        let l0 = vec![vec![1], vec![0, 2], vec![1], vec![], vec![5], vec![4]];
+        (
+            keys,
+            Layers {
+                entry: 0,
+                l0,
+                upper: Vec::new(),
+            },
+        )
+    }
+
+    #[test]
+    fn unfindable_rows_are_linked_from_where_the_walk_ends() {
+        let (keys, mut g) = islands();
+        let k = KeyRows::F32(&keys);
+        assert_eq!(make_findable(k, 1, &mut g), (3, 2));
+        // Row 3 from the two nearest rows the walk found (2, 1); then row 4 from 3 and 2;
+        // row 5 is then found through 4 and needs no link.
+        assert_eq!(g.l0[3], vec![2, 1, 4]);
+        assert!(g.l0[2].contains(&3) && g.l0[1].contains(&3) && g.l0[2].contains(&4));
+        assert_eq!(g.l0[5], vec![4]);
+        assert!(reachable(&g.l0, 0).iter().all(|r| *r));
+    }
+
+    #[test]
+    fn unreachable_rows_are_connected_to_the_nearest_reachable_one() {
+        let (keys, mut g) = islands();
+        let k = KeyRows::F32(&keys);
+        // Row 3 gets a link from 2; rows 4 and 5 are one component: one link (4 ↔ 3) does.
+        assert_eq!(connect(k, 1, &mut g), (3, 2));
+        assert!(g.l0[2].contains(&3) && g.l0[3].contains(&4));
+        assert!(reachable(&g.l0, 0).iter().all(|r| *r));
+    }
+
     #[test]
     fn reverse_lists_every_source() {
         let lists = vec![vec![1u32, 2], vec![2], vec![]];
