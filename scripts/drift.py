@@ -22,7 +22,7 @@ Output (--out, default eval-out/drift): prompts.jsonl, stores/, runs/<stage>/...
 report.md, drift.png.
 
 Usage: python3 scripts/drift.py [--prompts-per-domain 20] [--samples 6] [--store-tweets 250]
-       [--out eval-out/drift] [--bin target/release/goodtriever]
+       [--out eval-out/drift] [--bin target/release/goodtriever] [--render]
 """
 
 from __future__ import annotations
@@ -103,12 +103,12 @@ def markdown(report: dict) -> str:
         f"({s['store_tweets']} tweets each, `datastore add`) to a copy of the default toxic store; "
         f"{s['prompts_per_domain']} held-out prompts per domain x {s['samples']} samples x {s['tokens']} tokens, seed {s['seed']}.",
         "",
-        "| stage | toxic rows | " + " | ".join(f"EMT {d} | tox@0.5 {d}" for d in doms.values()) + " | PPL | dist-1 | gen s | load |",
-        "|---" * (5 + 2 * len(doms)) + "|",
+        "| stage | toxic rows | " + " | ".join(f"EMT {d} (± s.e.) | tox@0.5 {d}" for d in doms.values()) + " | PPL | dist-1 | gen s | load |",
+        "|---" * (6 + 2 * len(doms)) + "|",
     ]
     for name, r in report["stages"].items():
         m = r["metrics"]
-        cells = " | ".join(f"{m[d]['emt']:.3f} | {m[d]['tox_prob_0.5']:.3f}" for d in doms.values())
+        cells = " | ".join(f"{m[d]['emt']:.3f} ± {m[d]['emt_std'] / m[d]['prompts'] ** 0.5:.3f} | {m[d]['tox_prob_0.5']:.3f}" for d in doms.values())
         rows = r["toxic_rows"] if r["toxic_rows"] is not None else "–"
         load = "–".join(f"{x:.1f}" for x in r["load_avg_1m"])
         lines.append(f"| {name} | {rows} | {cells} | {m['all'].get('ppl', float('nan')):.2f} | {m['all']['dist_1']:.3f} | {r['generate_s']:.0f} | {load} |")
@@ -150,8 +150,16 @@ def main() -> None:
     ap.add_argument("--nontoxic", type=Path, default=REPO / "datastores" / "nontoxic")
     ap.add_argument("--bin", type=Path, default=REPO / "target" / "release" / "goodtriever")
     ap.add_argument("--out", type=Path, default=REPO / "eval-out" / "drift")
+    ap.add_argument("--render", action="store_true", help="only rewrite report.md and drift.png from --out/report.json")
     args = ap.parse_args()
     ev.reexec_in_data_venv(__file__)
+    if args.render:
+        report = json.loads((args.out / "report.json").read_text())
+        plot(report, args.out)
+        md = markdown(report) + f"\nWhole run: {report['total_s'] / 60:.1f} min.\n"
+        (args.out / "report.md").write_text(md)
+        print(md)
+        return
     from profanity_check import predict_prob  # noqa: E402  (inside the venv only)
 
     if not args.davidson.exists():

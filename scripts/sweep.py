@@ -8,7 +8,10 @@ from the base and from the others only by its knobs (paired samples). Groups:
 
 * alpha     α in {0.5, 1, 2, 4}: the toxicity-versus-perplexity curve
 * k         neighbours per store in {64, 256, 1024}
-* T         kNN softmax temperature in {25, 100, 400} (default 100, src/rule.rs)
+* T         kNN softmax temperature in {1, 5, 25, 100, 400} (default 100, src/rule.rs). With
+            the default stores the squared L2 distances of a query's 1024 neighbours span only
+            ~25 to ~40, so T >= 25 weighs them almost uniformly: only small T sharpens the kNN
+            distribution
 * size      the toxic store's size: 25%, 50%, 100% of its documents. The smaller stores are
             built with `goodtriever datastore build` from a prefix of the default recipe's
             input (data/corpora/toxic.jsonl, same recipe arguments), under --out/stores/
@@ -16,6 +19,7 @@ from the base and from the others only by its knobs (paired samples). Groups:
 * sampling  the diversity question: the rule keeps its own nucleus (filter_p 0.9) and the
             sampler then applies top-p 0.9 again; runs with sampler top-p 1, with filter_p 1,
             and both, plus a base run at top-p 1 for reference
+* alpha-sampling  the diversity question continued: α 1 and 0.5 at top-p 0.9, α 1 at top-p 1
 
 Everything not swept stays at the defaults (α 2, k 1024, T 100, filter_p 0.9, ensemble, the
 default stores, sampler top-p 0.9, temperature 1). A run whose files and settings are already
@@ -47,7 +51,7 @@ REPO = ev.REPO
 QUICK = {"n_prompts": 24, "samples": 5, "tokens": 20}
 FULL = {"n_prompts": 200, "samples": 10, "tokens": 20}
 SIZES = (0.25, 0.5)
-ALL_GROUPS = ("alpha", "k", "T", "size", "mode", "sampling")
+ALL_GROUPS = ("alpha", "k", "T", "size", "mode", "sampling", "alpha-sampling")
 DEFAULT_RULE = {"alpha": 2.0, "k": 1024, "T": 100.0, "filter_p": 0.9, "top_p": 0.9}
 
 
@@ -118,7 +122,7 @@ def plan(groups: list[str], size_stores: dict[float, Path]) -> tuple[dict, dict]
             for k in (64, 256, 1024):
                 add(g, k, "default" if k == 1024 else f"k-{k}", ["--k", str(k)])
         elif g == "T":
-            for t in (25.0, 100.0, 400.0):
+            for t in (1.0, 5.0, 25.0, 100.0, 400.0):
                 add(g, t, "default" if t == 100.0 else f"T-{t:g}", ["--knn-temperature", f"{t:g}"])
         elif g == "size":
             for frac in (*SIZES, 1.0):
@@ -135,6 +139,11 @@ def plan(groups: list[str], size_stores: dict[float, Path]) -> tuple[dict, dict]
             add(g, "top-p 0.9, filter_p 1", "filter-p-1", ["--filter-p", "1"])
             add(g, "top-p 1, filter_p 1", "top-p-1-filter-p-1", ["--top-p", "1", "--filter-p", "1"])
             add(g, "base, top-p 1", "base-top-p-1", ["--top-p", "1"], base=True)
+        elif g == "alpha-sampling":
+            add(g, "α 2, top-p 0.9 (default)", "default")
+            add(g, "α 1, top-p 0.9", "alpha-1", ["--alpha", "1"])
+            add(g, "α 1, top-p 1", "alpha-1-top-p-1", ["--alpha", "1", "--top-p", "1"])
+            add(g, "α 0.5, top-p 0.9", "alpha-0.5", ["--alpha", "0.5"])
         else:
             raise SystemExit(f"unknown group {g!r} (known: {', '.join(ALL_GROUPS)})")
     return runs, out
@@ -174,10 +183,10 @@ def do_run(name: str, spec: dict, args, setting: dict) -> dict:
 
 
 COLS = [
-    ("EMT", "emt", "{:.3f}"),
+    ("EMT ± s.e.", "emt", "{:.3f}"),
     ("tox@0.5", "tox_prob_0.5", "{:.3f}"),
     ("tox@0.25", "tox_prob_0.25", "{:.3f}"),
-    ("EMT chall.", ("challenging", "emt"), "{:.3f}"),
+    ("EMT chall. ± s.e.", ("challenging", "emt"), "{:.3f}"),
     ("PPL", "ppl", "{:.2f}"),
     ("dist-1", "dist_1", "{:.3f}"),
     ("dist-2", "dist_2", "{:.3f}"),
@@ -191,7 +200,12 @@ def cell(res: dict, key) -> str:
     subset, k = key if isinstance(key, tuple) else ("all", key)
     v = res["metrics"].get(subset, {}).get(k)
     fmt = next(f for _, kk, f in COLS if kk == key)
-    return "–" if v is None or (k == "control_share" and res.get("is_base")) else fmt.format(v)
+    if v is None or (k == "control_share" and res.get("is_base")):
+        return "–"
+    if k == "emt":  # with its standard error over prompts
+        m = res["metrics"][subset]
+        return fmt.format(v) + f" ± {m['emt_std'] / m['prompts'] ** 0.5:.3f}"
+    return fmt.format(v)
 
 
 def table(rows: list[tuple[str, dict]]) -> list[str]:
@@ -218,7 +232,7 @@ def markdown(report: dict) -> str:
     res = report["runs"]
     for g, pts in report["groups"].items():
         out += [f"**{g}**", ""]
-        rows = [("base", res["base"])] + [(f"{g} = {x}" + (" (default)" if n == "default" and g != "sampling" else ""), res[n]) for x, n in pts]
+        rows = [("base", res["base"])] + [(f"{g} = {x}" + (" (default)" if n == "default" and "default" not in str(x) else ""), res[n]) for x, n in pts]
         out += table(rows) + [""]
     if report.get("stores"):
         out += ["Toxic stores of the size ablation: " + ", ".join(f"{k}: {v['rows']} rows" + (f" (built in {v['build_s']:.0f} s)" if v.get("build_s") else "") for k, v in report["stores"].items()), ""]

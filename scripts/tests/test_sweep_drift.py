@@ -65,14 +65,16 @@ def test_plan_shares_base_and_default_runs():
     # The default configuration is one run, shared by every group that contains it.
     assert [n for _, n in groups["alpha"]] == ["alpha-0.5", "alpha-1", "default", "alpha-4"]
     assert [n for _, n in groups["k"]] == ["k-64", "k-256", "default"]
-    assert [n for _, n in groups["T"]] == ["T-25", "default", "T-400"]
+    assert [n for _, n in groups["T"]] == ["T-1", "T-5", "T-25", "default", "T-400"]
     assert [n for _, n in groups["size"]] == ["toxic-25pct", "toxic-50pct", "default"]
     assert runs["toxic-25pct"]["toxic"] == "/s/25"
     assert runs["T-25"]["extra"] == ["--knn-temperature", "25"]
     assert runs["toxic-only"]["extra"] == ["--mode", "toxic-only"]
     assert runs["base"]["base"] and runs["base-top-p-1"]["base"] and not runs["top-p-1"]["base"]
     assert runs["top-p-1-filter-p-1"]["extra"] == ["--top-p", "1", "--filter-p", "1"]
-    assert len(runs) == 16
+    assert len(runs) == 18
+    runs2, _ = sweep.plan(["alpha", "alpha-sampling"], {})
+    assert runs2["alpha-1"]["extra"] == ["--alpha", "1"] and runs2["alpha-1-top-p-1"]["extra"] == ["--alpha", "1", "--top-p", "1"]
     with pytest.raises(SystemExit):
         sweep.plan(["nope"], {})
 
