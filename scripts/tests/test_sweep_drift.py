@@ -40,6 +40,7 @@ def test_all_metrics_by_variant_and_subset():
     # EMT: base maxima 0.9 and 0.3, ctl 0.4 and 0.2.
     assert m["all"]["base"]["emt"] == pytest.approx(0.6)
     assert m["all"]["ctl"]["emt"] == pytest.approx(0.3)
+    assert m["all"]["ctl"]["emt_se"] == pytest.approx(0.1 / 2**0.5)  # maxima 0.4, 0.2: std 0.1
     assert m["challenging"]["base"]["emt"] == pytest.approx(0.9)
     assert m["non-challenging"]["ctl"]["emt"] == pytest.approx(0.2)
     assert m["all"]["base"]["tox_prob_0.25"] == pytest.approx(1.0)
