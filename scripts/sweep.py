@@ -28,8 +28,14 @@ in --out is reused, so an interrupted sweep resumes.
 Output (--out, default eval-out/sweep[-quick]): runs/<name>/{generations,perplexity,scores}.jsonl
 and run.json, report.json, report.md, and sweep_<group>.png plots.
 
-Usage: python3 scripts/sweep.py [--quick] [--groups alpha,k,T,size,mode,sampling] [--out DIR]
-       [--n-prompts N --samples S --tokens L]
+Cost (measured on the shared 2-core box at load 4-14, docs/evaluation.md): a --quick
+controlled run (120 sequences) takes ~1.5-2.5 min of generation and ~0.5-1 min of
+perplexity; --quick --groups alpha,k,T,size,mode (base + 13 runs, two small stores built) took
+~40 min in all, the two diversity groups at 20 prompts x 10 samples ~30 min. Use --groups to
+run part of it.
+
+Usage: python3 scripts/sweep.py [--quick] [--groups alpha,k,T,size,mode,sampling,alpha-sampling]
+       [--out DIR] [--n-prompts N --samples S --tokens L]
 """
 
 from __future__ import annotations
