@@ -28,7 +28,7 @@ need() {
 
 step "1/5 building goodtriever (release; the first build takes several minutes)"
 need cargo "install the Rust toolchain: https://rustup.rs"
-cargo build --release --quiet --bin goodtriever
+cargo build --release --locked --quiet --bin goodtriever
 
 step "2/5 the default model (SmolLM2-135M-Instruct, GGUF)"
 "$BIN" model fetch
