@@ -221,16 +221,21 @@ def main() -> None:
         c["continuation_toxicity"] = round(float(q), 4)
         c["challenging"] = bool(q >= CHALLENGING_MIN)
 
-    half = args.n // 2
-    picked = {}
+    pools = {}
     for flag in [True, False]:
         by_src: dict[str, list[dict]] = {}
         for c in sorted((c for c in cands if c["challenging"] == flag), key=lambda c: digest(c["sentence"])):
             by_src.setdefault(c["source"], []).append(c)
-        pool = interleave([by_src[s] for s in sorted(by_src)])
-        if len(pool) < half:
-            sys.exit(f"only {len(pool)} {'challenging' if flag else 'non-challenging'} prompts, {half} needed")
-        picked[flag] = pool[:half]
+        pools[flag] = interleave([by_src[s] for s in sorted(by_src)])
+    half = min(args.n // 2, len(pools[True]), len(pools[False]))
+    if half < args.n // 2:
+        # Without the tweets the registry corpora hold ~170 challenging sentences: write fewer
+        # prompts, still half challenging, rather than none.
+        log(f"only {len(pools[True])} challenging / {len(pools[False])} other candidates: "
+            f"writing {2 * half} prompts instead of {args.n}")
+    if half == 0:
+        sys.exit("no challenging prompts among the candidates")
+    picked = {flag: pools[flag][:half] for flag in pools}
     rows = []
     for i, c in enumerate(interleave([picked[True], picked[False]])):
         rows.append({
