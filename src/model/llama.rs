@@ -101,29 +101,15 @@ fn sgemm_nt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32])
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound every index the strides produce: dst (i, j) at i·n + j,
-    // lhs (i, t) at i·k + t, rhs (t, j) = w[j][t] at j·k + t; read_dst = false, so the
-    // uninitialised-read concern does not arise (dst is written, never read).
+    // SAFETY: the assert bounds every index: out (i, j) at i·n + j, x (i, t) at i·k + t,
+    // wᵀ (t, j) = w[j][t] at j·k + t; `out` is a distinct exclusive borrow.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
+        gemm_into(
+            (m, n, k),
+            (out.as_mut_ptr(), n),
+            (x.as_ptr(), k),
+            (w.as_ptr(), 1, k),
             1.0,
-            false,
-            false,
-            false,
             parallelism,
         )
     }
@@ -724,9 +710,9 @@ fn rope_and_store(
 
 /// Causal attention of the chunk's queries over the cache, into `y` (`rows × hidden`).
 ///
-/// One task per (row, KV head): its query heads share the keys, which are read once per
-/// query position. A query at slot `i` of row `b` sees slots `pad[b]..=i`; a padding query
-/// (`i < pad[b]`) sees only itself, so that its softmax stays finite.
+/// One task per (row, KV head): its query heads share the keys. A query at slot `i` of row `b`
+/// sees slots `pad[b]..=i`; a padding query (`i < pad[b]`) sees only itself, so that its
+/// softmax stays finite.
 fn attention(
     qkv: &[f32],
     kc: &[f32],
@@ -740,7 +726,8 @@ fn attention(
     let total = dims.start + dims.seq;
     // Long chunks (prefill, datastore building) score blocks of queries with gemm; short ones
     // (decoding) walk the keys directly.
-    let per_task = if dims.seq >= GEMM_MIN_QUERIES {
+    let blocked = dims.seq >= GEMM_MIN_QUERIES;
+    let per_task = if blocked {
         QUERY_BLOCK.min(dims.seq) * total
     } else {
         total
@@ -749,12 +736,22 @@ fn attention(
     let y_ptr = SendPtr(y.as_mut_ptr());
     let run = |(task, sc): (usize, &mut [f32])| {
         let (b, g) = (task / dims.kv_heads, task % dims.kv_heads);
+        let t = AttnTask {
+            qkv,
+            keys: &kc[dims.slot(b, g, 0)..],
+            values: &vc[dims.slot(b, g, 0)..],
+            pad: pad[b],
+            dims,
+            b,
+            g,
+            y: &y_ptr,
+        };
         // SAFETY: task (b, g) writes only the outputs of its own row and query heads.
         unsafe {
-            if dims.seq >= GEMM_MIN_QUERIES {
-                attend_blocks(qkv, kc, vc, pad[b], dims, b, g, sc, &y_ptr)
+            if blocked {
+                t.blocks(sc)
             } else {
-                attend(qkv, kc, vc, pad[b], dims, b, g, sc, &y_ptr)
+                t.direct(sc)
             }
         }
     };
@@ -766,211 +763,212 @@ fn attention(
     }
 }
 
-/// Chunks of at least this many queries use [`attend_blocks`].
+/// Chunks of at least this many queries use [`AttnTask::blocks`].
 const GEMM_MIN_QUERIES: usize = 16;
-/// Queries scored at once by [`attend_blocks`] (bounds its scratch to this many rows).
+/// Queries scored at once by [`AttnTask::blocks`] (bounds its scratch to this many rows).
 const QUERY_BLOCK: usize = 64;
-
-/// [`attend`] for long chunks: per query head, blocks of queries are scored against the
-/// visible keys with one gemm, masked and normalised in place, and multiplied by the values
-/// with a second gemm.
-///
-/// # Safety
-/// No other task may write the outputs of row `b`'s query heads of group `g` meanwhile;
-/// `scores` holds at least `QUERY_BLOCK.min(seq) · (start + seq)` values.
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_blocks(
-    qkv: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    pad: usize,
-    dims: AttnDims,
-    b: usize,
-    g: usize,
-    scores: &mut [f32],
-    y: &SendPtr,
-) {
-    let hd = dims.head_dim;
-    let n_rep = dims.heads / dims.kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let width = dims.qkv_width();
-    let d = dims.heads * hd;
-    let keys = &kc[dims.slot(b, g, 0)..];
-    let values = &vc[dims.slot(b, g, 0)..];
-    for rep in 0..n_rep {
-        let head = g * n_rep + rep;
-        for s0 in (0..dims.seq).step_by(QUERY_BLOCK) {
-            let rows = QUERY_BLOCK.min(dims.seq - s0);
-            // Keys past the block's last query are invisible to all of it.
-            let cols = dims.start + s0 + rows;
-            let r0 = b * dims.seq + s0;
-            let q = &qkv[r0 * width + head * hd..];
-            assert!(scores.len() >= rows * cols && keys.len() >= cols * hd);
-            assert!(q.len() > (rows - 1) * width + hd - 1 && values.len() >= cols * hd);
-            // SAFETY: the asserts bound every index: scores (t, j) at t·cols + j; q (t, e) at
-            // t·width + e; keys (e, j) = K[j][e] at j·hd + e.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    cols,
-                    hd,
-                    scores.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    false,
-                    q.as_ptr(),
-                    1,
-                    width as isize,
-                    keys.as_ptr(),
-                    hd as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
-            for t in 0..rows {
-                let i = dims.start + s0 + t;
-                let first = if i < pad { i } else { pad };
-                let row = &mut scores[t * cols..(t + 1) * cols];
-                row[..first].fill(0.0);
-                row[i + 1..].fill(0.0);
-                let vis = &mut row[first..=i];
-                let max = vis.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for v in vis.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                vis.iter_mut().for_each(|v| *v *= inv);
-            }
-            // SAFETY: y rows r0..r0 + rows, columns head·hd.. + hd belong to this task alone
-            // (caller's contract); values (j, e) at j·hd + e with j < cols (asserted).
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    hd,
-                    cols,
-                    y.0.add(r0 * d + head * hd),
-                    1,
-                    d as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    cols as isize,
-                    values.as_ptr(),
-                    1,
-                    hd as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
-        }
-    }
-}
 
 struct SendPtr(*mut f32);
 // SAFETY: used only to write disjoint elements from the tasks of one call.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// One (row, KV head) attention task; dispatches to an AVX2 build of the same code.
-///
-/// # Safety
-/// No other task may write the outputs of row `b`'s query heads of group `g` meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend(
-    qkv: &[f32],
-    kc: &[f32],
-    vc: &[f32],
+/// The attention of one (row `b`, KV head `g`) pair of a chunk.
+struct AttnTask<'a> {
+    qkv: &'a [f32],
+    /// The cached keys and values of (b, g), from slot 0.
+    keys: &'a [f32],
+    values: &'a [f32],
+    /// Row `b`'s left padding.
     pad: usize,
     dims: AttnDims,
     b: usize,
     g: usize,
-    scores: &mut [f32],
-    y: &SendPtr,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if super::quant::has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA; the caller upholds the output contract.
-        return unsafe { attend_avx2(qkv, kc, vc, pad, dims, b, g, scores, y) };
+    /// The attention output, `rows × hidden`.
+    y: &'a SendPtr,
+}
+
+impl AttnTask<'_> {
+    /// Query heads sharing KV head `g`, and the offset of head `head` of row `r` in `y`.
+    fn heads(&self) -> std::ops::Range<usize> {
+        let n_rep = self.dims.heads / self.dims.kv_heads;
+        self.g * n_rep..(self.g + 1) * n_rep
     }
-    // SAFETY: forwarded from the caller.
-    unsafe { attend_body(qkv, kc, vc, pad, dims, b, g, scores, y) }
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_avx2(
-    qkv: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    pad: usize,
-    dims: AttnDims,
-    b: usize,
-    g: usize,
-    scores: &mut [f32],
-    y: &SendPtr,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe { attend_body(qkv, kc, vc, pad, dims, b, g, scores, y) }
-}
+    fn y_at(&self, r: usize, head: usize) -> usize {
+        r * self.dims.heads * self.dims.head_dim + head * self.dims.head_dim
+    }
 
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_body(
-    qkv: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    pad: usize,
-    dims: AttnDims,
-    b: usize,
-    g: usize,
-    scores: &mut [f32],
-    y: &SendPtr,
-) {
-    let hd = dims.head_dim;
-    let n_rep = dims.heads / dims.kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let width = dims.qkv_width();
-    let d = dims.heads * hd;
-    let keys = &kc[dims.slot(b, g, 0)..];
-    let values = &vc[dims.slot(b, g, 0)..];
-    for s in 0..dims.seq {
-        let i = dims.start + s;
-        let first = if i < pad { i } else { pad };
-        let r = b * dims.seq + s;
-        for rep in 0..n_rep {
-            let head = g * n_rep + rep;
-            let q = &qkv[r * width + head * hd..][..hd];
-            let sc = &mut scores[first..=i];
-            let mut max = f32::NEG_INFINITY;
-            for (j, v) in sc.iter_mut().enumerate() {
-                *v = dot(q, &keys[(first + j) * hd..][..hd]) * scale;
-                max = max.max(*v);
-            }
-            let mut sum = 0f32;
-            for v in sc.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            // SAFETY: the caller guarantees this task alone writes these hd outputs.
-            let out = unsafe { std::slice::from_raw_parts_mut(y.0.add(r * d + head * hd), hd) };
-            out.fill(0.0);
-            let inv = 1.0 / sum;
-            for (j, &w) in sc.iter().enumerate() {
-                axpy(out, w * inv, &values[(first + j) * hd..][..hd]);
+    fn scale(&self) -> f32 {
+        1.0 / (self.dims.head_dim as f32).sqrt()
+    }
+
+    /// The first slot a query at slot `i` sees.
+    fn first_visible(&self, i: usize) -> usize {
+        if i < self.pad {
+            i
+        } else {
+            self.pad
+        }
+    }
+
+    /// Walks the visible keys of each query (decoding); dispatches to an AVX2 build.
+    ///
+    /// # Safety
+    /// No other task may write the outputs of row `b`'s query heads of group `g` meanwhile;
+    /// `scores` holds at least `start + seq` values.
+    unsafe fn direct(&self, scores: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::quant::has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA; the caller upholds the output contract.
+            return unsafe { self.direct_avx2(scores) };
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.direct_body(scores) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn direct_avx2(&self, scores: &mut [f32]) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.direct_body(scores) }
+    }
+
+    #[inline(always)]
+    unsafe fn direct_body(&self, scores: &mut [f32]) {
+        let (hd, dims) = (self.dims.head_dim, self.dims);
+        let (scale, width) = (self.scale(), dims.qkv_width());
+        for s in 0..dims.seq {
+            let i = dims.start + s;
+            let first = self.first_visible(i);
+            let r = self.b * dims.seq + s;
+            for head in self.heads() {
+                let q = &self.qkv[r * width + head * hd..][..hd];
+                let sc = &mut scores[first..=i];
+                let mut max = f32::NEG_INFINITY;
+                for (j, v) in sc.iter_mut().enumerate() {
+                    *v = dot(q, &self.keys[(first + j) * hd..][..hd]) * scale;
+                    max = max.max(*v);
+                }
+                let mut sum = 0f32;
+                for v in sc.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                // SAFETY: the caller guarantees this task alone writes these hd outputs.
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(self.y.0.add(self.y_at(r, head)), hd) };
+                out.fill(0.0);
+                let inv = 1.0 / sum;
+                for (j, &w) in sc.iter().enumerate() {
+                    axpy(out, w * inv, &self.values[(first + j) * hd..][..hd]);
+                }
             }
         }
+    }
+
+    /// For long chunks: per query head, blocks of queries are scored against the visible keys
+    /// with one gemm, masked and normalised in place, and multiplied by the values with a
+    /// second gemm.
+    ///
+    /// # Safety
+    /// As [`AttnTask::direct`]; `scores` holds at least `QUERY_BLOCK.min(seq) · (start + seq)`
+    /// values.
+    unsafe fn blocks(&self, scores: &mut [f32]) {
+        let (hd, dims) = (self.dims.head_dim, self.dims);
+        let (scale, width, d) = (self.scale(), dims.qkv_width(), dims.heads * hd);
+        for head in self.heads() {
+            for s0 in (0..dims.seq).step_by(QUERY_BLOCK) {
+                let rows = QUERY_BLOCK.min(dims.seq - s0);
+                // Keys past the block's last query are invisible to all of it.
+                let cols = dims.start + s0 + rows;
+                let r0 = self.b * dims.seq + s0;
+                let q = &self.qkv[r0 * width + head * hd..];
+                assert!(scores.len() >= rows * cols && self.keys.len() >= cols * hd);
+                assert!(q.len() > (rows - 1) * width + hd - 1 && self.values.len() >= cols * hd);
+                // SAFETY: the asserts bound every index: scores (t, j) at t·cols + j; q (t, e)
+                // at t·width + e; keys (e, j) = K[j][e] at j·hd + e.
+                unsafe {
+                    gemm_into(
+                        (rows, cols, hd),
+                        (scores.as_mut_ptr(), cols),
+                        (q.as_ptr(), width),
+                        (self.keys.as_ptr(), 1, hd),
+                        scale,
+                        gemm::Parallelism::None,
+                    )
+                };
+                for t in 0..rows {
+                    let i = dims.start + s0 + t;
+                    let first = self.first_visible(i);
+                    let row = &mut scores[t * cols..(t + 1) * cols];
+                    row[..first].fill(0.0);
+                    row[i + 1..].fill(0.0);
+                    let vis = &mut row[first..=i];
+                    let max = vis.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for v in vis.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    vis.iter_mut().for_each(|v| *v *= inv);
+                }
+                // SAFETY: y rows r0..r0 + rows, columns head·hd.. + hd belong to this task
+                // alone (caller's contract); values (j, e) at j·hd + e with j < cols (asserted).
+                unsafe {
+                    gemm_into(
+                        (rows, hd, cols),
+                        (self.y.0.add(self.y_at(r0, head)), d),
+                        (scores.as_ptr(), cols),
+                        (self.values.as_ptr(), hd, 1),
+                        1.0,
+                        gemm::Parallelism::None,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// `dst = scale · lhs · rhs` for an `m × n` result over `k`: `dst` and `lhs` row-major with the
+/// given row strides, `rhs` element (t, j) at `t · rs + j · cs` (so a row-major `(n, k)` matrix
+/// used transposed is `rs = 1, cs = k`).
+///
+/// # Safety
+/// Every element those strides address must be inside its allocation, and `dst` must not
+/// overlap the inputs or be written by anyone else meanwhile.
+unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_rs): (*const f32, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: forwarded from the caller; read_dst = false, so dst is only written.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            1,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
     }
 }
 
