@@ -146,7 +146,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let metrics_addr = (!args.no_metrics).then_some(args.metrics_addr);
 
+    // Requests compute on their worker, one per core at once (`Shared::run_cpu`): one more
+    // worker than cores keeps accepting and moving messages meanwhile.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores + 1)
         .enable_all()
         .thread_name("goodtriever-serve")
         .build()

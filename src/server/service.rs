@@ -1,10 +1,11 @@
 //! The `goodtriever.v1.Goodtriever` service: request checks, the engine call, the answer.
 //!
-//! Async handlers only move messages; every CPU-bound step (decoding the packed tensors,
-//! searching, the rule, encoding the answer) runs outside the executor's scheduling (see
-//! [`Shared::run_cpu`]), so one slow batch never stalls the accepting of other clients'
-//! requests. Appends, which fsync, run on tokio's blocking pool instead. Per-request buffers come from a
-//! pool of [`Buffers`], so a steady stream of steps reuses the same allocations.
+//! Every CPU-bound step of a request (decoding the packed tensors, searching, the rule, encoding
+//! the answer) runs on the worker thread that received it, at most one request per core at once
+//! (see [`Shared::run_cpu`]); `goodtriever serve` starts one more worker than cores, so one
+//! always keeps accepting and moving other clients' messages. Appends, which fsync, run on
+//! tokio's blocking pool instead. Per-request buffers come from a pool of [`Buffers`], so a
+//! steady stream of steps reuses the same allocations.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
