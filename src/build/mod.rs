@@ -441,7 +441,30 @@ struct SegmentWriter<'a> {
     index_seconds: f64,
 }
 
-impl SegmentWriter<'_> {
+impl<'a> SegmentWriter<'a> {
+    fn new(
+        store: &'a Datastore,
+        model: &'a Model,
+        opts: &'a BuildOptions,
+        (window, stride): (usize, usize),
+        key_type: KeyType,
+        sources: Vec<SourceFile>,
+        progress: &'a dyn BuildProgress,
+    ) -> Self {
+        SegmentWriter {
+            store,
+            model,
+            opts,
+            window,
+            stride,
+            key_type,
+            sources,
+            progress,
+            extract_seconds: 0.0,
+            index_seconds: 0.0,
+        }
+    }
+
     /// Extracts and commits the chunk `plan` (the `part` of a build).
     fn write(
         &mut self,
@@ -533,18 +556,15 @@ pub fn add(
     let total = row_positions(tokens.len(), window, stride, &sep)?.len();
     let sources = source_files(&opts.input, &files, &digests(&opts.input)?)?;
     progress.start(total as u64, 0);
-    let mut writer = SegmentWriter {
+    let mut writer = SegmentWriter::new(
         store,
         model,
         opts,
-        window,
-        stride,
+        (window, stride),
         key_type,
         sources,
         progress,
-        extract_seconds: 0.0,
-        index_seconds: 0.0,
-    };
+    );
     let seg = writer.write(&corpus, eos, &whole, None)?;
     Ok(BuildReport {
         dir: store.dir().to_path_buf(),
@@ -780,18 +800,15 @@ pub fn build(
     let done_rows: usize = rows_per_chunk[..done].iter().sum();
     let total_rows: usize = rows_per_chunk.iter().sum();
     progress.start(total_rows as u64, done_rows as u64);
-    let mut writer = SegmentWriter {
-        store: &store,
+    let mut writer = SegmentWriter::new(
+        &store,
         model,
         opts,
-        window,
-        stride,
+        (window, stride),
         key_type,
         sources,
         progress,
-        extract_seconds: 0.0,
-        index_seconds: 0.0,
-    };
+    );
     for (i, chunk) in chunks.iter().enumerate().skip(done) {
         writer.write(&corpus, eos, chunk, Some((i, chunks.len())))?;
     }

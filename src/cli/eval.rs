@@ -66,7 +66,7 @@ pub struct EvalGenerateArgs {
     pub model: Option<PathBuf>,
     /// How the weights are held: native (the file's, our kernels: the fastest decoding for the
     /// default model), q8_0 or f32.
-    #[arg(long, default_value = "native", value_parser = parse_format)]
+    #[arg(long, default_value = "native")]
     pub weights: WeightFormat,
     /// The toxic datastore (anti-expert).
     #[arg(long)]
@@ -100,13 +100,8 @@ pub struct EvalPerplexityArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// f32 (the default) is the file's weights dequantised, and the fastest for batches.
-    #[arg(long, default_value = "f32", value_parser = parse_format)]
+    #[arg(long, default_value = "f32")]
     pub weights: WeightFormat,
-}
-
-fn parse_format(s: &str) -> Result<WeightFormat, String> {
-    s.parse()
-        .map_err(|e: goodtriever::model::ModelError| e.to_string())
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {

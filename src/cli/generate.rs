@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     pub model: Option<PathBuf>,
     /// How the weights are held: native (as in the file; our Q4_1/Q8_0 kernels, the fastest
     /// decoding for the default model), q8_0 or f32.
-    #[arg(long, default_value = "native", value_parser = parse_format)]
+    #[arg(long, default_value = "native")]
     pub weights: WeightFormat,
     /// One JSON object per sample: prompt, continuation, token ids, timing.
     #[arg(long)]
@@ -48,11 +48,6 @@ pub struct GenerateArgs {
     pub rule: SamplingRuleArgs,
     #[command(flatten)]
     pub search: SearchArgs,
-}
-
-fn parse_format(s: &str) -> Result<WeightFormat, String> {
-    s.parse()
-        .map_err(|e: goodtriever::model::ModelError| e.to_string())
 }
 
 fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {

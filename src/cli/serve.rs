@@ -50,7 +50,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// How the model's weights are held: f32 (fastest batched extraction), q8_0 or native.
-    #[arg(long, default_value = "f32", value_parser = parse_weights)]
+    #[arg(long, default_value = "f32")]
     pub weights: WeightFormat,
     /// File holding the admin token that write RPCs must carry as `authorization: Bearer`.
     #[arg(long)]
@@ -77,13 +77,6 @@ pub struct ServeArgs {
     pub rule: RuleArgs,
     #[command(flatten)]
     pub search: SearchArgs,
-}
-
-fn parse_weights(s: &str) -> Result<WeightFormat, String> {
-    WeightFormat::ALL
-        .into_iter()
-        .find(|w| w.as_str() == s)
-        .ok_or_else(|| format!("unknown weight format {s:?}: expected f32, q8_0 or native"))
 }
 
 fn open(path: &Path, role: &str) -> anyhow::Result<Arc<Datastore>> {

@@ -76,12 +76,8 @@ impl Q8Linear {
 
     /// [`Q8Linear::forward`] on activations already quantised (and reused across calls).
     pub fn forward_quantized(&self, act: &Activations, out: &mut [f32]) {
-        let (n, k, m) = (self.n, self.k, act.m);
-        assert_eq!(
-            act.k, k,
-            "activations of width {} for a {n}×{k} matrix",
-            act.k
-        );
+        let (n, k) = (self.n, self.k);
+        let m = act.rows_for(n, k);
         let nb = k / BLOCK;
         let dot = kernel_q8();
         run(n, m, k, out, |j, i| {
@@ -148,12 +144,8 @@ impl Q4_1Linear {
 
     /// Same contract as [`Q8Linear::forward_quantized`].
     pub fn forward_quantized(&self, act: &Activations, out: &mut [f32]) {
-        let (n, k, m) = (self.n, self.k, act.m);
-        assert_eq!(
-            act.k, k,
-            "activations of width {} for a {n}×{k} matrix",
-            act.k
-        );
+        let (n, k) = (self.n, self.k);
+        let m = act.rows_for(n, k);
         let nb = k / BLOCK;
         let dot = kernel_q4_1();
         run(n, m, k, out, |j, i| {
@@ -183,6 +175,16 @@ pub struct Activations {
 }
 
 impl Activations {
+    /// Number of rows, after checking that they are `k` wide (the input of an `n × k` matrix).
+    fn rows_for(&self, n: usize, k: usize) -> usize {
+        assert_eq!(
+            self.k, k,
+            "activations of width {} for a {n}×{k} matrix",
+            self.k
+        );
+        self.m
+    }
+
     /// Quantises the `m × k` row-major `x`, reusing the buffers.
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) {
         assert!(k.is_multiple_of(BLOCK) && x.len() == m * k);
