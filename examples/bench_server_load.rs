@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
 use goodtriever::detox::{AdjustOptions, DetoxScratch, Detoxifier};
+use goodtriever::server::convert;
 use goodtriever::server::proto::{self, goodtriever_client::GoodtrieverClient};
 
 #[derive(Parser)]
@@ -118,12 +119,12 @@ async fn grpc_stream(
         }
         let req = proto::AdjustRequest {
             hidden: Some(proto::Tensor {
-                data: bytes(load.query(stream, step)),
+                data: bytes(load.query(stream, step)).into(),
                 dtype: proto::DType::F32 as i32,
                 rows: 1,
             }),
             logits: load.dense.then(|| proto::Tensor {
-                data: bytes(load.logits(step)),
+                data: bytes(load.logits(step)).into(),
                 dtype: proto::DType::F32 as i32,
                 rows: 1,
             }),
@@ -136,7 +137,14 @@ async fn grpc_stream(
             .message()
             .await?
             .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        // A client needs the (token, value) pairs, so unpacking them is part of the round trip.
+        let rows = answer
+            .rows
+            .iter()
+            .map(convert::sparse_row_from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
         let rtt = t.elapsed();
+        std::hint::black_box(rows);
         lat.push(rtt);
         overhead.push(rtt.saturating_sub(Duration::from_micros(answer.engine_micros)));
         anyhow::ensure!(answer.step == step as u64, "out of order");

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use goodtriever::detox::{AdjustOptions, DetoxScratch};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 use goodtriever::rule::{Mode, SparseRow};
+use goodtriever::server::convert;
 use goodtriever::server::encoder::EncodeError;
 use goodtriever::server::proto::{self, Tensor};
 use goodtriever::server::{AdminAuth, Limits, ServeOptions, Server, TextEncoder};
@@ -22,7 +23,7 @@ const TOKEN: &str = "test-admin-token";
 
 fn hidden_tensor(v: &[f32]) -> Option<Tensor> {
     Some(Tensor {
-        data: f32_bytes(v),
+        data: f32_bytes(v).into(),
         dtype: proto::DType::F32 as i32,
         rows: 0,
     })
@@ -59,26 +60,20 @@ fn opts_with_admin() -> ServeOptions {
     }
 }
 
-fn assert_same_sparse(got: &[proto::SparseRow], want: &[SparseRow]) {
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(want) {
-        match w {
-            SparseRow::Bias { scale, pairs } => {
-                assert_eq!(g.kind, proto::sparse_row::Kind::Bias as i32);
-                assert_eq!(g.scale, *scale);
-                let tokens: Vec<u32> = pairs.iter().map(|p| p.0).collect();
-                let values: Vec<f32> = pairs.iter().map(|p| p.1).collect();
-                assert_eq!(g.tokens, tokens);
-                assert_eq!(g.values, values);
-            }
-            SparseRow::Mixture { lambda, log_probs } => {
-                assert_eq!(g.kind, proto::sparse_row::Kind::Mixture as i32);
-                assert_eq!(g.lambda, *lambda);
-                let tokens: Vec<u32> = log_probs.iter().map(|p| p.0).collect();
-                assert_eq!(g.tokens, tokens);
-            }
-        }
+/// The (token, value) pairs of a sparse answer row.
+fn pairs(row: &proto::SparseRow) -> Vec<(u32, f32)> {
+    match convert::sparse_row_from_proto(row).unwrap() {
+        SparseRow::Bias { pairs, .. } => pairs,
+        SparseRow::Mixture { log_probs, .. } => log_probs,
     }
+}
+
+fn assert_same_sparse(got: &[proto::SparseRow], want: &[SparseRow]) {
+    let got: Vec<SparseRow> = got
+        .iter()
+        .map(|r| convert::sparse_row_from_proto(r).unwrap())
+        .collect();
+    assert_eq!(got, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +264,7 @@ async fn add_examples_then_adjust_sees_the_new_rows() {
         .await
         .unwrap()
         .into_inner();
-    assert!(!before.rows[0].tokens.contains(&NEW_TOKEN));
+    assert!(!pairs(&before.rows[0]).iter().any(|p| p.0 == NEW_TOKEN));
 
     // Rows right at the query into the non-toxic store (f16 keys): four in five predict
     // NEW_TOKEN, the rest NEW_TOKEN + 1, so NEW_TOKEN gains mass over the store's minimum.
@@ -314,13 +309,11 @@ async fn add_examples_then_adjust_sees_the_new_rows() {
         .await
         .unwrap()
         .into_inner();
-    let row = &after.rows[0];
-    let i = row
-        .tokens
+    let &(_, bias) = pairs(&after.rows[0])
         .iter()
-        .position(|&t| t == NEW_TOKEN)
+        .find(|p| p.0 == NEW_TOKEN)
         .expect("the new rows are retrieved");
-    assert!(row.values[i] > 0.0, "non-toxic rows push their token up");
+    assert!(bias > 0.0, "non-toxic rows push their token up");
 
     // The rows are on disk: a fresh handle sees them.
     let reopened = goodtriever::datastore::Datastore::open(&dir.path().join("nontoxic")).unwrap();
@@ -533,7 +526,7 @@ async fn every_bad_input_gets_the_right_code_and_the_server_keeps_serving() {
             "bf16 hidden",
             with(&|r| {
                 r.hidden = Some(Tensor {
-                    data: vec![0; 2 * DIM],
+                    data: vec![0; 2 * DIM].into(),
                     dtype: proto::DType::Bf16 as i32,
                     rows: 0,
                 })

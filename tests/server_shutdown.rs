@@ -64,7 +64,7 @@ async fn sigterm_during_writes_loses_no_acknowledged_add() {
                 let mut req = Request::new(proto::AddExamplesRequest {
                     store: store.into(),
                     hidden: Some(Tensor {
-                        data: f32_bytes(&rng.vec(rows * DIM, 3.0)),
+                        data: f32_bytes(&rng.vec(rows * DIM, 3.0)).into(),
                         dtype: proto::DType::F32 as i32,
                         rows: rows as u32,
                     }),

@@ -10,6 +10,7 @@
 use half::{bf16, f16};
 
 use super::proto;
+use crate::rule::SparseRow;
 
 /// Element type of a packed tensor, as sent on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +87,8 @@ pub enum ConvertError {
         index: usize,
         value: f32,
     },
+    #[error("sparse row: {0}")]
+    SparseRow(String),
 }
 
 /// How [`decode_rows`] treats infinities: hidden states must be finite; logits may use −∞ as a
@@ -241,13 +244,74 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// The engine's sparse answer for one row as its wire message: tokens and values packed as
+/// little-endian `u32` and `f32`.
+pub fn sparse_row_to_proto(row: &SparseRow) -> proto::SparseRow {
+    let (kind, scale, lambda, pairs) = match row {
+        SparseRow::Bias { scale, pairs } => (proto::sparse_row::Kind::Bias, *scale, 0.0, pairs),
+        SparseRow::Mixture { lambda, log_probs } => {
+            (proto::sparse_row::Kind::Mixture, 1.0, *lambda, log_probs)
+        }
+    };
+    let mut tokens = Vec::with_capacity(pairs.len() * 4);
+    let mut values = Vec::with_capacity(pairs.len() * 4);
+    for &(t, v) in pairs {
+        tokens.extend_from_slice(&t.to_le_bytes());
+        values.extend_from_slice(&v.to_le_bytes());
+    }
+    proto::SparseRow {
+        kind: kind as i32,
+        scale,
+        lambda,
+        tokens: tokens.into(),
+        values: values.into(),
+    }
+}
+
+/// Reads a sparse row from the wire (what a Rust client does with an answer), checking that
+/// its kind is known and its token and value lists are whole and of equal length.
+pub fn sparse_row_from_proto(row: &proto::SparseRow) -> Result<SparseRow, ConvertError> {
+    let (t, v) = (&row.tokens[..], &row.values[..]);
+    if t.len() % 4 != 0 || v.len() % 4 != 0 || t.len() != v.len() {
+        return Err(ConvertError::SparseRow(format!(
+            "tokens has {} bytes and values {}; both must hold the same number of 4-byte entries",
+            t.len(),
+            v.len()
+        )));
+    }
+    let pairs = t
+        .chunks_exact(4)
+        .zip(v.chunks_exact(4))
+        .map(|(t, v)| {
+            (
+                u32::from_le_bytes([t[0], t[1], t[2], t[3]]),
+                f32::from_le_bytes([v[0], v[1], v[2], v[3]]),
+            )
+        })
+        .collect();
+    match proto::sparse_row::Kind::try_from(row.kind) {
+        Ok(proto::sparse_row::Kind::Bias) => Ok(SparseRow::Bias {
+            scale: row.scale,
+            pairs,
+        }),
+        Ok(proto::sparse_row::Kind::Mixture) => Ok(SparseRow::Mixture {
+            lambda: row.lambda,
+            log_probs: pairs,
+        }),
+        _ => Err(ConvertError::SparseRow(format!(
+            "unknown kind {}; expected BIAS or MIXTURE",
+            row.kind
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn tensor(data: Vec<u8>, dtype: proto::DType, rows: u32) -> proto::Tensor {
         proto::Tensor {
-            data,
+            data: data.into(),
             dtype: dtype as i32,
             rows,
         }
@@ -357,7 +421,7 @@ mod tests {
             Err(ConvertError::DTypeNotAllowed { .. })
         ));
         let bad = proto::Tensor {
-            data: vec![0; 8],
+            data: vec![0; 8].into(),
             dtype: 42,
             rows: 0,
         };
@@ -406,5 +470,39 @@ mod tests {
             .flat_map(|v| f16::from_f32(*v).to_le_bytes())
             .collect();
         assert!(f16_rows("hidden", &inf16, 2, &mut h).is_err());
+    }
+
+    #[test]
+    fn sparse_rows_survive_the_wire_and_bad_ones_are_refused() {
+        let rows = [
+            SparseRow::Bias {
+                scale: 0.75,
+                pairs: vec![(3, -1.5), (70_000, 2.25), (u32::MAX, 0.0)],
+            },
+            SparseRow::Mixture {
+                lambda: 0.25,
+                log_probs: vec![(0, -0.1), (9, f32::MIN_POSITIVE.ln())],
+            },
+            SparseRow::Bias {
+                scale: 1.0,
+                pairs: Vec::new(),
+            },
+        ];
+        for row in &rows {
+            let wire = sparse_row_to_proto(row);
+            assert_eq!(&sparse_row_from_proto(&wire).unwrap(), row);
+        }
+
+        let good = sparse_row_to_proto(&rows[0]);
+        let mut ragged = good.clone();
+        ragged.values = ragged.values.slice(..ragged.values.len() - 2);
+        let mut short = good.clone();
+        short.tokens = short.tokens.slice(4..);
+        let mut unknown = good.clone();
+        unknown.kind = 9;
+        for bad in [ragged, short, unknown] {
+            let err = sparse_row_from_proto(&bad).unwrap_err();
+            assert!(matches!(err, ConvertError::SparseRow(_)), "{err}");
+        }
     }
 }

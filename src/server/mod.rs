@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 pub use auth::AdminAuth;
 pub use encoder::TextEncoder;
@@ -240,7 +240,12 @@ impl Server {
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), signal);
+            // Nagle's algorithm would hold each small answer back until the client's ACK;
+            // `serve_with_incoming` does not apply tonic's own `tcp_nodelay`.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
+                signal,
+            );
         tokio::pin!(server);
 
         let grace = self.opts.shutdown_grace;

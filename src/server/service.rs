@@ -334,7 +334,7 @@ impl Shared {
             resp.engine_micros = engine_time.as_micros() as u64;
             self.metrics.phase("adjust", engine_time);
             let t2 = Instant::now();
-            resp.log_probs = convert::f32_bytes(&b.dense);
+            resp.log_probs = convert::f32_bytes(&b.dense).into();
             self.metrics.phase("encode", t2.elapsed());
         } else {
             engine
@@ -344,7 +344,7 @@ impl Shared {
             resp.engine_micros = engine_time.as_micros() as u64;
             self.metrics.phase("adjust", engine_time);
             let t2 = Instant::now();
-            resp.rows = b.sparse.iter().map(sparse_proto).collect();
+            resp.rows = b.sparse.iter().map(convert::sparse_row_to_proto).collect();
             self.metrics.phase("encode", t2.elapsed());
         }
         Ok(resp)
@@ -431,22 +431,6 @@ fn params_proto(o: &AdjustOptions) -> proto::Params {
             Mode::KnnLm => proto::Mode::KnnLm,
         } as i32,
         lambda: o.params.lambda,
-    }
-}
-
-fn sparse_proto(row: &SparseRow) -> proto::SparseRow {
-    let (kind, scale, lambda, pairs) = match row {
-        SparseRow::Bias { scale, pairs } => (proto::sparse_row::Kind::Bias, *scale, 0.0, pairs),
-        SparseRow::Mixture { lambda, log_probs } => {
-            (proto::sparse_row::Kind::Mixture, 1.0, *lambda, log_probs)
-        }
-    };
-    proto::SparseRow {
-        kind: kind as i32,
-        scale,
-        lambda,
-        tokens: pairs.iter().map(|p| p.0).collect(),
-        values: pairs.iter().map(|p| p.1).collect(),
     }
 }
 

@@ -129,18 +129,27 @@ def _params_dict(p: pb.Params) -> dict:
     }
 
 
+def _bias_row(r: pb.SparseRow) -> BiasRow:
+    # Tokens and values arrive packed (little-endian u32 and f32): one copy each, no per-element
+    # decoding.
+    if len(r.tokens) % 4 or len(r.tokens) != len(r.values):
+        raise GoodtrieverError(
+            grpc.StatusCode.INTERNAL,
+            f"malformed sparse row from the server: {len(r.tokens)} token bytes, "
+            f"{len(r.values)} value bytes",
+        )
+    return BiasRow(
+        kind="mixture" if r.kind == pb.SparseRow.KIND_MIXTURE else "bias",
+        scale=r.scale,
+        lam=getattr(r, "lambda"),
+        tokens=np.frombuffer(r.tokens, dtype="<u4").astype(np.int64),
+        values=np.frombuffer(r.values, dtype="<f4").astype(np.float32),
+    )
+
+
 def _unpack(resp: pb.AdjustResponse) -> Union[Bias, np.ndarray]:
     if resp.rows:
-        rows = [
-            BiasRow(
-                kind="mixture" if r.kind == pb.SparseRow.KIND_MIXTURE else "bias",
-                scale=r.scale,
-                lam=getattr(r, "lambda"),
-                tokens=np.asarray(r.tokens, dtype=np.int64),
-                values=np.asarray(r.values, dtype=np.float32),
-            )
-            for r in resp.rows
-        ]
+        rows = [_bias_row(r) for r in resp.rows]
         return Bias(
             rows=rows,
             filter_p=resp.params.filter_p,
