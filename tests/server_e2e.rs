@@ -197,6 +197,17 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_100_steps_answers_in_order() {
+    stream_answers_in_order_and_stops_at_a_bad_step().await;
+}
+
+/// On a current-thread runtime the steps cannot compute on the polling thread; they run on
+/// the rayon pool, through the stream's other path.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stream_answers_in_order_on_a_current_thread_runtime() {
+    stream_answers_in_order_and_stops_at_a_bad_step().await;
+}
+
+async fn stream_answers_in_order_and_stops_at_a_bad_step() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path(), defaults());
     let server = start(engine.clone(), ServeOptions::default()).await;
@@ -245,6 +256,37 @@ async fn a_stream_of_100_steps_answers_in_order() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("step 1:"), "{}", err.message());
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_an_open_stream_with_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let server = start(engine, ServeOptions::default()).await;
+    let mut client = server.client().await;
+
+    // The client keeps its side open: it is between two decoding steps when the server stops.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(sparse_request(&queries(1, 5))).await.unwrap();
+    let mut answers = client
+        .adjust_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answers.message().await.unwrap().is_some());
+
+    let stopping = tokio::spawn(server.stop());
+    let err = tokio::time::timeout(std::time::Duration::from_secs(20), answers.message())
+        .await
+        .expect("the stream ends promptly")
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("shutting down"), "{}", err.message());
+    drop(tx);
+    tokio::time::timeout(std::time::Duration::from_secs(20), stopping)
+        .await
+        .expect("the server stops once its streams ended")
+        .unwrap();
 }
 
 /// Token of the rows added by the write tests, outside the bands the seed data uses.

@@ -11,7 +11,7 @@
 //! shutdown that finishes in-flight requests (and bounds how long open streams may linger).
 //!
 //! Modules: `service` (the RPCs), `convert` (wire tensors), `status` (error → gRPC code),
-//! `auth` (admin token), `metrics` (Prometheus + /metrics), `encoder` (text → rows for
+//! `step_stream` (AdjustStream's answers), `auth` (admin token), `metrics` (Prometheus + /metrics), `encoder` (text → rows for
 //! `AddTexts`), `limits` (message-size errors as `RESOURCE_EXHAUSTED`).
 
 pub mod auth;
@@ -21,6 +21,7 @@ mod limits;
 pub mod metrics;
 pub mod service;
 mod status;
+mod step_stream;
 
 use std::future::Future;
 use std::net::SocketAddr;

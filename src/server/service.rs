@@ -3,9 +3,10 @@
 //! Every CPU-bound step of a request (decoding the packed tensors, searching, the rule, encoding
 //! the answer) runs on the worker thread that received it, at most one request per core at once
 //! (see [`Shared::run_cpu`]); `goodtriever serve` starts one more worker than cores, so one
-//! always keeps accepting and moving other clients' messages. Appends, which fsync, run on
-//! tokio's blocking pool instead. Per-request buffers come from a pool of [`Buffers`], so a
-//! steady stream of steps reuses the same allocations.
+//! always keeps accepting and moving other clients' messages. A stream's steps are computed as
+//! its response stream is polled ([`StepStream`]). Appends, which fsync, run on tokio's
+//! blocking pool instead. Per-request buffers come from a pool of [`Buffers`], so a steady
+//! stream of steps reuses the same allocations.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -13,8 +14,7 @@ use std::time::Instant;
 
 use half::f16;
 use tokio::runtime::{Handle, RuntimeFlavor};
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{oneshot, watch, Semaphore, SemaphorePermit};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::auth::AdminAuth;
@@ -23,6 +23,7 @@ use super::encoder::{EncodeError, TextEncoder};
 use super::metrics::Metrics;
 use super::proto::{self, goodtriever_server::Goodtriever};
 use super::status;
+use super::step_stream::StepStream;
 use crate::datastore::{Keys, Provenance};
 use crate::detox::{AdjustOptions, DetoxScratch, Detoxifier};
 use crate::rule::{Mode, SparseRow, MAX_K};
@@ -97,7 +98,7 @@ impl Shared {
     /// worker that computes; a semaphore with one permit per core bounds how many requests
     /// compute at once, so 64 streams queue asynchronously instead of oversubscribing the CPU.
     /// A current-thread runtime must not block; there the rayon pool runs `f`.
-    async fn run_cpu<T: Send + 'static>(
+    pub(super) async fn run_cpu<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
@@ -111,6 +112,22 @@ impl Shared {
         } else {
             on_pool(f).await
         }
+    }
+
+    /// A CPU permit if one is free now: the caller may compute inline without waiting.
+    pub(super) fn try_cpu_permit(&self) -> Option<SemaphorePermit<'_>> {
+        self.cpu.try_acquire().ok()
+    }
+
+    /// Records a finished request in the metrics (and refusals in the debug log).
+    pub(super) fn finished<T>(&self, method: &str, t: Instant, r: &Result<T, Status>) {
+        let code = r.as_ref().err().map(Status::code);
+        if let Some(c) = code {
+            if c != Code::Internal {
+                tracing::debug!(method, code = ?c, message = %r.as_ref().err().map(|s| s.message()).unwrap_or(""), "request refused");
+            }
+        }
+        self.metrics.finished(method, t.elapsed(), code);
     }
 
     fn take_buffers(&self) -> Buffers {
@@ -213,7 +230,10 @@ impl Shared {
     }
 
     /// One Adjust step, start to finish, on the calling (pool) thread.
-    fn adjust(&self, req: proto::AdjustRequest) -> Result<proto::AdjustResponse, Status> {
+    pub(super) fn adjust(
+        &self,
+        req: proto::AdjustRequest,
+    ) -> Result<proto::AdjustResponse, Status> {
         let t0 = Instant::now();
         let opts = self.options(req.overrides.as_ref())?;
         let dense = match proto::ResponseForm::try_from(req.form) {
@@ -479,16 +499,6 @@ impl Service {
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
     }
-
-    fn finish<T>(&self, method: &str, t: Instant, r: &Result<T, Status>) {
-        let code = r.as_ref().err().map(Status::code);
-        if let Some(c) = code {
-            if c != Code::Internal {
-                tracing::debug!(method, code = ?c, message = %r.as_ref().err().map(|s| s.message()).unwrap_or(""), "request refused");
-            }
-        }
-        self.shared.metrics.finished(method, t.elapsed(), code);
-    }
 }
 
 type AdjustStreamOut =
@@ -505,7 +515,7 @@ impl Goodtriever for Service {
         let shared = self.shared.clone();
         let req = request.into_inner();
         let r = self.shared.run_cpu(move || shared.adjust(req)).await;
-        self.finish("Adjust", t, &r);
+        self.shared.finished("Adjust", t, &r);
         r.map(Response::new)
     }
 
@@ -515,59 +525,10 @@ impl Goodtriever for Service {
         &self,
         request: Request<Streaming<proto::AdjustRequest>>,
     ) -> Result<Response<Self::AdjustStreamStream>, Status> {
-        let mut inbound = request.into_inner();
-        // One answer in flight per stream: steps are answered strictly in order, and a client
-        // that stops reading stops the server from computing further steps.
-        let (tx, rx) = mpsc::channel(1);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut shutdown = this.shared.shutdown.clone();
-            loop {
-                // `wait_for` yields a guard that must not live across an await: map both
-                // branches to owned values first.
-                let next = tokio::select! {
-                    biased;
-                    _ = shutdown.wait_for(|s| *s) => None,
-                    next = inbound.message() => Some(next),
-                };
-                let Some(next) = next else {
-                    let _ = tx
-                        .send(Err(Status::unavailable(
-                            "the server is shutting down: reconnect to another instance or retry shortly",
-                        )))
-                        .await;
-                    return;
-                };
-                let msg = match next {
-                    Ok(Some(m)) => m,
-                    Ok(None) => return,
-                    Err(status) => {
-                        let status = map_decode_error(status, this.shared.limits.max_message_bytes);
-                        this.shared.metrics.request("AdjustStream");
-                        this.shared.metrics.finished(
-                            "AdjustStream",
-                            std::time::Duration::ZERO,
-                            Some(status.code()),
-                        );
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                };
-                let t = Instant::now();
-                this.shared.metrics.request("AdjustStream");
-                let shared = this.shared.clone();
-                let step = msg.step;
-                let r = this.shared.run_cpu(move || shared.adjust(msg)).await;
-                this.finish("AdjustStream", t, &r);
-                let failed = r.is_err();
-                let r =
-                    r.map_err(|s| Status::new(s.code(), format!("step {step}: {}", s.message())));
-                if tx.send(r).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(StepStream::new(
+            self.shared.clone(),
+            request.into_inner(),
+        ))))
     }
 
     async fn add_examples(
@@ -577,7 +538,7 @@ impl Goodtriever for Service {
         let t = Instant::now();
         self.shared.metrics.request("AddExamples");
         let r = self.add_examples_inner(request).await;
-        self.finish("AddExamples", t, &r);
+        self.shared.finished("AddExamples", t, &r);
         r.map(Response::new)
     }
 
@@ -588,7 +549,7 @@ impl Goodtriever for Service {
         let t = Instant::now();
         self.shared.metrics.request("AddTexts");
         let r = self.add_texts_inner(request).await;
-        self.finish("AddTexts", t, &r);
+        self.shared.finished("AddTexts", t, &r);
         r.map(Response::new)
     }
 
@@ -599,7 +560,7 @@ impl Goodtriever for Service {
         let t = Instant::now();
         self.shared.metrics.request("Info");
         let r = Ok(self.shared.info());
-        self.finish("Info", t, &r);
+        self.shared.finished("Info", t, &r);
         r.map(Response::new)
     }
 }
