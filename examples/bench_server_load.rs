@@ -17,9 +17,11 @@ use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
 use goodtriever::detox::{AdjustOptions, DetoxScratch, Detoxifier};
 use goodtriever::server::convert;
 use goodtriever::server::proto::{self, goodtriever_client::GoodtrieverClient};
+use tonic::transport::{Endpoint, Uri};
 
 #[derive(Parser)]
 struct Args {
+    /// HOST:PORT or unix:PATH.
     #[arg(long)]
     addr: String,
     #[arg(long)]
@@ -102,8 +104,28 @@ async fn grpc_stream(
     deadline: Instant,
     max_steps: usize,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
-    let mut client = GoodtrieverClient::connect(format!("http://{addr}"))
-        .await?
+    let channel = match addr.strip_prefix("unix:") {
+        // The URI is required by the API but unused: the connector dials the socket.
+        Some(path) => {
+            let path = path.to_string();
+            Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await?
+        }
+        None => {
+            Endpoint::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?
+        }
+    };
+    let mut client = GoodtrieverClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let (tx, rx) = tokio::sync::mpsc::channel(1);

@@ -9,12 +9,16 @@ most --max-steps steps per stream. Steps:
 1. Builds (once, cached in --work-dir) two datastores of --rows rows each (default 200k,
    D = 576, f16 keys, the shape of SmolLM2-135M's hidden states), clustered so that HNSW is
    meaningful, with `goodtriever datastore import`.
-2. Starts `goodtriever serve` on a free loopback port.
+2. Starts `goodtriever serve` on a free loopback port (or a Unix socket in --work-dir).
 3. Runs the Rust load generator (examples/bench_server_load.rs, built --release) which drives
    N AdjustStream sessions with tonic, then calls the engine in-process with the same queries.
 4. Optionally (--python) times the Python client too, for one stream.
 
+By default every form runs over loopback TCP and the sparse form also over a Unix domain
+socket (`serve --addr unix:PATH`), the transport for a sidecar on the same host.
+
 Usage: scripts/bench_server.py [--rows 200000] [--seconds 10] [--streams 1 8 64]
+                               [--transports tcp unix]
 """
 
 import argparse
@@ -75,10 +79,10 @@ def build_stores(binary, work, rows):
     return dirs, queries
 
 
-def start_server(binary, dirs, extra):
+def start_server(binary, dirs, extra, addr="127.0.0.1:0"):
     proc = subprocess.Popen(
         [str(binary), "serve", "--toxic", str(dirs["toxic"]), "--nontoxic", str(dirs["nontoxic"]),
-         "--addr", "127.0.0.1:0", "--no-metrics", "--vocab-size", str(VOCAB),
+         "--addr", addr, "--no-metrics", "--vocab-size", str(VOCAB),
          "--max-rows", "64", "--max-message-bytes", str(64 << 20), *extra],
         stdout=subprocess.PIPE, text=True,
     )
@@ -115,6 +119,10 @@ def main():
     ap.add_argument("--max-steps", type=int, default=2000, help="per stream and configuration")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--forms", nargs="+", default=["sparse", "dense"])
+    ap.add_argument("--transports", nargs="+", default=["tcp", "unix"], choices=["tcp", "unix"],
+                    help="loopback TCP, and a Unix domain socket (serve --addr unix:PATH)")
+    ap.add_argument("--unix-forms", nargs="+", default=["sparse"],
+                    help="forms measured over the Unix socket (the hot-path form by default)")
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--exact", action="store_true", help="exact search instead of HNSW")
     ap.add_argument("--work-dir", type=Path, default=REPO / "target" / "bench-server")
@@ -134,41 +142,45 @@ def main():
         return
 
     search = ["--exact"] if args.exact else []
-    proc, addr = start_server(binary, dirs, ["--k", str(args.k), *search])
     results = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
         "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
         "rows_per_store": args.rows, "dim": DIM, "vocab": VOCAB, "k": args.k,
         "search": "exact" if args.exact else "auto (HNSW)", "runs": [],
     }
-    try:
-        for form in args.forms:
-            for n in args.streams:
-                cmd = [str(loadgen), "--addr", addr, "--toxic", str(dirs["toxic"]),
-                       "--nontoxic", str(dirs["nontoxic"]), "--queries", str(queries),
-                       "--streams", str(n), "--form", form, "--seconds", str(args.seconds),
-                       "--max-steps", str(args.max_steps), "--k", str(args.k),
-                       "--vocab", str(VOCAB), *search]
-                log(f"{form}, {n} stream(s)...")
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                r = json.loads(out)
-                results["runs"].append(r)
-                log(f"  grpc {r['grpc']['steps_per_s']:.0f} steps/s p50 {r['grpc']['p50_us']:.0f} us "
-                    f"p99 {r['grpc']['p99_us']:.0f} us | in-process p50 {r['in_process']['p50_us']:.0f} us "
-                    f"| overhead p50 {r['overhead_p50_us']:.0f} us p99 {r['overhead_p99_us']:.0f} us")
-        if args.python:
-            results["python_client_1_stream_sparse"] = python_client_steps(
-                addr, queries, args.seconds, args.max_steps)
-            log(f"python client: {results['python_client_1_stream_sparse']}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    for transport in args.transports:
+        listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{args.work_dir / 'bench.sock'}"
+        forms = args.forms if transport == "tcp" else [f for f in args.forms if f in args.unix_forms]
+        proc, addr = start_server(binary, dirs, ["--k", str(args.k), *search], listen)
+        try:
+            for form in forms:
+                for n in args.streams:
+                    cmd = [str(loadgen), "--addr", addr, "--toxic", str(dirs["toxic"]),
+                           "--nontoxic", str(dirs["nontoxic"]), "--queries", str(queries),
+                           "--streams", str(n), "--form", form, "--seconds", str(args.seconds),
+                           "--max-steps", str(args.max_steps), "--k", str(args.k),
+                           "--vocab", str(VOCAB), *search]
+                    log(f"{transport}, {form}, {n} stream(s)...")
+                    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                    r = json.loads(out)
+                    r["transport"] = transport
+                    results["runs"].append(r)
+                    log(f"  grpc {r['grpc']['steps_per_s']:.0f} steps/s p50 {r['grpc']['p50_us']:.0f} us "
+                        f"p99 {r['grpc']['p99_us']:.0f} us | in-process p50 {r['in_process']['p50_us']:.0f} us "
+                        f"| overhead p50 {r['overhead_p50_us']:.0f} us p99 {r['overhead_p99_us']:.0f} us")
+            if args.python and transport == "tcp":
+                results["python_client_1_stream_sparse"] = python_client_steps(
+                    addr, queries, args.seconds, args.max_steps)
+                log(f"python client: {results['python_client_1_stream_sparse']}")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
 
-    print("| form | streams | steps/s | p50 µs | p99 µs | in-process p50 µs | in-process steps/s | gRPC overhead p50 / p99 µs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| transport | form | streams | steps/s | p50 µs | p99 µs | in-process p50 µs | in-process steps/s | gRPC overhead p50 / p99 µs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         g, i = r["grpc"], r["in_process"]
-        print(f"| {r['form']} | {r['streams']} | {g['steps_per_s']:.0f} | {g['p50_us']:.0f} | {g['p99_us']:.0f} "
+        print(f"| {r['transport']} | {r['form']} | {r['streams']} | {g['steps_per_s']:.0f} | {g['p50_us']:.0f} | {g['p99_us']:.0f} "
               f"| {i['p50_us']:.0f} | {i['steps_per_s']:.0f} | {r['overhead_p50_us']:.0f} / {r['overhead_p99_us']:.0f} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -14,8 +14,8 @@ use goodtriever::datastore::Datastore;
 use goodtriever::detox::Detoxifier;
 use goodtriever::model::{Model, WeightFormat};
 use goodtriever::server::{
-    AdminAuth, Limits, ServeOptions, Server, TextEncoder, TlsPem, DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_MAX_ROWS,
+    AdminAuth, GrpcAddr, Limits, ServeOptions, Server, TextEncoder, TlsPem,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS,
 };
 
 use super::control_args::{RuleArgs, SearchArgs};
@@ -36,9 +36,11 @@ pub struct ServeArgs {
     /// The non-toxic datastore (expert).
     #[arg(long)]
     pub nontoxic: PathBuf,
-    /// gRPC address. Loopback by default; anything else should use TLS.
+    /// gRPC address: HOST:PORT, or unix:PATH for a Unix domain socket (a sidecar on the same
+    /// host: no TCP stack per message, access set by the file's permissions). Loopback by
+    /// default; a non-loopback TCP address should use TLS.
     #[arg(long, default_value = "127.0.0.1:50051")]
-    pub addr: SocketAddr,
+    pub addr: GrpcAddr,
     /// Prometheus metrics address (plain HTTP, GET /metrics).
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub metrics_addr: SocketAddr,
@@ -124,7 +126,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),
     };
-    if !args.addr.ip().is_loopback() && tls.is_none() {
+    if matches!(args.addr, GrpcAddr::Tcp(a) if !a.ip().is_loopback()) && tls.is_none() {
         tracing::warn!(addr = %args.addr, "serving plain-text gRPC on a non-loopback address; pass --tls-cert and --tls-key");
     }
     let serve_opts = ServeOptions {
@@ -149,9 +151,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let server = Server::bind(Arc::new(detox), serve_opts, args.addr, metrics_addr).await?;
+        let server = Server::bind(Arc::new(detox), serve_opts, &args.addr, metrics_addr).await?;
         let grpc = server
-            .grpc_addr()
+            .grpc_endpoint()
             .map(|a| a.to_string())
             .unwrap_or_default();
         let metrics = server

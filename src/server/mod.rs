@@ -12,12 +12,13 @@
 //!
 //! Modules: `service` (the RPCs), `convert` (wire tensors), `status` (error → gRPC code),
 //! `step_stream` (AdjustStream's answers), `auth` (admin token), `metrics` (Prometheus + /metrics), `encoder` (text → rows for
-//! `AddTexts`), `limits` (message-size errors as `RESOURCE_EXHAUSTED`).
+//! `AddTexts`), `limits` (message-size errors as `RESOURCE_EXHAUSTED`), `listen` (TCP or Unix socket).
 
 pub mod auth;
 pub mod convert;
 pub mod encoder;
 mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod service;
 mod status;
@@ -25,15 +26,18 @@ mod step_stream;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
 
 pub use auth::AdminAuth;
 pub use encoder::TextEncoder;
+pub use listen::{GrpcAddr, GrpcListener};
 pub use metrics::Metrics;
 pub use service::Limits;
 
@@ -111,7 +115,7 @@ impl Default for ServeOptions {
 pub struct Server {
     engine: Arc<Detoxifier>,
     opts: ServeOptions,
-    grpc: TcpListener,
+    grpc: GrpcListener,
     metrics: Option<TcpListener>,
 }
 
@@ -120,10 +124,10 @@ impl Server {
     pub async fn bind(
         engine: Arc<Detoxifier>,
         opts: ServeOptions,
-        addr: SocketAddr,
+        addr: &GrpcAddr,
         metrics_addr: Option<SocketAddr>,
     ) -> Result<Self, ServerError> {
-        let grpc = TcpListener::bind(addr)
+        let grpc = GrpcListener::bind(addr)
             .await
             .map_err(|e| ServerError::Bind(format!("gRPC ({addr})"), e))?;
         let metrics = match metrics_addr {
@@ -141,9 +145,10 @@ impl Server {
     pub fn from_listeners(
         engine: Arc<Detoxifier>,
         opts: ServeOptions,
-        grpc: TcpListener,
+        grpc: impl Into<GrpcListener>,
         metrics: Option<TcpListener>,
     ) -> Result<Self, ServerError> {
+        let grpc = grpc.into();
         let l = opts.limits;
         if l.max_rows == 0 || l.max_rows > MAX_ROWS {
             return Err(ServerError::MaxRows(l.max_rows));
@@ -166,8 +171,17 @@ impl Server {
         })
     }
 
+    /// The TCP address, when listening on TCP.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
-        self.grpc.local_addr().ok()
+        match self.grpc.local_addr()? {
+            GrpcAddr::Tcp(a) => Some(a),
+            GrpcAddr::Unix(_) => None,
+        }
+    }
+
+    /// Where clients connect: a TCP address or `unix:PATH`.
+    pub fn grpc_endpoint(&self) -> Option<GrpcAddr> {
+        self.grpc.local_addr()
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -217,12 +231,8 @@ impl Server {
             .metrics
             .map(|l| tokio::spawn(metrics::serve_metrics(l, metrics.clone(), stop_rx.clone())));
 
-        let addr = self.grpc.local_addr().ok();
-        tracing::info!(
-            ?addr,
-            tls = self.opts.tls.is_some(),
-            "gRPC server listening"
-        );
+        let addr = self.grpc.local_addr().map(|a| a.to_string());
+        tracing::info!(addr, tls = self.opts.tls.is_some(), "gRPC server listening");
         let mut stopped = stop_rx.clone();
         let health_on_stop = health.clone();
         let signal = async move {
@@ -234,19 +244,29 @@ impl Server {
                 .set_not_serving::<GoodtrieverServer<service::Service>>()
                 .await;
         };
-        let server = builder
+        let router = builder
             .layer(limits::ResourceExhaustedLayer::new(
                 limits.max_message_bytes,
             ))
             .add_service(health_svc)
             .add_service(reflection)
-            .add_service(svc)
-            // Nagle's algorithm would hold each small answer back until the client's ACK;
-            // `serve_with_incoming` does not apply tonic's own `tcp_nodelay`.
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(self.grpc).with_nodelay(Some(true)),
-                signal,
-            );
+            .add_service(svc);
+        let mut _socket_file = listen::SocketFile(None);
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match self.grpc {
+                // Nagle's algorithm would hold each small answer back until the client's ACK;
+                // `serve_with_incoming` does not apply tonic's own `tcp_nodelay`.
+                GrpcListener::Tcp(l) => Box::pin(router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(l).with_nodelay(Some(true)),
+                    signal,
+                )),
+                GrpcListener::Unix(l, path) => {
+                    _socket_file = listen::SocketFile(Some(path));
+                    Box::pin(
+                        router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal),
+                    )
+                }
+            };
         tokio::pin!(server);
 
         let grace = self.opts.shutdown_grace;

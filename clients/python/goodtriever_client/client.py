@@ -176,7 +176,8 @@ def _request(hidden, logits, form, opts, step=0) -> pb.AdjustRequest:
 class Client:
     """A connection to `goodtriever serve`.
 
-    `target` is host:port. `admin_token` is sent with write RPCs (AddExamples, AddTexts).
+    `target` is host:port, or unix:PATH for a server started with `--addr unix:PATH`.
+    `admin_token` is sent with write RPCs (AddExamples, AddTexts).
     `root_certificates` (PEM bytes) switches to TLS. `timeout` bounds each unary call.
     """
 
@@ -193,6 +194,10 @@ class Client:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
+        if target.startswith("unix:"):
+            # grpcio sends the socket path as the HTTP/2 :authority, which is not a valid
+            # authority; the server's HTTP/2 stack resets such streams.
+            options.append(("grpc.default_authority", "localhost"))
         if root_certificates is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, creds, options=options)

@@ -75,13 +75,15 @@ class Served:
         self.proc, self.grpc, self.metrics = proc, grpc, metrics
 
 
-def start_server(binary: Path, toxic: Path, nontoxic: Path, *args: str, env=None) -> Served:
-    """`goodtriever serve` on free loopback ports (gRPC and metrics), waiting for its
-    `listening grpc=... metrics=...` line. Stop it with `stop_server`."""
+def start_server(
+    binary: Path, toxic: Path, nontoxic: Path, *args: str, env=None, addr: str = "127.0.0.1:0"
+) -> Served:
+    """`goodtriever serve` on free loopback ports (gRPC and metrics) or the gRPC `addr` given,
+    waiting for its `listening grpc=... metrics=...` line. Stop it with `stop_server`."""
     proc = subprocess.Popen(
         [
             str(binary), "serve", "--toxic", str(toxic), "--nontoxic", str(nontoxic),
-            "--addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0", *args,
+            "--addr", addr, "--metrics-addr", "127.0.0.1:0", *args,
         ],
         stdout=subprocess.PIPE,
         env=env,

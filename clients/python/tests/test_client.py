@@ -8,7 +8,7 @@ import pytest
 
 from goodtriever_client import Bias, Client, GoodtrieverError, apply_bias
 
-from conftest import DIM, TOKEN, VOCAB, make_keys
+from conftest import DIM, TOKEN, VOCAB, make_keys, start_server, stop_server
 
 
 @pytest.fixture
@@ -127,3 +127,25 @@ def test_metrics_endpoint(client, server):
     text = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=10).read().decode()
     assert 'goodtriever_requests_total{method="Adjust"}' in text
     assert 'goodtriever_store_rows{store="toxic"} 300' in text
+
+
+def test_unix_socket_target(stores, binary, tmp_path, client):
+    """A sidecar on the same host can listen on a Unix socket; grpcio dials `unix:PATH` as is."""
+    sock = tmp_path / "goodtriever.sock"
+    served = start_server(
+        binary, stores["toxic"], stores["nontoxic"],
+        "--vocab-size", str(VOCAB), "--k", "32", "--temperature", "10", "--exact",
+        addr=f"unix:{sock}",
+    )
+    try:
+        assert served.grpc == f"unix:{sock}"
+        hidden = queries(2, 21)
+        with Client(served.grpc) as c, c.session() as s:
+            over_socket = s.step(hidden)
+        over_tcp = client.adjust(hidden)
+        for a, b in zip(over_socket.rows, over_tcp.rows):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_array_equal(a.values, b.values)
+    finally:
+        stop_server(served)
+    assert not sock.exists(), "serve removes its socket file on exit"
