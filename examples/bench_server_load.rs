@@ -17,6 +17,7 @@ use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
 use goodtriever::detox::{AdjustOptions, DetoxScratch, Detoxifier};
 use goodtriever::server::convert;
 use goodtriever::server::proto::{self, goodtriever_client::GoodtrieverClient};
+use prost::Message;
 use tonic::transport::{Endpoint, Uri};
 
 #[derive(Parser)]
@@ -72,6 +73,22 @@ fn bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Encoded message bytes over a run.
+#[derive(Default)]
+struct Sizes {
+    request: usize,
+    response: usize,
+    steps: usize,
+}
+
+impl Sizes {
+    fn add(&mut self, o: &Sizes) {
+        self.request += o.request;
+        self.response += o.response;
+        self.steps += o.steps;
+    }
+}
+
 #[derive(serde::Serialize)]
 struct Stats {
     steps: usize,
@@ -103,7 +120,7 @@ async fn grpc_stream(
     stream: usize,
     deadline: Instant,
     max_steps: usize,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Sizes)> {
     let channel = match addr.strip_prefix("unix:") {
         // The URI is required by the API but unused: the connector dials the socket.
         Some(path) => {
@@ -135,6 +152,7 @@ async fn grpc_stream(
         .into_inner();
     let mut lat = Vec::with_capacity(max_steps);
     let mut overhead = Vec::with_capacity(max_steps);
+    let mut sizes = Sizes::default();
     for step in 0..max_steps {
         if Instant::now() >= deadline {
             break;
@@ -153,6 +171,7 @@ async fn grpc_stream(
             step: step as u64,
             ..Default::default()
         };
+        sizes.request += req.encoded_len();
         let t = Instant::now();
         tx.send(req).await?;
         let answer = answers
@@ -166,12 +185,14 @@ async fn grpc_stream(
             .map(convert::sparse_row_from_proto)
             .collect::<Result<Vec<_>, _>>()?;
         let rtt = t.elapsed();
+        sizes.response += answer.encoded_len();
+        sizes.steps += 1;
         std::hint::black_box(rows);
         lat.push(rtt);
         overhead.push(rtt.saturating_sub(Duration::from_micros(answer.engine_micros)));
         anyhow::ensure!(answer.step == step as u64, "out of order");
     }
-    Ok((lat, overhead))
+    Ok((lat, overhead, sizes))
 }
 
 fn in_process(
@@ -261,16 +282,17 @@ fn main() -> anyhow::Result<()> {
                 ))
             })
             .collect();
-        let (mut lat, mut overhead) = (Vec::new(), Vec::new());
+        let (mut lat, mut overhead, mut sizes) = (Vec::new(), Vec::new(), Sizes::default());
         for t in tasks {
-            let (l, o) = t.await??;
+            let (l, o, s) = t.await??;
+            sizes.add(&s);
             lat.extend(l);
             overhead.extend(o);
         }
         let wall = start.elapsed();
-        anyhow::Ok((stats(lat, wall), stats(overhead, wall)))
+        anyhow::Ok((stats(lat, wall), stats(overhead, wall), sizes))
     })?;
-    let (grpc, overhead) = grpc;
+    let (grpc, overhead, sizes) = grpc;
     drop(runtime);
 
     let mut opts = AdjustOptions::default();
@@ -299,6 +321,9 @@ fn main() -> anyhow::Result<()> {
         // Per step: round trip minus the engine time the server reported for that step.
         "overhead_p50_us": overhead.p50_us,
         "overhead_p99_us": overhead.p99_us,
+        // Mean protobuf message sizes, for the socket floor (examples/bench_socket_floor.rs).
+        "request_bytes": sizes.request / sizes.steps.max(1),
+        "response_bytes": sizes.response / sizes.steps.max(1),
     });
     println!("{out}");
     Ok(())

@@ -12,7 +12,10 @@ most --max-steps steps per stream. Steps:
 2. Starts `goodtriever serve` on a free loopback port (or a Unix socket in --work-dir).
 3. Runs the Rust load generator (examples/bench_server_load.rs, built --release) which drives
    N AdjustStream sessions with tonic, then calls the engine in-process with the same queries.
-4. Optionally (--python) times the Python client too, for one stream.
+4. At 1 stream, runs examples/bench_socket_floor.rs: a blocking ping-pong over a bare socket of
+   the same transport with the same message sizes and the server busy for the in-process p50,
+   the floor under any RPC stack's overhead on this machine.
+5. Optionally (--python) times the Python client too, for one stream.
 
 By default every form runs over loopback TCP and the sparse form also over a Unix domain
 socket (`serve --addr unix:PATH`), the transport for a sidecar on the same host.
@@ -134,9 +137,11 @@ def main():
     args.work_dir.mkdir(parents=True, exist_ok=True)
     log("building goodtriever and the load generator (release)...")
     subprocess.run(["cargo", "build", "--release", "--bin", "goodtriever",
-                    "--example", "bench_server_load"], cwd=REPO, check=True)
+                    "--example", "bench_server_load", "--example", "bench_socket_floor"],
+                   cwd=REPO, check=True)
     binary = REPO / "target" / "release" / "goodtriever"
     loadgen = REPO / "target" / "release" / "examples" / "bench_server_load"
+    floor_bin = REPO / "target" / "release" / "examples" / "bench_socket_floor"
     dirs, queries = build_stores(binary, args.work_dir, args.rows)
     if args.prepare_only:
         return
@@ -168,6 +173,18 @@ def main():
                     log(f"  grpc {r['grpc']['steps_per_s']:.0f} steps/s p50 {r['grpc']['p50_us']:.0f} us "
                         f"p99 {r['grpc']['p99_us']:.0f} us | in-process p50 {r['in_process']['p50_us']:.0f} us "
                         f"| overhead p50 {r['overhead_p50_us']:.0f} us p99 {r['overhead_p99_us']:.0f} us")
+                    if n == 1:
+                        # The same message sizes and server time over a bare socket: what any
+                        # RPC stack pays on this machine before its own cost.
+                        fl = json.loads(subprocess.run(
+                            [str(floor_bin), "--transport", transport,
+                             "--compute-us", str(int(r["in_process"]["p50_us"])),
+                             "--request-bytes", str(r["request_bytes"]),
+                             "--response-bytes", str(max(r["response_bytes"], 1)),
+                             "--steps", "2000"],
+                            check=True, capture_output=True, text=True).stdout)
+                        r["socket_floor"] = fl
+                        log(f"  bare-socket floor p50 {fl['overhead_p50_us']:.0f} us")
             if args.python and transport == "tcp":
                 results["python_client_1_stream_sparse"] = python_client_steps(
                     addr, queries, args.seconds, args.max_steps)
@@ -176,12 +193,13 @@ def main():
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
 
-    print("| transport | form | streams | steps/s | p50 µs | p99 µs | in-process p50 µs | in-process steps/s | gRPC overhead p50 / p99 µs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| transport | form | streams | steps/s | p50 µs | p99 µs | in-process p50 µs | in-process steps/s | gRPC overhead p50 / p99 µs | bare-socket floor p50 µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         g, i = r["grpc"], r["in_process"]
+        floor = f"{r['socket_floor']['overhead_p50_us']:.0f}" if "socket_floor" in r else ""
         print(f"| {r['transport']} | {r['form']} | {r['streams']} | {g['steps_per_s']:.0f} | {g['p50_us']:.0f} | {g['p99_us']:.0f} "
-              f"| {i['p50_us']:.0f} | {i['steps_per_s']:.0f} | {r['overhead_p50_us']:.0f} / {r['overhead_p99_us']:.0f} |")
+              f"| {i['p50_us']:.0f} | {i['steps_per_s']:.0f} | {r['overhead_p50_us']:.0f} / {r['overhead_p99_us']:.0f} | {floor} |")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
