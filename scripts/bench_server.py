@@ -9,7 +9,7 @@ most --max-steps steps per stream. Steps:
 1. Builds (once, cached in --work-dir) two datastores of --rows rows each (default 200k,
    D = 576, f16 keys, the shape of SmolLM2-135M's hidden states), clustered so that HNSW is
    meaningful, with `goodtriever datastore import`.
-2. Starts `goodtriever serve` on a free loopback port (or a Unix socket in --work-dir).
+2. Starts `goodtriever serve` on a free loopback port (or a Unix socket in a temporary directory).
 3. Runs the Rust load generator (examples/bench_server_load.rs, built --release) which drives
    N AdjustStream sessions with tonic, then calls the engine in-process with the same queries.
 4. At 1 stream, runs examples/bench_socket_floor.rs: a blocking ping-pong over a bare socket of
@@ -31,6 +31,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,7 +155,9 @@ def main():
         "search": "exact" if args.exact else "auto (HNSW)", "runs": [],
     }
     for transport in args.transports:
-        listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{args.work_dir / 'bench.sock'}"
+        # Socket paths are limited to ~107 bytes; a fresh short temporary directory holds it.
+        sock_dir = tempfile.TemporaryDirectory(prefix="gt-bench-")
+        listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{sock_dir.name}/serve.sock"
         forms = args.forms if transport == "tcp" else [f for f in args.forms if f in args.unix_forms]
         proc, addr = start_server(binary, dirs, ["--k", str(args.k), *search], listen)
         try:
@@ -192,6 +195,7 @@ def main():
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+            sock_dir.cleanup()
 
     print("| transport | form | streams | steps/s | p50 µs | p99 µs | in-process p50 µs | in-process steps/s | gRPC overhead p50 / p99 µs | bare-socket floor p50 µs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
