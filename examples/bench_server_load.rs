@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
 use goodtriever::detox::{AdjustOptions, DetoxScratch, Detoxifier};
-use goodtriever::server::convert;
 use goodtriever::server::proto::{self, goodtriever_client::GoodtrieverClient};
+use goodtriever::server::{convert, GrpcAddr};
 use prost::Message;
-use tonic::transport::{Endpoint, Uri};
 
 #[derive(Parser)]
 struct Args {
@@ -121,27 +120,8 @@ async fn grpc_stream(
     deadline: Instant,
     max_steps: usize,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Sizes)> {
-    let channel = match addr.strip_prefix("unix:") {
-        // The URI is required by the API but unused: the connector dials the socket.
-        Some(path) => {
-            let path = path.to_string();
-            Endpoint::from_static("http://localhost")
-                .connect_with_connector(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                            tokio::net::UnixStream::connect(path).await?,
-                        ))
-                    }
-                }))
-                .await?
-        }
-        None => {
-            Endpoint::from_shared(format!("http://{addr}"))?
-                .connect()
-                .await?
-        }
-    };
+    let addr: GrpcAddr = addr.parse().map_err(anyhow::Error::msg)?;
+    let channel = addr.connect().await?;
     let mut client = GoodtrieverClient::new(channel)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);

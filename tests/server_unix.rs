@@ -4,31 +4,13 @@
 
 mod server_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use goodtriever::detox::DetoxScratch;
 use goodtriever::server::convert;
 use goodtriever::server::proto::{self, goodtriever_client::GoodtrieverClient, Tensor};
 use goodtriever::server::{GrpcAddr, ServeOptions, Server};
 use server_support::*;
-use tonic::transport::{Channel, Endpoint, Uri};
-
-async fn unix_client(path: &Path) -> GoodtrieverClient<Channel> {
-    let path: PathBuf = path.to_path_buf();
-    // The URI is required by the API but unused: the connector dials the socket.
-    let channel = Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
-        .await
-        .unwrap();
-    GoodtrieverClient::new(channel)
-}
 
 async fn bind(dir: &Path, addr: &GrpcAddr) -> Result<Server, goodtriever::server::ServerError> {
     Server::bind(engine(dir, defaults()), ServeOptions::default(), addr, None).await
@@ -62,7 +44,7 @@ async fn serves_over_a_unix_socket_and_cleans_up() {
         .expect("live socket refused");
     assert!(err.to_string().contains("another server"), "{err}");
 
-    let mut client = unix_client(&sock).await;
+    let mut client = GoodtrieverClient::new(addr.connect().await.unwrap());
     let info = client
         .info(proto::InfoRequest {})
         .await

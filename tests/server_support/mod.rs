@@ -10,7 +10,7 @@ use goodtriever::datastore::{CreateOptions, Datastore, KeyDtype, Keys, Provenanc
 use goodtriever::detox::{AdjustOptions, Detoxifier};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 use goodtriever::server::proto::goodtriever_client::GoodtrieverClient;
-use goodtriever::server::{ServeOptions, Server};
+use goodtriever::server::{GrpcAddr, ServeOptions, Server};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -119,11 +119,7 @@ impl Running {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        GrpcAddr::Tcp(self.addr).connect().await.unwrap()
     }
 
     pub async fn stop(mut self) {
