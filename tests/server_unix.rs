@@ -83,6 +83,15 @@ async fn serves_over_a_unix_socket_and_cleans_up() {
     let _ = stop_tx.send(());
     task.await.unwrap().unwrap();
     assert!(!sock.exists(), "the socket file is removed on stop");
+
+    // A server bound but never run (say, its startup failed later) removes its file too.
+    let other = dir.path().join("other.sock");
+    let server = bind(&dir.path().join("third"), &GrpcAddr::Unix(other.clone()))
+        .await
+        .unwrap();
+    assert!(other.exists());
+    drop(server);
+    assert!(!other.exists(), "the socket file is removed on drop");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

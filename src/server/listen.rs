@@ -80,8 +80,8 @@ impl GrpcAddr {
 #[derive(Debug)]
 pub enum GrpcListener {
     Tcp(TcpListener),
-    /// The socket file is removed when the server stops.
-    Unix(UnixListener, PathBuf),
+    /// The socket file is removed when the listener (or the server serving it) is dropped.
+    Unix(UnixListener, SocketFile),
 }
 
 impl From<TcpListener> for GrpcListener {
@@ -96,7 +96,8 @@ impl GrpcListener {
             GrpcAddr::Tcp(a) => Ok(GrpcListener::Tcp(TcpListener::bind(a).await?)),
             GrpcAddr::Unix(path) => {
                 remove_stale_socket(path).await?;
-                Ok(GrpcListener::Unix(UnixListener::bind(path)?, path.clone()))
+                let listener = UnixListener::bind(path)?;
+                Ok(GrpcListener::Unix(listener, SocketFile(path.clone())))
             }
         }
     }
@@ -105,7 +106,7 @@ impl GrpcListener {
     pub fn local_addr(&self) -> Option<GrpcAddr> {
         match self {
             GrpcListener::Tcp(l) => l.local_addr().ok().map(GrpcAddr::Tcp),
-            GrpcListener::Unix(_, p) => Some(GrpcAddr::Unix(p.clone())),
+            GrpcListener::Unix(_, f) => Some(GrpcAddr::Unix(f.0.clone())),
         }
     }
 }
@@ -140,15 +141,14 @@ async fn remove_stale_socket(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Removes a Unix socket's file when dropped, however the server stops.
-pub(super) struct SocketFile(pub(super) Option<PathBuf>);
+/// A Unix socket's path; dropping it removes the file, however the server stops.
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            if let Err(err) = std::fs::remove_file(&p) {
-                tracing::warn!(path = %p.display(), %err, "could not remove the socket file");
-            }
+        if let Err(err) = std::fs::remove_file(&self.0) {
+            tracing::warn!(path = %self.0.display(), %err, "could not remove the socket file");
         }
     }
 }

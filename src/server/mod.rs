@@ -10,9 +10,10 @@
 //! message size and rows, an admin token for writes, TLS when configured, and a graceful
 //! shutdown that finishes in-flight requests (and bounds how long open streams may linger).
 //!
-//! Modules: `service` (the RPCs), `convert` (wire tensors), `status` (error → gRPC code),
-//! `step_stream` (AdjustStream's answers), `auth` (admin token), `metrics` (Prometheus + /metrics), `encoder` (text → rows for
-//! `AddTexts`), `limits` (message-size errors as `RESOURCE_EXHAUSTED`), `listen` (TCP or Unix socket).
+//! Modules: `service` (the RPCs), `step_stream` (AdjustStream's answers), `convert` (wire
+//! tensors and sparse rows), `status` (error → gRPC code), `auth` (admin token), `metrics`
+//! (Prometheus + /metrics), `encoder` (text → rows for `AddTexts`), `limits` (message-size
+//! errors as `RESOURCE_EXHAUSTED`), `listen` (TCP or Unix socket).
 
 pub mod auth;
 pub mod convert;
@@ -251,22 +252,23 @@ impl Server {
             .add_service(health_svc)
             .add_service(reflection)
             .add_service(svc);
-        let mut _socket_file = listen::SocketFile(None);
-        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-            match self.grpc {
-                // Nagle's algorithm would hold each small answer back until the client's ACK;
-                // `serve_with_incoming` does not apply tonic's own `tcp_nodelay`.
-                GrpcListener::Tcp(l) => Box::pin(router.serve_with_incoming_shutdown(
+        type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+        // `_socket_file` removes a Unix socket's file however `run` returns.
+        let (server, _socket_file): (Serving, _) = match self.grpc {
+            // Nagle's algorithm would hold each small answer back until the client's ACK;
+            // `serve_with_incoming` does not apply tonic's own `tcp_nodelay`.
+            GrpcListener::Tcp(l) => (
+                Box::pin(router.serve_with_incoming_shutdown(
                     TcpIncoming::from(l).with_nodelay(Some(true)),
                     signal,
                 )),
-                GrpcListener::Unix(l, path) => {
-                    _socket_file = listen::SocketFile(Some(path));
-                    Box::pin(
-                        router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal),
-                    )
-                }
-            };
+                None,
+            ),
+            GrpcListener::Unix(l, file) => (
+                Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)),
+                Some(file),
+            ),
+        };
         tokio::pin!(server);
 
         let grace = self.opts.shutdown_grace;

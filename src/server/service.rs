@@ -229,7 +229,8 @@ impl Shared {
         })
     }
 
-    /// One Adjust step, start to finish, on the calling (pool) thread.
+    /// One Adjust step (a unary request or a stream message), start to finish, on the calling
+    /// thread.
     pub(super) fn adjust(
         &self,
         req: proto::AdjustRequest,
