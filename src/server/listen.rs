@@ -2,7 +2,7 @@
 //! socket for a sidecar on the same host.
 //!
 //! A Unix socket skips the TCP stack on both ends of every message (a bare ping-pong's round
-//! trip is 3–40 µs shorter than over loopback TCP on the benchmark machine, see the README) and
+//! trip was 3–60 µs shorter than over loopback TCP on the benchmark machine, see the README) and
 //! is guarded by file permissions instead of an open port. Its path follows gRPC's naming (`unix:PATH` or `unix:///ABSOLUTE/PATH`),
 //! which grpcio, grpc-go and grpc C++ clients accept as a target as is.
 
