@@ -34,6 +34,34 @@ fn naive_nucleus(l: &[f64], p: f64) -> Vec<f64> {
     out
 }
 
+/// Whether the nucleus cut for `p` falls within float rounding of a token's cumulative mass.
+/// There keeping or dropping that token are both right: the engine sums `f32` log-probs that
+/// differ from these `f64` ones in the 7th digit, so such cases cannot be compared exactly.
+fn nucleus_cut_is_ambiguous(z: &[f32], p: f32) -> bool {
+    if p >= 1.0 {
+        return false;
+    }
+    let l = naive_log_softmax(&z.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    let mut masses: Vec<f64> = l.iter().map(|x| x.exp()).collect();
+    masses.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    let mut cum = 0.0;
+    masses.iter().any(|m| {
+        let near = (cum - p as f64).abs() < 1e-5;
+        cum += m;
+        near
+    })
+}
+
+/// ln(e^a + e^b), exact where either side is −∞ (ln 0 of a token no neighbour retrieved).
+fn log_add_exp(a: f64, b: f64) -> f64 {
+    let m = a.max(b);
+    if m == NEG_INF {
+        NEG_INF
+    } else {
+        m + ((a - m).exp() + (b - m).exp()).ln()
+    }
+}
+
 /// Returns (p_S, patched ℓ_S) over the whole vocabulary.
 fn naive_store(neigh: &[(u32, f32)], t: f64, vocab: usize) -> (Vec<f64>, Vec<f64>) {
     let dmin = neigh
@@ -108,8 +136,10 @@ fn naive_rule(
         Mode::KnnLm => {
             let (p, _) = naive_store(&experts[0].1, t, vocab);
             let lam = params.lambda as f64;
+            // ln((1 − λ)·e^ℓ + λ·p) in log space: λ·p of a far neighbour (p near the smallest
+            // f64) would underflow to zero if multiplied out.
             (0..vocab)
-                .map(|v| ((1.0 - lam) * l[v].exp() + lam * p[v]).ln())
+                .map(|v| log_add_exp((1.0 - lam).ln() + l[v], lam.ln() + p[v].ln()))
                 .collect()
         }
     };
@@ -193,6 +223,7 @@ proptest! {
 
     #[test]
     fn ensemble_matches_naive((z, pos, neg, p) in case()) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
         let experts = [
             Expert { weight: 1.0, neighbours: &pos[..] },
             Expert { weight: -1.0, neighbours: &neg[..] },
@@ -203,6 +234,7 @@ proptest! {
 
     #[test]
     fn signed_n_stores_match_naive((z, a, b, p) in case(), w in prop::collection::vec(-2.0f32..2.0, 3)) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
         let c: Vec<(u32, f32)> = a.iter().map(|&(t, d)| (t, d * 0.5 + 1.0)).collect();
         let experts = [
             Expert { weight: w[0], neighbours: &a[..] },
@@ -216,6 +248,7 @@ proptest! {
 
     #[test]
     fn toxic_only_matches_naive((z, _pos, neg, p) in case()) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
         let experts = [Expert { weight: -1.0, neighbours: &neg[..] }];
         let got = run_dense(Mode::ToxicOnly, &experts, &p, &z);
         assert_close(&got, &naive_rule(Mode::ToxicOnly, &[(-1.0, neg.clone())], &p, &z));
@@ -223,6 +256,7 @@ proptest! {
 
     #[test]
     fn knn_lm_matches_naive((z, pos, _neg, p) in case()) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
         let experts = [Expert { weight: 1.0, neighbours: &pos[..] }];
         let got = run_dense(Mode::KnnLm, &experts, &p, &z);
         assert_close(&got, &naive_rule(Mode::KnnLm, &[(1.0, pos.clone())], &p, &z));
@@ -274,6 +308,7 @@ proptest! {
         z in prop::collection::vec(prop_oneof![-3.0f32..3.0, (-3i32..3).prop_map(|x| x as f32)], 1..600),
         p in 0.05f32..0.999,
     ) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p));
         let lz: Vec<f64> = naive_log_softmax(&z.iter().map(|&x| x as f64).collect::<Vec<_>>());
         let want = naive_nucleus(&lz, p as f64);
         let mut got: Vec<f32> = lz.iter().map(|&x| x as f32).collect();
