@@ -297,9 +297,9 @@ def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"{QUICK} instead of {FULL}")
+def add_run_args(ap: argparse.ArgumentParser, quick: dict, full: dict) -> None:
+    """The arguments every evaluation script shares: setting size, inputs, binary."""
+    ap.add_argument("--quick", action="store_true", help=f"{quick} instead of {full}")
     ap.add_argument("--n-prompts", type=int)
     ap.add_argument("--samples", type=int)
     ap.add_argument("--tokens", type=int)
@@ -308,16 +308,27 @@ def main() -> None:
     ap.add_argument("--toxic", type=Path, default=REPO / "datastores" / "toxic")
     ap.add_argument("--nontoxic", type=Path, default=REPO / "datastores" / "nontoxic")
     ap.add_argument("--bin", type=Path, default=REPO / "target" / "release" / "goodtriever")
+
+
+def run_setting(args, quick: dict, full: dict) -> dict:
+    """The quick or full setting with the sizes given on the command line."""
+    setting = dict(quick if args.quick else full)
+    for k in ("n_prompts", "samples", "tokens"):
+        if getattr(args, k) is not None:
+            setting[k] = getattr(args, k)
+    return setting
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_args(ap, QUICK, FULL)
     ap.add_argument("--out", type=Path, default=REPO / "eval-out")
     ap.add_argument("--reuse", action="store_true", help="keep generations/perplexity already in --out")
     ap.add_argument("extra", nargs="*", help="after --: more `eval generate` arguments (e.g. --alpha 1 --knn-temperature 25 --top-p 1)")
     args = ap.parse_args()
     ensure_venv()
 
-    setting = dict(QUICK if args.quick else FULL)
-    for k in ("n_prompts", "samples", "tokens"):
-        if getattr(args, k) is not None:
-            setting[k] = getattr(args, k)
+    setting = run_setting(args, QUICK, FULL)
     if not args.prompts.exists():
         sys.exit(f"{args.prompts} is missing: run python3 scripts/make_prompts.py")
     for s in (args.toxic, args.nontoxic):

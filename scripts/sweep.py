@@ -298,23 +298,12 @@ def plots(report: dict, out: Path) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help=f"{QUICK} instead of {FULL}")
+    ev.add_run_args(ap, QUICK, FULL)
     ap.add_argument("--groups", default=",".join(ALL_GROUPS))
-    ap.add_argument("--n-prompts", type=int)
-    ap.add_argument("--samples", type=int)
-    ap.add_argument("--tokens", type=int)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prompts", type=Path, default=REPO / "data" / "prompts.jsonl")
-    ap.add_argument("--toxic", type=Path, default=REPO / "datastores" / "toxic")
-    ap.add_argument("--nontoxic", type=Path, default=REPO / "datastores" / "nontoxic")
-    ap.add_argument("--bin", type=Path, default=REPO / "target" / "release" / "goodtriever")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     ev.reexec_in_data_venv(__file__)
-    setting = dict(QUICK if args.quick else FULL)
-    for k in ("n_prompts", "samples", "tokens"):
-        if getattr(args, k) is not None:
-            setting[k] = getattr(args, k)
+    setting = ev.run_setting(args, QUICK, FULL)
     args.out = args.out or REPO / "eval-out" / ("sweep-quick" if args.quick else "sweep")
     if not args.prompts.exists():
         sys.exit(f"{args.prompts} is missing: run python3 scripts/make_prompts.py")
