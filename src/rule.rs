@@ -11,8 +11,6 @@
 //! is therefore "add a bias to at most `k` tokens per store, then renormalise", which is what
 //! the sidecar sends to clients and what [`apply_sparse`] turns back into the dense answer.
 
-use std::cmp::Ordering;
-
 /// Log-probability given to tokens a store did not retrieve (the paper's `ZERO_LOG`).
 pub const ZERO_LOG: f32 = -10_000.0;
 /// Log-probabilities at or below this are patched to the store's smallest retrieved one.
@@ -210,8 +208,12 @@ pub struct RuleScratch {
     bias_touched: Vec<u32>,
     /// Exponentiated, unnormalised kNN weights, one per neighbour.
     weights: Vec<f64>,
-    /// Candidate indices for the nucleus selection.
-    order: Vec<u32>,
+    /// The nucleus's histogram of probability mass per log-probability bucket.
+    nucleus_mass: Vec<f64>,
+    /// Each token's bucket in that histogram.
+    nucleus_bucket: Vec<u16>,
+    /// Rank keys of the tokens in the nucleus's cut bucket.
+    nucleus_keys: Vec<u64>,
 }
 
 impl RuleScratch {
@@ -257,59 +259,102 @@ fn logaddexp(a: f64, b: f64) -> f64 {
     hi + ((a - hi).exp() + (b - hi).exp()).ln()
 }
 
-/// Total order used for the nucleus: larger log-probability first, then the smaller token id,
-/// so the kept set is well defined even under ties.
-fn rank_cmp(l: &[f32], a: u32, b: u32) -> Ordering {
-    l[b as usize]
-        .partial_cmp(&l[a as usize])
-        .unwrap_or(Ordering::Equal)
-        .then(a.cmp(&b))
+/// Histogram resolution of the nucleus filter: buckets 1/64 nat wide below the largest
+/// log-probability, over 48 nats, and one last bucket for everything further down (at most
+/// e^-48 of mass per token there).
+const NUCLEUS_BUCKETS_PER_NAT: f32 = 64.0;
+const NUCLEUS_BUCKETS: usize = 48 * 64 + 1;
+
+/// The histogram bucket of log-probability `x` when the largest is `max`. Non-increasing in
+/// `x`, so every token of a bucket ranks above every token of a later one. `as` saturates:
+/// −∞ lands in the last bucket.
+fn nucleus_bucket(max: f32, x: f32) -> usize {
+    (((max - x) * NUCLEUS_BUCKETS_PER_NAT) as usize).min(NUCLEUS_BUCKETS - 1)
+}
+
+/// A key whose ascending order is the nucleus's rank order: larger log-probability first,
+/// then the smaller token id, so the kept set is well defined even under ties.
+fn rank_key(x: f32, token: u32) -> u64 {
+    // `+ 0.0` turns −0 into +0, which compare equal as floats but not as bits.
+    let bits = (x + 0.0).to_bits();
+    let ascending = if bits >> 31 == 1 {
+        !bits
+    } else {
+        bits | 1 << 31
+    };
+    (u64::from(!ascending) << 32) | u64::from(token)
 }
 
 /// Base nucleus filter over normalised log-probabilities `l`: keeps rank `r` iff `r = 0` or
 /// the probability mass of the ranks above it is below `filter_p`; sets the rest to −∞.
 ///
-/// Only the head of the distribution is sorted: the top `m` candidates are selected in O(V),
-/// sorted, and `m` doubles until the kept mass is reached, so a peaked distribution costs
-/// little more than one pass over the vocabulary.
+/// Nothing is sorted but the tokens near the cut: one pass adds each token's mass into a
+/// histogram of log-probability buckets, the cumulative mass over buckets finds the bucket
+/// where it reaches `filter_p`, and only that bucket's tokens are ranked exactly. Cost is a few
+/// passes over the vocabulary whatever the shape of the distribution (a flat one used to mean
+/// sorting most of it).
 pub fn nucleus_filter(l: &mut [f32], filter_p: f32, scratch: &mut RuleScratch) {
     if filter_p >= 1.0 || l.is_empty() {
         return;
     }
-    let order = &mut scratch.order;
-    order.clear();
-    order.extend(0..l.len() as u32);
-    let mut m = 64.min(order.len());
-    loop {
-        if m < order.len() {
-            order.select_nth_unstable_by(m - 1, |&a, &b| rank_cmp(l, a, b));
+    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let p = filter_p as f64;
+    let RuleScratch {
+        nucleus_mass: mass,
+        nucleus_bucket: bucket,
+        nucleus_keys: keys,
+        ..
+    } = scratch;
+    mass.clear();
+    mass.resize(NUCLEUS_BUCKETS, 0.0);
+    bucket.clear();
+    bucket.extend(l.iter().map(|&x| {
+        let b = nucleus_bucket(max, x);
+        mass[b] += (x as f64).exp();
+        b as u16
+    }));
+    // The cut bucket: the first whose mass takes the cumulative mass to `filter_p`. Every
+    // token before it has less than `filter_p` above it (kept); every token after it has at
+    // least that much (dropped).
+    let mut before = 0.0f64;
+    let Some(cut) = mass.iter().position(|&m| {
+        let reached = before + m >= p;
+        if !reached {
+            before += m;
         }
-        order[..m].sort_unstable_by(|&a, &b| rank_cmp(l, a, b));
-        let mut cum = 0.0f64;
-        let mut kept = None;
-        for (r, &t) in order[..m].iter().enumerate() {
-            if r > 0 && cum >= filter_p as f64 {
-                kept = Some(r);
-                break;
-            }
-            cum += (l[t as usize] as f64).exp();
+        reached
+    }) else {
+        // Rounding left the total below filter_p: every token is kept.
+        return;
+    };
+    let cut = cut as u16;
+    keys.clear();
+    keys.extend(
+        l.iter()
+            .zip(bucket.iter())
+            .enumerate()
+            .filter(|&(_, (_, &b))| b == cut)
+            .map(|(t, (&x, _))| rank_key(x, t as u32)),
+    );
+    keys.sort_unstable();
+    let mut cum = before;
+    let mut first_dropped = None;
+    for (i, &key) in keys.iter().enumerate() {
+        // `i > 0` only matters for the top-ranked token (then `before` is zero).
+        if i > 0 && cum >= p {
+            first_dropped = Some(key);
+            break;
         }
-        match kept {
-            Some(r) => {
-                // Everything ranked r or lower goes. The head stays in order[..r].
-                order[..r].sort_unstable();
-                let mut head = order[..r].iter().peekable();
-                for (t, x) in l.iter_mut().enumerate() {
-                    if head.peek().is_some_and(|&&h| h as usize == t) {
-                        head.next();
-                    } else {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
-                return;
-            }
-            None if m == order.len() => return,
-            None => m = (m * 2).min(order.len()),
+        cum += (l[key as u32 as usize] as f64).exp();
+    }
+    for (t, (x, &b)) in l.iter_mut().zip(bucket.iter()).enumerate() {
+        let dropped =
+            b > cut || (b == cut && first_dropped.is_some_and(|d| rank_key(*x, t as u32) >= d));
+        if dropped {
+            *x = f32::NEG_INFINITY;
         }
     }
 }

@@ -1,0 +1,66 @@
+//! The vocabulary-wide part of the decoding rule: `nucleus_filter` and `apply_sparse` (what a
+//! client does with a sparse answer, what the dense form and the embedded generator run per
+//! row) over V = 49152, on a flat distribution (uniform logits in ±2: the nucleus keeps about
+//! half the vocabulary, the worst case) and a peaked one (Gaussian logits, σ = 4).
+//!
+//! `cargo bench --bench rule`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use goodtriever::rule::{
+    apply_sparse, log_softmax_in_place, nucleus_filter, RuleScratch, SparseRow,
+};
+
+const VOCAB: usize = 49_152;
+
+/// xorshift64 with Box–Muller normals: deterministic, no RNG dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    }
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+    }
+}
+
+fn rule(c: &mut Criterion) {
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let flat: Vec<f32> = (0..VOCAB).map(|_| rng.uniform() * 4.0 - 2.0).collect();
+    let peaked: Vec<f32> = (0..VOCAB).map(|_| rng.normal() * 4.0).collect();
+    // A sparse answer of the size k = 1024 gives over two stores.
+    let bias = SparseRow::Bias {
+        scale: 1.0,
+        pairs: (0..2048u32).map(|i| (i * 23 % VOCAB as u32, 0.5)).collect(),
+    };
+    let mut group = c.benchmark_group(format!("rule/{VOCAB}"));
+    group
+        .sample_size(20)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let mut scratch = RuleScratch::new();
+    for (name, logits) in [("flat", &flat), ("peaked", &peaked)] {
+        let mut l = logits.clone();
+        log_softmax_in_place(&mut l).expect("finite");
+        let mut work = vec![0.0f32; VOCAB];
+        group.bench_function(BenchmarkId::new("nucleus_filter_p0.9", name), |b| {
+            b.iter(|| {
+                work.copy_from_slice(&l);
+                nucleus_filter(&mut work, 0.9, &mut scratch);
+            })
+        });
+        group.bench_function(BenchmarkId::new("apply_sparse_p0.9", name), |b| {
+            b.iter(|| apply_sparse(logits, &bias, 0.9, &mut scratch, &mut work).expect("apply"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, rule);
+criterion_main!(benches);
