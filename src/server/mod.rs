@@ -38,7 +38,7 @@ use tonic::transport::server::TcpIncoming;
 
 pub use auth::AdminAuth;
 pub use encoder::TextEncoder;
-pub use listen::{GrpcAddr, GrpcListener};
+pub use listen::{GrpcAddr, GrpcListener, MAX_FRAME_BYTES};
 pub use metrics::Metrics;
 pub use service::Limits;
 
@@ -221,7 +221,7 @@ impl Server {
             .build_v1()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tonic::transport::Server::builder().max_frame_size(MAX_FRAME_BYTES);
         if let Some(tls) = &self.opts.tls {
             let identity = tonic::transport::Identity::from_pem(&tls.cert, &tls.key);
             builder = builder
