@@ -7,6 +7,7 @@
 //! that names the field and says what to send instead; the checks run before any search, so
 //! bad input costs almost nothing and changes nothing.
 
+use bytes::BytesMut;
 use half::{bf16, f16};
 
 use super::proto;
@@ -247,14 +248,24 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
 /// The engine's sparse answer for one row as its wire message: tokens and values packed as
 /// little-endian `u32` and `f32`.
 pub fn sparse_row_to_proto(row: &SparseRow) -> proto::SparseRow {
+    sparse_row_into_proto(row, BytesMut::new(), BytesMut::new())
+}
+
+/// [`sparse_row_to_proto`] writing into the given (empty) byte buffers, so a server can reuse
+/// the buffers of an answer already sent.
+pub fn sparse_row_into_proto(
+    row: &SparseRow,
+    mut tokens: BytesMut,
+    mut values: BytesMut,
+) -> proto::SparseRow {
     let (kind, scale, lambda, pairs) = match row {
         SparseRow::Bias { scale, pairs } => (proto::sparse_row::Kind::Bias, *scale, 0.0, pairs),
         SparseRow::Mixture { lambda, log_probs } => {
             (proto::sparse_row::Kind::Mixture, 1.0, *lambda, log_probs)
         }
     };
-    let mut tokens = Vec::with_capacity(pairs.len() * 4);
-    let mut values = Vec::with_capacity(pairs.len() * 4);
+    tokens.reserve(pairs.len() * 4);
+    values.reserve(pairs.len() * 4);
     for &(t, v) in pairs {
         tokens.extend_from_slice(&t.to_le_bytes());
         values.extend_from_slice(&v.to_le_bytes());
@@ -263,8 +274,8 @@ pub fn sparse_row_to_proto(row: &SparseRow) -> proto::SparseRow {
         kind: kind as i32,
         scale,
         lambda,
-        tokens: tokens.into(),
-        values: values.into(),
+        tokens: tokens.freeze(),
+        values: values.freeze(),
     }
 }
 

@@ -12,6 +12,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use bytes::{Bytes, BytesMut};
 use half::f16;
 use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{oneshot, watch, Semaphore, SemaphorePermit};
@@ -45,6 +46,43 @@ struct Buffers {
     logits: Vec<f32>,
     dense: Vec<f32>,
     sparse: Vec<SparseRow>,
+    /// The byte buffers of the last sparse answer, shared with that answer's message.
+    sent: Vec<Bytes>,
+    /// Buffers whose message tonic has encoded and dropped, ready for the next answer.
+    free: Vec<BytesMut>,
+}
+
+impl Buffers {
+    /// Takes back the byte buffers of the last answer made in these buffers that no message
+    /// holds any more: by the time they are taken from the pool again, tonic has usually
+    /// encoded that answer and dropped it. Buffers still held are left to their message.
+    fn reclaim(&mut self) {
+        for sent in self.sent.drain(..) {
+            if let Ok(mut b) = sent.try_into_mut() {
+                b.clear();
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// A sparse answer's rows in reused byte buffers (see [`convert::sparse_row_into_proto`]).
+    fn sparse_rows_proto(&mut self) -> Vec<proto::SparseRow> {
+        self.reclaim();
+        let Buffers {
+            sparse, sent, free, ..
+        } = self;
+        sparse
+            .iter()
+            .map(|row| {
+                let tokens = free.pop().unwrap_or_default();
+                let values = free.pop().unwrap_or_default();
+                let wire = convert::sparse_row_into_proto(row, tokens, values);
+                sent.push(wire.tokens.clone());
+                sent.push(wire.values.clone());
+                wire
+            })
+            .collect()
+    }
 }
 
 /// State shared by all handlers.
@@ -231,9 +269,24 @@ impl Shared {
 
     /// One Adjust step (a unary request or a stream message), start to finish, on the calling
     /// thread.
+    ///
+    /// Buffers come from the pool for the step rather than belonging to a stream: a stream
+    /// spends most of its life waiting for the client's next forward pass, and a set of
+    /// buffers (vocabulary-sized scratch) per open stream would hold about a megabyte each.
     pub(super) fn adjust(
         &self,
         req: proto::AdjustRequest,
+    ) -> Result<proto::AdjustResponse, Status> {
+        let mut b = self.take_buffers();
+        let result = self.adjust_in(req, &mut b);
+        self.return_buffers(b);
+        result
+    }
+
+    fn adjust_in(
+        &self,
+        req: proto::AdjustRequest,
+        b: &mut Buffers,
     ) -> Result<proto::AdjustResponse, Status> {
         let t0 = Instant::now();
         let opts = self.options(req.overrides.as_ref())?;
@@ -296,10 +349,7 @@ impl Shared {
             None
         };
 
-        let mut b = self.take_buffers();
-        let result = self.adjust_with(&req, hidden, hs, logits_shape, &opts, &mut b, t0);
-        self.return_buffers(b);
-        result
+        self.adjust_with(&req, hidden, hs, logits_shape, &opts, b, t0)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -365,7 +415,7 @@ impl Shared {
             resp.engine_micros = engine_time.as_micros() as u64;
             self.metrics.phase("adjust", engine_time);
             let t2 = Instant::now();
-            resp.rows = b.sparse.iter().map(convert::sparse_row_to_proto).collect();
+            resp.rows = b.sparse_rows_proto();
             self.metrics.phase("encode", t2.elapsed());
         }
         Ok(resp)
@@ -684,5 +734,57 @@ fn provenance(source: &str, default: &str, store: &str, tag: &str) -> Provenance
         p
     } else {
         p.with_tag(tag)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: u32) -> SparseRow {
+        SparseRow::Bias {
+            scale: 1.0,
+            pairs: (0..n).map(|t| (t, t as f32 * 0.5)).collect(),
+        }
+    }
+
+    #[test]
+    fn answer_bytes_are_reused_once_the_previous_answer_is_dropped() {
+        let mut b = Buffers {
+            sparse: vec![row(300)],
+            ..Default::default()
+        };
+        let ptrs = |rows: &[proto::SparseRow]| {
+            let mut p = [rows[0].tokens.as_ptr(), rows[0].values.as_ptr()];
+            p.sort();
+            p
+        };
+        let first = b.sparse_rows_proto();
+        let before = ptrs(&first);
+        drop(first);
+        b.sparse = vec![row(200)];
+        let second = b.sparse_rows_proto();
+        assert_eq!(ptrs(&second), before);
+        assert_eq!(
+            convert::sparse_row_from_proto(&second[0]).unwrap(),
+            row(200)
+        );
+    }
+
+    #[test]
+    fn answer_bytes_still_held_by_a_message_are_left_alone() {
+        let mut b = Buffers {
+            sparse: vec![row(300)],
+            ..Default::default()
+        };
+        let first = b.sparse_rows_proto();
+        b.sparse = vec![row(100)];
+        let second = b.sparse_rows_proto();
+        assert_ne!(second[0].tokens.as_ptr(), first[0].tokens.as_ptr());
+        assert_eq!(convert::sparse_row_from_proto(&first[0]).unwrap(), row(300));
+        assert_eq!(
+            convert::sparse_row_from_proto(&second[0]).unwrap(),
+            row(100)
+        );
     }
 }
