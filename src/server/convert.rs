@@ -245,6 +245,14 @@ pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Appends `values` to `out` as packed little-endian `f32`.
+pub fn put_f32_bytes(values: &[f32], out: &mut BytesMut) {
+    out.reserve(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
 /// The engine's sparse answer for one row as its wire message: tokens and values packed as
 /// little-endian `u32` and `f32`.
 pub fn sparse_row_to_proto(row: &SparseRow) -> proto::SparseRow {

@@ -65,20 +65,35 @@ impl Buffers {
         }
     }
 
-    /// A sparse answer's rows in reused byte buffers (see [`convert::sparse_row_into_proto`]).
+    /// A byte buffer for an answer: one an earlier answer gave back, or a new one.
+    fn wire(&mut self) -> BytesMut {
+        self.free.pop().unwrap_or_default()
+    }
+
+    /// An answer's bytes, with a handle kept to take the buffer back later.
+    fn send(&mut self, bytes: BytesMut) -> Bytes {
+        let bytes = bytes.freeze();
+        self.sent.push(bytes.clone());
+        bytes
+    }
+
+    /// The dense answer (`self.dense`) as packed little-endian bytes.
+    fn dense_proto(&mut self) -> Bytes {
+        self.reclaim();
+        let mut out = self.wire();
+        convert::put_f32_bytes(&self.dense, &mut out);
+        self.send(out)
+    }
+
+    /// The sparse answer's rows (`self.sparse`), see [`convert::sparse_row_into_proto`].
     fn sparse_rows_proto(&mut self) -> Vec<proto::SparseRow> {
         self.reclaim();
-        let Buffers {
-            sparse, sent, free, ..
-        } = self;
-        sparse
-            .iter()
-            .map(|row| {
-                let tokens = free.pop().unwrap_or_default();
-                let values = free.pop().unwrap_or_default();
-                let wire = convert::sparse_row_into_proto(row, tokens, values);
-                sent.push(wire.tokens.clone());
-                sent.push(wire.values.clone());
+        (0..self.sparse.len())
+            .map(|i| {
+                let (tokens, values) = (self.wire(), self.wire());
+                let wire = convert::sparse_row_into_proto(&self.sparse[i], tokens, values);
+                self.sent.push(wire.tokens.clone());
+                self.sent.push(wire.values.clone());
                 wire
             })
             .collect()
@@ -405,7 +420,7 @@ impl Shared {
             resp.engine_micros = engine_time.as_micros() as u64;
             self.metrics.phase("adjust", engine_time);
             let t2 = Instant::now();
-            resp.log_probs = convert::f32_bytes(&b.dense).into();
+            resp.log_probs = b.dense_proto();
             self.metrics.phase("encode", t2.elapsed());
         } else {
             engine
@@ -786,5 +801,20 @@ mod tests {
             convert::sparse_row_from_proto(&second[0]).unwrap(),
             row(100)
         );
+    }
+
+    #[test]
+    fn dense_answer_bytes_are_reused_too() {
+        let mut b = Buffers {
+            dense: vec![-1.5; 1000],
+            ..Default::default()
+        };
+        let first = b.dense_proto();
+        let ptr = first.as_ptr();
+        drop(first);
+        b.dense = vec![-2.5; 1000];
+        let second = b.dense_proto();
+        assert_eq!(second.as_ptr(), ptr);
+        assert_eq!(&second[..], &convert::f32_bytes(&b.dense)[..]);
     }
 }
