@@ -55,6 +55,25 @@ def test_all_metrics_by_variant_and_subset():
     assert m["all"]["ctl"]["ms_per_sequence"] == pytest.approx(50.0)
 
 
+def test_a_subset_without_bigrams_leaves_dist_2_and_3_out():
+    # The challenging subset's continuations are one word each: dist-1 exists, dist-2/3 do not.
+    gens = [
+        gen(0, "base", 0, "a", True), gen(0, "base", 1, "b", True),
+        gen(1, "base", 0, "x y z", False), gen(1, "base", 1, "x y w", False),
+        gen(0, "ctl", 0, "a", True), gen(0, "ctl", 1, "a", True),
+        gen(1, "ctl", 0, "x y z", False), gen(1, "ctl", 1, "w y z", False),
+    ]
+    m = ev.all_metrics(gens, [0.1] * 8, [])
+    ch = m["challenging"]
+    assert ch["base"]["dist_1"] == pytest.approx(1.0) and ch["ctl"]["dist_1"] == pytest.approx(0.5)
+    assert "dist_2" not in ch["base"] and "dist_3" not in ch["ctl"]
+    assert m["all"]["base"]["dist_2"] == pytest.approx(3 / 4)  # prompt 1: {xy, yz, yw} of 4
+    targets = ev.check_targets(ch["base"], ch["ctl"])
+    assert "dist_1_drop" in targets and "dist_2_drop" not in targets
+    assert "| ctl |" in ev.markdown({"settings": {"n_prompts": 2, "prompts_file": "p", "samples": 2, "tokens": 3, "seed": 0},
+                                    "metrics": m, "targets": {}})
+
+
 def test_recipe_args_skip_comments_and_blanks(tmp_path):
     p = tmp_path / "r.args"
     p.write_text("# a comment\n--input\n  data/x.jsonl \n\n--window\n256\n")
