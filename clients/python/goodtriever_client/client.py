@@ -343,19 +343,44 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
     return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
 
 
+# The nucleus's histogram: buckets 1/64 nat wide below the largest log-probability, over 48
+# nats, and one last bucket for everything further down (as the server's).
+_BUCKETS_PER_NAT = 64.0
+_BUCKETS = 48 * 64 + 1
+
+
 def nucleus_filter(l: np.ndarray, filter_p: float) -> np.ndarray:
     """The base nucleus of DESIGN §1 on normalised log-probs (one row): keep rank r iff r = 0
-    or the mass of the higher ranks is below filter_p; ties go to the smaller token id."""
+    or the mass of the higher ranks is below filter_p; ties go to the smaller token id.
+
+    Nothing is sorted but the tokens near the cut: a histogram of probability mass over
+    log-probability buckets finds the bucket where the cumulative mass reaches filter_p, and
+    only that bucket is ranked (a stable sort of a 49k vocabulary took ~6 ms a row)."""
     if filter_p >= 1.0:
         return l
-    order = np.argsort(-l, kind="stable")
-    p = np.exp(l[order].astype(np.float64))
-    before = np.cumsum(p) - p
-    keep = before < filter_p
-    keep[0] = True
-    out = np.full_like(l, -np.inf)
-    out[order[keep]] = l[order[keep]]
-    return out
+    l = np.asarray(l)
+    top = np.max(l)
+    if np.isneginf(top):
+        return np.full_like(l, -np.inf)
+    l64 = l.astype(np.float64)
+    p = np.exp(l64)
+    # Non-increasing in l, so every token of a bucket ranks above every token of a later one;
+    # -inf lands in the last bucket.
+    bucket = np.minimum((top - l64) * _BUCKETS_PER_NAT, _BUCKETS - 1).astype(np.int64)
+    mass = np.bincount(bucket, weights=p, minlength=_BUCKETS)
+    cum = np.cumsum(mass)
+    cut = int(np.searchsorted(cum, filter_p, side="left"))
+    if cut >= _BUCKETS:
+        return l.copy()  # rounding left the total below filter_p: every token is kept
+    idx = np.flatnonzero(bucket == cut)
+    order = idx[np.lexsort((idx, -l64[idx]))]
+    pm = p[order]
+    before = (cum[cut - 1] if cut else 0.0) + np.cumsum(pm) - pm
+    keep_cut = before < filter_p
+    keep_cut[0] = True
+    keep = bucket < cut
+    keep[order[keep_cut]] = True
+    return np.where(keep, l, -np.inf).astype(l.dtype, copy=False)
 
 
 def apply_bias(logits, bias: Bias) -> np.ndarray:
