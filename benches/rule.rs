@@ -1,16 +1,19 @@
-//! The vocabulary-wide part of the decoding rule: `nucleus_filter` and `apply_sparse` (what a
-//! client does with a sparse answer, what the dense form and the embedded generator run per
-//! row) over V = 49152, on a flat distribution (uniform logits in ±2: the nucleus keeps about
-//! half the vocabulary, the worst case) and a peaked one (Gaussian logits, σ = 4).
+//! The vocabulary-wide work of a decoding step: the rule's `nucleus_filter` and `apply_sparse`
+//! (what a client does with a sparse answer, what the dense form and the embedded generator
+//! run per row), and the generator's sampler (temperature 1, top-p 0.9) over V = 49152, on a
+//! flat distribution (uniform logits in ±2: the nucleus keeps about half the vocabulary, the
+//! worst case) and a peaked one (Gaussian logits, σ = 4).
 //!
 //! `cargo bench --bench rule`
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use goodtriever::generate::{Sampler, SamplingParams};
 use goodtriever::rule::{
     apply_sparse, log_softmax_in_place, nucleus_filter, RuleScratch, SparseRow,
 };
+use rand::{rngs::StdRng, SeedableRng};
 
 const VOCAB: usize = 49_152;
 
@@ -57,6 +60,12 @@ fn rule(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("apply_sparse_p0.9", name), |b| {
             b.iter(|| apply_sparse(logits, &bias, 0.9, &mut scratch, &mut work).expect("apply"))
+        });
+        let mut sampler = Sampler::default();
+        let params = SamplingParams::default();
+        let mut rng = StdRng::seed_from_u64(1);
+        group.bench_function(BenchmarkId::new("sample_top_p0.9", name), |b| {
+            b.iter(|| sampler.sample(logits, &params, &mut rng).expect("a token"))
         });
     }
     group.finish();

@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::fingerprint::KeyType;
 use crate::model::{ForwardOutput, Model, ModelError, Outputs, Positions};
+use crate::rule::{nucleus_bucket, rank_key, NUCLEUS_BUCKETS};
 
 /// Something that adjusts next-token logits at each decoding step.
 pub trait StepHook {
@@ -143,7 +144,14 @@ pub struct Sample {
 /// Reusable scratch for choosing a token from one row of logits.
 #[derive(Debug, Default)]
 pub struct Sampler {
+    /// Candidate token ids, and their unnormalised weights `exp((ℓ − max)/T)` alongside.
     idx: Vec<u32>,
+    weights: Vec<f64>,
+    /// The nucleus's histogram (as in [`crate::rule::nucleus_filter`]): mass per bucket of
+    /// temperature-scaled log-weight, each candidate's bucket, and the cut bucket's rank keys.
+    mass: Vec<f64>,
+    bucket: Vec<u16>,
+    keys: Vec<u64>,
 }
 
 impl Sampler {
@@ -158,6 +166,23 @@ impl Sampler {
         if params.temperature <= 0.0 {
             return argmax(logits);
         }
+        if !self.candidates(logits, params) {
+            return None;
+        }
+        let total: f64 = self.weights.iter().sum();
+        let mut u = rng.random::<f64>() * total;
+        for (&i, &w) in self.idx.iter().zip(&self.weights) {
+            u -= w;
+            if u <= 0.0 {
+                return Some(i);
+            }
+        }
+        self.idx.last().copied()
+    }
+
+    /// Fills `idx` and `weights` with the tokens a draw chooses from (top-k, then the
+    /// nucleus) and their unnormalised weights. False when no token has a finite value.
+    fn candidates(&mut self, logits: &[f32], params: &SamplingParams) -> bool {
         // Ties go to the smaller token id, as in `argmax`, so top-k 1 and a tiny top-p are
         // exactly greedy and the kept set never depends on the selection algorithm's order.
         let by_logit_desc = |a: &u32, b: &u32| {
@@ -170,7 +195,7 @@ impl Sampler {
             .extend((0..logits.len() as u32).filter(|&i| logits[i as usize] > f32::NEG_INFINITY));
         let n = self.idx.len();
         if n == 0 {
-            return None;
+            return false;
         }
         if params.top_k > 0 && params.top_k < n {
             self.idx
@@ -183,49 +208,94 @@ impl Sampler {
             .iter()
             .map(|&i| logits[i as usize])
             .fold(f32::NEG_INFINITY, f32::max);
-        let weight = |i: u32| (((logits[i as usize] - m) * inv_t) as f64).exp();
-        let z: f64 = self.idx.iter().map(|&i| weight(i)).sum();
-        let mut kept = self.idx.len();
+        let scaled = |i: u32| (logits[i as usize] - m) * inv_t;
+        self.weights.clear();
         if params.top_p < 1.0 {
-            // Nucleus: rank r is kept iff r = 0 or the mass of ranks < r is below top_p. Only
-            // the head of the distribution is sorted, widening until it holds enough mass.
-            let target = f64::from(params.top_p) * z;
-            let len = self.idx.len();
-            let mut head = len.min(64);
-            loop {
-                if head < len {
-                    self.idx.select_nth_unstable_by(head - 1, by_logit_desc);
-                }
-                self.idx[..head].sort_unstable_by(by_logit_desc);
-                let mut cum = 0.0;
-                let mut cut = None;
-                for (r, &i) in self.idx[..head].iter().enumerate() {
-                    if r > 0 && cum >= target {
-                        cut = Some(r);
-                        break;
-                    }
-                    cum += weight(i);
-                }
-                match cut {
-                    Some(c) => {
-                        kept = c;
-                        break;
-                    }
-                    None if head == len => break,
-                    None => head = (head * 8).min(len),
-                }
+            // One pass for the weights and the nucleus's histogram.
+            let Sampler {
+                idx,
+                weights,
+                mass,
+                bucket,
+                ..
+            } = self;
+            mass.clear();
+            mass.resize(NUCLEUS_BUCKETS, 0.0);
+            bucket.clear();
+            for &i in idx.iter() {
+                let x = scaled(i);
+                let w = (x as f64).exp();
+                // `x` is at most 0, with the largest candidate at exactly 0.
+                let b = nucleus_bucket(0.0, x);
+                mass[b] += w;
+                weights.push(w);
+                bucket.push(b as u16);
+            }
+            self.nucleus(logits, f64::from(params.top_p), &scaled);
+        } else {
+            self.weights
+                .extend(self.idx.iter().map(|&i| (scaled(i) as f64).exp()));
+        }
+        true
+    }
+
+    /// Keeps the nucleus of the candidates: rank r (by logit, ties to the smaller id) stays iff
+    /// r = 0 or the weight of the ranks above it is below `top_p` of the total. Without
+    /// sorting the candidates: the histogram [`Sampler::candidates`] filled (weight per
+    /// bucket of scaled log-weight) finds the bucket where the cumulative weight reaches the
+    /// target, and only that bucket is ranked. Leaves the kept candidates in `idx` and
+    /// `weights`, in no particular order (a draw's distribution does not depend on it).
+    fn nucleus(&mut self, logits: &[f32], top_p: f64, scaled: &impl Fn(u32) -> f32) {
+        let Sampler {
+            idx,
+            weights,
+            mass,
+            bucket,
+            keys,
+        } = self;
+        let target = top_p * mass.iter().sum::<f64>();
+        let mut before = 0.0f64;
+        let Some(cut) = mass.iter().position(|&w| {
+            let reached = before + w >= target;
+            if !reached {
+                before += w;
+            }
+            reached
+        }) else {
+            return;
+        };
+        let cut = cut as u16;
+        keys.clear();
+        keys.extend(
+            idx.iter()
+                .zip(bucket.iter())
+                .filter(|&(_, &b)| b == cut)
+                .map(|(&i, _)| rank_key(logits[i as usize], i)),
+        );
+        keys.sort_unstable();
+        let mut cum = before;
+        let mut first_dropped = None;
+        for (r, &key) in keys.iter().enumerate() {
+            // `r > 0` only matters for the top-ranked candidate (then `before` is zero).
+            if r > 0 && cum >= target {
+                first_dropped = Some(key);
+                break;
+            }
+            cum += (scaled(key as u32) as f64).exp();
+        }
+        let mut kept = 0;
+        for j in 0..idx.len() {
+            let (i, b) = (idx[j], bucket[j]);
+            let keep = b < cut
+                || (b == cut && first_dropped.is_none_or(|d| rank_key(logits[i as usize], i) < d));
+            if keep {
+                idx[kept] = i;
+                weights[kept] = weights[j];
+                kept += 1;
             }
         }
-        let kept = &self.idx[..kept];
-        let total: f64 = kept.iter().map(|&i| weight(i)).sum();
-        let mut u = rng.random::<f64>() * total;
-        for &i in kept {
-            u -= weight(i);
-            if u <= 0.0 {
-                return Some(i);
-            }
-        }
-        kept.last().copied()
+        idx.truncate(kept);
+        weights.truncate(kept);
     }
 }
 
@@ -500,6 +570,68 @@ mod tests {
             distinct.insert(s.sample(&l, &params(1.0, 0.5, 0), &mut rng).unwrap());
         }
         assert!(distinct.len() > 1000, "{}", distinct.len());
+    }
+
+    /// The kept set of a full stable sort: top-k, then rank r stays iff r = 0 or the weight of
+    /// the ranks above it is below top_p of the total. `None` when the cut falls within
+    /// rounding of a rank's cumulative weight, where either answer is right.
+    fn sorted_candidates(l: &[f32], p: &SamplingParams) -> Option<Vec<u32>> {
+        let mut idx: Vec<u32> = (0..l.len() as u32)
+            .filter(|&i| l[i as usize] > f32::NEG_INFINITY)
+            .collect();
+        idx.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            idx.truncate(p.top_k);
+        }
+        let m = l[idx[0] as usize];
+        let w: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((l[i as usize] - m) / p.temperature) as f64).exp())
+            .collect();
+        let target = p.top_p as f64 * w.iter().sum::<f64>();
+        let mut cum = 0.0;
+        let mut kept = Vec::new();
+        for (r, (&i, &wi)) in idx.iter().zip(&w).enumerate() {
+            if (cum - target).abs() < 1e-9 * target {
+                return None;
+            }
+            if r == 0 || cum < target {
+                kept.push(i);
+            }
+            cum += wi;
+        }
+        kept.sort_unstable();
+        Some(kept)
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn candidates_are_the_sorted_nucleus(
+            l in prop::collection::vec(
+                prop_oneof![
+                    4 => -3.0f32..3.0,
+                    2 => (-3i32..3).prop_map(|x| x as f32),
+                    1 => -200.0f32..0.0,
+                    1 => Just(f32::NEG_INFINITY),
+                ],
+                1..1500,
+            ),
+            temperature in prop_oneof![0.05f32..0.2, 0.5f32..2.0],
+            top_p in 0.05f32..0.9995,
+            top_k in prop_oneof![Just(0usize), 1usize..60],
+        ) {
+            prop_assume!(l.iter().any(|x| x.is_finite()));
+            let p = SamplingParams { temperature, top_p, top_k, ..SamplingParams::default() };
+            let want = sorted_candidates(&l, &p);
+            prop_assume!(want.is_some());
+            let mut s = Sampler::default();
+            prop_assert!(s.candidates(&l, &p));
+            let mut got = s.idx.clone();
+            got.sort_unstable();
+            prop_assert_eq!(Some(got), want);
+        }
     }
 
     #[test]

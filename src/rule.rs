@@ -263,18 +263,18 @@ fn logaddexp(a: f64, b: f64) -> f64 {
 /// log-probability, over 48 nats, and one last bucket for everything further down (at most
 /// e^-48 of mass per token there).
 const NUCLEUS_BUCKETS_PER_NAT: f32 = 64.0;
-const NUCLEUS_BUCKETS: usize = 48 * 64 + 1;
+pub(crate) const NUCLEUS_BUCKETS: usize = 48 * 64 + 1;
 
 /// The histogram bucket of log-probability `x` when the largest is `max`. Non-increasing in
 /// `x`, so every token of a bucket ranks above every token of a later one. `as` saturates:
 /// −∞ lands in the last bucket.
-fn nucleus_bucket(max: f32, x: f32) -> usize {
+pub(crate) fn nucleus_bucket(max: f32, x: f32) -> usize {
     (((max - x) * NUCLEUS_BUCKETS_PER_NAT) as usize).min(NUCLEUS_BUCKETS - 1)
 }
 
 /// A key whose ascending order is the nucleus's rank order: larger log-probability first,
 /// then the smaller token id, so the kept set is well defined even under ties.
-fn rank_key(x: f32, token: u32) -> u64 {
+pub(crate) fn rank_key(x: f32, token: u32) -> u64 {
     // `+ 0.0` turns −0 into +0, which compare equal as floats but not as bits.
     let bits = (x + 0.0).to_bits();
     let ascending = if bits >> 31 == 1 {
