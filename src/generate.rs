@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::fingerprint::KeyType;
 use crate::model::{ForwardOutput, Model, ModelError, Outputs, Positions};
-use crate::rule::{nucleus_bucket, rank_key, NUCLEUS_BUCKETS};
+use crate::rule::{nucleus_bucket, rank_key, NucleusCut, NUCLEUS_BUCKETS};
 
 /// Something that adjusts next-token logits at each decoding step.
 pub trait StepHook {
@@ -254,41 +254,27 @@ impl Sampler {
             keys,
         } = self;
         let target = top_p * mass.iter().sum::<f64>();
-        let mut before = 0.0f64;
-        let Some(cut) = mass.iter().position(|&w| {
-            let reached = before + w >= target;
-            if !reached {
-                before += w;
-            }
-            reached
-        }) else {
+        let cut = NucleusCut::find(
+            mass,
+            target,
+            keys,
+            |cut, keys| {
+                keys.extend(
+                    idx.iter()
+                        .zip(bucket.iter())
+                        .filter(|&(_, &b)| b == cut)
+                        .map(|(&i, _)| rank_key(logits[i as usize], i)),
+                )
+            },
+            |key| (scaled(key as u32) as f64).exp(),
+        );
+        let Some(cut) = cut else {
             return;
         };
-        let cut = cut as u16;
-        keys.clear();
-        keys.extend(
-            idx.iter()
-                .zip(bucket.iter())
-                .filter(|&(_, &b)| b == cut)
-                .map(|(&i, _)| rank_key(logits[i as usize], i)),
-        );
-        keys.sort_unstable();
-        let mut cum = before;
-        let mut first_dropped = None;
-        for (r, &key) in keys.iter().enumerate() {
-            // `r > 0` only matters for the top-ranked candidate (then `before` is zero).
-            if r > 0 && cum >= target {
-                first_dropped = Some(key);
-                break;
-            }
-            cum += (scaled(key as u32) as f64).exp();
-        }
         let mut kept = 0;
         for j in 0..idx.len() {
             let (i, b) = (idx[j], bucket[j]);
-            let keep = b < cut
-                || (b == cut && first_dropped.is_none_or(|d| rank_key(logits[i as usize], i) < d));
-            if keep {
+            if cut.keeps(b, || rank_key(logits[i as usize], i)) {
                 idx[kept] = i;
                 weights[kept] = weights[j];
                 kept += 1;

@@ -316,46 +316,87 @@ pub fn nucleus_filter(l: &mut [f32], filter_p: f32, scratch: &mut RuleScratch) {
         mass[b] += (x as f64).exp();
         b as u16
     }));
-    // The cut bucket: the first whose mass takes the cumulative mass to `filter_p`. Every
-    // token before it has less than `filter_p` above it (kept); every token after it has at
-    // least that much (dropped).
-    let mut before = 0.0f64;
-    let Some(cut) = mass.iter().position(|&m| {
-        let reached = before + m >= p;
-        if !reached {
-            before += m;
-        }
-        reached
-    }) else {
+    let cut = NucleusCut::find(
+        mass,
+        p,
+        keys,
+        |cut, keys| {
+            keys.extend(
+                l.iter()
+                    .zip(bucket.iter())
+                    .enumerate()
+                    .filter(|&(_, (_, &b))| b == cut)
+                    .map(|(t, (&x, _))| rank_key(x, t as u32)),
+            )
+        },
+        |key| (l[key as u32 as usize] as f64).exp(),
+    );
+    let Some(cut) = cut else {
         // Rounding left the total below filter_p: every token is kept.
         return;
     };
-    let cut = cut as u16;
-    keys.clear();
-    keys.extend(
-        l.iter()
-            .zip(bucket.iter())
-            .enumerate()
-            .filter(|&(_, (_, &b))| b == cut)
-            .map(|(t, (&x, _))| rank_key(x, t as u32)),
-    );
-    keys.sort_unstable();
-    let mut cum = before;
-    let mut first_dropped = None;
-    for (i, &key) in keys.iter().enumerate() {
-        // `i > 0` only matters for the top-ranked token (then `before` is zero).
-        if i > 0 && cum >= p {
-            first_dropped = Some(key);
-            break;
-        }
-        cum += (l[key as u32 as usize] as f64).exp();
-    }
     for (t, (x, &b)) in l.iter_mut().zip(bucket.iter()).enumerate() {
-        let dropped =
-            b > cut || (b == cut && first_dropped.is_some_and(|d| rank_key(*x, t as u32) >= d));
-        if dropped {
+        if !cut.keeps(b, || rank_key(*x, t as u32)) {
             *x = f32::NEG_INFINITY;
         }
+    }
+}
+
+/// Where a nucleus ends, from a histogram of probability mass over log-probability buckets
+/// (see [`nucleus_filter`]; the generator's sampler uses it too): every token of an earlier
+/// bucket is kept, every token of a later one dropped, and in the cut bucket itself the
+/// tokens ranked before `first_dropped`.
+pub(crate) struct NucleusCut {
+    bucket: u16,
+    first_dropped: Option<u64>,
+}
+
+impl NucleusCut {
+    /// `mass` per bucket; `target` the mass the kept ranks must reach; `cut_keys` fills the
+    /// vector with the [`rank_key`]s of the tokens in a given bucket; `weight` gives a key's
+    /// token's mass. `None` when the whole histogram stays below the target (rounding):
+    /// every token is kept.
+    pub(crate) fn find(
+        mass: &[f64],
+        target: f64,
+        keys: &mut Vec<u64>,
+        cut_keys: impl FnOnce(u16, &mut Vec<u64>),
+        weight: impl Fn(u64) -> f64,
+    ) -> Option<Self> {
+        // The cut bucket: the first whose mass takes the cumulative mass to the target. Every
+        // token before it has less than the target above it (kept); every token after it has
+        // at least that much (dropped).
+        let mut before = 0.0f64;
+        let bucket = mass.iter().position(|&m| {
+            let reached = before + m >= target;
+            if !reached {
+                before += m;
+            }
+            reached
+        })? as u16;
+        keys.clear();
+        cut_keys(bucket, keys);
+        keys.sort_unstable();
+        let mut cum = before;
+        let mut first_dropped = None;
+        for (r, &key) in keys.iter().enumerate() {
+            // `r > 0` only matters for the top-ranked token (then `before` is zero).
+            if r > 0 && cum >= target {
+                first_dropped = Some(key);
+                break;
+            }
+            cum += weight(key);
+        }
+        Some(Self {
+            bucket,
+            first_dropped,
+        })
+    }
+
+    /// Whether a token in `bucket`, whose rank key `key` computes, stays in the nucleus.
+    pub(crate) fn keeps(&self, bucket: u16, key: impl FnOnce() -> u64) -> bool {
+        bucket < self.bucket
+            || (bucket == self.bucket && self.first_dropped.is_none_or(|d| key() < d))
     }
 }
 
