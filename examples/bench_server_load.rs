@@ -68,10 +68,6 @@ impl Load {
     }
 }
 
-fn bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 /// Encoded message bytes over a run.
 #[derive(Default)]
 struct Sizes {
@@ -139,12 +135,12 @@ async fn grpc_stream(
         }
         let req = proto::AdjustRequest {
             hidden: Some(proto::Tensor {
-                data: bytes(load.query(stream, step)).into(),
+                data: convert::f32_bytes(load.query(stream, step)),
                 dtype: proto::DType::F32 as i32,
                 rows: 1,
             }),
             logits: load.dense.then(|| proto::Tensor {
-                data: bytes(load.logits(step)).into(),
+                data: convert::f32_bytes(load.logits(step)),
                 dtype: proto::DType::F32 as i32,
                 rows: 1,
             }),

@@ -7,7 +7,7 @@
 //! that names the field and says what to send instead; the checks run before any search, so
 //! bad input costs almost nothing and changes nothing.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use half::{bf16, f16};
 
 use super::proto;
@@ -236,13 +236,12 @@ fn check_finite(
     }
 }
 
-/// Packs `f32` values as little-endian bytes.
-pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
+/// Packs `f32` values as little-endian bytes: a [`proto::Tensor`]'s `data` (what a Rust
+/// client sends its hidden states and logits as).
+pub fn f32_bytes(values: &[f32]) -> Bytes {
+    let mut out = BytesMut::new();
+    put_f32_bytes(values, &mut out);
+    out.freeze()
 }
 
 /// Appends `values` to `out` as packed little-endian `f32`.
@@ -328,7 +327,7 @@ pub fn sparse_row_from_proto(row: &proto::SparseRow) -> Result<SparseRow, Conver
 mod tests {
     use super::*;
 
-    fn tensor(data: Vec<u8>, dtype: proto::DType, rows: u32) -> proto::Tensor {
+    fn tensor(data: impl Into<Bytes>, dtype: proto::DType, rows: u32) -> proto::Tensor {
         proto::Tensor {
             data: data.into(),
             dtype: dtype as i32,

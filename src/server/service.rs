@@ -46,7 +46,7 @@ struct Buffers {
     logits: Vec<f32>,
     dense: Vec<f32>,
     sparse: Vec<SparseRow>,
-    /// The byte buffers of the last sparse answer, shared with that answer's message.
+    /// The byte buffers of the last answer made here, shared with that answer's message.
     sent: Vec<Bytes>,
     /// Buffers whose message tonic has encoded and dropped, ready for the next answer.
     free: Vec<BytesMut>,
