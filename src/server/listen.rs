@@ -15,8 +15,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The largest HTTP/2 frame our server and clients accept (HTTP/2's default is 16 KiB). A
-/// dense row, 49152 `f32`s, then travels in one DATA frame instead of twelve: about 100 µs
-/// less per dense step on the benchmark machine (interleaved runs, see the README). Sparse
+/// dense row, 49152 `f32`s, then travels in one DATA frame instead of twelve: 98–272 µs less
+/// per dense step on the benchmark machine (3 interleaved pairs, see the README). Sparse
 /// messages fit in 16 KiB either way.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
