@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::fingerprint::KeyType;
 use crate::model::{ForwardOutput, Model, ModelError, Outputs, Positions};
-use crate::rule::{nucleus_bucket, rank_key, NucleusCut, NUCLEUS_BUCKETS};
+use crate::rule::{rank_key, NucleusHistogram};
 
 /// Something that adjusts next-token logits at each decoding step.
 pub trait StepHook {
@@ -147,11 +147,9 @@ pub struct Sampler {
     /// Candidate token ids, and their unnormalised weights `exp((ℓ − max)/T)` alongside.
     idx: Vec<u32>,
     weights: Vec<f64>,
-    /// The nucleus's histogram (as in [`crate::rule::nucleus_filter`]): mass per bucket of
-    /// temperature-scaled log-weight, each candidate's bucket, and the cut bucket's rank keys.
-    mass: Vec<f64>,
-    bucket: Vec<u16>,
-    keys: Vec<u64>,
+    /// The nucleus's histogram (as in [`crate::rule::nucleus_filter`]), over
+    /// temperature-scaled log-weights.
+    hist: NucleusHistogram,
 }
 
 impl Sampler {
@@ -212,24 +210,13 @@ impl Sampler {
         self.weights.clear();
         if params.top_p < 1.0 {
             // One pass for the weights and the nucleus's histogram.
-            let Sampler {
-                idx,
-                weights,
-                mass,
-                bucket,
-                ..
-            } = self;
-            mass.clear();
-            mass.resize(NUCLEUS_BUCKETS, 0.0);
-            bucket.clear();
-            for &i in idx.iter() {
+            self.hist.clear();
+            for &i in &self.idx {
                 let x = scaled(i);
                 let w = (x as f64).exp();
                 // `x` is at most 0, with the largest candidate at exactly 0.
-                let b = nucleus_bucket(0.0, x);
-                mass[b] += w;
-                weights.push(w);
-                bucket.push(b as u16);
+                self.hist.push(0.0, x, w);
+                self.weights.push(w);
             }
             self.nucleus(logits, f64::from(params.top_p), &scaled);
         } else {
@@ -246,35 +233,16 @@ impl Sampler {
     /// target, and only that bucket is ranked. Leaves the kept candidates in `idx` and
     /// `weights`, in no particular order (a draw's distribution does not depend on it).
     fn nucleus(&mut self, logits: &[f32], top_p: f64, scaled: &impl Fn(u32) -> f32) {
-        let Sampler {
-            idx,
-            weights,
-            mass,
-            bucket,
-            keys,
-        } = self;
-        let target = top_p * mass.iter().sum::<f64>();
-        let cut = NucleusCut::find(
-            mass,
-            target,
-            keys,
-            |cut, keys| {
-                keys.extend(
-                    idx.iter()
-                        .zip(bucket.iter())
-                        .filter(|&(_, &b)| b == cut)
-                        .map(|(&i, _)| rank_key(logits[i as usize], i)),
-                )
-            },
-            |key| (scaled(key as u32) as f64).exp(),
-        );
-        let Some(cut) = cut else {
+        let Sampler { idx, weights, hist } = self;
+        let key = |j: usize| rank_key(logits[idx[j] as usize], idx[j]);
+        let target = top_p * hist.total();
+        let Some(cut) = hist.cut(target, key, |k| (scaled(k as u32) as f64).exp()) else {
             return;
         };
         let mut kept = 0;
         for j in 0..idx.len() {
-            let (i, b) = (idx[j], bucket[j]);
-            if cut.keeps(b, || rank_key(logits[i as usize], i)) {
+            let i = idx[j];
+            if hist.keeps(&cut, j, || rank_key(logits[i as usize], i)) {
                 idx[kept] = i;
                 weights[kept] = weights[j];
                 kept += 1;

@@ -208,12 +208,8 @@ pub struct RuleScratch {
     bias_touched: Vec<u32>,
     /// Exponentiated, unnormalised kNN weights, one per neighbour.
     weights: Vec<f64>,
-    /// The nucleus's histogram of probability mass per log-probability bucket.
-    nucleus_mass: Vec<f64>,
-    /// Each token's bucket in that histogram.
-    nucleus_bucket: Vec<u16>,
-    /// Rank keys of the tokens in the nucleus's cut bucket.
-    nucleus_keys: Vec<u64>,
+    /// The nucleus's histogram.
+    nucleus: NucleusHistogram,
 }
 
 impl RuleScratch {
@@ -263,12 +259,12 @@ fn logaddexp(a: f64, b: f64) -> f64 {
 /// log-probability, over 48 nats, and one last bucket for everything further down (at most
 /// e^-48 of mass per token there).
 const NUCLEUS_BUCKETS_PER_NAT: f32 = 64.0;
-pub(crate) const NUCLEUS_BUCKETS: usize = 48 * 64 + 1;
+const NUCLEUS_BUCKETS: usize = 48 * 64 + 1;
 
 /// The histogram bucket of log-probability `x` when the largest is `max`. Non-increasing in
 /// `x`, so every token of a bucket ranks above every token of a later one. `as` saturates:
 /// −∞ lands in the last bucket.
-pub(crate) fn nucleus_bucket(max: f32, x: f32) -> usize {
+fn nucleus_bucket(max: f32, x: f32) -> usize {
     (((max - x) * NUCLEUS_BUCKETS_PER_NAT) as usize).min(NUCLEUS_BUCKETS - 1)
 }
 
@@ -301,103 +297,116 @@ pub fn nucleus_filter(l: &mut [f32], filter_p: f32, scratch: &mut RuleScratch) {
     if max == f32::NEG_INFINITY {
         return;
     }
-    let p = filter_p as f64;
-    let RuleScratch {
-        nucleus_mass: mass,
-        nucleus_bucket: bucket,
-        nucleus_keys: keys,
-        ..
-    } = scratch;
-    mass.clear();
-    mass.resize(NUCLEUS_BUCKETS, 0.0);
-    bucket.clear();
-    bucket.extend(l.iter().map(|&x| {
-        let b = nucleus_bucket(max, x);
-        mass[b] += (x as f64).exp();
-        b as u16
-    }));
-    let cut = NucleusCut::find(
-        mass,
-        p,
-        keys,
-        |cut, keys| {
-            keys.extend(
-                l.iter()
-                    .zip(bucket.iter())
-                    .enumerate()
-                    .filter(|&(_, (_, &b))| b == cut)
-                    .map(|(t, (&x, _))| rank_key(x, t as u32)),
-            )
-        },
+    let hist = &mut scratch.nucleus;
+    hist.clear();
+    for &x in l.iter() {
+        hist.push(max, x, (x as f64).exp());
+    }
+    let cut = hist.cut(
+        filter_p as f64,
+        |t| rank_key(l[t], t as u32),
         |key| (l[key as u32 as usize] as f64).exp(),
     );
     let Some(cut) = cut else {
         // Rounding left the total below filter_p: every token is kept.
         return;
     };
-    for (t, (x, &b)) in l.iter_mut().zip(bucket.iter()).enumerate() {
-        if !cut.keeps(b, || rank_key(*x, t as u32)) {
+    for (t, x) in l.iter_mut().enumerate() {
+        if !hist.keeps(&cut, t, || rank_key(*x, t as u32)) {
             *x = f32::NEG_INFINITY;
         }
     }
 }
 
-/// Where a nucleus ends, from a histogram of probability mass over log-probability buckets
-/// (see [`nucleus_filter`]; the generator's sampler uses it too): every token of an earlier
-/// bucket is kept, every token of a later one dropped, and in the cut bucket itself the
-/// tokens ranked before `first_dropped`.
-pub(crate) struct NucleusCut {
-    bucket: u16,
-    first_dropped: Option<u64>,
+/// A histogram of probability mass over log-probability buckets, for finding where a nucleus
+/// ends without sorting (see [`nucleus_filter`]; the generator's sampler uses it too).
+/// Elements are pushed in order and named by their position.
+#[derive(Debug, Default)]
+pub(crate) struct NucleusHistogram {
+    /// Mass per bucket.
+    mass: Vec<f64>,
+    /// Each element's bucket.
+    bucket: Vec<u16>,
+    /// Rank keys of the elements in the cut bucket.
+    keys: Vec<u64>,
 }
 
-impl NucleusCut {
-    /// `mass` per bucket; `target` the mass the kept ranks must reach; `cut_keys` fills the
-    /// vector with the [`rank_key`]s of the tokens in a given bucket; `weight` gives a key's
-    /// token's mass. `None` when the whole histogram stays below the target (rounding):
-    /// every token is kept.
-    pub(crate) fn find(
-        mass: &[f64],
+impl NucleusHistogram {
+    pub(crate) fn clear(&mut self) {
+        self.mass.clear();
+        self.mass.resize(NUCLEUS_BUCKETS, 0.0);
+        self.bucket.clear();
+    }
+
+    /// Adds the next element: log-weight `x` (the largest is `max`) of weight `w`.
+    pub(crate) fn push(&mut self, max: f32, x: f32, w: f64) {
+        let b = nucleus_bucket(max, x);
+        self.mass[b] += w;
+        self.bucket.push(b as u16);
+    }
+
+    /// The total mass pushed.
+    pub(crate) fn total(&self) -> f64 {
+        self.mass.iter().sum()
+    }
+
+    /// Where the nucleus reaching `target` mass ends. `key(j)` is element j's [`rank_key`];
+    /// `weight(key)` the mass of the element with that key. `None` when the whole histogram
+    /// stays below the target (rounding): every element is kept.
+    pub(crate) fn cut(
+        &mut self,
         target: f64,
-        keys: &mut Vec<u64>,
-        cut_keys: impl FnOnce(u16, &mut Vec<u64>),
+        key: impl Fn(usize) -> u64,
         weight: impl Fn(u64) -> f64,
-    ) -> Option<Self> {
+    ) -> Option<NucleusCut> {
         // The cut bucket: the first whose mass takes the cumulative mass to the target. Every
-        // token before it has less than the target above it (kept); every token after it has
-        // at least that much (dropped).
+        // element before it has less than the target above it (kept); every element after it
+        // has at least that much (dropped).
         let mut before = 0.0f64;
-        let bucket = mass.iter().position(|&m| {
+        let bucket = self.mass.iter().position(|&m| {
             let reached = before + m >= target;
             if !reached {
                 before += m;
             }
             reached
         })? as u16;
-        keys.clear();
-        cut_keys(bucket, keys);
-        keys.sort_unstable();
+        self.keys.clear();
+        self.keys.extend(
+            self.bucket
+                .iter()
+                .enumerate()
+                .filter(|&(_, &b)| b == bucket)
+                .map(|(j, _)| key(j)),
+        );
+        self.keys.sort_unstable();
         let mut cum = before;
         let mut first_dropped = None;
-        for (r, &key) in keys.iter().enumerate() {
-            // `r > 0` only matters for the top-ranked token (then `before` is zero).
+        for (r, &k) in self.keys.iter().enumerate() {
+            // `r > 0` only matters for the top-ranked element (then `before` is zero).
             if r > 0 && cum >= target {
-                first_dropped = Some(key);
+                first_dropped = Some(k);
                 break;
             }
-            cum += weight(key);
+            cum += weight(k);
         }
-        Some(Self {
+        Some(NucleusCut {
             bucket,
             first_dropped,
         })
     }
 
-    /// Whether a token in `bucket`, whose rank key `key` computes, stays in the nucleus.
-    pub(crate) fn keeps(&self, bucket: u16, key: impl FnOnce() -> u64) -> bool {
-        bucket < self.bucket
-            || (bucket == self.bucket && self.first_dropped.is_none_or(|d| key() < d))
+    /// Whether element `j`, whose rank key `key` computes, stays in the nucleus.
+    pub(crate) fn keeps(&self, cut: &NucleusCut, j: usize, key: impl FnOnce() -> u64) -> bool {
+        let b = self.bucket[j];
+        b < cut.bucket || (b == cut.bucket && cut.first_dropped.is_none_or(|d| key() < d))
     }
+}
+
+/// Where a nucleus ends: every element of an earlier bucket is kept, every element of a later
+/// one dropped, and in the cut bucket itself the elements ranked before `first_dropped`.
+pub(crate) struct NucleusCut {
+    bucket: u16,
+    first_dropped: Option<u64>,
 }
 
 /// Adds `weight · (ℓ_S(v) − m_S)` for one store to the scratch bias accumulator: `ℓ_S` is the
