@@ -16,6 +16,14 @@
 use super::llama::Scratch;
 use super::ModelError;
 
+/// One layer's view of a [`KvCache`], see [`KvCache::layer_mut`].
+pub(crate) struct LayerMut<'a> {
+    pub keys: &'a mut [f32],
+    pub values: &'a mut [f32],
+    pub scratch: &'a mut Scratch,
+    pub pad: &'a [usize],
+}
+
 /// Keys and values of every layer for `batch` rows, plus each row's left padding.
 #[derive(Clone, Debug)]
 pub struct KvCache {
@@ -114,14 +122,21 @@ impl KvCache {
         self.capacity = new_cap;
     }
 
-    /// The keys and values of layer `layer`, `(batch, kv heads, capacity, head dim)`, and the
-    /// scratch buffers, borrowed together for one layer of the forward pass.
-    pub(crate) fn layer_mut(&mut self, layer: usize) -> (&mut [f32], &mut [f32], &mut Scratch) {
-        (
-            &mut self.keys[layer],
-            &mut self.values[layer],
-            &mut self.scratch,
-        )
+    /// The scratch buffers and each row's left padding, borrowed together.
+    pub(crate) fn scratch_and_padding(&mut self) -> (&mut Scratch, &[usize]) {
+        (&mut self.scratch, &self.pad)
+    }
+
+    /// The keys and values of layer `layer`, `(batch, kv heads, capacity, head dim)`, the
+    /// scratch buffers and each row's left padding, borrowed together for one layer of the
+    /// forward pass.
+    pub(crate) fn layer_mut(&mut self, layer: usize) -> LayerMut<'_> {
+        LayerMut {
+            keys: &mut self.keys[layer],
+            values: &mut self.values[layer],
+            scratch: &mut self.scratch,
+            pad: &self.pad,
+        }
     }
 
     /// Called once the last layer has written its slots: advances the filled length.

@@ -23,7 +23,7 @@ use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
 use super::config::LlamaConfig;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, LayerMut};
 use super::quant::{Activations, Q4_1Linear, Q8Linear, BLOCK};
 use super::{ModelError, WeightFormat};
 use crate::fingerprint::KeyType;
@@ -491,12 +491,10 @@ impl Weights {
             capacity: cache.capacity(),
             ..dims
         };
-        let pad = cache.left_padding().to_vec();
-
         {
-            let s = &mut cache.scratch;
+            let (s, pad) = cache.scratch_and_padding();
             s.pos.clear();
-            for &p in &pad {
+            for &p in pad {
                 s.pos.extend((start..total).map(|j| j.saturating_sub(p)));
             }
             s.x.clear();
@@ -509,14 +507,19 @@ impl Weights {
         out.keys.clear();
         let n_layers = self.layers.len();
         for (li, layer) in self.layers.iter().enumerate() {
-            let (kc, vc, s) = cache.layer_mut(li);
+            let LayerMut {
+                keys: kc,
+                values: vc,
+                scratch: s,
+                pad,
+            } = cache.layer_mut(li);
             rms_norm(&s.x, &layer.attn_norm, eps, &mut s.xn);
             layer
                 .qkv
                 .forward(&s.xn, rows, &mut s.qkv, &mut s.part, &mut s.act)?;
             rope_and_store(&mut s.qkv, &s.pos, &self.cos, &self.sin, dims, kc, vc);
             s.y.resize(rows * d, 0.0);
-            attention(&s.qkv, kc, vc, &pad, dims, &mut s.scores, &mut s.y);
+            attention(&s.qkv, kc, vc, pad, dims, &mut s.scores, &mut s.y);
             s.tmp.resize(rows * d, 0.0);
             layer.wo.forward(&s.y, rows, &mut s.tmp, &mut s.act)?;
             add_in_place(&mut s.x, &s.tmp);
