@@ -6,6 +6,7 @@
 //! core; the per-chunk heaps are merged at the end. This is also the ground truth that the
 //! HNSW path is measured against.
 
+use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
@@ -40,18 +41,20 @@ impl Ord for Scored {
     }
 }
 
-/// The k smallest items pushed so far.
+/// The k smallest items pushed so far. Reusable: [`reset`](Self::reset) keeps the heap's
+/// allocation for the next query.
+#[derive(Default)]
 pub struct TopK {
     k: usize,
     heap: BinaryHeap<Scored>,
 }
 
 impl TopK {
-    pub fn new(k: usize) -> Self {
-        TopK {
-            k,
-            heap: BinaryHeap::with_capacity(k + 1),
-        }
+    /// Empties the heap for a new search of `k` items.
+    pub fn reset(&mut self, k: usize) {
+        self.k = k;
+        self.heap.clear();
+        self.heap.reserve(k + 1);
     }
 
     /// Distance an item must beat to enter (∞ until the heap is full).
@@ -76,15 +79,13 @@ impl TopK {
         }
     }
 
-    pub fn merge(&mut self, other: TopK) {
-        for s in other.heap {
-            self.push(s);
-        }
-    }
-
-    /// Items in ascending order.
-    pub fn into_sorted(self) -> Vec<Scored> {
-        self.heap.into_sorted_vec()
+    /// Appends the items to `out` in ascending order and leaves the heap empty (its
+    /// allocation kept).
+    pub fn drain_sorted_into(&mut self, out: &mut Vec<Scored>) {
+        let mut sorted = std::mem::take(&mut self.heap).into_sorted_vec();
+        out.extend_from_slice(&sorted);
+        sorted.clear();
+        self.heap = BinaryHeap::from(sorted);
     }
 }
 
@@ -106,35 +107,68 @@ pub fn scan_range(keys: KeyRows<'_>, q: &[f32], start: usize, end: usize, top: &
     }
 }
 
-/// The `k` nearest of `rows` rows, ascending; chunks run in parallel when there are several.
-pub fn search(keys: KeyRows<'_>, rows: usize, q: &[f32], k: usize) -> Vec<Scored> {
+/// Buffers of an exact search, reused from one query to the next.
+#[derive(Default)]
+pub struct ExactScratch {
+    top: TopK,
+    /// Each parallel chunk's top-k (in heap order), `k` slots per chunk, and how many slots
+    /// it filled.
+    chunk_items: Vec<Scored>,
+    chunk_lens: Vec<usize>,
+}
+
+thread_local! {
+    /// A chunk's heap, per pool thread.
+    static CHUNK_TOP: RefCell<TopK> = RefCell::new(TopK::default());
+}
+
+/// Appends the `k` nearest of `rows` rows to `out`, ascending; chunks run in parallel when
+/// there are several.
+pub fn search_into(
+    keys: KeyRows<'_>,
+    rows: usize,
+    q: &[f32],
+    k: usize,
+    scratch: &mut ExactScratch,
+    out: &mut Vec<Scored>,
+) {
     if rows <= CHUNK_ROWS {
-        let mut top = TopK::new(k);
-        scan_range(keys, q, 0, rows, &mut top);
-        return top.into_sorted();
+        scratch.top.reset(k);
+        scan_range(keys, q, 0, rows, &mut scratch.top);
+        scratch.top.drain_sorted_into(out);
+        return;
     }
     let chunks = rows.div_ceil(CHUNK_ROWS);
-    (0..chunks)
-        .into_par_iter()
-        .map(|c| {
-            let mut top = TopK::new(k);
-            scan_range(
-                keys,
-                q,
-                c * CHUNK_ROWS,
-                ((c + 1) * CHUNK_ROWS).min(rows),
-                &mut top,
-            );
-            top
-        })
-        .reduce(
-            || TopK::new(k),
-            |mut a, b| {
-                a.merge(b);
-                a
-            },
-        )
-        .into_sorted()
+    scratch.chunk_items.clear();
+    scratch
+        .chunk_items
+        .resize(chunks * k, Scored(f32::INFINITY, 0));
+    scratch.chunk_lens.clear();
+    scratch.chunk_lens.resize(chunks, 0);
+    scratch
+        .chunk_items
+        .par_chunks_mut(k)
+        .zip(scratch.chunk_lens.par_iter_mut())
+        .enumerate()
+        .for_each(|(c, (slots, len))| {
+            // Taken rather than borrowed: a pool thread may run another chunk while this
+            // one waits, and the nested chunk then simply starts from an empty heap.
+            let mut top = CHUNK_TOP.with(RefCell::take);
+            top.reset(k);
+            let end = ((c + 1) * CHUNK_ROWS).min(rows);
+            scan_range(keys, q, c * CHUNK_ROWS, end, &mut top);
+            let sorted = top.heap.as_slice();
+            *len = sorted.len();
+            slots[..sorted.len()].copy_from_slice(sorted);
+            CHUNK_TOP.with(|t| t.replace(top));
+        });
+    scratch.top.reset(k);
+    for (c, &len) in scratch.chunk_lens.iter().enumerate() {
+        for &s in &scratch.chunk_items[c * k..c * k + len] {
+            scratch.top.push(s);
+        }
+    }
+    scratch.top.drain_sorted_into(out);
 }
 
 #[cfg(test)]
@@ -143,11 +177,14 @@ mod tests {
 
     #[test]
     fn top_k_keeps_the_smallest_in_order_and_breaks_ties_by_row() {
-        let mut t = TopK::new(3);
+        let mut t = TopK::default();
+        t.reset(3);
         for (d, r) in [(5.0, 0), (1.0, 1), (3.0, 2), (1.0, 3), (0.5, 4), (9.0, 5)] {
             t.push(Scored(d, r));
         }
-        let v: Vec<(f32, u32)> = t.into_sorted().iter().map(|s| (s.0, s.1)).collect();
+        let mut sorted = Vec::new();
+        t.drain_sorted_into(&mut sorted);
+        let v: Vec<(f32, u32)> = sorted.iter().map(|s| (s.0, s.1)).collect();
         assert_eq!(v, vec![(0.5, 4), (1.0, 1), (1.0, 3)]);
     }
 
@@ -159,10 +196,28 @@ mod tests {
             .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
             .collect();
         let q = [3.0, 1.0, 4.0, 1.5];
-        let par = search(KeyRows::F32(&keys), rows, &q, 10);
-        let mut seq = TopK::new(10);
+        let mut par = Vec::new();
+        search_into(
+            KeyRows::F32(&keys),
+            rows,
+            &q,
+            10,
+            &mut ExactScratch::default(),
+            &mut par,
+        );
+        let mut seq = TopK::default();
+        seq.reset(10);
         scan_range(KeyRows::F32(&keys), &q, 0, rows, &mut seq);
-        assert_eq!(par, seq.into_sorted());
+        let mut want = Vec::new();
+        seq.drain_sorted_into(&mut want);
+        assert_eq!(par, want);
         assert_eq!(par.len(), 10);
+        // The same scratch again gives the same answer (nothing left over from before).
+        let mut scratch = ExactScratch::default();
+        for _ in 0..2 {
+            let mut again = Vec::new();
+            search_into(KeyRows::F32(&keys), rows, &q, 10, &mut scratch, &mut again);
+            assert_eq!(again, want);
+        }
     }
 }

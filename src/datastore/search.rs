@@ -10,12 +10,12 @@
 //! cost ~12 ms (~0.24 µs a row), HNSW ~0.5 ms at ef = 128 and ~4.9 ms at ef = 1024, i.e. the
 //! break-even is near 20 × ef rows.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::exact::{self, Scored};
+use super::exact::{self, ExactScratch, Scored};
 use super::segment::Segment;
 
 /// One retrieved row.
@@ -90,25 +90,97 @@ pub fn use_exact(params: &SearchParams, rows: usize, k: usize) -> bool {
     }
 }
 
-/// The k nearest rows of one segment, ascending, as (dist, local row).
-fn search_segment(seg: &Segment, q: &[f32], k: usize, params: &SearchParams) -> Vec<Scored> {
-    let keys = seg.keys();
-    if use_exact(params, seg.rows, k) {
-        return exact::search(keys, seg.rows, q, k);
-    }
-    let mut cand = Vec::new();
-    seg.graph()
-        .search(keys, q, params.effective_ef(k), &mut cand);
-    if cand.len() < k.min(seg.rows) {
-        // The walk could not reach k rows (a disconnected graph region): answer exactly
-        // rather than return fewer neighbours than the store holds.
-        return exact::search(keys, seg.rows, q, k);
-    }
-    let mut v: Vec<Scored> = cand.into_iter().map(|(d, r)| Scored(d, r)).collect();
-    v.sort_unstable();
-    v.truncate(k);
-    v
+/// Per-thread buffers of a segment search, reused from one query to the next so that a
+/// decoding step allocates nothing once warm.
+#[derive(Default)]
+struct SegmentScratch {
+    exact: ExactScratch,
+    /// The graph walk's candidates, (squared L2, row).
+    walk: Vec<(f32, u32)>,
+    /// A segment's top-k, ascending.
+    scored: Vec<Scored>,
 }
+
+/// Per-thread buffers of a batch: its rows in byte order, and each row's first identical row.
+#[derive(Default)]
+struct BatchScratch {
+    order: Vec<usize>,
+    source: Vec<usize>,
+}
+
+thread_local! {
+    static SEGMENT_SCRATCH: RefCell<SegmentScratch> = RefCell::new(SegmentScratch::default());
+    static BATCH_SCRATCH: RefCell<BatchScratch> = RefCell::new(BatchScratch::default());
+}
+
+/// Runs `f` with this thread's scratch of type `T`. The scratch is taken out for the call, not
+/// borrowed: a rayon thread waiting inside `f` may run another search on the same thread,
+/// which then starts from empty buffers instead of finding these borrowed.
+fn with_scratch<T: Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    let mut scratch = key.with(RefCell::take);
+    let r = f(&mut scratch);
+    key.with(|cell| cell.replace(scratch));
+    r
+}
+
+/// The k nearest rows of one segment, ascending, into `s.scored` as (dist, local row).
+fn segment_top_k(
+    seg: &Segment,
+    q: &[f32],
+    k: usize,
+    params: &SearchParams,
+    s: &mut SegmentScratch,
+) {
+    let keys = seg.keys();
+    s.scored.clear();
+    let mut exact = use_exact(params, seg.rows, k);
+    if !exact {
+        seg.graph()
+            .search(keys, q, params.effective_ef(k), &mut s.walk);
+        // A walk that could not reach k rows (a disconnected graph region) is answered
+        // exactly rather than with fewer neighbours than the store holds.
+        exact = s.walk.len() < k.min(seg.rows);
+    }
+    if exact {
+        exact::search_into(keys, seg.rows, q, k, &mut s.exact, &mut s.scored);
+    } else {
+        s.walk
+            .sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        s.walk.truncate(k);
+        s.scored
+            .extend(s.walk.iter().map(|&(dist, row)| Scored(dist, row)));
+    }
+}
+
+/// Appends the k nearest rows of one segment to `out`, ascending, with store-wide ids.
+fn search_segment(
+    seg: &Segment,
+    start: u64,
+    q: &[f32],
+    k: usize,
+    params: &SearchParams,
+    out: &mut Vec<Neighbour>,
+) {
+    with_scratch(&SEGMENT_SCRATCH, |s| {
+        segment_top_k(seg, q, k, params, s);
+        let values = seg.values();
+        out.extend(s.scored.iter().map(|&Scored(dist, row)| Neighbour {
+            id: start + row as u64,
+            value: values[row as usize],
+            dist,
+        }));
+    });
+}
+
+/// Marks a slot of `out` that no segment filled (a segment with fewer than k rows).
+const EMPTY_SLOT: Neighbour = Neighbour {
+    id: u64::MAX,
+    value: 0,
+    dist: f32::INFINITY,
+};
 
 /// Searches one query over all segments and writes the merged top-k into `out`.
 pub fn search_query(
@@ -120,36 +192,32 @@ pub fn search_query(
     out: &mut Vec<Neighbour>,
 ) {
     out.clear();
-    let per_segment = |(seg, &start): (&Arc<Segment>, &u64)| -> Vec<Neighbour> {
-        let values = seg.values();
-        search_segment(seg, q, k, params)
-            .into_iter()
-            .map(|Scored(dist, row)| Neighbour {
-                id: start + row as u64,
-                value: values[row as usize],
-                dist,
-            })
-            .collect()
-    };
-    if segments.len() == 1 {
-        out.extend(per_segment((&segments[0], &starts[0])));
+    if let ([seg], [start]) = (segments, starts) {
+        search_segment(seg, *start, q, k, params, out);
         return;
     }
-    let parts: Vec<Vec<Neighbour>> = segments
-        .par_iter()
-        .zip(starts.par_iter())
-        .map(per_segment)
-        .collect();
-    for p in parts {
-        out.extend(p);
-    }
+    // Each segment fills its own k slots of `out`, in parallel; then the slots are merged in
+    // place, so the caller's buffer is the only one a multi-segment search needs.
+    out.resize(segments.len() * k, EMPTY_SLOT);
+    out.par_chunks_mut(k)
+        .zip(segments.par_iter().zip(starts.par_iter()))
+        .for_each(|(slots, (seg, &start))| {
+            with_scratch(&SEGMENT_SCRATCH, |s| {
+                segment_top_k(seg, q, k, params, s);
+                let values = seg.values();
+                for (slot, &Scored(dist, row)) in slots.iter_mut().zip(&s.scored) {
+                    *slot = Neighbour {
+                        id: start + row as u64,
+                        value: values[row as usize],
+                        dist,
+                    };
+                }
+            });
+        });
+    out.retain(|n| n.id != EMPTY_SLOT.id);
     out.sort_unstable_by(|a, b| a.dist.total_cmp(&b.dist).then(a.id.cmp(&b.id)));
     out.truncate(k);
 }
-
-/// Bit-exact identity of a query row, for de-duplication within a batch.
-#[derive(PartialEq, Eq, Hash)]
-struct QueryBits<'a>(&'a [u8]);
 
 /// Searches `out.len()` query rows of width `dim`; identical rows are searched once.
 pub fn search_batch(
@@ -162,31 +230,47 @@ pub fn search_batch(
     out: &mut [Vec<Neighbour>],
 ) {
     let n = out.len();
+    if n == 1 {
+        search_query(segments, starts, queries, k, params, &mut out[0]);
+        return;
+    }
     // SAFETY: any f32 is valid as bytes.
     let bytes: &[u8] = unsafe { queries.align_to::<u8>().1 };
-    let mut first: HashMap<QueryBits<'_>, usize> = HashMap::with_capacity(n);
-    let mut source = Vec::with_capacity(n);
-    for i in 0..n {
-        let key = QueryBits(&bytes[i * dim * 4..(i + 1) * dim * 4]);
-        source.push(*first.entry(key).or_insert(i));
-    }
-    out.par_iter_mut().enumerate().for_each(|(i, o)| {
-        if source[i] == i {
-            search_query(
-                segments,
-                starts,
-                &queries[i * dim..(i + 1) * dim],
-                k,
-                params,
-                o,
-            );
+    let row = |i: usize| &bytes[i * dim * 4..(i + 1) * dim * 4];
+    with_scratch(&BATCH_SCRATCH, |s| {
+        // Sorting by (bytes, index) puts identical rows together, first occurrence first.
+        s.order.clear();
+        s.order.extend(0..n);
+        s.order
+            .sort_unstable_by(|&a, &b| row(a).cmp(row(b)).then(a.cmp(&b)));
+        s.source.clear();
+        s.source.resize(n, 0);
+        let mut first = s.order[0];
+        for &i in &s.order {
+            if row(i) != row(first) {
+                first = i;
+            }
+            s.source[i] = first;
+        }
+        let source = &s.source;
+        out.par_iter_mut().enumerate().for_each(|(i, o)| {
+            if source[i] == i {
+                search_query(
+                    segments,
+                    starts,
+                    &queries[i * dim..(i + 1) * dim],
+                    k,
+                    params,
+                    o,
+                );
+            }
+        });
+        for (i, &src) in source.iter().enumerate() {
+            if src != i {
+                let (head, tail) = out.split_at_mut(i);
+                tail[0].clear();
+                tail[0].extend_from_slice(&head[src]);
+            }
         }
     });
-    for (i, &s) in source.iter().enumerate() {
-        if s != i {
-            let (head, tail) = out.split_at_mut(i);
-            tail[0].clear();
-            tail[0].extend_from_slice(&head[s]);
-        }
-    }
 }
