@@ -166,13 +166,22 @@ fn search_segment(
 ) {
     with_scratch(&SEGMENT_SCRATCH, |s| {
         segment_top_k(seg, q, k, params, s);
-        let values = seg.values();
-        out.extend(s.scored.iter().map(|&Scored(dist, row)| Neighbour {
-            id: start + row as u64,
-            value: values[row as usize],
-            dist,
-        }));
+        out.extend(neighbours(seg, start, &s.scored));
     });
+}
+
+/// A segment's scored rows as neighbours with store-wide ids and their values.
+fn neighbours<'a>(
+    seg: &'a Segment,
+    start: u64,
+    scored: &'a [Scored],
+) -> impl Iterator<Item = Neighbour> + 'a {
+    let values = seg.values();
+    scored.iter().map(move |&Scored(dist, row)| Neighbour {
+        id: start + row as u64,
+        value: values[row as usize],
+        dist,
+    })
 }
 
 /// Marks a slot of `out` that no segment filled (a segment with fewer than k rows).
@@ -204,13 +213,8 @@ pub fn search_query(
         .for_each(|(slots, (seg, &start))| {
             with_scratch(&SEGMENT_SCRATCH, |s| {
                 segment_top_k(seg, q, k, params, s);
-                let values = seg.values();
-                for (slot, &Scored(dist, row)) in slots.iter_mut().zip(&s.scored) {
-                    *slot = Neighbour {
-                        id: start + row as u64,
-                        value: values[row as usize],
-                        dist,
-                    };
+                for (slot, n) in slots.iter_mut().zip(neighbours(seg, start, &s.scored)) {
+                    *slot = n;
                 }
             });
         });
