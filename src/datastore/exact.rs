@@ -151,16 +151,16 @@ pub fn search_into(
         .zip(scratch.chunk_lens.par_iter_mut())
         .enumerate()
         .for_each(|(c, (slots, len))| {
-            // Taken rather than borrowed: a pool thread may run another chunk while this
-            // one waits, and the nested chunk then simply starts from an empty heap.
-            let mut top = CHUNK_TOP.with(RefCell::take);
-            top.reset(k);
-            let end = ((c + 1) * CHUNK_ROWS).min(rows);
-            scan_range(keys, q, c * CHUNK_ROWS, end, &mut top);
-            let sorted = top.heap.as_slice();
-            *len = sorted.len();
-            slots[..sorted.len()].copy_from_slice(sorted);
-            CHUNK_TOP.with(|t| t.replace(top));
+            // A chunk's scan never waits on the pool, so its thread's heap is borrowed by
+            // one chunk at a time.
+            CHUNK_TOP.with_borrow_mut(|top| {
+                top.reset(k);
+                let end = ((c + 1) * CHUNK_ROWS).min(rows);
+                scan_range(keys, q, c * CHUNK_ROWS, end, top);
+                let items = top.heap.as_slice();
+                *len = items.len();
+                slots[..items.len()].copy_from_slice(items);
+            });
         });
     scratch.top.reset(k);
     for (c, &len) in scratch.chunk_lens.iter().enumerate() {
