@@ -163,6 +163,16 @@ pub enum SparseRow {
     },
 }
 
+impl SparseRow {
+    /// The row's (token, value) pairs: biases, or log-probabilities for a mixture.
+    pub fn pairs(&self) -> &[(u32, f32)] {
+        match self {
+            SparseRow::Bias { pairs, .. } => pairs,
+            SparseRow::Mixture { log_probs, .. } => log_probs,
+        }
+    }
+}
+
 impl Default for SparseRow {
     fn default() -> Self {
         SparseRow::Bias {

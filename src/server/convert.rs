@@ -255,34 +255,31 @@ pub fn put_f32_bytes(values: &[f32], out: &mut BytesMut) {
 /// The engine's sparse answer for one row as its wire message: tokens and values packed as
 /// little-endian `u32` and `f32`.
 pub fn sparse_row_to_proto(row: &SparseRow) -> proto::SparseRow {
-    sparse_row_into_proto(row, BytesMut::new(), BytesMut::new())
+    sparse_row_into_proto(row, &mut BytesMut::new())
 }
 
-/// [`sparse_row_to_proto`] writing into the given (empty) byte buffers, so a server can reuse
-/// the buffers of an answer already sent.
-pub fn sparse_row_into_proto(
-    row: &SparseRow,
-    mut tokens: BytesMut,
-    mut values: BytesMut,
-) -> proto::SparseRow {
-    let (kind, scale, lambda, pairs) = match row {
-        SparseRow::Bias { scale, pairs } => (proto::sparse_row::Kind::Bias, *scale, 0.0, pairs),
-        SparseRow::Mixture { lambda, log_probs } => {
-            (proto::sparse_row::Kind::Mixture, 1.0, *lambda, log_probs)
-        }
+/// [`sparse_row_to_proto`] writing the packed tokens and values into `wire` and splitting them
+/// off it, so that a server's answers share (and, once dropped, give back) one allocation.
+pub fn sparse_row_into_proto(row: &SparseRow, wire: &mut BytesMut) -> proto::SparseRow {
+    let (kind, scale, lambda) = match row {
+        SparseRow::Bias { scale, .. } => (proto::sparse_row::Kind::Bias, *scale, 0.0),
+        SparseRow::Mixture { lambda, .. } => (proto::sparse_row::Kind::Mixture, 1.0, *lambda),
     };
-    tokens.reserve(pairs.len() * 4);
-    values.reserve(pairs.len() * 4);
-    for &(t, v) in pairs {
-        tokens.extend_from_slice(&t.to_le_bytes());
-        values.extend_from_slice(&v.to_le_bytes());
+    let pairs = row.pairs();
+    wire.reserve(pairs.len() * 8);
+    for &(t, _) in pairs {
+        wire.extend_from_slice(&t.to_le_bytes());
+    }
+    let tokens = wire.split().freeze();
+    for &(_, v) in pairs {
+        wire.extend_from_slice(&v.to_le_bytes());
     }
     proto::SparseRow {
         kind: kind as i32,
         scale,
         lambda,
-        tokens: tokens.freeze(),
-        values: values.freeze(),
+        tokens,
+        values: wire.split().freeze(),
     }
 }
 

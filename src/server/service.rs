@@ -46,56 +46,28 @@ struct Buffers {
     logits: Vec<f32>,
     dense: Vec<f32>,
     sparse: Vec<SparseRow>,
-    /// The byte buffers of the last answer made here, shared with that answer's message.
-    sent: Vec<Bytes>,
-    /// Buffers whose message tonic has encoded and dropped, ready for the next answer.
-    free: Vec<BytesMut>,
+    /// The answers' bytes. Each answer's pieces are split off this buffer and share its
+    /// allocation; by the time these buffers are taken from the pool again tonic has usually
+    /// encoded that answer and dropped it, and the next `reserve` then takes the allocation
+    /// back in place. Pieces a message still holds are left to it, and a new one is started.
+    wire: BytesMut,
 }
 
 impl Buffers {
-    /// Takes back the byte buffers of the last answer made in these buffers that no message
-    /// holds any more: by the time they are taken from the pool again, tonic has usually
-    /// encoded that answer and dropped it. Buffers still held are left to their message.
-    fn reclaim(&mut self) {
-        for sent in self.sent.drain(..) {
-            if let Ok(mut b) = sent.try_into_mut() {
-                b.clear();
-                self.free.push(b);
-            }
-        }
-    }
-
-    /// A byte buffer for an answer: one an earlier answer gave back, or a new one.
-    fn wire(&mut self) -> BytesMut {
-        self.free.pop().unwrap_or_default()
-    }
-
-    /// An answer's bytes, with a handle kept to take the buffer back later.
-    fn send(&mut self, bytes: BytesMut) -> Bytes {
-        let bytes = bytes.freeze();
-        self.sent.push(bytes.clone());
-        bytes
-    }
-
     /// The dense answer (`self.dense`) as packed little-endian bytes.
     fn dense_proto(&mut self) -> Bytes {
-        self.reclaim();
-        let mut out = self.wire();
-        convert::put_f32_bytes(&self.dense, &mut out);
-        self.send(out)
+        convert::put_f32_bytes(&self.dense, &mut self.wire);
+        self.wire.split().freeze()
     }
 
     /// The sparse answer's rows (`self.sparse`), see [`convert::sparse_row_into_proto`].
     fn sparse_rows_proto(&mut self) -> Vec<proto::SparseRow> {
-        self.reclaim();
-        (0..self.sparse.len())
-            .map(|i| {
-                let (tokens, values) = (self.wire(), self.wire());
-                let wire = convert::sparse_row_into_proto(&self.sparse[i], tokens, values);
-                self.sent.push(wire.tokens.clone());
-                self.sent.push(wire.values.clone());
-                wire
-            })
+        // All rows' bytes at once: one reclaim (or allocation) for the whole answer.
+        let bytes = self.sparse.iter().map(|r| r.pairs().len() * 8).sum();
+        self.wire.reserve(bytes);
+        self.sparse
+            .iter()
+            .map(|row| convert::sparse_row_into_proto(row, &mut self.wire))
             .collect()
     }
 }
@@ -766,24 +738,32 @@ mod tests {
     #[test]
     fn answer_bytes_are_reused_once_the_previous_answer_is_dropped() {
         let mut b = Buffers {
-            sparse: vec![row(300)],
+            sparse: vec![row(300), row(100)],
             ..Default::default()
         };
-        let ptrs = |rows: &[proto::SparseRow]| {
-            let mut p = [rows[0].tokens.as_ptr(), rows[0].values.as_ptr()];
-            p.sort();
-            p
-        };
         let first = b.sparse_rows_proto();
-        let before = ptrs(&first);
-        drop(first);
-        b.sparse = vec![row(200)];
-        let second = b.sparse_rows_proto();
-        assert_eq!(ptrs(&second), before);
+        let start = first[0].tokens.as_ptr() as usize;
+        let end = first[1].values.as_ptr() as usize + first[1].values.len();
         assert_eq!(
-            convert::sparse_row_from_proto(&second[0]).unwrap(),
-            row(200)
+            end - start,
+            400 * 8,
+            "one allocation holds the whole answer"
         );
+        drop(first);
+        b.sparse = vec![row(200), row(150)];
+        let second = b.sparse_rows_proto();
+        for piece in second.iter().flat_map(|r| [&r.tokens, &r.values]) {
+            let p = piece.as_ptr() as usize;
+            assert!(
+                (start..end).contains(&p),
+                "a piece outside the first answer's allocation"
+            );
+        }
+        let rows: Vec<SparseRow> = second
+            .iter()
+            .map(|r| convert::sparse_row_from_proto(r).unwrap())
+            .collect();
+        assert_eq!(rows, [row(200), row(150)]);
     }
 
     #[test]
