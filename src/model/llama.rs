@@ -11,7 +11,7 @@
 //! the gate and up projections are each fused into one matrix (one pass over the activations);
 //! grouped-query attention reads each cached key once for all the query heads that share it;
 //! only causally visible slots are scored; the LM head and even the last MLP are skipped when
-//! the caller asks only for keys. Matrices run on our quantised kernels ([`super::quant`]),
+//! the caller asks only for keys. Matrices run on our quantised kernels (`model::quant`),
 //! on `gemm` (candle's own f32 matmul) for f32 weights, and on candle's `QMatMul` for any other
 //! GGUF type.
 

@@ -74,7 +74,7 @@ impl Q8Linear {
         self.forward_quantized(&act, out);
     }
 
-    /// [`Q8Linear::forward`] on activations already quantised (and reused across calls).
+    /// `out = x · wᵀ` on activations already quantised (and reused across calls).
     pub fn forward_quantized(&self, act: &Activations, out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
         let m = act.rows_for(n, k);

@@ -92,7 +92,7 @@ pub enum ConvertError {
     SparseRow(String),
 }
 
-/// How [`decode_rows`] treats infinities: hidden states must be finite; logits may use −∞ as a
+/// How [`to_f32`] treats infinities: hidden states must be finite; logits may use −∞ as a
 /// mask but never NaN or +∞.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finite {

@@ -2,10 +2,10 @@
 //!
 //! Every CPU-bound step of a request (decoding the packed tensors, searching, the rule, encoding
 //! the answer) runs on the worker thread that received it, at most one request per core at once
-//! (see [`Shared::run_cpu`]); `goodtriever serve` starts one more worker than cores, so one
+//! (see `Shared::run_cpu`); `goodtriever serve` starts one more worker than cores, so one
 //! always keeps accepting and moving other clients' messages. A stream's steps are computed as
-//! its response stream is polled ([`StepStream`]). Appends, which fsync, run on tokio's
-//! blocking pool instead. Per-request buffers come from a pool of [`Buffers`], so a steady
+//! its response stream is polled (`StepStream`). Appends, which fsync, run on tokio's
+//! blocking pool instead. Per-request buffers come from a pool of `Buffers`, so a steady
 //! stream of steps reuses the same allocations.
 
 use std::pin::Pin;
