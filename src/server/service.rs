@@ -264,17 +264,6 @@ impl Shared {
         &self,
         req: proto::AdjustRequest,
     ) -> Result<proto::AdjustResponse, Status> {
-        let mut b = self.take_buffers();
-        let result = self.adjust_in(req, &mut b);
-        self.return_buffers(b);
-        result
-    }
-
-    fn adjust_in(
-        &self,
-        req: proto::AdjustRequest,
-        b: &mut Buffers,
-    ) -> Result<proto::AdjustResponse, Status> {
         let t0 = Instant::now();
         let opts = self.options(req.overrides.as_ref())?;
         let dense = match proto::ResponseForm::try_from(req.form) {
@@ -336,7 +325,11 @@ impl Shared {
             None
         };
 
-        self.adjust_with(&req, hidden, hs, logits_shape, &opts, b, t0)
+        // Taken only once the request has passed its checks.
+        let mut b = self.take_buffers();
+        let result = self.adjust_with(&req, hidden, hs, logits_shape, &opts, &mut b, t0);
+        self.return_buffers(b);
+        result
     }
 
     #[allow(clippy::too_many_arguments)]
