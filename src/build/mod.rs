@@ -22,7 +22,10 @@
 //!   directory next to the output (`.NAME.partial/`) and renames the finished store into
 //!   place: the output path either does not exist or holds the complete store. The staging
 //!   directory records what is being built; a rerun with the same inputs, options and model
-//!   resumes after the last committed segment, and anything else starts over.
+//!   resumes after the last committed segment, and anything else starts over. A kill after
+//!   the publishing rename but before the staging directory is removed leaves that
+//!   directory holding only the lock and journal: the published store is complete, and
+//!   nothing reads the leftovers (they may be deleted).
 
 pub mod input;
 pub mod stream;
