@@ -1,5 +1,6 @@
 //! Search latency on synthetic clustered data at the default model's width (D = 576):
-//! exact flat scan vs HNSW, k = 64 and k = 1024, single queries (the decoding-step shape).
+//! exact flat scan vs HNSW, k = 64 and k = 1024, single queries (the decoding-step shape), and
+//! a batch of 8 rows searched together vs each row alone on the pool's threads.
 //! Also prints HNSW recall@k against exact once per configuration, so a speed number is never
 //! read without its recall. Sizes are moderate so `cargo bench --bench search` stays short;
 //! set GT_BENCH_ROWS to change N (the faiss comparison script uses the CLI instead).
@@ -12,6 +13,7 @@ use goodtriever::datastore::{
     kernel_name, CreateOptions, Datastore, KeyDtype, Keys, Provenance, SearchParams,
 };
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
+use rayon::prelude::*;
 
 const D: usize = 576;
 
@@ -102,7 +104,39 @@ fn bench(c: &mut Criterion) {
         }
     }
     g.finish();
+
+    // A batch of rows (a batched generation, or a request of several rows): the exact scan
+    // reads the keys once for every TASK_QUERIES rows, so the batch costs a fraction of its
+    // rows searched one by one; HNSW walks stay one per row.
+    let mut g = c.benchmark_group(format!("batch{BATCH}_{rows}x{D}_f16_k1024"));
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(3));
+    let batch = &queries[..BATCH * D];
+    for (name, params) in [
+        ("exact", SearchParams::exact()),
+        ("hnsw", SearchParams::hnsw(None)),
+    ] {
+        let mut out = vec![Vec::new(); BATCH];
+        g.bench_function(BenchmarkId::new(name, "together"), |b| {
+            b.iter(|| ds.search_into(batch, 1024, &params, &mut out).unwrap())
+        });
+        // What a batch cost before rows were scanned together: each row searched alone,
+        // the rows spread over the pool's threads.
+        let mut each: Vec<Vec<Vec<_>>> = vec![vec![Vec::new()]; BATCH];
+        g.bench_function(BenchmarkId::new(name, "rows_in_parallel"), |b| {
+            b.iter(|| {
+                batch
+                    .par_chunks(D)
+                    .zip(each.par_iter_mut())
+                    .for_each(|(q, o)| ds.search_into(q, 1024, &params, o).unwrap())
+            })
+        });
+    }
+    g.finish();
 }
+
+const BATCH: usize = 8;
 
 criterion_group!(benches, bench);
 criterion_main!(benches);

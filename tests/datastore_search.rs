@@ -201,6 +201,43 @@ fn identical_queries_in_a_batch_get_identical_results() {
     }
 }
 
+#[test]
+fn every_row_of_a_batch_gets_exactly_what_it_gets_alone() {
+    // Segments on both sides of Auto's threshold, so one batch is scanned exactly in one pass
+    // for all its rows in some segments and walked row by row in another; more distinct rows
+    // than one batched-scan task takes, and repeated rows.
+    let d = 36;
+    for dtype in [KeyDtype::F16, KeyDtype::F32] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ds = create(tmp.path(), d, dtype);
+        for (i, n) in [900usize, 5000, 40].into_iter().enumerate() {
+            let keys = clustered(n, d, 8, 40 + i as u64);
+            ds.append(
+                Keys::F32(&keys),
+                &values(n, 40 + i as u64),
+                Provenance::new("t"),
+            )
+            .unwrap();
+        }
+        let distinct = clustered(11, d, 8, 99);
+        let mut batch = distinct.clone();
+        batch.extend_from_slice(&distinct[3 * d..4 * d]);
+        batch.extend_from_slice(&distinct[..d]);
+        let rows = batch.len() / d;
+        for mode in [SearchMode::Exact, SearchMode::Auto, SearchMode::Hnsw] {
+            let p = SearchParams { mode, ef: None };
+            for k in [1, 50, 1200] {
+                let together = ds.search(&batch, k, &p).unwrap();
+                assert_eq!(together.len(), rows);
+                for (i, got) in together.iter().enumerate() {
+                    let alone = ds.search(&batch[i * d..(i + 1) * d], k, &p).unwrap();
+                    assert_eq!(got, &alone[0], "{dtype:?} {mode:?} k {k} row {i}");
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 

@@ -64,6 +64,18 @@ impl KeyRows<'_> {
         }
     }
 
+    /// Distances from each of the `qs.len() / d` queries to rows `start..start + n`, where
+    /// `out.len() == n × queries`, row-major (`out[r × queries + j]`).
+    #[inline]
+    pub fn dist_block_multi(&self, qs: &[f32], d: usize, start: usize, out: &mut [f32]) {
+        let n = out.len() / (qs.len() / d);
+        let range = start * d..(start + n) * d;
+        match self {
+            KeyRows::F32(k) => distance::l2_rows_multi_f32(qs, d, &k[range], out),
+            KeyRows::F16(k) => distance::l2_rows_multi_f16(qs, d, &k[range], out),
+        }
+    }
+
     /// Row `row` widened to f32.
     pub fn row_f32(&self, row: usize, d: usize, out: &mut Vec<f32>) {
         out.clear();
