@@ -49,6 +49,8 @@ mod x86 {
     use half::f16;
     use std::arch::x86_64::*;
 
+    use super::QUERY_GROUP;
+
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -167,25 +169,6 @@ mod x86 {
         for (r, o) in out.iter_mut().enumerate() {
             *o = l2_f16(q, rows.get_unchecked(r * d..(r + 1) * d));
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod x86_multi {
-    use half::f16;
-    use std::arch::x86_64::*;
-
-    use super::QUERY_GROUP;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
     }
 
     /// Loads 8 key scalars at `p` as f32.
@@ -372,7 +355,7 @@ pub fn l2_rows_multi_f32(qs: &[f32], d: usize, rows: &[f32], out: &mut [f32]) {
         if has_avx2_fma() {
             // SAFETY: features checked; `multi` passes a group of QUERY_GROUP queries and an
             // `out` of the asserted shape.
-            unsafe { x86_multi::group_f32(_q, d, _r, _o, _s) };
+            unsafe { x86::group_f32(_q, d, _r, _o, _s) };
             return true;
         }
         false
@@ -385,7 +368,7 @@ pub fn l2_rows_multi_f16(qs: &[f32], d: usize, rows: &[f16], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma_f16c() {
             // SAFETY: as in `l2_rows_multi_f32`, with F16C checked.
-            unsafe { x86_multi::group_f16(_q, d, _r, _o, _s) };
+            unsafe { x86::group_f16(_q, d, _r, _o, _s) };
             return true;
         }
         false
