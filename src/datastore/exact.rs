@@ -138,11 +138,6 @@ pub struct ExactScratch {
     chunk_lens: Vec<usize>,
 }
 
-thread_local! {
-    /// A chunk's top-k, per pool thread.
-    static CHUNK_TOP: RefCell<TopK> = RefCell::new(TopK::default());
-}
-
 /// Appends the `k` nearest of `rows` rows to `out`, ascending; chunks run in parallel when
 /// there are several.
 pub fn search_into(
@@ -172,16 +167,16 @@ pub fn search_into(
         .zip(scratch.chunk_lens.par_iter_mut())
         .enumerate()
         .for_each(|(c, (slots, len))| {
-            // A chunk's scan never waits on the pool, so its thread's top-k is borrowed by
-            // one chunk at a time.
-            CHUNK_TOP.with_borrow_mut(|top| {
-                top.reset(k);
-                let end = ((c + 1) * CHUNK_ROWS).min(rows);
-                scan_range(keys, q, c * CHUNK_ROWS, end, top);
-                let items = top.items();
-                *len = items.len();
-                slots[..items.len()].copy_from_slice(items);
-            });
+            let end = ((c + 1) * CHUNK_ROWS).min(rows);
+            scan_task(
+                keys,
+                q,
+                q.len(),
+                c * CHUNK_ROWS..end,
+                k,
+                slots,
+                std::slice::from_mut(len),
+            );
         });
     scratch.top.reset(k);
     for (c, &len) in scratch.chunk_lens.iter().enumerate() {
@@ -193,7 +188,7 @@ pub fn search_into(
 }
 
 /// Queries one task of a batched scan serves: each block of keys read from memory is then
-/// used this many times while it is in cache (the scan is bandwidth-bound for one query).
+/// used this many times while it is in cache, widened once per [`QUERY_GROUP`] queries.
 pub const TASK_QUERIES: usize = 8;
 
 /// A batched scan splits a segment into chunks of no fewer rows than this to use more threads.
@@ -305,7 +300,11 @@ pub fn scan_task(
         for t in tops.iter_mut() {
             t.reset(k);
         }
-        scan_range_multi(keys, qs, d, rows.start, rows.end, tops);
+        if let [top] = tops {
+            scan_range(keys, qs, rows.start, rows.end, top);
+        } else {
+            scan_range_multi(keys, qs, d, rows.start, rows.end, tops);
+        }
         for (j, top) in tops.iter_mut().enumerate() {
             let items = top.items();
             lens[j] = items.len();
