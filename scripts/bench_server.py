@@ -132,6 +132,8 @@ def main():
     ap.add_argument("--work-dir", type=Path, default=REPO / "target" / "bench-server")
     ap.add_argument("--python", action="store_true", help="also time the Python client (1 stream)")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
+    ap.add_argument("--server-binary", type=Path,
+                    help="serve with this goodtriever build instead of the tree's (to compare builds)")
     ap.add_argument("--prepare-only", action="store_true", help="build the stores and stop")
     args = ap.parse_args()
 
@@ -146,6 +148,8 @@ def main():
     dirs, queries = build_stores(binary, args.work_dir, args.rows)
     if args.prepare_only:
         return
+    if args.server_binary:
+        binary = args.server_binary.resolve()
 
     search = ["--exact"] if args.exact else []
     results = {
@@ -153,6 +157,7 @@ def main():
         "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
         "rows_per_store": args.rows, "dim": DIM, "vocab": VOCAB, "k": args.k,
         "search": "exact" if args.exact else "auto (HNSW)", "runs": [],
+        "server_binary": str(binary),
     }
     for transport in args.transports:
         # Socket paths are limited to ~107 bytes; a fresh short temporary directory holds it.

@@ -258,6 +258,110 @@ async fn stream_answers_in_order_and_stops_at_a_bad_step() {
     server.stop().await;
 }
 
+/// Many streams and unary calls at once, with two sets of options, on a server that computes
+/// one step at a time: steps that wait are merged into shared engine calls, and every step
+/// still gets exactly the answer the in-process engine gives its own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_steps_beyond_the_cores_each_get_their_own_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let opts = ServeOptions {
+        concurrent_steps: 1,
+        ..Default::default()
+    };
+    let server = start(engine.clone(), opts).await;
+    let (streams, steps) = (24usize, 30u64);
+    let other = {
+        let mut o = *engine.defaults();
+        o.params.k = 8;
+        o
+    };
+    let request = |stream: usize, step: u64| {
+        let rows = 1 + (stream + step as usize) % 3;
+        let hidden = queries(rows, 10_000 + stream as u64 * 1000 + step);
+        let mut r = proto::AdjustRequest {
+            step,
+            ..sparse_request(&hidden)
+        };
+        if stream % 2 == 1 {
+            r.overrides = Some(proto::Overrides {
+                k: Some(8),
+                ..Default::default()
+            });
+        }
+        (r, hidden)
+    };
+    let mut tasks = Vec::new();
+    for stream in 0..streams {
+        let mut client = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            let (reqs, hidden): (Vec<_>, Vec<_>) = (0..steps).map(|i| request(stream, i)).unzip();
+            let mut answers = Vec::new();
+            if stream % 4 == 0 {
+                // Unary calls, all in flight at once.
+                let calls: Vec<_> = reqs
+                    .into_iter()
+                    .map(|r| {
+                        let mut c = client.clone();
+                        tokio::spawn(async move { c.adjust(r).await.unwrap().into_inner() })
+                    })
+                    .collect();
+                for call in calls {
+                    answers.push(call.await.unwrap());
+                }
+            } else {
+                let mut inbound = client
+                    .adjust_stream(tokio_stream::iter(reqs))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                while let Some(resp) = inbound.message().await.unwrap() {
+                    answers.push(resp);
+                }
+            }
+            (stream, hidden, answers)
+        }));
+    }
+    let mut scratch = DetoxScratch::default();
+    let mut want = Vec::new();
+    let mut total = 0u64;
+    for task in tasks {
+        let (stream, hidden, answers) = task.await.unwrap();
+        assert_eq!(answers.len(), steps as usize, "stream {stream}");
+        let opts = if stream % 2 == 1 {
+            &other
+        } else {
+            engine.defaults()
+        };
+        for (i, (resp, h)) in answers.iter().zip(&hidden).enumerate() {
+            assert_eq!(resp.step, i as u64, "stream {stream}: answers out of order");
+            assert_eq!(resp.params.unwrap().k, opts.params.k as u32);
+            engine
+                .adjust_sparse(h, opts, &mut scratch, &mut want)
+                .unwrap();
+            assert_same_sparse(&resp.rows, &want);
+            total += 1;
+        }
+    }
+    // Each step went through exactly one engine call, and with one step computing at a time
+    // while 24 clients send, some calls answered several.
+    let text = http_get(server.metrics_addr, "/metrics").await;
+    let value = |name: &str| {
+        let v = text
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        v.trim().parse::<f64>().unwrap() as u64
+    };
+    assert_eq!(value("goodtriever_merged_requests_sum "), total);
+    let calls = value("goodtriever_merged_requests_count ");
+    assert!(
+        calls < total,
+        "no steps were merged: {calls} engine calls for {total} steps"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_an_open_stream_with_unavailable() {
     let dir = tempfile::tempdir().unwrap();

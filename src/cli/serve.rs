@@ -14,8 +14,8 @@ use goodtriever::datastore::Datastore;
 use goodtriever::detox::Detoxifier;
 use goodtriever::model::{Model, WeightFormat};
 use goodtriever::server::{
-    AdminAuth, GrpcAddr, Limits, ServeOptions, Server, TextEncoder, TlsPem,
-    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS,
+    default_concurrent_steps, AdminAuth, GrpcAddr, Limits, ServeOptions, Server, TextEncoder,
+    TlsPem, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS,
 };
 
 use super::control_args::{RuleArgs, SearchArgs};
@@ -72,6 +72,11 @@ pub struct ServeArgs {
     /// Vocabulary size, for stores imported without one.
     #[arg(long)]
     pub vocab_size: Option<usize>,
+    /// Adjust steps computed at once (default: one per core). Steps that arrive while all are
+    /// busy wait and are merged into shared searches. Lower it to leave cores to a generation
+    /// server on the same host.
+    #[arg(long)]
+    pub concurrent_steps: Option<usize>,
     /// Seconds open connections may take to finish after SIGTERM before the server exits.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -138,14 +143,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         encoder,
         tls,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
+        concurrent_steps: args
+            .concurrent_steps
+            .unwrap_or_else(default_concurrent_steps),
     };
     let metrics_addr = (!args.no_metrics).then_some(args.metrics_addr);
 
-    // Requests compute on their worker, one per core at once (`Shared::run_cpu`): one more
-    // worker than cores keeps accepting and moving messages meanwhile.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Steps compute on their worker, `concurrent_steps` at once (`Shared::adjust_step`): one
+    // more worker keeps accepting and moving messages meanwhile.
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cores + 1)
+        .worker_threads(serve_opts.concurrent_steps + 1)
         .enable_all()
         .thread_name("goodtriever-serve")
         .build()

@@ -169,6 +169,20 @@ pub fn to_f32(
     out: &mut Vec<f32>,
 ) -> Result<(), ConvertError> {
     out.clear();
+    append_f32(what, bytes, dtype, width, finite, out)
+}
+
+/// [`to_f32`] appending to `out` (several requests' rows merged into one batch). Row numbers in
+/// an error count from the start of `bytes`; on error `out` is left as it was.
+pub fn append_f32(
+    what: &'static str,
+    bytes: &[u8],
+    dtype: WireDType,
+    width: usize,
+    finite: Finite,
+    out: &mut Vec<f32>,
+) -> Result<(), ConvertError> {
+    let start = out.len();
     match dtype {
         WireDType::F32 => out.extend(
             bytes
@@ -186,7 +200,11 @@ pub fn to_f32(
                 .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
         ),
     }
-    check_finite(what, out, width, finite)
+    let checked = check_finite(what, &out[start..], width, finite);
+    if checked.is_err() {
+        out.truncate(start);
+    }
+    checked
 }
 
 /// Checks finiteness of `f16` rows without converting them (keys stored as f16 stay f16).

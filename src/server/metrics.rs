@@ -30,6 +30,7 @@ pub struct Metrics {
     latency: HistogramVec,
     phase: HistogramVec,
     rows: Histogram,
+    merged: Histogram,
     store_rows: IntGaugeVec,
     store_segments: IntGaugeVec,
 }
@@ -76,6 +77,14 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(1.0, 2.0, 11).expect("valid")),
         )
         .expect("valid metric");
+        let merged = Histogram::with_opts(
+            HistogramOpts::new(
+                "merged_requests",
+                "Adjust requests or stream messages answered by one engine call (more than one when steps that waited for a core were merged)",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 2.0, 9).expect("valid")),
+        )
+        .expect("valid metric");
         let store_rows = IntGaugeVec::new(
             Opts::new("store_rows", "Live rows per datastore"),
             &["store"],
@@ -92,6 +101,7 @@ impl Metrics {
             Box::new(latency.clone()),
             Box::new(phase.clone()),
             Box::new(rows.clone()),
+            Box::new(merged.clone()),
             Box::new(store_rows.clone()),
             Box::new(store_segments.clone()),
         ] {
@@ -104,6 +114,7 @@ impl Metrics {
             latency,
             phase,
             rows,
+            merged,
             store_rows,
             store_segments,
         }
@@ -132,6 +143,11 @@ impl Metrics {
 
     pub fn rows(&self, rows: usize) {
         self.rows.observe(rows as f64);
+    }
+
+    /// One engine call answered `requests` steps.
+    pub fn merged(&self, requests: usize) {
+        self.merged.observe(requests as f64);
     }
 
     pub fn store_size(&self, store: &str, rows: usize, segments: usize) {

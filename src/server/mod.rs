@@ -13,13 +13,15 @@
 //! Modules: `service` (the RPCs), `step_stream` (AdjustStream's answers), `convert` (wire
 //! tensors and sparse rows), `status` (error → gRPC code), `auth` (admin token), `metrics`
 //! (Prometheus + /metrics), `encoder` (text → rows for `AddTexts`), `limits` (message-size
-//! errors as `RESOURCE_EXHAUSTED`), `listen` (TCP or Unix socket).
+//! errors as `RESOURCE_EXHAUSTED`), `listen` (TCP or Unix socket), `merge` (steps that wait
+//! for a core merged into one engine call).
 
 pub mod auth;
 pub mod convert;
 pub mod encoder;
 mod limits;
 pub mod listen;
+mod merge;
 pub mod metrics;
 pub mod service;
 mod status;
@@ -69,6 +71,8 @@ pub enum ServerError {
     MaxRows(usize),
     #[error("--max-message-bytes must be at least 1024, got {0}")]
     MaxMessageBytes(usize),
+    #[error("--concurrent-steps must be at least 1")]
+    ConcurrentSteps,
     #[error("the model does not match the stores: {0}; serve stores built with this model")]
     ModelMismatch(String),
     #[error("TLS configuration: {0}")]
@@ -95,6 +99,16 @@ pub struct ServeOptions {
     /// How long, after shutdown starts, open connections may take to finish before the server
     /// stops anyway.
     pub shutdown_grace: Duration,
+    /// How many Adjust steps compute at once (default: one per core). Steps beyond it wait and
+    /// are merged into shared engine calls. Fewer leaves cores to a generation server on the
+    /// same host; the runtime needs at least one more worker thread than this to keep moving
+    /// messages while every slot computes.
+    pub concurrent_steps: usize,
+}
+
+/// One step computing per core.
+pub fn default_concurrent_steps() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for ServeOptions {
@@ -108,6 +122,7 @@ impl Default for ServeOptions {
             encoder: None,
             tls: None,
             shutdown_grace: Duration::from_secs(30),
+            concurrent_steps: default_concurrent_steps(),
         }
     }
 }
@@ -157,6 +172,9 @@ impl Server {
         if l.max_message_bytes < 1024 {
             return Err(ServerError::MaxMessageBytes(l.max_message_bytes));
         }
+        if opts.concurrent_steps == 0 {
+            return Err(ServerError::ConcurrentSteps);
+        }
         if let Some(enc) = &opts.encoder {
             let fp = enc.fingerprint();
             engine
@@ -204,6 +222,7 @@ impl Server {
             self.opts.auth,
             self.opts.encoder,
             stop_rx.clone(),
+            self.opts.concurrent_steps,
         ));
         let svc = GoodtrieverServer::new(service::Service::new(shared))
             .max_decoding_message_size(limits.max_message_bytes);

@@ -2,15 +2,17 @@
 //!
 //! Every CPU-bound step of a request (decoding the packed tensors, searching, the rule, encoding
 //! the answer) runs on the worker thread that received it, at most one request per core at once
-//! (see `Shared::run_cpu`); `goodtriever serve` starts one more worker than cores, so one
-//! always keeps accepting and moving other clients' messages. A stream's steps are computed as
+//! (see `Shared::adjust_step`); `goodtriever serve` starts one more worker than cores, so one
+//! always keeps accepting and moving other clients' messages. Steps that find every core busy
+//! wait in a queue and are merged into one engine call (`merge`). A stream's steps are computed as
 //! its response stream is polled (`StepStream`). Appends, which fsync, run on tokio's
 //! blocking pool instead. Per-request buffers come from a pool of `Buffers`, so a steady
 //! stream of steps reuses the same allocations.
 
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use half::f16;
@@ -21,12 +23,13 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use super::auth::AdminAuth;
 use super::convert::{self, Finite, WireDType};
 use super::encoder::{EncodeError, TextEncoder};
+use super::merge::{WaitQueue, Waiting};
 use super::metrics::Metrics;
 use super::proto::{self, goodtriever_server::Goodtriever};
 use super::status;
 use super::step_stream::StepStream;
 use crate::datastore::{Keys, Provenance};
-use crate::detox::{AdjustOptions, DetoxScratch, Detoxifier};
+use crate::detox::{AdjustOptions, DetoxError, DetoxScratch, Detoxifier};
 use crate::rule::{Mode, SparseRow, MAX_K};
 
 /// Limits a server enforces on each request.
@@ -40,10 +43,10 @@ pub struct Limits {
 
 /// Reusable per-request memory.
 #[derive(Default)]
-struct Buffers {
+pub(super) struct Buffers {
     scratch: DetoxScratch,
-    hidden: Vec<f32>,
-    logits: Vec<f32>,
+    pub(super) hidden: Vec<f32>,
+    pub(super) logits: Vec<f32>,
     dense: Vec<f32>,
     sparse: Vec<SparseRow>,
     /// The answers' bytes. Each answer's pieces are split off this buffer and share its
@@ -51,24 +54,48 @@ struct Buffers {
     /// encoded that answer and dropped it, and the next `reserve` then takes the allocation
     /// back in place. Pieces a message still holds are left to it, and a new one is started.
     wire: BytesMut,
+    /// The waiting steps a merged batch answers, and one group of them (see `merge`).
+    pub(super) batch: Vec<Waiting>,
+    pub(super) group: Vec<usize>,
 }
 
 impl Buffers {
-    /// The dense answer (`self.dense`) as packed little-endian bytes.
-    fn dense_proto(&mut self) -> Bytes {
-        convert::put_f32_bytes(&self.dense, &mut self.wire);
+    /// Values `values` of the dense answer (`self.dense`) as packed little-endian bytes.
+    fn dense_proto(&mut self, values: Range<usize>) -> Bytes {
+        convert::put_f32_bytes(&self.dense[values], &mut self.wire);
         self.wire.split().freeze()
     }
 
-    /// The sparse answer's rows (`self.sparse`), see [`convert::sparse_row_into_proto`].
-    fn sparse_rows_proto(&mut self) -> Vec<proto::SparseRow> {
+    /// Rows `rows` of the sparse answer (`self.sparse`), see
+    /// [`convert::sparse_row_into_proto`].
+    fn sparse_rows_proto(&mut self, rows: Range<usize>) -> Vec<proto::SparseRow> {
+        let rows = &self.sparse[rows];
         // All rows' bytes at once: one reclaim (or allocation) for the whole answer.
-        let bytes = self.sparse.iter().map(|r| r.pairs().len() * 8).sum();
+        let bytes = rows.iter().map(|r| r.pairs().len() * 8).sum();
         self.wire.reserve(bytes);
-        self.sparse
-            .iter()
+        rows.iter()
             .map(|row| convert::sparse_row_into_proto(row, &mut self.wire))
             .collect()
+    }
+}
+
+/// What a checked Adjust step asks for; its tensors stay in the request until decoded.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Plan {
+    pub opts: AdjustOptions,
+    pub hidden: convert::Shape,
+    /// The logits' shape when the dense form was asked for.
+    pub logits: Option<convert::Shape>,
+}
+
+impl Plan {
+    pub fn rows(&self) -> usize {
+        self.hidden.rows
+    }
+
+    /// Whether two steps can share one engine call: the same options and form.
+    pub fn merges_with(&self, other: &Plan) -> bool {
+        self.opts == other.opts && self.logits.is_some() == other.logits.is_some()
     }
 }
 
@@ -82,8 +109,10 @@ pub struct Shared {
     /// Turns true when the server starts shutting down; open streams end after their step.
     pub shutdown: watch::Receiver<bool>,
     pool: Mutex<Vec<Buffers>>,
-    /// One permit per core: how many requests compute at once.
-    cpu: Semaphore,
+    /// How many steps compute at once (`ServeOptions::concurrent_steps`).
+    pub(super) cpu: Semaphore,
+    /// Steps that found every core busy, to be merged (see `merge`).
+    pub(super) waiting: WaitQueue,
 }
 
 impl Shared {
@@ -94,6 +123,7 @@ impl Shared {
         auth: AdminAuth,
         encoder: Option<Arc<dyn TextEncoder>>,
         shutdown: watch::Receiver<bool>,
+        concurrent_steps: usize,
     ) -> Self {
         let shared = Self {
             engine,
@@ -103,45 +133,38 @@ impl Shared {
             encoder,
             shutdown,
             pool: Mutex::new(Vec::new()),
-            cpu: Semaphore::new(
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1),
-            ),
+            waiting: WaitQueue::default(),
+            cpu: Semaphore::new(concurrent_steps.max(1)),
         };
         shared.update_store_metrics();
         shared
     }
 
-    /// Runs the CPU-bound `f` of one request.
+    /// One Adjust step, computed on the worker thread that holds it when a core is free.
     ///
-    /// On a multi-threaded runtime the worker thread that holds the request runs it inline: no
-    /// thread hand-off sits on the request's path. (`block_in_place` was tried first: it hands
-    /// the worker's queue to a blocking-pool thread on every call, and measured ~50 µs more
-    /// gRPC overhead per step on 2 cores: 244–250 µs against 172–205 µs at p50, with no
-    /// throughput change at 8 streams.) Tokio's other workers steal the queued tasks of a
-    /// worker that computes; a semaphore with one permit per core bounds how many requests
-    /// compute at once, so 64 streams queue asynchronously instead of oversubscribing the CPU.
-    /// A current-thread runtime must not block; there the rayon pool runs `f`.
-    pub(super) async fn run_cpu<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
-        let _permit = self
-            .cpu
-            .acquire()
-            .await
-            .map_err(|_| Status::unavailable("the server is shutting down"))?;
-        if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
-            f()
-        } else {
-            on_pool(f).await
+    /// Inline on a multi-threaded runtime, no thread hand-off sits on the step's path.
+    /// (`block_in_place` was tried first: it hands the worker's queue to a blocking-pool
+    /// thread on every call, and measured ~50 µs more gRPC overhead per step on 2 cores:
+    /// 244–250 µs against 172–205 µs at p50, with no throughput change at 8 streams.) Tokio's
+    /// other workers steal the queued tasks of a worker that computes; a semaphore with one
+    /// permit per core bounds how many steps compute at once, and a step that finds every
+    /// core busy waits asynchronously, merged with the other waiting steps (see `merge`).
+    pub(super) async fn adjust_step(
+        self: &Arc<Self>,
+        req: proto::AdjustRequest,
+    ) -> Result<proto::AdjustResponse, Status> {
+        let inline = Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread;
+        if let Some(_permit) = self.try_cpu_permit(inline) {
+            return self.adjust(req);
         }
+        self.adjust_queued(req).await
     }
 
-    /// A CPU permit if one is free now: the caller may compute inline without waiting.
-    pub(super) fn try_cpu_permit(&self) -> Option<SemaphorePermit<'_>> {
-        self.cpu.try_acquire().ok()
+    /// A CPU permit if one is free now, for a caller that may compute `inline`: a
+    /// current-thread runtime must not block, so its steps always go through the queue, whose
+    /// leader computes on the rayon pool.
+    pub(super) fn try_cpu_permit(&self, inline: bool) -> Option<SemaphorePermit<'_>> {
+        inline.then(|| self.cpu.try_acquire().ok()).flatten()
     }
 
     /// Records a finished request in the metrics (and refusals in the debug log).
@@ -155,7 +178,7 @@ impl Shared {
         self.metrics.finished(method, t.elapsed(), code);
     }
 
-    fn take_buffers(&self) -> Buffers {
+    pub(super) fn take_buffers(&self) -> Buffers {
         self.pool
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -163,7 +186,7 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    fn return_buffers(&self, b: Buffers) {
+    pub(super) fn return_buffers(&self, b: Buffers) {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         // Enough for every thread that can run a request at once; more would only hold memory.
         if pool.len() < 2 * rayon::current_num_threads() + 2 {
@@ -254,17 +277,9 @@ impl Shared {
         })
     }
 
-    /// One Adjust step (a unary request or a stream message), start to finish, on the calling
-    /// thread.
-    ///
-    /// Buffers come from the pool for the step rather than belonging to a stream: a stream
-    /// spends most of its life waiting for the client's next forward pass, and a set of
-    /// buffers (vocabulary-sized scratch) per open stream would hold about a megabyte each.
-    pub(super) fn adjust(
-        &self,
-        req: proto::AdjustRequest,
-    ) -> Result<proto::AdjustResponse, Status> {
-        let t0 = Instant::now();
+    /// The request's checks (options, form, tensor shapes) before anything is converted:
+    /// what it asks for.
+    pub(super) fn check(&self, req: &proto::AdjustRequest) -> Result<Plan, Status> {
         let opts = self.options(req.overrides.as_ref())?;
         let dense = match proto::ResponseForm::try_from(req.form) {
             Ok(proto::ResponseForm::Unspecified) => req.logits.is_some(),
@@ -300,7 +315,7 @@ impl Shared {
             max_rows,
         )
         .map_err(status::from_convert)?;
-        let logits_shape = if dense {
+        let logits = if dense {
             let logits = req.logits.as_ref().ok_or_else(|| {
                 Status::invalid_argument(format!(
                     "form = DENSE needs logits ({vocab} values per row); send them, or ask for form = SPARSE"
@@ -320,85 +335,137 @@ impl Shared {
                     hs.rows, ls.rows
                 )));
             }
-            Some((logits, ls))
+            Some(ls)
         } else {
             None
         };
+        Ok(Plan {
+            opts,
+            hidden: hs,
+            logits,
+        })
+    }
 
+    /// One Adjust step (a unary request or a stream message), start to finish, on the calling
+    /// thread.
+    ///
+    /// Buffers come from the pool for the step rather than belonging to a stream: a stream
+    /// spends most of its life waiting for the client's next forward pass, and a set of
+    /// buffers (vocabulary-sized scratch) per open stream would hold about a megabyte each.
+    pub(super) fn adjust(
+        &self,
+        req: proto::AdjustRequest,
+    ) -> Result<proto::AdjustResponse, Status> {
+        let t0 = Instant::now();
+        let plan = self.check(&req)?;
         // Taken only once the request has passed its checks.
         let mut b = self.take_buffers();
-        let result = self.adjust_with(&req, hidden, hs, logits_shape, &opts, &mut b, t0);
+        let result = self.adjust_with(&req, &plan, &mut b, t0);
         self.return_buffers(b);
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn adjust_with(
+    /// A checked step computed alone.
+    pub(super) fn adjust_with(
         &self,
         req: &proto::AdjustRequest,
-        hidden: &proto::Tensor,
-        hs: convert::Shape,
-        logits: Option<(&proto::Tensor, convert::Shape)>,
-        opts: &AdjustOptions,
+        plan: &Plan,
         b: &mut Buffers,
         t0: Instant,
     ) -> Result<proto::AdjustResponse, Status> {
-        let engine = &self.engine;
-        let (dim, vocab) = (engine.dim(), engine.vocab_size());
-        convert::to_f32(
+        b.hidden.clear();
+        b.logits.clear();
+        self.decode(req, plan, b)?;
+        self.metrics.phase("decode", t0.elapsed());
+        let t1 = Instant::now();
+        self.engine_call(plan, b).map_err(status::from_detox)?;
+        let engine_time = t1.elapsed();
+        self.metrics.phase("adjust", engine_time);
+        self.metrics.merged(1);
+        let t2 = Instant::now();
+        let resp = self.response(req, plan, 0..plan.rows(), engine_time, b);
+        self.metrics.phase("encode", t2.elapsed());
+        Ok(resp)
+    }
+
+    /// Appends a checked step's hidden states (and logits) to `b.hidden` (and `b.logits`),
+    /// leaving both as they were if the values are bad.
+    pub(super) fn decode(
+        &self,
+        req: &proto::AdjustRequest,
+        plan: &Plan,
+        b: &mut Buffers,
+    ) -> Result<(), Status> {
+        let (dim, vocab) = (self.engine.dim(), self.engine.vocab_size());
+        let hidden = req.hidden.as_ref().expect("checked");
+        convert::append_f32(
             "hidden",
             &hidden.data,
-            hs.dtype,
+            plan.hidden.dtype,
             dim,
             Finite::All,
             &mut b.hidden,
         )
         .map_err(status::from_convert)?;
-        if let Some((l, ls)) = logits {
-            convert::to_f32(
+        if let Some(ls) = plan.logits {
+            let logits = req.logits.as_ref().expect("checked");
+            if let Err(e) = convert::append_f32(
                 "logits",
-                &l.data,
+                &logits.data,
                 ls.dtype,
                 vocab,
                 Finite::AllowNegInf,
                 &mut b.logits,
-            )
-            .map_err(status::from_convert)?;
+            ) {
+                b.hidden.truncate(b.hidden.len() - plan.rows() * dim);
+                return Err(status::from_convert(e));
+            }
         }
-        self.metrics.phase("decode", t0.elapsed());
-        self.metrics.rows(hs.rows);
+        self.metrics.rows(plan.rows());
+        Ok(())
+    }
 
-        let t1 = Instant::now();
+    /// The engine over every row decoded into `b`, into `b.sparse` or `b.dense`.
+    pub(super) fn engine_call(&self, plan: &Plan, b: &mut Buffers) -> Result<(), DetoxError> {
+        if plan.logits.is_some() {
+            b.dense.resize(b.logits.len(), 0.0);
+            self.engine.adjust_dense(
+                &b.hidden,
+                &b.logits,
+                &plan.opts,
+                &mut b.scratch,
+                &mut b.dense,
+            )
+        } else {
+            self.engine
+                .adjust_sparse(&b.hidden, &plan.opts, &mut b.scratch, &mut b.sparse)
+        }
+    }
+
+    /// The answer to `req` from rows `rows` of the engine's output in `b`.
+    pub(super) fn response(
+        &self,
+        req: &proto::AdjustRequest,
+        plan: &Plan,
+        rows: Range<usize>,
+        engine_time: Duration,
+        b: &mut Buffers,
+    ) -> proto::AdjustResponse {
+        let vocab = self.engine.vocab_size();
         let mut resp = proto::AdjustResponse {
-            num_rows: hs.rows as u32,
+            num_rows: rows.len() as u32,
             vocab_size: vocab as u32,
             step: req.step,
-            params: Some(params_proto(opts)),
+            params: Some(params_proto(&plan.opts)),
+            engine_micros: engine_time.as_micros() as u64,
             ..Default::default()
         };
-        if logits.is_some() {
-            b.dense.resize(b.logits.len(), 0.0);
-            engine
-                .adjust_dense(&b.hidden, &b.logits, opts, &mut b.scratch, &mut b.dense)
-                .map_err(status::from_detox)?;
-            let engine_time = t1.elapsed();
-            resp.engine_micros = engine_time.as_micros() as u64;
-            self.metrics.phase("adjust", engine_time);
-            let t2 = Instant::now();
-            resp.log_probs = b.dense_proto();
-            self.metrics.phase("encode", t2.elapsed());
+        if plan.logits.is_some() {
+            resp.log_probs = b.dense_proto(rows.start * vocab..rows.end * vocab);
         } else {
-            engine
-                .adjust_sparse(&b.hidden, opts, &mut b.scratch, &mut b.sparse)
-                .map_err(status::from_detox)?;
-            let engine_time = t1.elapsed();
-            resp.engine_micros = engine_time.as_micros() as u64;
-            self.metrics.phase("adjust", engine_time);
-            let t2 = Instant::now();
-            resp.rows = b.sparse_rows_proto();
-            self.metrics.phase("encode", t2.elapsed());
+            resp.rows = b.sparse_rows_proto(rows);
         }
-        Ok(resp)
+        resp
     }
 
     /// Appends rows to a store (blocking: writes and fsyncs), then makes the engine see them.
@@ -485,9 +552,9 @@ fn params_proto(o: &AdjustOptions) -> proto::Params {
     }
 }
 
-/// Runs `f` on the rayon pool and waits for it without blocking the executor (the fallback of
-/// [`Shared::run_cpu`] on a current-thread runtime).
-async fn on_pool<T: Send + 'static>(
+/// Runs `f` on the rayon pool and waits for it without blocking the executor (how a
+/// current-thread runtime computes, see [`Shared::try_cpu_permit`]).
+pub(super) async fn on_pool<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
     let (tx, rx) = oneshot::channel();
@@ -543,9 +610,7 @@ impl Goodtriever for Service {
     ) -> Result<Response<proto::AdjustResponse>, Status> {
         let t = Instant::now();
         self.shared.metrics.request("Adjust");
-        let shared = self.shared.clone();
-        let req = request.into_inner();
-        let r = self.shared.run_cpu(move || shared.adjust(req)).await;
+        let r = self.shared.adjust_step(request.into_inner()).await;
         self.shared.finished("Adjust", t, &r);
         r.map(Response::new)
     }
@@ -734,7 +799,7 @@ mod tests {
             sparse: vec![row(300), row(100)],
             ..Default::default()
         };
-        let first = b.sparse_rows_proto();
+        let first = b.sparse_rows_proto(0..b.sparse.len());
         let start = first[0].tokens.as_ptr() as usize;
         let end = first[1].values.as_ptr() as usize + first[1].values.len();
         assert_eq!(
@@ -744,7 +809,7 @@ mod tests {
         );
         drop(first);
         b.sparse = vec![row(200), row(150)];
-        let second = b.sparse_rows_proto();
+        let second = b.sparse_rows_proto(0..b.sparse.len());
         for piece in second.iter().flat_map(|r| [&r.tokens, &r.values]) {
             let p = piece.as_ptr() as usize;
             assert!(
@@ -765,9 +830,9 @@ mod tests {
             sparse: vec![row(300)],
             ..Default::default()
         };
-        let first = b.sparse_rows_proto();
+        let first = b.sparse_rows_proto(0..b.sparse.len());
         b.sparse = vec![row(100)];
-        let second = b.sparse_rows_proto();
+        let second = b.sparse_rows_proto(0..b.sparse.len());
         assert_ne!(second[0].tokens.as_ptr(), first[0].tokens.as_ptr());
         assert_eq!(convert::sparse_row_from_proto(&first[0]).unwrap(), row(300));
         assert_eq!(
@@ -782,11 +847,11 @@ mod tests {
             dense: vec![-1.5; 1000],
             ..Default::default()
         };
-        let first = b.dense_proto();
+        let first = b.dense_proto(0..1000);
         let ptr = first.as_ptr();
         drop(first);
         b.dense = vec![-2.5; 1000];
-        let second = b.dense_proto();
+        let second = b.dense_proto(0..1000);
         assert_eq!(second.as_ptr(), ptr);
         assert_eq!(&second[..], &convert::f32_bytes(&b.dense)[..]);
     }

@@ -32,8 +32,8 @@ pub(crate) struct StepStream {
     inbound: Streaming<proto::AdjustRequest>,
     /// Resolves when the server starts shutting down.
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
-    /// A step that could not compute inline: it waits for a CPU permit (every core is busy),
-    /// or the runtime is current-thread and the step runs on the rayon pool.
+    /// A step that could not compute inline: it waits in the merge queue for its answer or a
+    /// core (every core is busy, or the runtime is current-thread and computes on the pool).
     pending: Option<Pin<Box<dyn Future<Output = Answer> + Send>>>,
     /// Whether steps may compute on the polling thread (a multi-thread runtime).
     inline: bool,
@@ -109,7 +109,7 @@ impl Stream for StepStream {
         this.shared.metrics.request(METHOD);
         let step = msg.step;
         // The common case: a core is free, so the step computes here and now.
-        let msg = match this.inline.then(|| this.shared.try_cpu_permit()).flatten() {
+        let msg = match this.shared.try_cpu_permit(this.inline) {
             Some(_permit) => Ok(this.shared.adjust(msg)),
             None => Err(msg),
         };
@@ -122,8 +122,7 @@ impl Stream for StepStream {
         };
         let shared = this.shared.clone();
         let mut step_future: Pin<Box<dyn Future<Output = Answer> + Send>> = Box::pin(async move {
-            let worker = shared.clone();
-            let r = shared.run_cpu(move || worker.adjust(msg)).await;
+            let r = shared.adjust_queued(msg).await;
             shared.finished(METHOD, t, &r);
             with_step(step, r)
         });
