@@ -35,6 +35,7 @@ use serde::Serialize;
 
 pub use distance::kernel_name;
 pub use error::{DatastoreError, MAX_K};
+pub use exact::TASK_QUERIES;
 pub use hnsw::{DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
 pub use keys::Keys;
 pub use manifest::{
