@@ -882,3 +882,34 @@ async fn health_reflection_and_metrics() {
         .starts_with("HTTP/1.1 404"));
     server.stop().await;
 }
+
+/// Options a server cannot run with are refused when it is built, with the flag to fix named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_server_options_are_refused_before_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let with = |f: &dyn Fn(&mut ServeOptions)| {
+        let mut o = ServeOptions::default();
+        f(&mut o);
+        o
+    };
+    let cases: Vec<(ServeOptions, &str)> = vec![
+        (with(&|o| o.limits.max_rows = 0), "--max-rows"),
+        (
+            with(&|o| o.limits.max_rows = goodtriever::detox::MAX_ROWS + 1),
+            "--max-rows",
+        ),
+        (
+            with(&|o| o.limits.max_message_bytes = 100),
+            "--max-message-bytes",
+        ),
+        (with(&|o| o.concurrent_steps = 0), "--concurrent-steps"),
+    ];
+    for (opts, flag) in cases {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let err = Server::from_listeners(engine.clone(), opts, listener, None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains(flag), "{err}");
+    }
+}
