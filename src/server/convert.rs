@@ -92,7 +92,7 @@ pub enum ConvertError {
     SparseRow(String),
 }
 
-/// How [`to_f32`] treats infinities: hidden states must be finite; logits may use −∞ as a
+/// How [`append_f32`] treats infinities: hidden states must be finite; logits may use −∞ as a
 /// mask but never NaN or +∞.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finite {
@@ -158,22 +158,9 @@ pub fn check_shape(
     Ok(Shape { dtype, rows })
 }
 
-/// Converts checked bytes to `f32` into `out` (cleared first; its allocation is reused) and
-/// checks finiteness.
-pub fn to_f32(
-    what: &'static str,
-    bytes: &[u8],
-    dtype: WireDType,
-    width: usize,
-    finite: Finite,
-    out: &mut Vec<f32>,
-) -> Result<(), ConvertError> {
-    out.clear();
-    append_f32(what, bytes, dtype, width, finite, out)
-}
-
-/// [`to_f32`] appending to `out` (several requests' rows merged into one batch). Row numbers in
-/// an error count from the start of `bytes`; on error `out` is left as it was.
+/// Converts checked bytes to `f32`, appended to `out` (a request's rows, or several requests'
+/// rows merged into one batch), and checks finiteness. Row numbers in an error count from the
+/// start of `bytes`; on error `out` is left as it was.
 pub fn append_f32(
     what: &'static str,
     bytes: &[u8],
@@ -359,7 +346,7 @@ mod tests {
         let f32_t = tensor(f32_bytes(&values), proto::DType::F32, 2);
         let s = check_shape("logits", &f32_t, 2, &ALL, 8).unwrap();
         assert_eq!(s.rows, 2);
-        to_f32(
+        append_f32(
             "logits",
             &f32_t.data,
             s.dtype,
@@ -369,12 +356,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, values);
+        out.clear();
 
         let f16_bytes: Vec<u8> = values
             .iter()
             .flat_map(|v| f16::from_f32(*v).to_le_bytes())
             .collect();
-        to_f32(
+        append_f32(
             "logits",
             &f16_bytes,
             WireDType::F16,
@@ -384,11 +372,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, values);
+        out.clear();
         let bf16_bytes: Vec<u8> = values
             .iter()
             .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
             .collect();
-        to_f32(
+        append_f32(
             "logits",
             &bf16_bytes,
             WireDType::Bf16,
@@ -464,7 +453,7 @@ mod tests {
         ));
         let mut out = Vec::new();
         let nan = f32_bytes(&[0.0, 1.0, 2.0, f32::NAN]);
-        let err = to_f32("hidden", &nan, WireDType::F32, 2, Finite::All, &mut out).unwrap_err();
+        let err = append_f32("hidden", &nan, WireDType::F32, 2, Finite::All, &mut out).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -476,9 +465,10 @@ mod tests {
             ),
             "{err}"
         );
+        assert!(out.is_empty(), "a refused tensor leaves nothing behind");
         let neg_inf = f32_bytes(&[f32::NEG_INFINITY, 1.0]);
-        assert!(to_f32("hidden", &neg_inf, WireDType::F32, 2, Finite::All, &mut out).is_err());
-        assert!(to_f32(
+        assert!(append_f32("hidden", &neg_inf, WireDType::F32, 2, Finite::All, &mut out).is_err());
+        assert!(append_f32(
             "logits",
             &neg_inf,
             WireDType::F32,
@@ -488,7 +478,7 @@ mod tests {
         )
         .is_ok());
         let pos_inf = f32_bytes(&[f32::INFINITY, 1.0]);
-        assert!(to_f32(
+        assert!(append_f32(
             "logits",
             &pos_inf,
             WireDType::F32,
@@ -497,6 +487,8 @@ mod tests {
             &mut out
         )
         .is_err());
+        // Appending: the accepted rows stay, the refused ones are taken back out.
+        assert_eq!(out, [f32::NEG_INFINITY, 1.0]);
         let mut h = Vec::new();
         let inf16: Vec<u8> = [1.0f32, f32::INFINITY]
             .iter()

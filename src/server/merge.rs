@@ -323,6 +323,14 @@ mod tests {
         }
     }
 
+    fn with_k(mut r: proto::AdjustRequest, k: u32) -> proto::AdjustRequest {
+        r.overrides = Some(proto::Overrides {
+            k: Some(k),
+            ..Default::default()
+        });
+        r
+    }
+
     /// The answer without its timing, which differs from call to call.
     fn content(mut r: proto::AdjustResponse) -> proto::AdjustResponse {
         r.engine_micros = 0;
@@ -382,12 +390,7 @@ mod tests {
         f16.hidden.as_mut().unwrap().dtype = proto::DType::F16 as i32;
         reqs.push(f16);
         // Other options: a group of its own.
-        let mut other_k = request(2, 50);
-        other_k.overrides = Some(proto::Overrides {
-            k: Some(4),
-            ..Default::default()
-        });
-        reqs.push(other_k);
+        reqs.push(with_k(request(2, 50), 4));
         // The dense form: a group of its own.
         let mut dense = request(1, 60);
         dense.logits = Some(proto::Tensor {
@@ -407,12 +410,7 @@ mod tests {
         short.hidden.as_mut().unwrap().data = f32_bytes(&[1.0; DIM - 1]);
         short.hidden.as_mut().unwrap().rows = 0;
         reqs.push(short);
-        let mut bad_k = request(1, 90);
-        bad_k.overrides = Some(proto::Overrides {
-            k: Some(0),
-            ..Default::default()
-        });
-        reqs.push(bad_k);
+        reqs.push(with_k(request(1, 90), 0));
 
         let want: Vec<Answer> = reqs
             .iter()

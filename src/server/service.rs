@@ -694,7 +694,7 @@ impl Service {
                 shared.append(store, Keys::F16(&keys), &req.next_tokens, provenance)
             } else {
                 let mut keys = Vec::new();
-                convert::to_f32(
+                convert::append_f32(
                     "hidden",
                     &hidden.data,
                     shape.dtype,
