@@ -116,7 +116,9 @@ pub struct DetoxScratch {
     /// `neighbours[store][row]`.
     neighbours: Vec<Vec<Vec<Neighbour>>>,
     rule: RuleScratch,
-    sparse: SparseRow,
+    /// One rule scratch per chunk of rows for the dense form, whose rows run in parallel
+    /// (each pass over the vocabulary costs about a millisecond per row).
+    dense_chunks: Vec<(RuleScratch, SparseRow)>,
 }
 
 /// The toxicity control engine. Cheap to share (`Arc<Detoxifier>`); every method takes `&self`.
@@ -435,29 +437,58 @@ impl Detoxifier {
             rule::check_logits(z, self.vocab).map_err(|source| DetoxError::Row { row, source })?;
         }
         let selection = self.retrieve(hidden, rows, opts, scratch)?;
+        // Rows are independent: contiguous chunks of them, one per pool thread, each with its
+        // own scratch, so a row's answer does not depend on how the batch was split.
+        let chunks = rows.min(rayon::current_num_threads()).max(1);
+        let chunk_rows = rows.div_ceil(chunks);
+        let chunks = rows.div_ceil(chunk_rows);
+        if scratch.dense_chunks.len() < chunks {
+            scratch.dense_chunks.resize_with(chunks, Default::default);
+        }
         let DetoxScratch {
             neighbours,
-            rule,
-            sparse,
+            dense_chunks,
+            ..
         } = scratch;
-        let mut experts = [Expert::<Neighbour> {
-            weight: 0.0,
-            neighbours: &[],
-        }; MAX_STORES];
-        for (row, z) in logits.chunks_exact_mut(self.vocab).enumerate() {
-            let n = self.experts_for(selection, neighbours, row, &mut experts);
-            rule::sparse_row(
-                opts.mode,
-                &experts[..n],
-                &opts.params,
-                self.vocab,
-                rule,
-                sparse,
-            )
-            .and_then(|()| rule::apply_sparse_in_place(z, sparse, opts.params.filter_p, rule))
-            .map_err(|source| DetoxError::Row { row, source })?;
+        let neighbours = &*neighbours;
+        let run_chunk =
+            |(c, (z, (rule, sparse))): (usize, (&mut [f32], &mut (RuleScratch, SparseRow)))| {
+                let mut experts = [Expert::<Neighbour> {
+                    weight: 0.0,
+                    neighbours: &[],
+                }; MAX_STORES];
+                for (i, z) in z.chunks_exact_mut(self.vocab).enumerate() {
+                    let row = c * chunk_rows + i;
+                    let n = self.experts_for(selection, neighbours, row, &mut experts);
+                    rule::sparse_row(
+                        opts.mode,
+                        &experts[..n],
+                        &opts.params,
+                        self.vocab,
+                        rule,
+                        sparse,
+                    )
+                    .and_then(|()| {
+                        rule::apply_sparse_in_place(z, sparse, opts.params.filter_p, rule)
+                    })
+                    .map_err(|source| DetoxError::Row { row, source })?;
+                }
+                Ok::<(), DetoxError>(())
+            };
+        if chunks == 1 {
+            logits
+                .chunks_mut(chunk_rows * self.vocab)
+                .zip(dense_chunks.iter_mut())
+                .enumerate()
+                .try_for_each(run_chunk)
+        } else {
+            use rayon::prelude::*;
+            logits
+                .par_chunks_mut(chunk_rows * self.vocab)
+                .zip(dense_chunks.par_iter_mut())
+                .enumerate()
+                .try_for_each(run_chunk)
         }
-        Ok(())
     }
 
     /// The neighbours found for `row` of the last call, per searched store (for `explain`-style
