@@ -115,10 +115,20 @@ pub const MAX_ROWS: usize = 1024;
 pub struct DetoxScratch {
     /// `neighbours[store][row]`.
     neighbours: Vec<Vec<Vec<Neighbour>>>,
-    rule: RuleScratch,
-    /// One rule scratch per chunk of rows for the dense form, whose rows run in parallel
-    /// (each pass over the vocabulary costs about a millisecond per row).
-    dense_chunks: Vec<(RuleScratch, SparseRow)>,
+    /// One rule scratch (and, for the dense form, one sparse row) per chunk of rows: a batch's
+    /// rows run the rule in parallel (see [`row_chunks`]).
+    chunks: Vec<(RuleScratch, SparseRow)>,
+}
+
+/// How a batch of `rows` rows is split for the rule: (rows per chunk, chunks), one contiguous
+/// chunk per pool thread. Rows are independent and each chunk has its own scratch, so a row's
+/// answer does not depend on how its batch was split. (The dense form's passes over the
+/// vocabulary cost about a millisecond per row; the sparse form's rule is cheaper but grows
+/// with merged batches in the server.)
+fn row_chunks(rows: usize) -> (usize, usize) {
+    let chunks = rows.min(rayon::current_num_threads()).max(1);
+    let chunk_rows = rows.div_ceil(chunks).max(1);
+    (chunk_rows, rows.div_ceil(chunk_rows).max(1))
 }
 
 /// The toxicity control engine. Cheap to share (`Arc<Detoxifier>`); every method takes `&self`.
@@ -372,26 +382,51 @@ impl Detoxifier {
         let selection = self.retrieve(hidden, rows, opts, scratch)?;
         out.resize_with(rows, SparseRow::default);
         out.truncate(rows);
-        let DetoxScratch {
-            neighbours, rule, ..
-        } = scratch;
-        let mut experts = [Expert::<Neighbour> {
-            weight: 0.0,
-            neighbours: &[],
-        }; MAX_STORES];
-        for (row, answer) in out.iter_mut().enumerate() {
-            let n = self.experts_for(selection, neighbours, row, &mut experts);
-            rule::sparse_row(
-                opts.mode,
-                &experts[..n],
-                &opts.params,
-                self.vocab,
-                rule,
-                answer,
-            )
-            .map_err(|source| DetoxError::Row { row, source })?;
+        let (chunk_rows, chunks) = row_chunks(rows);
+        if scratch.chunks.len() < chunks {
+            scratch.chunks.resize_with(chunks, Default::default);
         }
-        Ok(())
+        let DetoxScratch {
+            neighbours,
+            chunks: scratches,
+            ..
+        } = scratch;
+        let neighbours = &*neighbours;
+        let run_chunk = |(c, (answers, (rule, _))): (
+            usize,
+            (&mut [SparseRow], &mut (RuleScratch, SparseRow)),
+        )| {
+            let mut experts = [Expert::<Neighbour> {
+                weight: 0.0,
+                neighbours: &[],
+            }; MAX_STORES];
+            for (i, answer) in answers.iter_mut().enumerate() {
+                let row = c * chunk_rows + i;
+                let n = self.experts_for(selection, neighbours, row, &mut experts);
+                rule::sparse_row(
+                    opts.mode,
+                    &experts[..n],
+                    &opts.params,
+                    self.vocab,
+                    rule,
+                    answer,
+                )
+                .map_err(|source| DetoxError::Row { row, source })?;
+            }
+            Ok::<(), DetoxError>(())
+        };
+        if chunks == 1 {
+            out.chunks_mut(chunk_rows)
+                .zip(scratches.iter_mut())
+                .enumerate()
+                .try_for_each(run_chunk)
+        } else {
+            use rayon::prelude::*;
+            out.par_chunks_mut(chunk_rows)
+                .zip(scratches.par_iter_mut())
+                .enumerate()
+                .try_for_each(run_chunk)
+        }
     }
 
     /// Dense form: hidden states (`rows × dim`) and raw logits (`rows × vocab`) in; normalised
@@ -437,17 +472,13 @@ impl Detoxifier {
             rule::check_logits(z, self.vocab).map_err(|source| DetoxError::Row { row, source })?;
         }
         let selection = self.retrieve(hidden, rows, opts, scratch)?;
-        // Rows are independent: contiguous chunks of them, one per pool thread, each with its
-        // own scratch, so a row's answer does not depend on how the batch was split.
-        let chunks = rows.min(rayon::current_num_threads()).max(1);
-        let chunk_rows = rows.div_ceil(chunks);
-        let chunks = rows.div_ceil(chunk_rows);
-        if scratch.dense_chunks.len() < chunks {
-            scratch.dense_chunks.resize_with(chunks, Default::default);
+        let (chunk_rows, chunks) = row_chunks(rows);
+        if scratch.chunks.len() < chunks {
+            scratch.chunks.resize_with(chunks, Default::default);
         }
         let DetoxScratch {
             neighbours,
-            dense_chunks,
+            chunks: dense_chunks,
             ..
         } = scratch;
         let neighbours = &*neighbours;
