@@ -45,6 +45,10 @@ struct Args {
     vocab: usize,
     #[arg(long)]
     exact: bool,
+    /// Drive the streams from a current-thread runtime (one client thread) instead of a
+    /// multi-threaded one.
+    #[arg(long)]
+    current_thread: bool,
 }
 
 struct Load {
@@ -243,7 +247,13 @@ fn main() -> anyhow::Result<()> {
         dense: args.form == "dense",
     });
 
-    let runtime = tokio::runtime::Runtime::new()?;
+    let runtime = if args.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Runtime::new()?
+    };
     let grpc = runtime.block_on(async {
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(args.seconds);

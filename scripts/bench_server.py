@@ -132,6 +132,10 @@ def main():
     ap.add_argument("--work-dir", type=Path, default=REPO / "target" / "bench-server")
     ap.add_argument("--python", action="store_true", help="also time the Python client (1 stream)")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
+    ap.add_argument("--serve-args", default="",
+                    help="extra arguments for `goodtriever serve`, e.g. \"--concurrent-steps 1\"")
+    ap.add_argument("--client-current-thread", action="store_true",
+                    help="the load generator drives its streams from one thread (current-thread runtime)")
     ap.add_argument("--server-binary", type=Path,
                     help="serve with this goodtriever build instead of the tree's (to compare builds)")
     ap.add_argument("--prepare-only", action="store_true", help="build the stores and stop")
@@ -164,7 +168,8 @@ def main():
         sock_dir = tempfile.TemporaryDirectory(prefix="gt-bench-")
         listen = "127.0.0.1:0" if transport == "tcp" else f"unix:{sock_dir.name}/serve.sock"
         forms = args.forms if transport == "tcp" else [f for f in args.forms if f in args.unix_forms]
-        proc, addr = start_server(binary, dirs, ["--k", str(args.k), *search], listen)
+        proc, addr = start_server(binary, dirs, ["--k", str(args.k), *search, *args.serve_args.split()],
+                                  listen)
         try:
             for form in forms:
                 for n in args.streams:
@@ -172,7 +177,8 @@ def main():
                            "--nontoxic", str(dirs["nontoxic"]), "--queries", str(queries),
                            "--streams", str(n), "--form", form, "--seconds", str(args.seconds),
                            "--max-steps", str(args.max_steps), "--k", str(args.k),
-                           "--vocab", str(VOCAB), *search]
+                           "--vocab", str(VOCAB), *search,
+                           *(["--current-thread"] if args.client_current_thread else [])]
                     log(f"{transport}, {form}, {n} stream(s)...")
                     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                     r = json.loads(out)
