@@ -120,16 +120,23 @@ pub struct DetoxScratch {
     chunks: Vec<(RuleScratch, SparseRow)>,
 }
 
-/// How a batch of `rows` rows is split for the rule: (rows per chunk, chunks), one contiguous
-/// chunk per pool thread. Rows are independent and each chunk has its own scratch, so a row's
-/// answer does not depend on how its batch was split. (The dense form's passes over the
-/// vocabulary cost about a millisecond per row; the sparse form's rule is cheaper but grows
-/// with merged batches in the server.)
-fn row_chunks(rows: usize) -> (usize, usize) {
-    let chunks = rows.min(rayon::current_num_threads()).max(1);
+/// How a batch of `rows` rows is split for the rule: (rows per chunk, chunks), contiguous
+/// chunks of at least `min_chunk` rows, at most one per pool thread. Rows are independent and
+/// each chunk has its own scratch, so a row's answer does not depend on how its batch was split.
+fn row_chunks(rows: usize, min_chunk: usize) -> (usize, usize) {
+    let chunks = (rows / min_chunk.max(1))
+        .min(rayon::current_num_threads())
+        .max(1);
     let chunk_rows = rows.div_ceil(chunks).max(1);
     (chunk_rows, rows.div_ceil(chunk_rows).max(1))
 }
+
+/// The dense form's passes over the vocabulary cost about a millisecond per row: every row is
+/// worth a pool thread.
+const DENSE_MIN_CHUNK: usize = 1;
+/// The sparse rule costs tens of microseconds per row, a few times what handing work to a pool
+/// thread does; it runs in parallel only for batches like the server's merged ones.
+const SPARSE_MIN_CHUNK: usize = 8;
 
 /// The toxicity control engine. Cheap to share (`Arc<Detoxifier>`); every method takes `&self`.
 pub struct Detoxifier {
@@ -382,51 +389,17 @@ impl Detoxifier {
         let selection = self.retrieve(hidden, rows, opts, scratch)?;
         out.resize_with(rows, SparseRow::default);
         out.truncate(rows);
-        let (chunk_rows, chunks) = row_chunks(rows);
-        if scratch.chunks.len() < chunks {
-            scratch.chunks.resize_with(chunks, Default::default);
-        }
-        let DetoxScratch {
-            neighbours,
-            chunks: scratches,
-            ..
-        } = scratch;
-        let neighbours = &*neighbours;
-        let run_chunk = |(c, (answers, (rule, _))): (
-            usize,
-            (&mut [SparseRow], &mut (RuleScratch, SparseRow)),
-        )| {
-            let mut experts = [Expert::<Neighbour> {
-                weight: 0.0,
-                neighbours: &[],
-            }; MAX_STORES];
-            for (i, answer) in answers.iter_mut().enumerate() {
-                let row = c * chunk_rows + i;
-                let n = self.experts_for(selection, neighbours, row, &mut experts);
-                rule::sparse_row(
-                    opts.mode,
-                    &experts[..n],
-                    &opts.params,
-                    self.vocab,
-                    rule,
-                    answer,
-                )
-                .map_err(|source| DetoxError::Row { row, source })?;
-            }
-            Ok::<(), DetoxError>(())
-        };
-        if chunks == 1 {
-            out.chunks_mut(chunk_rows)
-                .zip(scratches.iter_mut())
-                .enumerate()
-                .try_for_each(run_chunk)
-        } else {
-            use rayon::prelude::*;
-            out.par_chunks_mut(chunk_rows)
-                .zip(scratches.par_iter_mut())
-                .enumerate()
-                .try_for_each(run_chunk)
-        }
+        let (mode, params, vocab) = (opts.mode, &opts.params, self.vocab);
+        self.rule_rows(
+            selection,
+            scratch,
+            out,
+            1,
+            SPARSE_MIN_CHUNK,
+            |experts, rule, _, answer| {
+                rule::sparse_row(mode, experts, params, vocab, rule, &mut answer[0])
+            },
+        )
     }
 
     /// Dense form: hidden states (`rows × dim`) and raw logits (`rows × vocab`) in; normalised
@@ -472,51 +445,72 @@ impl Detoxifier {
             rule::check_logits(z, self.vocab).map_err(|source| DetoxError::Row { row, source })?;
         }
         let selection = self.retrieve(hidden, rows, opts, scratch)?;
-        let (chunk_rows, chunks) = row_chunks(rows);
+        let (mode, params, vocab) = (opts.mode, &opts.params, self.vocab);
+        self.rule_rows(
+            selection,
+            scratch,
+            logits,
+            vocab,
+            DENSE_MIN_CHUNK,
+            |experts, rule, sparse, z| {
+                rule::sparse_row(mode, experts, params, vocab, rule, sparse)
+                    .and_then(|()| rule::apply_sparse_in_place(z, sparse, params.filter_p, rule))
+            },
+        )
+    }
+
+    /// Runs `row_rule` for every row of a batch whose neighbours `retrieve` found: the row's
+    /// experts, a rule scratch, a sparse-row buffer and the row's `per_row` items of `out`.
+    /// Contiguous chunks of rows run in parallel, each with its own scratch (see
+    /// [`row_chunks`]).
+    fn rule_rows<T: Send>(
+        &self,
+        selection: StoreSelection,
+        scratch: &mut DetoxScratch,
+        out: &mut [T],
+        per_row: usize,
+        min_chunk: usize,
+        row_rule: impl Fn(
+                &[Expert<'_, Neighbour>],
+                &mut RuleScratch,
+                &mut SparseRow,
+                &mut [T],
+            ) -> Result<(), RuleError>
+            + Sync,
+    ) -> Result<(), DetoxError> {
+        let rows = out.len() / per_row;
+        let (chunk_rows, chunks) = row_chunks(rows, min_chunk);
         if scratch.chunks.len() < chunks {
             scratch.chunks.resize_with(chunks, Default::default);
         }
         let DetoxScratch {
             neighbours,
-            chunks: dense_chunks,
-            ..
+            chunks: scratches,
         } = scratch;
         let neighbours = &*neighbours;
         let run_chunk =
-            |(c, (z, (rule, sparse))): (usize, (&mut [f32], &mut (RuleScratch, SparseRow)))| {
+            |(c, (items, (rule, sparse))): (usize, (&mut [T], &mut (RuleScratch, SparseRow)))| {
                 let mut experts = [Expert::<Neighbour> {
                     weight: 0.0,
                     neighbours: &[],
                 }; MAX_STORES];
-                for (i, z) in z.chunks_exact_mut(self.vocab).enumerate() {
+                for (i, row_items) in items.chunks_exact_mut(per_row).enumerate() {
                     let row = c * chunk_rows + i;
                     let n = self.experts_for(selection, neighbours, row, &mut experts);
-                    rule::sparse_row(
-                        opts.mode,
-                        &experts[..n],
-                        &opts.params,
-                        self.vocab,
-                        rule,
-                        sparse,
-                    )
-                    .and_then(|()| {
-                        rule::apply_sparse_in_place(z, sparse, opts.params.filter_p, rule)
-                    })
-                    .map_err(|source| DetoxError::Row { row, source })?;
+                    row_rule(&experts[..n], rule, sparse, row_items)
+                        .map_err(|source| DetoxError::Row { row, source })?;
                 }
-                Ok::<(), DetoxError>(())
+                Ok(())
             };
         if chunks == 1 {
-            logits
-                .chunks_mut(chunk_rows * self.vocab)
-                .zip(dense_chunks.iter_mut())
+            out.chunks_mut(chunk_rows * per_row)
+                .zip(scratches.iter_mut())
                 .enumerate()
                 .try_for_each(run_chunk)
         } else {
             use rayon::prelude::*;
-            logits
-                .par_chunks_mut(chunk_rows * self.vocab)
-                .zip(dense_chunks.par_iter_mut())
+            out.par_chunks_mut(chunk_rows * per_row)
+                .zip(scratches.par_iter_mut())
                 .enumerate()
                 .try_for_each(run_chunk)
         }

@@ -181,10 +181,12 @@ fn engine_equals_the_rule_over_exact_neighbours() {
 fn a_row_in_a_batch_equals_the_same_row_alone() {
     let f = fixture();
     let detox = engine(&f, 16);
-    let q = queries(5, 11);
-    let z = logits(5, 12);
+    // 20 rows: both forms split the rule over row chunks in parallel (the sparse form from 16).
+    let rows = 20;
+    let q = queries(rows, 11);
+    let z = logits(rows, 12);
     let mut scratch = DetoxScratch::default();
-    let mut batch = vec![0.0; 5 * VOCAB];
+    let mut batch = vec![0.0; rows * VOCAB];
     detox
         .adjust_dense(&q, &z, &opts(16), &mut scratch, &mut batch)
         .unwrap();
@@ -192,7 +194,7 @@ fn a_row_in_a_batch_equals_the_same_row_alone() {
     detox
         .adjust_sparse(&q, &opts(16), &mut scratch, &mut sparse_batch)
         .unwrap();
-    for row in 0..5 {
+    for row in 0..rows {
         let mut alone = vec![0.0; VOCAB];
         let qr = &q[row * DIM..(row + 1) * DIM];
         detox

@@ -6,7 +6,10 @@
 //! holds a single test: the harness would otherwise run other tests beside it. Steps that fan
 //! out to rayon's pool (two stores, several segments, several rows) are allowed rayon's own
 //! bookkeeping: its injector queue allocates one block per 63 jobs injected from outside the
-//! pool, well under one allocation per step; any buffer of ours would cost at least one per step.
+//! pool. A step injects a few (the search; for several rows also the rule's row chunks), so
+//! 3–9 allocations per 200 steps when the machine is quiet, up to 18 seen under a parallel
+//! build; the bound, one per 8 steps, stays far below what any buffer of ours would cost (at
+//! least one per step).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
@@ -110,13 +113,13 @@ fn a_warm_decoding_step_allocates_nothing() {
     let steps = STEPS;
     let too_many: Vec<_> = report
         .iter()
-        .filter(|(_, fans_out, n)| *n > if *fans_out { steps / 16 } else { 0 })
+        .filter(|(_, fans_out, n)| *n > if *fans_out { steps / 8 } else { 0 })
         .collect();
     assert!(
         too_many.is_empty(),
         "allocations per {steps} warm steps (none allowed where nothing fans out to rayon, \
          at most {} where it does): {too_many:#?}",
-        steps / 16
+        steps / 8
     );
 }
 
