@@ -1,10 +1,11 @@
 //! The `goodtriever.v1.Goodtriever` service: request checks, the engine call, the answer.
 //!
 //! Every CPU-bound step of a request (decoding the packed tensors, searching, the rule, encoding
-//! the answer) runs on the worker thread that received it, at most one request per core at once
-//! (see `Shared::adjust_step`); `goodtriever serve` starts one more worker than cores, so one
-//! always keeps accepting and moving other clients' messages. Steps that find every core busy
-//! wait in a queue and are merged into one engine call (`merge`). A stream's steps are computed as
+//! the answer) runs on the worker thread that received it, at most `concurrent_steps` at once
+//! (one per core by default; see `Shared::adjust_step`); `goodtriever serve` starts one more
+//! worker than that, so one always keeps accepting and moving other clients' messages. Steps
+//! that find every slot busy wait in a queue and are merged into one engine call (`merge`). A
+//! stream's steps are computed as
 //! its response stream is polled (`StepStream`). Appends, which fsync, run on tokio's
 //! blocking pool instead. Per-request buffers come from a pool of `Buffers`, so a steady
 //! stream of steps reuses the same allocations.
@@ -147,8 +148,9 @@ impl Shared {
     /// thread on every call, and measured ~50 µs more gRPC overhead per step on 2 cores:
     /// 244–250 µs against 172–205 µs at p50, with no throughput change at 8 streams.) Tokio's
     /// other workers steal the queued tasks of a worker that computes; a semaphore with one
-    /// permit per core bounds how many steps compute at once, and a step that finds every
-    /// core busy waits asynchronously, merged with the other waiting steps (see `merge`).
+    /// permit per concurrent step (one per core by default) bounds how many compute at once,
+    /// and a step that finds every permit taken waits asynchronously, merged with the other
+    /// waiting steps (see `merge`).
     pub(super) async fn adjust_step(
         self: &Arc<Self>,
         req: proto::AdjustRequest,
