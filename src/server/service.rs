@@ -5,10 +5,9 @@
 //! (one per core by default; see `Shared::adjust_step`); `goodtriever serve` starts one more
 //! worker than that, so one always keeps accepting and moving other clients' messages. Steps
 //! that find every slot busy wait in a queue and are merged into one engine call (`merge`). A
-//! stream's steps are computed as
-//! its response stream is polled (`StepStream`). Appends, which fsync, run on tokio's
-//! blocking pool instead. Per-request buffers come from a pool of `Buffers`, so a steady
-//! stream of steps reuses the same allocations.
+//! stream's steps are computed as its response stream is polled (`StepStream`). Appends, which
+//! fsync, run on tokio's blocking pool instead. Per-request buffers come from a pool of
+//! `Buffers`, so a steady stream of steps reuses the same allocations.
 
 use std::ops::Range;
 use std::pin::Pin;
