@@ -26,6 +26,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::oneshot;
 use tonic::Status;
 
+use super::metrics::Phase;
 use super::proto;
 use super::service::{on_pool, Buffers, Plan, Shared};
 use super::status;
@@ -195,7 +196,7 @@ impl Shared {
         if group.is_empty() {
             return;
         }
-        self.metrics.phase("decode", t0.elapsed());
+        self.metrics.phase(Phase::Decode, t0.elapsed());
 
         let t1 = Instant::now();
         if let Err(e) = self.engine_call(plan, b) {
@@ -213,7 +214,7 @@ impl Shared {
             return;
         }
         let engine_time = t1.elapsed();
-        self.metrics.phase("adjust", engine_time);
+        self.metrics.phase(Phase::Adjust, engine_time);
         self.metrics.merged(group.len());
 
         let t2 = Instant::now();
@@ -226,7 +227,7 @@ impl Shared {
             let resp = self.response(&w.req, &p, rows, engine_time, b);
             w.answer(Ok(resp));
         }
-        self.metrics.phase("encode", t2.elapsed());
+        self.metrics.phase(Phase::Encode, t2.elapsed());
     }
 }
 

@@ -24,7 +24,7 @@ use super::auth::AdminAuth;
 use super::convert::{self, Finite, WireDType};
 use super::encoder::{EncodeError, TextEncoder};
 use super::merge::{WaitQueue, Waiting};
-use super::metrics::Metrics;
+use super::metrics::{Method, Metrics, Phase};
 use super::proto::{self, goodtriever_server::Goodtriever};
 use super::status;
 use super::step_stream::StepStream;
@@ -169,11 +169,11 @@ impl Shared {
     }
 
     /// Records a finished request in the metrics (and refusals in the debug log).
-    pub(super) fn finished<T>(&self, method: &str, t: Instant, r: &Result<T, Status>) {
+    pub(super) fn finished<T>(&self, method: Method, t: Instant, r: &Result<T, Status>) {
         let code = r.as_ref().err().map(Status::code);
         if let Some(c) = code {
             if c != Code::Internal {
-                tracing::debug!(method, code = ?c, message = %r.as_ref().err().map(|s| s.message()).unwrap_or(""), "request refused");
+                tracing::debug!(method = method.name(), code = ?c, message = %r.as_ref().err().map(|s| s.message()).unwrap_or(""), "request refused");
             }
         }
         self.metrics.finished(method, t.elapsed(), code);
@@ -377,15 +377,15 @@ impl Shared {
         b.hidden.clear();
         b.logits.clear();
         self.decode(req, plan, b)?;
-        self.metrics.phase("decode", t0.elapsed());
+        self.metrics.phase(Phase::Decode, t0.elapsed());
         let t1 = Instant::now();
         self.engine_call(plan, b).map_err(status::from_detox)?;
         let engine_time = t1.elapsed();
-        self.metrics.phase("adjust", engine_time);
+        self.metrics.phase(Phase::Adjust, engine_time);
         self.metrics.merged(1);
         let t2 = Instant::now();
         let resp = self.response(req, plan, 0..plan.rows(), engine_time, b);
-        self.metrics.phase("encode", t2.elapsed());
+        self.metrics.phase(Phase::Encode, t2.elapsed());
         Ok(resp)
     }
 
@@ -488,7 +488,7 @@ impl Shared {
         if let Err(err) = self.engine.refresh() {
             tracing::warn!(%err, "refresh after append failed");
         }
-        self.metrics.phase("append", t.elapsed());
+        self.metrics.phase(Phase::Append, t.elapsed());
         self.update_store_metrics();
         tracing::info!(store = %s.name, segment = info.id, rows = info.rows, "appended");
         Ok((info.id, info.rows as u64, self.store_info(store)))
@@ -610,9 +610,9 @@ impl Goodtriever for Service {
         request: Request<proto::AdjustRequest>,
     ) -> Result<Response<proto::AdjustResponse>, Status> {
         let t = Instant::now();
-        self.shared.metrics.request("Adjust");
+        self.shared.metrics.request(Method::Adjust);
         let r = self.shared.adjust_step(request.into_inner()).await;
-        self.shared.finished("Adjust", t, &r);
+        self.shared.finished(Method::Adjust, t, &r);
         r.map(Response::new)
     }
 
@@ -633,9 +633,9 @@ impl Goodtriever for Service {
         request: Request<proto::AddExamplesRequest>,
     ) -> Result<Response<proto::AddExamplesResponse>, Status> {
         let t = Instant::now();
-        self.shared.metrics.request("AddExamples");
+        self.shared.metrics.request(Method::AddExamples);
         let r = self.add_examples_inner(request).await;
-        self.shared.finished("AddExamples", t, &r);
+        self.shared.finished(Method::AddExamples, t, &r);
         r.map(Response::new)
     }
 
@@ -644,9 +644,9 @@ impl Goodtriever for Service {
         request: Request<proto::AddTextsRequest>,
     ) -> Result<Response<proto::AddTextsResponse>, Status> {
         let t = Instant::now();
-        self.shared.metrics.request("AddTexts");
+        self.shared.metrics.request(Method::AddTexts);
         let r = self.add_texts_inner(request).await;
-        self.shared.finished("AddTexts", t, &r);
+        self.shared.finished(Method::AddTexts, t, &r);
         r.map(Response::new)
     }
 
@@ -655,9 +655,9 @@ impl Goodtriever for Service {
         _request: Request<proto::InfoRequest>,
     ) -> Result<Response<proto::InfoResponse>, Status> {
         let t = Instant::now();
-        self.shared.metrics.request("Info");
+        self.shared.metrics.request(Method::Info);
         let r = Ok(self.shared.info());
-        self.shared.finished("Info", t, &r);
+        self.shared.finished(Method::Info, t, &r);
         r.map(Response::new)
     }
 }

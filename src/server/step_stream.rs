@@ -20,10 +20,11 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
+use super::metrics::Method;
 use super::proto;
 use super::service::{map_decode_error, Shared};
 
-const METHOD: &str = "AdjustStream";
+const METHOD: Method = Method::AdjustStream;
 
 type Answer = Result<proto::AdjustResponse, Status>;
 
