@@ -2,7 +2,9 @@
 //! (what a client does with a sparse answer, what the dense form and the embedded generator
 //! run per row), and the generator's sampler (temperature 1, top-p 0.9) over V = 49152, on a
 //! flat distribution (uniform logits in ±2: the nucleus keeps about half the vocabulary, the
-//! worst case) and a peaked one (Gaussian logits, σ = 4).
+//! worst case) and a peaked one (Gaussian logits, σ = 4). And the sparse form's rule for one
+//! row (`sparse_row`, ensemble of two stores with k = 1024 neighbours each): what a sparse
+//! decoding step costs beyond its search.
 //!
 //! `cargo bench --bench rule`
 
@@ -11,7 +13,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use goodtriever::generate::{Sampler, SamplingParams};
 use goodtriever::rule::{
-    apply_sparse, log_softmax_in_place, nucleus_filter, RuleScratch, SparseRow,
+    apply_sparse, log_softmax_in_place, nucleus_filter, sparse_row, Expert, Mode, RuleParams,
+    RuleScratch, SparseRow,
 };
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -71,5 +74,57 @@ fn rule(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, rule);
+/// k neighbours as a search returns them: ascending squared distances, and tokens that repeat
+/// (a context's likely continuations recur among its neighbours): about half are distinct.
+fn neighbours(rng: &mut Rng, k: usize, band: u32) -> Vec<(u32, f32)> {
+    let mut d = 40.0f32;
+    (0..k)
+        .map(|_| {
+            d += rng.uniform() * 0.05;
+            let u = rng.uniform();
+            let token = band + ((u * u * 1500.0) as u32 * 7) % 20_000;
+            (token, d)
+        })
+        .collect()
+}
+
+fn sparse(c: &mut Criterion) {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let toxic = neighbours(&mut rng, 1024, 0);
+    let nontoxic = neighbours(&mut rng, 1024, 5_000);
+    let experts = [
+        Expert {
+            weight: -1.0,
+            neighbours: &toxic[..],
+        },
+        Expert {
+            weight: 1.0,
+            neighbours: &nontoxic[..],
+        },
+    ];
+    let params = RuleParams::default();
+    let mut scratch = RuleScratch::new();
+    let mut out = SparseRow::default();
+    let mut group = c.benchmark_group("sparse_row");
+    group
+        .sample_size(50)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    group.bench_function("ensemble_2x1024", |b| {
+        b.iter(|| {
+            sparse_row(
+                Mode::Ensemble,
+                &experts,
+                &params,
+                VOCAB,
+                &mut scratch,
+                &mut out,
+            )
+            .expect("a valid row")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, rule, sparse);
 criterion_main!(benches);

@@ -206,7 +206,8 @@ impl Retrieved for (u32, f32) {
 }
 
 /// Reusable buffers. Vocabulary-sized arrays are kept zeroed between calls: only the entries a
-/// call touched are reset, so a call costs O(k), not O(V), outside the dense paths.
+/// call touched are reset, so a call costs O(k) (plus a scan of V/64 bitmap words), not O(V),
+/// outside the dense paths.
 #[derive(Debug, Default)]
 pub struct RuleScratch {
     /// Per-token accumulator for one store's kNN probability mass. `f64`, so that the mass of a
@@ -215,7 +216,9 @@ pub struct RuleScratch {
     mass_touched: Vec<u32>,
     /// Per-token accumulator for the combined bias over all stores.
     bias: Vec<f32>,
-    bias_touched: Vec<u32>,
+    /// One bit per token whose `bias` slot was touched: reading the set bits in order lists
+    /// them sorted and once each, which sorting a list of them cost several times over.
+    bias_touched: Vec<u64>,
     /// Exponentiated, unnormalised kNN weights, one per neighbour.
     weights: Vec<f64>,
     /// The nucleus's histogram.
@@ -231,6 +234,7 @@ impl RuleScratch {
         if self.mass.len() < vocab {
             self.mass.resize(vocab, 0.0);
             self.bias.resize(vocab, 0.0);
+            self.bias_touched.resize(vocab.div_ceil(64), 0);
         }
     }
 }
@@ -452,20 +456,16 @@ fn accumulate_expert<N: Retrieved>(
         } else {
             0.0
         };
-        let slot = &mut bias[t as usize];
-        // A slot at zero is either untouched or cancelled out; listing it again is harmless
-        // because the list is deduplicated when the pairs are emitted.
-        if *slot == 0.0 {
-            bias_touched.push(t);
-        }
-        *slot += weight * centred;
+        bias[t as usize] += weight * centred;
+        bias_touched[t as usize / 64] |= 1 << (t % 64);
     }
     mass_touched.clear();
     Ok(())
 }
 
 /// Fills `scratch.mass` with the kNN distribution `p_S(v) = Σ_i softmax(−d_i/T)·[v_i = v]` and
-/// `scratch.mass_touched` with the distinct retrieved tokens.
+/// `scratch.mass_touched` with the distinct retrieved tokens of nonzero mass, in the order they
+/// were first retrieved.
 fn knn_mass<N: Retrieved>(
     neighbours: &[N],
     temperature: f32,
@@ -500,18 +500,35 @@ fn knn_mass<N: Retrieved>(
     }
     let inv = 1.0 / total;
     for (n, &w) in neighbours.iter().zip(weights.iter()) {
+        let p = w * inv;
+        // A far neighbour's weight can underflow to zero: it adds nothing, and skipping it
+        // keeps a slot at zero exactly until its token's first mass, so each token is listed
+        // once, without sorting the list to deduplicate it.
+        if p == 0.0 {
+            continue;
+        }
         let t = n.token();
         let slot = &mut scratch.mass[t as usize];
         if *slot == 0.0 {
             scratch.mass_touched.push(t);
         }
-        *slot += w * inv;
+        *slot += p;
     }
-    // A far neighbour's weight can underflow to zero and leave its slot at zero, so a token
-    // may have been listed twice; its mass of zero is then treated like "not retrieved".
-    scratch.mass_touched.sort_unstable();
-    scratch.mass_touched.dedup();
     Ok(())
+}
+
+/// Calls `f` with every token whose bit is set, in increasing order, and clears the bits.
+fn for_each_touched(bits: &mut [u64], mut f: impl FnMut(u32)) {
+    for (w, word) in bits.iter_mut().enumerate() {
+        if *word == 0 {
+            continue;
+        }
+        let mut rest = std::mem::take(word);
+        while rest != 0 {
+            f(w as u32 * 64 + rest.trailing_zeros());
+            rest &= rest - 1;
+        }
+    }
 }
 
 /// Moves the accumulated bias into `pairs` (sorted by token id, zeros dropped) and re-zeroes
@@ -521,15 +538,12 @@ fn drain_bias(scratch: &mut RuleScratch, pairs: &mut Vec<(u32, f32)>) {
     let RuleScratch {
         bias, bias_touched, ..
     } = scratch;
-    bias_touched.sort_unstable();
-    bias_touched.dedup();
-    for &t in bias_touched.iter() {
+    for_each_touched(bias_touched, |t| {
         let b = std::mem::take(&mut bias[t as usize]);
         if b != 0.0 {
             pairs.push((t, b));
         }
-    }
-    bias_touched.clear();
+    });
 }
 
 /// Sparse form of the ensemble rule: the per-token bias `Σ_j α·w_j·(ℓ_j(v) − m_j)` over the
@@ -572,10 +586,10 @@ fn reset(scratch: &mut RuleScratch) {
         scratch.mass[t as usize] = 0.0;
     }
     scratch.mass_touched.clear();
-    for &t in &scratch.bias_touched {
-        scratch.bias[t as usize] = 0.0;
-    }
-    scratch.bias_touched.clear();
+    let RuleScratch {
+        bias, bias_touched, ..
+    } = scratch;
+    for_each_touched(bias_touched, |t| bias[t as usize] = 0.0);
 }
 
 /// The sparse answer for one row in the given mode. `experts` carry their signed weights for
@@ -609,11 +623,11 @@ pub fn sparse_row<N: Retrieved>(
             let log_probs = out.mixture_log_probs(params.lambda);
             knn_mass(store.neighbours, params.temperature, vocab, scratch)?;
             log_probs.clear();
+            // Pairs go out sorted by token id, like every sparse row.
+            scratch.mass_touched.sort_unstable();
             for &t in &scratch.mass_touched {
                 let p = std::mem::take(&mut scratch.mass[t as usize]);
-                if p > 0.0 {
-                    log_probs.push((t, p.ln() as f32));
-                }
+                log_probs.push((t, p.ln() as f32));
             }
             scratch.mass_touched.clear();
             Ok(())

@@ -262,6 +262,35 @@ proptest! {
         assert_close(&got, &naive_rule(Mode::KnnLm, &[(1.0, pos.clone())], &p, &z));
     }
 
+    /// The kNN-LM row lists ln p_S on exactly the tokens of nonzero mass, sorted by token.
+    #[test]
+    fn knn_lm_row_lists_each_token_of_nonzero_mass_once_in_order((z, pos, _neg, p) in case()) {
+        let vocab = z.len();
+        let experts = [Expert { weight: 1.0, neighbours: &pos[..] }];
+        let mut scratch = RuleScratch::new();
+        let mut row = SparseRow::default();
+        sparse_row(Mode::KnnLm, &experts, &p, vocab, &mut scratch, &mut row).unwrap();
+        let SparseRow::Mixture { lambda, log_probs } = &row else { panic!("kNN-LM answers with a mixture") };
+        prop_assert_eq!(*lambda, p.lambda);
+        for w in log_probs.windows(2) {
+            prop_assert!(w[0].0 < w[1].0, "pairs sorted by token, no duplicates");
+        }
+        let (mass, _) = naive_store(&pos, p.temperature as f64, vocab);
+        let mut listed = vec![false; vocab];
+        for &(t, lp) in log_probs {
+            prop_assert!(pos.iter().any(|n| n.0 == t), "token {} was not retrieved", t);
+            listed[t as usize] = true;
+            // Masses down in the subnormals round differently here and in the naive sum.
+            if mass[t as usize] > 1e-300 {
+                let want = mass[t as usize].ln();
+                prop_assert!((lp as f64 - want).abs() <= 1e-3 * want.abs().max(1.0), "token {}: {} vs {}", t, lp, want);
+            }
+        }
+        for v in 0..vocab {
+            prop_assert!(listed[v] || mass[v] <= 1e-300, "token {} of mass {} is missing", v, mass[v]);
+        }
+    }
+
     /// The sparse pairs are exactly α·[(ℓ⁺ − m⁺) − (ℓ⁻ − m⁻)] on the retrieved tokens, and
     /// adding them to the filtered logits gives the dense answer.
     #[test]
