@@ -97,6 +97,15 @@ def start_server(binary, dirs, extra, addr="127.0.0.1:0"):
     return proc, line.split()[1].split("=", 1)[1]
 
 
+def guest_halt_poll_ns():
+    """The guest kernel's halt-polling limit (KVM guests with the haltpoll cpuidle driver), or
+    None where there is no such setting."""
+    try:
+        return int(Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def python_client_steps(addr, queries, seconds, max_steps):
     sys.path.insert(0, str(REPO / "clients" / "python"))
     from goodtriever_client import Client
@@ -159,10 +168,13 @@ def main():
     results = {
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
         "cpu": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+        # Whether idle vCPUs poll before halting decides most of the one-stream floor on a VM.
+        "guest_halt_poll_ns": guest_halt_poll_ns(),
         "rows_per_store": args.rows, "dim": DIM, "vocab": VOCAB, "k": args.k,
         "search": "exact" if args.exact else "auto (HNSW)", "runs": [],
         "server_binary": str(binary),
     }
+    log(f"guest halt polling: {results['guest_halt_poll_ns']} ns (None: no such setting)")
     for transport in args.transports:
         # Socket paths are limited to ~107 bytes; a fresh short temporary directory holds it.
         sock_dir = tempfile.TemporaryDirectory(prefix="gt-bench-")
