@@ -11,7 +11,7 @@ cargo test --locked
 # git-ignored .venv-client; torch/transformers are not installed, so the transformers test
 # skips unless you add them to that venv.
 python3 -m venv .venv-client
-.venv-client/bin/pip install --quiet --disable-pip-version-check ./clients/python pytest
+.venv-client/bin/pip install --quiet --disable-pip-version-check "./clients/python[test]"
 (cd clients/python && GOODTRIEVER_BIN="$PWD/../../target/debug/goodtriever" \
     ../../.venv-client/bin/python -m pytest -q)
 

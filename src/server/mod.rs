@@ -75,8 +75,8 @@ pub enum ServerError {
     ConcurrentSteps,
     #[error("the model does not match the stores: {0}; serve stores built with this model")]
     ModelMismatch(String),
-    #[error("TLS configuration: {0}")]
-    Tls(#[source] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("gRPC reflection: {0}")]
     Reflection(String),
     #[error("the gRPC server failed: {0}")]
@@ -88,6 +88,29 @@ pub enum ServerError {
 pub struct TlsPem {
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
+}
+
+impl TlsPem {
+    /// The two usual mistakes (a file that is not PEM, the files swapped) named in words;
+    /// rustls's own wording for them ("peer sent no certificates") points elsewhere.
+    fn check(&self) -> Result<(), ServerError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(&self.cert)
+            .filter(|c| c.is_ok())
+            .count();
+        if certs == 0 {
+            return Err(ServerError::Tls(
+                "--tls-cert holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")".into(),
+            ));
+        }
+        if PrivateKeyDer::from_pem_slice(&self.key).is_err() {
+            return Err(ServerError::Tls(
+                "--tls-key holds no PEM private key (PKCS#8, PKCS#1 or SEC1)".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Everything a server needs besides its engine and sockets.
@@ -131,6 +154,8 @@ impl Default for ServeOptions {
 pub struct Server {
     engine: Arc<Detoxifier>,
     opts: ServeOptions,
+    /// HTTP/2 settings and TLS, built (and so checked) before anything is served.
+    transport: tonic::transport::Server,
     grpc: GrpcListener,
     metrics: Option<TcpListener>,
 }
@@ -182,9 +207,24 @@ impl Server {
                 .check_compatible(&fp)
                 .map_err(ServerError::ModelMismatch)?;
         }
+        let mut transport = tonic::transport::Server::builder().max_frame_size(MAX_FRAME_BYTES);
+        if let Some(tls) = &opts.tls {
+            tls.check()?;
+            let identity = tonic::transport::Identity::from_pem(&tls.cert, &tls.key);
+            transport = transport
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .map_err(|e| {
+                    ServerError::Tls(format!(
+                        "--tls-cert and --tls-key do not make a TLS identity (is the key the \
+                         certificate's?): {}",
+                        error_chain(&e)
+                    ))
+                })?;
+        }
         Ok(Self {
             engine,
             opts,
+            transport,
             grpc,
             metrics,
         })
@@ -240,13 +280,6 @@ impl Server {
             .build_v1()
             .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
-        let mut builder = tonic::transport::Server::builder().max_frame_size(MAX_FRAME_BYTES);
-        if let Some(tls) = &self.opts.tls {
-            let identity = tonic::transport::Identity::from_pem(&tls.cert, &tls.key);
-            builder = builder
-                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-                .map_err(ServerError::Tls)?;
-        }
         let metrics_task = self
             .metrics
             .map(|l| tokio::spawn(metrics::serve_metrics(l, metrics.clone(), stop_rx.clone())));
@@ -264,7 +297,8 @@ impl Server {
                 .set_not_serving::<GoodtrieverServer<service::Service>>()
                 .await;
         };
-        let router = builder
+        let router = self
+            .transport
             .layer(limits::ResourceExhaustedLayer::new(
                 limits.max_message_bytes,
             ))
@@ -311,5 +345,20 @@ impl Server {
         }
         tracing::info!("server stopped");
         result.map_err(ServerError::Transport)
+    }
+}
+
+/// The causes under tonic's error, whose own text ("transport error") says nothing to act on.
+fn error_chain(e: &tonic::transport::Error) -> String {
+    let mut causes = Vec::new();
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        causes.push(cause.to_string());
+        next = cause.source();
+    }
+    if causes.is_empty() {
+        e.to_string()
+    } else {
+        causes.join(": ")
     }
 }

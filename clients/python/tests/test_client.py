@@ -1,5 +1,6 @@
 """The Python client against a real `goodtriever serve`."""
 
+import subprocess
 import urllib.request
 
 import grpc
@@ -149,3 +150,88 @@ def test_unix_socket_target(stores, binary, tmp_path, client):
     finally:
         stop_server(served)
     assert not sock.exists(), "serve removes its socket file on exit"
+
+
+def _self_signed(directory):
+    """A fresh certificate for localhost and 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "goodtriever test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (directory / "cert.pem").write_bytes(cert_pem)
+    (directory / "key.pem").write_bytes(key_pem)
+    return directory / "cert.pem", directory / "key.pem"
+
+
+def test_tls(stores, binary, tmp_path, client):
+    """`serve --tls-cert --tls-key`: a client given the certificate (`root_certificates`) gets
+    the same answers as over plain text; a plain-text client is refused."""
+    pytest.importorskip("cryptography", reason="the test extra (pip install ./clients/python[test])")
+    cert, key = _self_signed(tmp_path)
+    served = start_server(
+        binary, stores["toxic"], stores["nontoxic"],
+        "--vocab-size", str(VOCAB), "--k", "32", "--temperature", "10", "--exact",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+    )
+    try:
+        hidden = queries(2, 23)
+        with Client(served.grpc, root_certificates=cert.read_bytes()) as c:
+            assert c.info().model.hidden_size == DIM
+            with c.session() as s:
+                over_tls = s.step(hidden)
+        over_plain = client.adjust(hidden)
+        for a, b in zip(over_tls.rows, over_plain.rows):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_array_equal(a.values, b.values)
+        with Client(served.grpc, timeout=10) as plain:
+            with pytest.raises(GoodtrieverError) as err:
+                plain.info()
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE, err.value
+    finally:
+        stop_server(served)
+
+
+def test_tls_files_that_make_no_identity_are_refused(stores, binary, tmp_path):
+    pytest.importorskip("cryptography", reason="the test extra (pip install ./clients/python[test])")
+    cert, _key = _self_signed(tmp_path)
+    done = subprocess.run(
+        [
+            str(binary), "serve", "--toxic", str(stores["toxic"]), "--nontoxic",
+            str(stores["nontoxic"]), "--vocab-size", str(VOCAB), "--addr", "127.0.0.1:0",
+            "--no-metrics",
+            "--tls-cert", str(cert), "--tls-key", str(cert),
+        ],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0
+    assert "listening" not in done.stdout
+    assert "--tls-key holds no PEM private key" in done.stderr, done.stderr
