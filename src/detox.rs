@@ -6,6 +6,7 @@
 //! the scratch has grown to the batch size.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::datastore::{Datastore, DatastoreError, Neighbour, SearchParams};
 use crate::fingerprint::{KeyType, ModelFingerprint};
@@ -118,6 +119,16 @@ pub struct DetoxScratch {
     /// One rule scratch (and, for the dense form, one sparse row) per chunk of rows: a batch's
     /// rows run the rule in parallel (see [`row_chunks`]).
     chunks: Vec<(RuleScratch, SparseRow)>,
+    /// How long the last call searched the stores.
+    search_time: Duration,
+}
+
+impl DetoxScratch {
+    /// How long the last call with this scratch spent searching the stores; the rest of its
+    /// time went to the rule (a server reports the two as separate phases).
+    pub fn last_search_time(&self) -> Duration {
+        self.search_time
+    }
 }
 
 /// How a batch of `rows` rows is split for the rule: (rows per chunk, chunks), contiguous
@@ -336,6 +347,7 @@ impl Detoxifier {
             }
         }
         let k = opts.params.k;
+        let started = Instant::now();
         let search = |(s, out): (&ControlStore, &mut Vec<Vec<Neighbour>>)| {
             s.store
                 .search_into(hidden, k, &self.search, &mut out[..rows])
@@ -355,6 +367,7 @@ impl Detoxifier {
                 .zip(outs.par_iter_mut())
                 .try_for_each(search)?;
         }
+        scratch.search_time = started.elapsed();
         Ok(selection)
     }
 
@@ -486,6 +499,7 @@ impl Detoxifier {
         let DetoxScratch {
             neighbours,
             chunks: scratches,
+            ..
         } = scratch;
         let neighbours = &*neighbours;
         let run_chunk =

@@ -556,3 +556,23 @@ fn unknown_vocabulary_must_be_given() {
     let d = Detoxifier::new(stores, opts(8), SearchParams::exact(), Some(20)).unwrap();
     assert_eq!(d.vocab_size(), 20);
 }
+
+/// The scratch says how long the last call searched, which the server exports as the `search`
+/// phase and subtracts from the call's time for the `rule` phase.
+#[test]
+fn a_call_reports_its_search_time_within_its_own() {
+    let f = fixture();
+    let detox = engine(&f, 32);
+    let mut scratch = DetoxScratch::default();
+    assert_eq!(scratch.last_search_time(), std::time::Duration::ZERO);
+    let mut out = Vec::new();
+    let q = queries(4, 41);
+    let started = std::time::Instant::now();
+    detox
+        .adjust_sparse(&q, &opts(32), &mut scratch, &mut out)
+        .unwrap();
+    let total = started.elapsed();
+    let search = scratch.last_search_time();
+    assert!(search > std::time::Duration::ZERO);
+    assert!(search <= total, "{search:?} of {total:?}");
+}

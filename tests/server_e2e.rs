@@ -870,7 +870,8 @@ async fn health_reflection_and_metrics() {
     for needle in [
         "goodtriever_requests_total{method=\"Adjust\"} 1",
         "goodtriever_phase_seconds_count{phase=\"decode\"} 1",
-        "goodtriever_phase_seconds_count{phase=\"adjust\"} 1",
+        "goodtriever_phase_seconds_count{phase=\"search\"} 1",
+        "goodtriever_phase_seconds_count{phase=\"rule\"} 1",
         "goodtriever_batch_rows_sum 3",
         "goodtriever_store_rows{store=\"toxic\"} 300",
         "goodtriever_request_seconds_count{method=\"Adjust\"} 1",

@@ -198,23 +198,23 @@ impl Shared {
         }
         self.metrics.phase(Phase::Decode, t0.elapsed());
 
-        let t1 = Instant::now();
-        if let Err(e) = self.engine_call(plan, b) {
-            if group.len() == 1 {
-                batch[group[0]].answer(Err(status::from_detox(e)));
-            } else {
-                // Alone, each step gets its own answer or its own error.
-                for &j in group.iter() {
-                    let w = &mut batch[j];
-                    let plan = w.plan.expect("checked");
-                    let answer = self.adjust_with(&w.req, &plan, b, t0);
-                    w.answer(answer);
+        let engine_time = match self.engine_call(plan, b) {
+            Ok(t) => t,
+            Err(e) => {
+                if group.len() == 1 {
+                    batch[group[0]].answer(Err(status::from_detox(e)));
+                } else {
+                    // Alone, each step gets its own answer or its own error.
+                    for &j in group.iter() {
+                        let w = &mut batch[j];
+                        let plan = w.plan.expect("checked");
+                        let answer = self.adjust_with(&w.req, &plan, b, t0);
+                        w.answer(answer);
+                    }
                 }
+                return;
             }
-            return;
-        }
-        let engine_time = t1.elapsed();
-        self.metrics.phase(Phase::Adjust, engine_time);
+        };
         self.metrics.merged(group.len());
 
         let t2 = Instant::now();

@@ -2,7 +2,8 @@
 //!
 //! Operators of a decoding sidecar need to see, per RPC, how many requests and errors there are
 //! and where the time of a step goes: turning the wire bytes into rows (`decode`), the engine's
-//! search and rule (`adjust`), writing the answer (`encode`), and appends to a store (`append`).
+//! nearest-neighbour search of the stores (`search`) and its decoding rule (`rule`), writing the
+//! answer (`encode`), and appends to a store (`append`).
 //! Batch sizes and store sizes are exported too, so drift updates are visible. The registry is
 //! private to the server (not the global default), so tests can run several servers in one
 //! process.
@@ -57,8 +58,10 @@ impl Method {
 pub enum Phase {
     /// Wire bytes to rows.
     Decode,
-    /// The engine's search and rule.
-    Adjust,
+    /// The engine's search of the stores.
+    Search,
+    /// The engine's decoding rule over the neighbours found.
+    Rule,
     /// The answer to wire form.
     Encode,
     /// An append to a store, durable.
@@ -66,12 +69,19 @@ pub enum Phase {
 }
 
 impl Phase {
-    const ALL: [Phase; 4] = [Phase::Decode, Phase::Adjust, Phase::Encode, Phase::Append];
+    const ALL: [Phase; 5] = [
+        Phase::Decode,
+        Phase::Search,
+        Phase::Rule,
+        Phase::Encode,
+        Phase::Append,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Phase::Decode => "decode",
-            Phase::Adjust => "adjust",
+            Phase::Search => "search",
+            Phase::Rule => "rule",
             Phase::Encode => "encode",
             Phase::Append => "append",
         }
@@ -194,6 +204,13 @@ impl Metrics {
 
     pub fn phase(&self, phase: Phase, elapsed: Duration) {
         self.phase[phase as usize].observe(elapsed.as_secs_f64());
+    }
+
+    /// One engine call of `total`, of which `search` searched the stores and the rest ran the
+    /// rule.
+    pub fn engine(&self, total: Duration, search: Duration) {
+        self.phase(Phase::Search, search);
+        self.phase(Phase::Rule, total.saturating_sub(search));
     }
 
     pub fn rows(&self, rows: usize) {

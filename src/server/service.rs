@@ -378,10 +378,7 @@ impl Shared {
         b.logits.clear();
         self.decode(req, plan, b)?;
         self.metrics.phase(Phase::Decode, t0.elapsed());
-        let t1 = Instant::now();
-        self.engine_call(plan, b).map_err(status::from_detox)?;
-        let engine_time = t1.elapsed();
-        self.metrics.phase(Phase::Adjust, engine_time);
+        let engine_time = self.engine_call(plan, b).map_err(status::from_detox)?;
         self.metrics.merged(1);
         let t2 = Instant::now();
         let resp = self.response(req, plan, 0..plan.rows(), engine_time, b);
@@ -426,8 +423,10 @@ impl Shared {
         Ok(())
     }
 
-    /// The engine over every row decoded into `b`, into `b.sparse` or `b.dense`.
-    pub(super) fn engine_call(&self, plan: &Plan, b: &mut Buffers) -> Result<(), DetoxError> {
+    /// The engine over every row decoded into `b`, into `b.sparse` or `b.dense`. Records its
+    /// search and rule phases and returns its time.
+    pub(super) fn engine_call(&self, plan: &Plan, b: &mut Buffers) -> Result<Duration, DetoxError> {
+        let started = Instant::now();
         if plan.logits.is_some() {
             b.dense.resize(b.logits.len(), 0.0);
             self.engine.adjust_dense(
@@ -436,11 +435,14 @@ impl Shared {
                 &plan.opts,
                 &mut b.scratch,
                 &mut b.dense,
-            )
+            )?;
         } else {
             self.engine
-                .adjust_sparse(&b.hidden, &plan.opts, &mut b.scratch, &mut b.sparse)
+                .adjust_sparse(&b.hidden, &plan.opts, &mut b.scratch, &mut b.sparse)?;
         }
+        let elapsed = started.elapsed();
+        self.metrics.engine(elapsed, b.scratch.last_search_time());
+        Ok(elapsed)
     }
 
     /// The answer to `req` from rows `rows` of the engine's output in `b`.
