@@ -160,6 +160,8 @@ def main():
     ap.add_argument("--compare-runtime", action="store_true",
                     help="also run `goodtriever generate` (greedy, f32 weights) and compare tokens")
     ap.add_argument("--skip-key-check", action="store_true")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="send each step's request when the processor runs, not from the hook")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,7 +207,7 @@ def main():
                 prompts = [json.loads(line)["prompt"] for line in f if line.strip()][: args.num_prompts]
 
             overrides = {} if args.alpha is None else {"alpha": args.alpha}
-            proc = GoodtrieverLogitsProcessor(client, model, **overrides)
+            proc = GoodtrieverLogitsProcessor(client, model, overlap=not args.no_overlap, **overrides)
             gen = dict(
                 max_new_tokens=args.max_new_tokens, eos_token_id=eos, pad_token_id=eos,
                 synced_gpus=False,  # Debian's torch 1.13 on Python 3.11 cannot import fsdp
@@ -247,7 +249,8 @@ def main():
             print("\n== latency per generated token (CPU, this machine's load)")
             print(f"plain generate       median {pct(plain_ms, 50):.1f} ms/token over {len(prompts)} prompts")
             print(f"controlled generate  median {pct(ctrl_ms, 50):.1f} ms/token")
-            print(f"hook (gRPC Adjust + applying the bias), {len(all_hook)} steps: p50 {pct(all_hook, 50):.1f} ms, "
+            print(f"hook ({'sent from the hook' if proc.overlap else 'sent by the processor'}; waiting for "
+                  f"the answer + applying the bias), {len(all_hook)} steps: p50 {pct(all_hook, 50):.1f} ms, "
                   f"p90 {pct(all_hook, 90):.1f} ms, max {max(all_hook):.1f} ms; "
                   f"of which the server's engine p50 {pct(all_engine, 50):.1f} ms")
             changed = sum(r[1]["plain"] != r[1]["controlled"] for r in results)

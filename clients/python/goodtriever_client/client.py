@@ -245,6 +245,27 @@ class Client:
         req = _request(hidden, logits, form, opts)
         return _unpack(self._call(self._stub.Adjust, req))
 
+    def adjust_future(
+        self,
+        hidden,
+        logits=None,
+        *,
+        form: Optional[str] = None,
+        alpha: Optional[float] = None,
+        temperature: Optional[float] = None,
+        k: Optional[int] = None,
+        filter_p: Optional[float] = None,
+        mode: Optional[str] = None,
+        lam: Optional[float] = None,
+    ) -> "PendingAdjust":
+        """`adjust` without waiting: the request is sent now and `result()` on the returned
+        object waits for the answer, so the caller can compute meanwhile (the transformers
+        processor sends from its hook and runs the rest of the model's forward pass while the
+        server searches). Bad arguments raise here; a refused call raises from `result()`."""
+        opts = dict(alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam)
+        req = _request(hidden, logits, form, opts)
+        return PendingAdjust(self._stub.Adjust.future(req, timeout=self.timeout))
+
     def session(self, **overrides) -> "Session":
         """A streaming session for one generation: one `step()` per decoding step."""
         return Session(self, overrides)
@@ -274,6 +295,32 @@ class Client:
             texts = [texts]
         req = pb.AddTextsRequest(store=store, texts=list(texts), source=source, tag=tag)
         return self._call(self._stub.AddTexts, req, self._admin)
+
+
+class PendingAdjust:
+    """An `Adjust` call in flight, from `Client.adjust_future`."""
+
+    def __init__(self, future: grpc.Future):
+        self._future = future
+
+    def result(self, timeout: Optional[float] = None) -> Union[Bias, np.ndarray]:
+        """Waits for the answer (at most `timeout` seconds more, if given): what `adjust` would
+        have returned, or the `GoodtrieverError` it would have raised."""
+        try:
+            return _unpack(self._future.result(timeout=timeout))
+        except grpc.RpcError as err:
+            raise GoodtrieverError.wrap(err) from None
+        except grpc.FutureCancelledError:
+            raise GoodtrieverError(grpc.StatusCode.CANCELLED, "the call was cancelled") from None
+        except grpc.FutureTimeoutError:
+            raise TimeoutError(f"no answer within {timeout} s; the call is still in flight") from None
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> bool:
+        """Abandons the call; True if it was still in flight."""
+        return self._future.cancel()
 
 
 _END = object()

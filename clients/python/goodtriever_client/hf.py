@@ -4,8 +4,9 @@ decoding step, with a forward hook that captures the key hidden state.
 The datastores hold one particular hidden state of the model (the server's `Info` says which):
 `last_ffn_input`, the normalised input of the last block's MLP (the output of the last layer's
 post-attention norm, the paper's choice), or `final_hidden`, the output of the final norm. The
-processor hooks that module, keeps the last position of each row from the step's forward pass,
-sends it to the server, and applies the sparse answer to the scores::
+processor hooks that module, sends the last position of each row from the hook itself (so the
+server searches while the model finishes its forward pass), and applies the sparse answer to
+the scores::
 
     proc = GoodtrieverLogitsProcessor(Client("127.0.0.1:50051"), model)
     out = model.generate(**inputs, logits_processor=[proc])
@@ -24,10 +25,11 @@ import math
 import time
 from typing import List, Optional
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor
 
-from .client import Bias, Client
+from .client import Bias, Client, PendingAdjust
 
 # Where the key modules live in common architectures, as attribute paths from the model.
 _LAST_FFN_INPUT = [
@@ -137,9 +139,15 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
     `send_f16` halves the bytes on the wire. Call `remove()` to detach the hook when done with
     the model.
 
+    With `overlap` (the default) the hook sends the hidden state the moment its module has
+    computed it, and the server searches while the model finishes its forward pass (the last
+    MLP, the final norm, the LM head); the processor then only waits for what is left of the
+    round trip. Without it, the request is sent when transformers calls the processor. The
+    answers are the same.
+
     After a generation, `step_seconds` holds the wall time each step spent in the processor
-    (copy to the CPU, the round trip, applying the bias) and `engine_micros` the server's
-    engine time of each step; `reset_timings()` clears both.
+    and its hook (copy to the CPU, sending, waiting for the answer, applying the bias) and
+    `engine_micros` the server's engine time of each step; `reset_timings()` clears both.
     """
 
     def __init__(
@@ -150,11 +158,13 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
         key_type: Optional[str] = None,
         key_module: Optional[torch.nn.Module] = None,
         send_f16: bool = False,
+        overlap: bool = True,
         **overrides,
     ):
         self.client = client
         self.overrides = overrides
         self.send_f16 = send_f16
+        self.overlap = overlap
         if key_type is None:
             info = client.info().model
             key_type = info.key_type
@@ -167,6 +177,10 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
         self.key_type = key_type
         module = key_module if key_module is not None else find_key_module(model, key_type)
         self._captured: Optional[torch.Tensor] = None
+        # The request the hook sent for the captured rows (overlap), or why it could not send.
+        self._pending: Optional[PendingAdjust] = None
+        self._send_error: Optional[BaseException] = None
+        self._hook_seconds = 0.0
         self._handle = module.register_forward_hook(self._hook)
         self.steps = 0
         self.step_seconds: List[float] = []
@@ -176,9 +190,27 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
         self.step_seconds.clear()
         self.engine_micros.clear()
 
+    def _wire(self, hidden: torch.Tensor) -> np.ndarray:
+        return hidden.to(torch.float16 if self.send_f16 else torch.float32).cpu().numpy()
+
     def _hook(self, module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         self._captured = hidden[:, -1, :].detach()
+        if not self.overlap:
+            return
+        start = time.perf_counter()
+        # A forward pass that no processor call followed leaves an answer nobody will read.
+        self._discard_pending()
+        try:
+            self._pending = self.client.adjust_future(self._wire(self._captured), **self.overrides)
+        except Exception as err:  # raised where the answer is needed, not inside the forward
+            self._send_error = err
+        self._hook_seconds = time.perf_counter() - start
+
+    def _discard_pending(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._pending, self._send_error = None, None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         hidden = self._captured
@@ -189,9 +221,14 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
                 f"captured {hidden.shape[0]} hidden rows for {scores.shape[0]} score rows"
             )
         start = time.perf_counter()
-        h = hidden.to(torch.float16 if self.send_f16 else torch.float32).cpu().numpy()
-        bias = self.client.adjust(h, **self.overrides)
-        self._captured = None
+        pending, error, hook_seconds = self._pending, self._send_error, self._hook_seconds
+        self._captured, self._pending, self._send_error, self._hook_seconds = None, None, None, 0.0
+        if error is not None:
+            raise error
+        if pending is not None:
+            bias = pending.result()
+        else:
+            bias = self.client.adjust(self._wire(hidden), **self.overrides)
         width = scores.shape[-1]
         for row in bias.rows:
             if len(row.tokens) and int(row.tokens.max()) >= width:
@@ -201,9 +238,11 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
                 )
         out = apply_bias_torch(scores, bias)
         self.steps += 1
-        self.step_seconds.append(time.perf_counter() - start)
+        self.step_seconds.append(hook_seconds + time.perf_counter() - start)
         self.engine_micros.append(bias.engine_micros)
         return out
 
     def remove(self) -> None:
+        """Detaches the hook (and abandons a request it sent that no step used)."""
         self._handle.remove()
+        self._discard_pending()

@@ -82,6 +82,25 @@ def test_a_session_answers_100_steps_in_order(client):
         np.testing.assert_array_equal(unary.rows[0].values, a.rows[0].values)
 
 
+def test_calls_in_flight_together_each_get_their_own_answer(client):
+    """`adjust_future` sends at once; answers arrive for their own requests, whatever the order
+    they are waited for in, and a refused call raises from `result()`."""
+    hidden = [queries(1, 200 + i) for i in range(4)]
+    pending = [client.adjust_future(h, k=16) for h in hidden]
+    bad = client.adjust_future(np.zeros((1, DIM + 1), np.float32))
+    for h, p in reversed(list(zip(hidden, pending))):
+        got = p.result(timeout=30)
+        assert p.done()
+        want = client.adjust(h, k=16)
+        np.testing.assert_array_equal(got.rows[0].tokens, want.rows[0].tokens)
+        np.testing.assert_array_equal(got.rows[0].values, want.rows[0].values)
+    with pytest.raises(GoodtrieverError) as e:
+        bad.result()
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ValueError):
+        client.adjust_future(np.zeros((1, 2, DIM), np.float32))
+
+
 def test_add_examples_then_adjust_sees_them(client):
     q = np.linspace(30, 45, DIM, dtype=np.float32)
     new_token = 198

@@ -76,13 +76,32 @@ class SpyClient(Client):
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
-        self.sent, self.answers = [], []
+        self.sent, self.answers, self.via, self.cancelled = [], [], [], 0
 
     def adjust(self, hidden, logits=None, **kw):
         self.sent.append(np.array(hidden, dtype=np.float32))
+        self.via.append("adjust")
         answer = super().adjust(hidden, logits, **kw)
         self.answers.append(answer)
         return answer
+
+    def adjust_future(self, hidden, logits=None, **kw):
+        self.sent.append(np.array(hidden, dtype=np.float32))
+        self.via.append("adjust_future")
+        pending = super().adjust_future(hidden, logits, **kw)
+        spy = self
+
+        class Recorded:
+            def result(self, timeout=None):
+                answer = pending.result(timeout)
+                spy.answers.append(answer)
+                return answer
+
+            def cancel(self):
+                spy.cancelled += 1
+                return pending.cancel()
+
+        return Recorded()
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +145,12 @@ def steered(tmp_path_factory, binary, model):
     stop_server(served)
 
 
-def test_generate_is_steered_with_three_lines(steered, model):
+@pytest.mark.parametrize("overlap", [True, False], ids=["sent-from-the-hook", "sent-by-the-processor"])
+def test_generate_is_steered_with_three_lines(steered, model, overlap):
     client = SpyClient(steered["grpc"])
     prompt = torch.tensor([PROMPT])
     # The three lines of user code (plus this torch's synced_gpus workaround).
-    proc = GoodtrieverLogitsProcessor(client, model, alpha=2.0)
+    proc = GoodtrieverLogitsProcessor(client, model, alpha=2.0, overlap=overlap)
     out = model.generate(
         prompt, logits_processor=[proc], max_new_tokens=NEW_TOKENS,
         output_scores=True, output_logits=True, return_dict_in_generate=True, **GEN,
@@ -138,6 +158,8 @@ def test_generate_is_steered_with_three_lines(steered, model):
     proc.remove()
     assert proc.key_type == "last_ffn_input"
     assert proc.steps == NEW_TOKENS == len(client.sent)
+    assert client.via == ["adjust_future" if overlap else "adjust"] * NEW_TOKENS
+    assert client.cancelled == 0
     assert len(proc.step_seconds) == NEW_TOKENS and all(s > 0 for s in proc.step_seconds)
     seq = out.sequences
     assert seq.shape[1] == len(PROMPT) + NEW_TOKENS
@@ -188,6 +210,31 @@ def test_without_the_processor_nothing_is_sent(steered, model):
     out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, **GEN)
     assert client.sent == []
     assert torch.equal(out, steered["base"].sequences)
+
+
+def test_a_forward_pass_no_step_used_is_abandoned(steered, model):
+    """A forward pass outside generate (the hook sends for it) and then generate: the unused
+    request is cancelled, and every step uses the answer to its own hidden state."""
+    client = SpyClient(steered["grpc"])
+    proc = GoodtrieverLogitsProcessor(client, model, alpha=2.0)
+    with torch.no_grad():
+        model(torch.tensor([[3, 1, 4]]))
+    assert len(client.sent) == 1 and client.answers == []
+    out = model.generate(torch.tensor([PROMPT]), logits_processor=[proc], max_new_tokens=NEW_TOKENS, **GEN)
+    assert client.cancelled == 1
+    assert proc.steps == NEW_TOKENS and len(client.answers) == NEW_TOKENS
+    with torch.no_grad():
+        model(torch.tensor([[3, 1, 4]]))
+    proc.remove()  # abandons the request the last forward pass sent
+    assert client.cancelled == 2
+    alone = SpyClient(steered["grpc"])
+    again = GoodtrieverLogitsProcessor(alone, model, alpha=2.0, overlap=False)
+    want = model.generate(torch.tensor([PROMPT]), logits_processor=[again], max_new_tokens=NEW_TOKENS, **GEN)
+    again.remove()
+    assert torch.equal(out, want)
+    for a, b in zip(client.answers, alone.answers):
+        np.testing.assert_array_equal(a.rows[0].tokens, b.rows[0].tokens)
+        np.testing.assert_array_equal(a.rows[0].values, b.rows[0].values)
 
 
 def test_batch_with_left_padding(steered, model):
