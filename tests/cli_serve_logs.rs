@@ -4,7 +4,7 @@
 
 mod server_support;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::{Command, Stdio};
 
 use goodtriever::server::proto::{self, goodtriever_client::GoodtrieverClient, Tensor};
@@ -45,15 +45,7 @@ async fn serve_logs_one_json_object_per_line_with_fields() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let addr = read_listening_addr(&mut child);
 
     let mut client = GoodtrieverClient::connect(format!("http://{addr}"))
         .await

@@ -3,7 +3,6 @@
 
 mod server_support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,15 +36,7 @@ async fn sigterm_during_writes_loses_no_acknowledged_add() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let addr = read_listening_addr(&mut child);
 
     // Writers append until the server goes away, recording what was acknowledged.
     let acked: Arc<Mutex<Vec<(String, u64, u64)>>> = Arc::default();

@@ -172,3 +172,17 @@ pub fn bytes_f32(b: &[u8]) -> Vec<f32> {
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
 }
+
+/// The gRPC address from the `listening grpc=ADDR ...` line that a spawned `goodtriever serve`
+/// prints on stdout once it accepts connections.
+pub fn read_listening_addr(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .unwrap();
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string()
+}
