@@ -18,7 +18,7 @@ pub mod serve;
 #[command(name = "goodtriever", version, about, long_about = None)]
 pub struct Cli {
     /// More log output (-v info, -vv debug). RUST_LOG overrides it.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, display_order = 1000)]
     pub verbose: u8,
 
     /// How logs are written to stderr: `text` for people, `json` (one object per line, with
@@ -28,7 +28,8 @@ pub struct Cli {
         global = true,
         value_enum,
         default_value_t = LogFormat::Text,
-        env = "GOODTRIEVER_LOG_FORMAT"
+        env = "GOODTRIEVER_LOG_FORMAT",
+        display_order = 1001
     )]
     pub log_format: LogFormat,
 
