@@ -109,6 +109,7 @@ pub struct SegmentArgs {
     pub dir: PathBuf,
     /// Segment id (see `datastore info`).
     pub segment: u64,
+    /// Print the segment as JSON.
     #[arg(long)]
     pub json: bool,
 }

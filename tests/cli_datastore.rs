@@ -1,0 +1,165 @@
+//! The datastore commands as a user types them: `import`, `info`, `search`, `retire`,
+//! `unretire`, `compact` and `verify` on the real binary, their `--json` output read back, and
+//! the refusals (an unknown segment, a damaged file) that must change nothing and exit non-zero.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use goodtriever::npy;
+use serde_json::Value;
+
+const D: usize = 8;
+
+/// Runs `goodtriever` with the words of `line` as arguments (the test's names have no spaces)
+/// in `dir`.
+fn goodtriever(line: &str, dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_goodtriever"))
+        .args(line.split_whitespace())
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap()
+}
+
+/// Runs a command that must succeed and returns its stdout parsed as JSON.
+fn json(line: &str, dir: &Path) -> Value {
+    let out = goodtriever(line, dir);
+    assert!(
+        out.status.success(),
+        "{line} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{line}: not JSON ({e}): {:?}", out.stdout))
+}
+
+/// Deterministic keys in [-1, 1) and token ids.
+fn rows(n: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let keys = (0..n * D)
+        .map(|_| (next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        .collect();
+    let values = (0..n).map(|_| (next() % 50) as i64).collect();
+    (keys, values)
+}
+
+fn write_rows(dir: &Path, name: &str, keys: &[f32], values: &[i64]) {
+    let n = values.len();
+    npy::write_f32(&dir.join(format!("{name}_keys.npy")), n, D, keys).unwrap();
+    npy::write_i64(&dir.join(format!("{name}_values.npy")), n, 1, values).unwrap();
+}
+
+/// The nearest neighbour of each query: (id, squared distance).
+fn nearest(dir: &Path, queries: &[f32]) -> Vec<(i64, f32)> {
+    npy::write_f32(&dir.join("q.npy"), queries.len() / D, D, queries).unwrap();
+    json(
+        "datastore search st --queries q.npy --k 2 --exact --out-ids ids.npy --out-dists d.npy --json",
+        dir,
+    );
+    let ids: Vec<i64> = npyz::NpyFile::new(std::fs::File::open(dir.join("ids.npy")).unwrap())
+        .unwrap()
+        .into_vec()
+        .unwrap();
+    let dists: Vec<f32> = npyz::NpyFile::new(std::fs::File::open(dir.join("d.npy")).unwrap())
+        .unwrap()
+        .into_vec()
+        .unwrap();
+    ids.chunks(2)
+        .zip(dists.chunks(2))
+        .map(|(i, d)| (i[0], d[0]))
+        .collect()
+}
+
+#[test]
+fn import_info_search_retire_compact_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (k1, v1) = rows(200, 1);
+    let (k2, v2) = rows(100, 2);
+    write_rows(dir, "a", &k1, &v1);
+    write_rows(dir, "b", &k2, &v2);
+
+    let first = json(
+        "datastore import --keys a_keys.npy --values a_values.npy --model-id cli-test --dtype f32 --label a --json st",
+        dir,
+    );
+    assert_eq!(first["rows"], 200);
+    let second = json(
+        "datastore import --keys b_keys.npy --values b_values.npy --label b --tag drift --json st",
+        dir,
+    );
+    assert_eq!(
+        (second["rows"].as_u64(), second["first_id"].as_u64()),
+        (Some(100), Some(200))
+    );
+    let seg2 = second["id"].as_u64().unwrap().to_string();
+
+    let info = json("datastore info --json st", dir);
+    assert_eq!(info["rows"], 300);
+    assert_eq!(info["dim"], D);
+    assert_eq!(info["dtype"], "f32");
+    assert_eq!(info["fingerprint"]["model_id"], "cli-test");
+    let segments = info["segments"].as_array().unwrap();
+    assert_eq!(segments.len(), 2);
+    assert_eq!(segments[1]["provenance"]["tag"], "drift");
+
+    // Rows of both segments are found at distance 0 under their global ids.
+    let probe: Vec<f32> = [&k1[5 * D..6 * D], &k2[50 * D..51 * D]].concat();
+    assert_eq!(nearest(dir, &probe), vec![(5, 0.0), (250, 0.0)]);
+
+    // An unknown segment is refused and changes nothing.
+    let refused = goodtriever("datastore retire st 99", dir);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no segment 99"));
+    assert_eq!(json("datastore info --json st", dir), info);
+
+    // Retired rows leave the search; unretired they are back.
+    let retired = json(&format!("datastore retire --json st {seg2}"), dir);
+    assert_eq!(retired["retired"], true);
+    assert_eq!(json("datastore info --json st", dir)["rows"], 200);
+    let found = nearest(dir, &probe);
+    assert_eq!(found[0], (5, 0.0));
+    assert!(found[1].0 < 200 && found[1].1 > 0.0, "{found:?}");
+    json(&format!("datastore unretire --json st {seg2}"), dir);
+    assert_eq!(nearest(dir, &probe), vec![(5, 0.0), (250, 0.0)]);
+
+    // Compaction drops the retired segment and keeps every live row.
+    json(&format!("datastore retire --json st {seg2}"), dir);
+    let merged = json("datastore compact --json st", dir);
+    assert_eq!(merged["rows"], 200);
+    let info = json("datastore info --json st", dir);
+    assert_eq!(info["segments"].as_array().unwrap().len(), 1);
+    assert_eq!(info["rows"], 200);
+    assert_eq!(nearest(dir, &k1[5 * D..6 * D])[0], (5, 0.0));
+    assert_eq!(json("datastore compact --json st", dir), Value::Null);
+
+    // verify: clean, then one flipped byte in the keys is found and named.
+    let report = json("datastore verify --json st", dir);
+    assert_eq!(
+        report["problems"].as_array().map(Vec::len),
+        Some(0),
+        "{report}"
+    );
+    let seg = info["segments"][0]["id"].as_u64().unwrap();
+    let keys = dir.join(format!("st/segments/{seg}/keys.bin"));
+    let mut bytes = std::fs::read(&keys).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&keys, bytes).unwrap();
+    let damaged = goodtriever("datastore verify --json st", dir);
+    assert!(!damaged.status.success());
+    let report: Value = serde_json::from_slice(&damaged.stdout).unwrap();
+    let problems = report["problems"].as_array().unwrap();
+    assert!(!problems.is_empty(), "{report}");
+    let stderr = String::from_utf8_lossy(&damaged.stderr);
+    assert!(
+        stderr.contains("problem") && stderr.contains("keys.bin"),
+        "{stderr}"
+    );
+}
