@@ -530,4 +530,58 @@ mod tests {
             assert!(matches!(err, ConvertError::SparseRow(_)), "{err}");
         }
     }
+
+    /// Packed words for random tensors: mostly finite in every dtype (f32, and f16 or bf16
+    /// halves), sometimes an infinity or a NaN of one of them.
+    fn word() -> impl proptest::strategy::Strategy<Value = u32> {
+        use proptest::prelude::*;
+        prop_oneof![
+            12 => any::<u32>().prop_map(|x| x & 0x3fff_3fff),
+            1 => Just(0x7f80_0000u32), // f32 +inf; bf16 +inf in the high half
+            1 => Just(0xff80_0000u32), // f32 and bf16 -inf
+            1 => Just(0x7fc0_0000u32), // f32 NaN
+            1 => Just(0x7c00_3c00u32), // f16 1.0 and +inf
+            1 => Just(0xfc00_7e00u32), // f16 NaN and -inf
+        ]
+    }
+
+    proptest::proptest! {
+        /// Any bytes, dtype value, declared row count and width: the checks either refuse the
+        /// tensor or accept exactly whole rows; converting accepted rows either appends all of
+        /// them or, at the first value it refuses, nothing. Nothing a client sends can panic
+        /// the decoder.
+        #[test]
+        fn any_tensor_is_refused_or_decoded_whole(
+            words in proptest::collection::vec(word(), 0..24),
+            cut in proptest::prop_oneof![6 => proptest::strategy::Just(0usize), 1 => 1usize..4],
+            dtype in -1i32..5,
+            declared in proptest::prop_oneof![proptest::strategy::Just(0u32), 0u32..12],
+            width in 0usize..5,
+            max_rows in 1usize..8,
+            finite_logits in proptest::prelude::any::<bool>(),
+        ) {
+            let mut data: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            data.truncate(data.len().saturating_sub(cut));
+            let t = proto::Tensor { data: data.clone().into(), dtype, rows: declared };
+            if let Ok(shape) = check_shape("hidden", &t, width, &ALL, max_rows) {
+                proptest::prop_assert!(shape.rows >= 1 && shape.rows <= max_rows);
+                proptest::prop_assert_eq!(shape.rows * width * shape.dtype.size(), data.len());
+                let finite = if finite_logits { Finite::AllowNegInf } else { Finite::All };
+                let mut out = vec![7.0f32];
+                match append_f32("hidden", &data, shape.dtype, width, finite, &mut out) {
+                    Ok(()) => {
+                        proptest::prop_assert_eq!(out.len(), 1 + shape.rows * width);
+                        proptest::prop_assert!(out[1..].iter().all(|x| !x.is_nan()
+                            && (*x != f32::INFINITY)
+                            && (finite_logits || x.is_finite())));
+                    }
+                    Err(ConvertError::NonFinite { row, index, .. }) => {
+                        proptest::prop_assert_eq!(&out, &vec![7.0f32]);
+                        proptest::prop_assert!(row < shape.rows && index < width);
+                    }
+                    Err(e) => proptest::prop_assert!(false, "unexpected {}", e),
+                }
+            }
+        }
+    }
 }
