@@ -143,7 +143,8 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
     computed it, and the server searches while the model finishes its forward pass (the last
     MLP, the final norm, the LM head); the processor then only waits for what is left of the
     round trip. Without it, the request is sent when transformers calls the processor. The
-    answers are the same.
+    answers are the same. With `overlap` the hook calls the client, which `torch.compile`
+    cannot trace: for a compiled model pass `overlap=False`, whose hook only keeps a tensor.
 
     After a generation, `step_seconds` holds the wall time each step spent in the processor
     and its hook (copy to the CPU, sending, waiting for the answer, applying the bias) and
