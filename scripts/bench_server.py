@@ -21,7 +21,7 @@ By default every form runs over loopback TCP and the sparse form also over a Uni
 socket (`serve --addr unix:PATH`), the transport for a sidecar on the same host.
 
 Usage: scripts/bench_server.py [--rows 200000] [--seconds 10] [--streams 1 8 64]
-                               [--transports tcp unix]
+                               [--transports tcp unix] [--repeat N]
 """
 
 import argparse
@@ -147,8 +147,13 @@ def main():
                     help="the load generator drives its streams from one thread (current-thread runtime)")
     ap.add_argument("--server-binary", type=Path,
                     help="serve with this goodtriever build instead of the tree's (to compare builds)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole sweep this many times, round-robin, and report medians "
+                         "(one run's p50 moves by tens of µs with a shared host's noise)")
     ap.add_argument("--prepare-only", action="store_true", help="build the stores and stop")
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     log("building goodtriever and the load generator (release)...")
@@ -175,6 +180,20 @@ def main():
         "server_binary": str(binary),
     }
     log(f"guest halt polling: {results['guest_halt_poll_ns']} ns (None: no such setting)")
+    # Repeating the whole sweep round-robin, not each configuration back to back, spreads every
+    # configuration over the same stretch of the host's noise.
+    for rep in range(args.repeat):
+        if args.repeat > 1:
+            log(f"round {rep + 1} of {args.repeat}")
+        run_sweep(args, binary, loadgen, floor_bin, dirs, queries, search, results)
+
+    print_table(summarise(results["runs"]), args.repeat)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+def run_sweep(args, binary, loadgen, floor_bin, dirs, queries, search, results):
+    """One run of every configuration, each transport against a freshly started server."""
     for transport in args.transports:
         # Socket paths are limited to ~107 bytes; a fresh short temporary directory holds it.
         sock_dir = tempfile.TemporaryDirectory(prefix="gt-bench-")
@@ -212,23 +231,56 @@ def main():
                         r["socket_floor"] = fl
                         log(f"  bare-socket floor p50 {fl['overhead_p50_us']:.0f} us")
             if args.python and transport == "tcp":
-                results["python_client_1_stream_sparse"] = python_client_steps(
-                    addr, queries, args.seconds, args.max_steps)
-                log(f"python client: {results['python_client_1_stream_sparse']}")
+                py = python_client_steps(addr, queries, args.seconds, args.max_steps)
+                results.setdefault("python_client_1_stream_sparse", []).append(py)
+                log(f"python client: {py}")
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
             sock_dir.cleanup()
 
+
+def summarise(runs):
+    """Runs grouped by configuration, in first-seen order: the median of each figure over the
+    group's runs, and the range of the one-stream overhead and floor."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["transport"], r["form"], r["streams"]), []).append(r)
+    rows = []
+    for (transport, form, streams), rs in groups.items():
+        med = lambda f: float(np.median([f(r) for r in rs]))
+        row = {
+            "transport": transport, "form": form, "streams": streams, "runs": len(rs),
+            "steps_per_s": med(lambda r: r["grpc"]["steps_per_s"]),
+            "p50_us": med(lambda r: r["grpc"]["p50_us"]),
+            "p99_us": med(lambda r: r["grpc"]["p99_us"]),
+            "in_process_p50_us": med(lambda r: r["in_process"]["p50_us"]),
+            "in_process_steps_per_s": med(lambda r: r["in_process"]["steps_per_s"]),
+            "overhead_p50_us": [r["overhead_p50_us"] for r in rs],
+            "overhead_p99_us": med(lambda r: r["overhead_p99_us"]),
+            "floor_p50_us": [r["socket_floor"]["overhead_p50_us"] for r in rs if "socket_floor" in r],
+        }
+        rows.append(row)
+    return rows
+
+
+def spread(values):
+    """`median` for one value, `median (min–max)` for several."""
+    if not values:
+        return ""
+    m = float(np.median(values))
+    return f"{m:.0f}" if len(values) == 1 else f"{m:.0f} ({min(values):.0f}–{max(values):.0f})"
+
+
+def print_table(rows, repeat):
+    if repeat > 1:
+        print(f"Medians over {repeat} rounds; the one-stream overhead and floor with their range.")
     print("| transport | form | streams | steps/s | p50 µs | p99 µs | in-process p50 µs | in-process steps/s | gRPC overhead p50 / p99 µs | bare-socket floor p50 µs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in results["runs"]:
-        g, i = r["grpc"], r["in_process"]
-        floor = f"{r['socket_floor']['overhead_p50_us']:.0f}" if "socket_floor" in r else ""
-        print(f"| {r['transport']} | {r['form']} | {r['streams']} | {g['steps_per_s']:.0f} | {g['p50_us']:.0f} | {g['p99_us']:.0f} "
-              f"| {i['p50_us']:.0f} | {i['steps_per_s']:.0f} | {r['overhead_p50_us']:.0f} / {r['overhead_p99_us']:.0f} | {floor} |")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    for r in rows:
+        print(f"| {r['transport']} | {r['form']} | {r['streams']} | {r['steps_per_s']:.0f} | {r['p50_us']:.0f} "
+              f"| {r['p99_us']:.0f} | {r['in_process_p50_us']:.0f} | {r['in_process_steps_per_s']:.0f} "
+              f"| {spread(r['overhead_p50_us'])} / {r['overhead_p99_us']:.0f} | {spread(r['floor_p50_us'])} |")
 
 
 if __name__ == "__main__":
