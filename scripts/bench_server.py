@@ -242,7 +242,7 @@ def run_sweep(args, binary, loadgen, floor_bin, dirs, queries, search, results):
 
 def summarise(runs):
     """Runs grouped by configuration, in first-seen order: the median of each figure over the
-    group's runs, and the range of the one-stream overhead and floor."""
+    group's runs, keeping every run's overhead p50 and floor for their range."""
     groups = {}
     for r in runs:
         groups.setdefault((r["transport"], r["form"], r["streams"]), []).append(r)
@@ -250,7 +250,7 @@ def summarise(runs):
     for (transport, form, streams), rs in groups.items():
         med = lambda f: float(np.median([f(r) for r in rs]))
         row = {
-            "transport": transport, "form": form, "streams": streams, "runs": len(rs),
+            "transport": transport, "form": form, "streams": streams,
             "steps_per_s": med(lambda r: r["grpc"]["steps_per_s"]),
             "p50_us": med(lambda r: r["grpc"]["p50_us"]),
             "p99_us": med(lambda r: r["grpc"]["p99_us"]),
@@ -274,7 +274,7 @@ def spread(values):
 
 def print_table(rows, repeat):
     if repeat > 1:
-        print(f"Medians over {repeat} rounds; the one-stream overhead and floor with their range.")
+        print(f"Medians over {repeat} rounds; the overhead p50 and the floor with their range.")
     print("| transport | form | streams | steps/s | p50 µs | p99 µs | in-process p50 µs | in-process steps/s | gRPC overhead p50 / p99 µs | bare-socket floor p50 µs |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
