@@ -8,16 +8,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::datastore::{Datastore, DatastoreError, Neighbour, SearchParams};
+use crate::datastore::{DatastoreError, Neighbour, SearchParams};
 use crate::fingerprint::{KeyType, ModelFingerprint};
-use crate::generate::{HookError, StepHook};
+use crate::hook::{HookError, StepHook};
+use crate::limits::{MAX_ROWS, MAX_STORES};
 use crate::rule::{
     self, Expert, Mode, ParamError, Retrieved, RuleError, RuleParams, RuleScratch, SparseRow,
 };
-
-/// The most stores one engine combines (signed n-store ensembles); keeps per-row expert lists
-/// on the stack.
-pub const MAX_STORES: usize = 16;
+use crate::store::Store;
 
 impl Retrieved for Neighbour {
     #[inline]
@@ -88,7 +86,7 @@ pub enum DetoxError {
 #[derive(Clone)]
 pub struct ControlStore {
     pub name: String,
-    pub store: Arc<Datastore>,
+    pub store: Arc<dyn Store>,
     pub weight: f32,
 }
 
@@ -107,9 +105,6 @@ impl Default for AdjustOptions {
         }
     }
 }
-
-/// The most rows one call may carry; bounds the memory a single request can claim.
-pub const MAX_ROWS: usize = 1024;
 
 /// Reusable per-caller buffers for [`Detoxifier`] calls.
 #[derive(Default)]
@@ -163,8 +158,8 @@ pub struct Detoxifier {
 impl Detoxifier {
     /// The paper's setting: a toxic anti-expert and a non-toxic expert.
     pub fn goodtriever(
-        toxic: Arc<Datastore>,
-        nontoxic: Arc<Datastore>,
+        toxic: Arc<dyn Store>,
+        nontoxic: Arc<dyn Store>,
         defaults: AdjustOptions,
         search: SearchParams,
         vocab: Option<usize>,

@@ -19,30 +19,9 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::fingerprint::KeyType;
+use crate::hook::{HookError, StepHook};
 use crate::model::{ForwardOutput, Model, ModelError, Outputs, Positions};
 use crate::rule::{rank_key, NucleusHistogram};
-
-/// Something that adjusts next-token logits at each decoding step.
-pub trait StepHook {
-    /// The hidden state the hook wants as `keys`.
-    fn key_type(&self) -> KeyType;
-
-    /// `keys` holds `rows × hidden` values, `logits` `rows × vocab` raw logits. The hook may
-    /// rewrite `logits`, e.g. with normalised log-probabilities (`-inf` allowed for tokens that
-    /// must not be sampled).
-    fn adjust(&mut self, keys: &[f32], logits: &mut [f32], rows: usize) -> Result<(), HookError>;
-}
-
-/// A failure inside a [`StepHook`], with its cause.
-#[derive(Debug, thiserror::Error)]
-#[error("step hook failed: {0}")]
-pub struct HookError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
-
-impl HookError {
-    pub fn new(err: impl std::error::Error + Send + Sync + 'static) -> Self {
-        Self(Box::new(err))
-    }
-}
 
 /// Errors of generation.
 #[derive(Debug, thiserror::Error)]

@@ -1,10 +1,14 @@
-pub mod build;
 pub mod datastore;
 pub mod detox;
 pub mod eval;
 pub mod fingerprint;
 pub mod generate;
+pub mod hook;
+pub mod ingest;
+pub mod limits;
 pub mod model;
 pub mod npy;
 pub mod rule;
 pub mod server;
+pub mod steps;
+pub mod store;

@@ -11,12 +11,12 @@
 //! is therefore "add a bias to at most `k` tokens per store, then renormalise", which is what
 //! the sidecar sends to clients and what [`apply_sparse`] turns back into the dense answer.
 
+use crate::limits::MAX_K;
+
 /// Log-probability given to tokens a store did not retrieve (the paper's `ZERO_LOG`).
 pub const ZERO_LOG: f32 = -10_000.0;
 /// Log-probabilities at or below this are patched to the store's smallest retrieved one.
 pub const PATCH: f32 = -50.0;
-/// The largest `k` a caller may ask for; larger requests are refused rather than served slowly.
-pub const MAX_K: usize = 4096;
 
 /// Why a set of rule parameters was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

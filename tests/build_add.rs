@@ -7,8 +7,8 @@ mod build_common;
 mod datastore_common;
 
 use build_common::*;
-use goodtriever::build::{self, BuildOptions, NoProgress};
 use goodtriever::datastore::{Datastore, KeyDtype, SearchMode, SearchParams};
+use goodtriever::ingest::{self, BuildOptions, NoProgress};
 use goodtriever::model::{Model, WeightFormat};
 
 fn opts(path: std::path::PathBuf, tag: &str) -> BuildOptions {
@@ -32,7 +32,7 @@ fn add_creates_one_segment_and_leaves_existing_files_byte_identical() {
     let model = Model::load(&tiny_model(dir.path(), 64), WeightFormat::F32).unwrap();
     let store = dir.path().join("store");
     let base = input(dir.path(), "base.jsonl", 20, 1);
-    build::build(&store, &model, &opts(base, "base"), &NoProgress).unwrap();
+    ingest::build(&store, &model, &opts(base, "base"), &NoProgress).unwrap();
     let before = datastore_common::snapshot(&store);
     let (k0, v0) = live_rows(&store);
 
@@ -42,7 +42,7 @@ fn add_creates_one_segment_and_leaves_existing_files_byte_identical() {
 
     let writer = Datastore::open(&store).unwrap();
     let new = input(dir.path(), "drift.jsonl", 8, 99);
-    let report = build::add(
+    let report = ingest::add(
         &writer,
         &model,
         &opts(new.clone(), "drift-week-2"),
@@ -185,7 +185,7 @@ fn retire_and_compact_keep_search_equal_to_an_exact_search_over_live_rows() {
     let dir = tempfile::tempdir().unwrap();
     let model = Model::load(&tiny_model(dir.path(), 64), WeightFormat::F32).unwrap();
     let store = dir.path().join("store");
-    build::build(
+    ingest::build(
         &store,
         &model,
         &opts(input(dir.path(), "a.jsonl", 15, 1), "a"),
@@ -194,7 +194,7 @@ fn retire_and_compact_keep_search_equal_to_an_exact_search_over_live_rows() {
     .unwrap();
     let ds = Datastore::open(&store).unwrap();
     for (name, seed) in [("b.jsonl", 2), ("c.jsonl", 3)] {
-        build::add(
+        ingest::add(
             &ds,
             &model,
             &opts(input(dir.path(), name, 10, seed), name),

@@ -7,9 +7,9 @@
 mod build_common;
 
 use build_common::*;
-use goodtriever::build::{self, BuildOptions, NoProgress};
 use goodtriever::datastore::{Datastore, KeyDtype};
 use goodtriever::fingerprint::KeyType;
+use goodtriever::ingest::{self, BuildOptions, NoProgress};
 use goodtriever::model::{Model, Outputs, Positions, WeightFormat};
 
 fn direct(
@@ -78,7 +78,7 @@ fn check(window: usize, stride: usize, batch: usize, key_type: KeyType) {
     opts.dtype = KeyDtype::F32;
     opts.key_type = Some(key_type);
     let out = dir.path().join("store");
-    let report = build::build(&out, &model, &opts, &NoProgress).unwrap();
+    let report = ingest::build(&out, &model, &opts, &NoProgress).unwrap();
 
     let (want_k, want_v) = direct(&model, &docs, window, stride, key_type);
     let (got_k, got_v) = live_rows(&out);
@@ -128,7 +128,7 @@ fn label_filter_selects_documents_and_multi_segment_builds_cover_all_rows() {
     opts.window = Some(32);
     opts.stride = Some(16);
     opts.dtype = KeyDtype::F32;
-    opts.input.filter = Some(build::LabelFilter {
+    opts.input.filter = Some(ingest::LabelFilter {
         field: "toxicity".into(),
         min: Some(0.5),
         max: None,
@@ -136,7 +136,7 @@ fn label_filter_selects_documents_and_multi_segment_builds_cover_all_rows() {
     // Small segments: several chunks, each its own segment.
     opts.segment_tokens = 60;
     let out = dir.path().join("toxic");
-    let report = build::build(&out, &model, &opts, &NoProgress).unwrap();
+    let report = ingest::build(&out, &model, &opts, &NoProgress).unwrap();
     assert_eq!(report.documents, toxic.len());
     assert!(
         report.segments.len() >= 3,
@@ -178,7 +178,7 @@ fn label_filter_selects_documents_and_multi_segment_builds_cover_all_rows() {
     one.stride = Some(16);
     one.dtype = KeyDtype::F32;
     let whole = dir.path().join("whole");
-    let r1 = build::build(&whole, &model, &one, &NoProgress).unwrap();
+    let r1 = ingest::build(&whole, &model, &one, &NoProgress).unwrap();
     assert_eq!(r1.tokens, report.tokens);
     assert_eq!(r1.segments.len(), 1);
     let (_, v_chunked) = live_rows(&out);
@@ -234,7 +234,7 @@ fn control_token_strings_in_corpus_text_are_plain_text_but_prompts_parse_them() 
     opts.stride = Some(128);
     opts.dtype = KeyDtype::F32;
     let out = dir.path().join("store");
-    let report = build::build(&out, &model, &opts, &NoProgress).unwrap();
+    let report = ingest::build(&out, &model, &opts, &NoProgress).unwrap();
     let want_tokens: usize = docs.iter().map(|d| plain_len(&model, d)).sum();
     assert_eq!(report.tokens, want_tokens);
     let (_, values) = live_rows(&out);

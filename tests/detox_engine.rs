@@ -5,10 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use goodtriever::datastore::{CreateOptions, Datastore, KeyDtype, Keys, Provenance, SearchParams};
-use goodtriever::detox::{
-    AdjustOptions, ControlStore, DetoxError, DetoxScratch, Detoxifier, MAX_ROWS,
-};
+use goodtriever::detox::{AdjustOptions, ControlStore, DetoxError, DetoxScratch, Detoxifier};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
+use goodtriever::limits::MAX_ROWS;
 use goodtriever::rule::{self, Expert, Mode, RuleParams, RuleScratch, SparseRow};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};

@@ -2,9 +2,8 @@
 //! samples, stopping at EOS, and the per-step hook seam the Goodtriever engine plugs into.
 
 use goodtriever::fingerprint::KeyType;
-use goodtriever::generate::{
-    argmax, GenerateError, Generator, HookError, SamplingParams, StepHook, StopReason,
-};
+use goodtriever::generate::{argmax, GenerateError, Generator, SamplingParams, StopReason};
+use goodtriever::hook::{HookError, StepHook};
 use goodtriever::model::testing::{write_tiny_llama, TinySpec};
 use goodtriever::model::{Model, Outputs, WeightFormat};
 

@@ -897,7 +897,7 @@ async fn bad_server_options_are_refused_before_serving() {
     let cases: Vec<(ServeOptions, &str)> = vec![
         (with(&|o| o.limits.max_rows = 0), "--max-rows"),
         (
-            with(&|o| o.limits.max_rows = goodtriever::detox::MAX_ROWS + 1),
+            with(&|o| o.limits.max_rows = goodtriever::limits::MAX_ROWS + 1),
             "--max-rows",
         ),
         (

@@ -1,5 +1,5 @@
 //! `goodtriever datastore build | add | segments`: datastores from labelled text and the drift
-//! view of a store's segments. Thin: parse, load the model, call `goodtriever::build`, show
+//! view of a store's segments. Thin: parse, load the model, call `goodtriever::ingest`, show
 //! progress and print. (`retire`, `unretire` and `compact` live in `datastore.rs`.)
 
 use std::io::IsTerminal;
@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use goodtriever::build::{
+use goodtriever::datastore::{Datastore, KeyDtype, Provenance, SegmentInfo, TextProvenance};
+use goodtriever::fingerprint::KeyType;
+use goodtriever::ingest::{
     self, BuildOptions, BuildProgress, BuildReport, InputFormat, LabelFilter, DEFAULT_BATCH,
     DEFAULT_SEGMENT_TOKENS,
 };
-use goodtriever::datastore::{Datastore, KeyDtype, Provenance, SegmentInfo, TextProvenance};
-use goodtriever::fingerprint::KeyType;
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
@@ -139,7 +139,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
     opts.input.validate()?;
     let model = load_model(&a.text)?;
     let progress = Bars::new();
-    let report = build::build(&a.out, &model, &opts, &progress)
+    let report = ingest::build(&a.out, &model, &opts, &progress)
         .with_context(|| format!("cannot build {}", a.out.display()))?;
     progress.finish();
     print_report(&report, a.text.json, "built")
@@ -152,7 +152,7 @@ pub fn add(a: AddArgs) -> Result<()> {
         .with_context(|| format!("cannot open datastore {}", a.dir.display()))?;
     let model = load_model(&a.text)?;
     let progress = Bars::new();
-    let report = build::add(&store, &model, &opts, &progress)
+    let report = ingest::add(&store, &model, &opts, &progress)
         .with_context(|| format!("cannot add to {}", a.dir.display()))?;
     progress.finish();
     print_report(&report, a.text.json, "added to")

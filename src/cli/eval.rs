@@ -19,7 +19,8 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use goodtriever::eval::{continuation_logprobs, read_prompts};
-use goodtriever::generate::{Generator, StepHook, StopReason};
+use goodtriever::generate::{Generator, StopReason};
+use goodtriever::hook::StepHook;
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use serde_json::{json, Value};
 

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 use goodtriever::detox::ControlHook;
-use goodtriever::generate::{Generator, Sample, StepHook};
+use goodtriever::generate::{Generator, Sample};
+use goodtriever::hook::StepHook;
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use serde_json::json;
 

@@ -8,10 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::fingerprint::KeyType;
-
-/// Largest `k` a search accepts. Larger values are almost always a bug (and a k-heap that
-/// large costs more than a flat scan would).
-pub const MAX_K: usize = 4096;
+use crate::limits::MAX_K;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatastoreError {
@@ -91,6 +88,17 @@ pub enum DatastoreError {
 
     #[error("no row {id}: the datastore has {rows} live rows (row ids start at 0)")]
     NoSuchRow { id: u64, rows: usize },
+
+    /// A store behind a server could not be reached (see [`crate::store`]).
+    #[error("the store at {location} is unavailable: {reason}")]
+    Unavailable { location: String, reason: String },
+
+    /// A store behind a server did not answer in time (see [`crate::store`]).
+    #[error("the store at {location} did not answer within {after:?}")]
+    TimedOut {
+        location: String,
+        after: std::time::Duration,
+    },
 }
 
 impl DatastoreError {

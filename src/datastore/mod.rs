@@ -34,7 +34,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 pub use distance::kernel_name;
-pub use error::{DatastoreError, MAX_K};
+pub use error::DatastoreError;
 pub use exact::TASK_QUERIES;
 pub use hnsw::{DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
 pub use keys::Keys;
@@ -45,6 +45,7 @@ pub use search::{Neighbour, SearchMode, SearchParams, AUTO_EF_FACTOR, AUTO_MIN_R
 pub use verify::{FileCheck, VerifyProblem, VerifyReport};
 
 use crate::fingerprint::{KeyType, ModelFingerprint};
+use crate::limits::MAX_K;
 use durable::WriterLock;
 use error::Result;
 use manifest::{IndexParams, Manifest, SegmentEntry, MANIFEST_FILE};

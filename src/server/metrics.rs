@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::ServerError;
+use crate::steps::StepObserver;
 
 /// The RPCs, as they are labelled in the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,6 +307,25 @@ fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<
         .header(hyper::header::CONTENT_TYPE, content_type)
         .body(Full::new(body))
         .expect("a valid static response")
+}
+
+/// The step engine's phases as this server's series.
+impl StepObserver for Metrics {
+    fn step_rows(&self, rows: usize) {
+        self.rows(rows);
+    }
+    fn decoded(&self, elapsed: Duration) {
+        self.phase(Phase::Decode, elapsed);
+    }
+    fn engine(&self, total: Duration, search: Duration) {
+        Metrics::engine(self, total, search);
+    }
+    fn merged(&self, steps: usize) {
+        Metrics::merged(self, steps);
+    }
+    fn encoded(&self, elapsed: Duration) {
+        self.phase(Phase::Encode, elapsed);
+    }
 }
 
 #[cfg(test)]

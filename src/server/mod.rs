@@ -10,18 +10,24 @@
 //! message size and rows, an admin token for writes, TLS when configured, and a graceful
 //! shutdown that finishes in-flight requests (and bounds how long open streams may linger).
 //!
-//! Modules: `service` (the RPCs), `step_stream` (AdjustStream's answers), `convert` (wire
-//! tensors and sparse rows), `status` (error → gRPC code), `auth` (admin token), `metrics`
-//! (Prometheus + /metrics), `encoder` (text → rows for `AddTexts`), `limits` (message-size
-//! errors as `RESOURCE_EXHAUSTED`), `listen` (TCP or Unix socket), `merge` (steps that wait
-//! for a core merged into one engine call).
+//! The server is an adapter: it decodes protobuf, hands each Adjust step to the library's
+//! transport-free step engine (`crate::steps`), encodes the answer, and maps errors to status
+//! codes; transports, auth and metrics are its own.
+//!
+//! Modules: `service` (the RPCs), `adjust_step` (an Adjust request as a step of the step
+//! engine: checks, decoding, encoding), `step_stream` (AdjustStream's answers), `convert`
+//! (wire tensors and sparse rows), `status` (error → gRPC code), `auth` (admin token),
+//! `metrics` (Prometheus + /metrics), `encoder` (text → rows for `AddTexts`), `limits`
+//! (message-size errors as `RESOURCE_EXHAUSTED`), `listen` (TCP or Unix socket).
 
+mod adjust_step;
 pub mod auth;
 pub mod convert;
 pub mod encoder;
 mod limits;
 pub mod listen;
-mod merge;
+#[cfg(test)]
+mod merge_tests;
 pub mod metrics;
 pub mod service;
 mod status;
@@ -44,7 +50,8 @@ pub use listen::{GrpcAddr, GrpcListener, MAX_FRAME_BYTES};
 pub use metrics::Metrics;
 pub use service::Limits;
 
-use crate::detox::{Detoxifier, MAX_ROWS};
+use crate::detox::Detoxifier;
+use crate::limits::MAX_ROWS;
 
 /// The generated protocol types, client and server (package `goodtriever.v1`).
 #[allow(clippy::all, missing_docs)]

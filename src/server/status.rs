@@ -11,6 +11,17 @@ use super::convert::ConvertError;
 use crate::datastore::DatastoreError;
 use crate::detox::DetoxError;
 use crate::rule::RuleError;
+use crate::steps::StepError;
+
+impl From<StepError> for Status {
+    fn from(err: StepError) -> Self {
+        match err {
+            StepError::Engine(e) => from_detox(e),
+            StepError::Dropped => Status::internal(err.to_string()),
+            StepError::ShuttingDown => Status::unavailable(err.to_string()),
+        }
+    }
+}
 
 pub fn from_convert(err: ConvertError) -> Status {
     match err {
@@ -31,6 +42,8 @@ fn datastore_code(err: &DatastoreError) -> Code {
         | DatastoreError::KeyTypeMismatch { .. }
         | DatastoreError::ModelMismatch(_) => Code::InvalidArgument,
         DatastoreError::EmptyStore(_) => Code::FailedPrecondition,
+        DatastoreError::Unavailable { .. } => Code::Unavailable,
+        DatastoreError::TimedOut { .. } => Code::DeadlineExceeded,
         DatastoreError::Io { source, .. } if is_disk_full(source) => Code::ResourceExhausted,
         _ => Code::Internal,
     }
@@ -119,5 +132,24 @@ mod tests {
             .code(),
             Code::ResourceExhausted
         );
+    }
+
+    #[test]
+    fn a_remote_store_that_fails_is_unavailable_or_late_not_internal() {
+        let search = |source| DetoxError::Search {
+            name: "toxic".into(),
+            source,
+        };
+        let down = from_detox(search(DatastoreError::Unavailable {
+            location: "milvus://127.0.0.1:19530/toxic".into(),
+            reason: "connection refused".into(),
+        }));
+        assert_eq!(down.code(), Code::Unavailable);
+        assert!(down.message().contains("milvus://127.0.0.1:19530/toxic"));
+        let late = from_detox(search(DatastoreError::TimedOut {
+            location: "milvus://127.0.0.1:19530/toxic".into(),
+            after: std::time::Duration::from_millis(250),
+        }));
+        assert_eq!(late.code(), Code::DeadlineExceeded);
     }
 }

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio_stream::Stream;
 use tonic::{Status, Streaming};
 
@@ -33,11 +32,10 @@ pub(crate) struct StepStream {
     inbound: Streaming<proto::AdjustRequest>,
     /// Resolves when the server starts shutting down.
     shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
-    /// A step that could not compute inline: it waits in the merge queue for its answer or a
-    /// core (every core is busy, or the runtime is current-thread and computes on the pool).
+    /// A step that could not compute inline: it waits in the step engine's merge queue for its
+    /// answer or a core (every core is busy, or the runtime is current-thread and computes on
+    /// the pool).
     pending: Option<Pin<Box<dyn Future<Output = Answer> + Send>>>,
-    /// Whether steps may compute on the polling thread (a multi-thread runtime).
-    inline: bool,
     done: bool,
 }
 
@@ -46,7 +44,6 @@ impl StepStream {
     pub(crate) fn new(shared: Arc<Shared>, inbound: Streaming<proto::AdjustRequest>) -> Self {
         let mut stop = shared.shutdown.clone();
         Self {
-            inline: Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread,
             shutdown: Box::pin(async move {
                 // An error means the server dropped its sender: it is going away too.
                 let _ = stop.wait_for(|s| *s).await;
@@ -56,6 +53,12 @@ impl StepStream {
             pending: None,
             done: false,
         }
+    }
+
+    /// A step answered while being polled: recorded, then handed out.
+    fn answer_now(&mut self, step: u64, t: Instant, r: Answer) -> Poll<Option<Answer>> {
+        self.shared.finished(METHOD, t, &r);
+        self.finish_step(with_step(step, r))
     }
 
     /// The answer to hand out, ending the stream after a failed step.
@@ -109,21 +112,18 @@ impl Stream for StepStream {
         let t = Instant::now();
         this.shared.metrics.request(METHOD);
         let step = msg.step;
-        // The common case: a core is free, so the step computes here and now.
-        let msg = match this.shared.try_cpu_permit(this.inline) {
-            Some(_permit) => Ok(this.shared.adjust(msg)),
-            None => Err(msg),
+        let checked = match this.shared.check(msg) {
+            Ok(checked) => checked,
+            Err(e) => return this.answer_now(step, t, Err(e)),
         };
-        let msg = match msg {
-            Ok(r) => {
-                this.shared.finished(METHOD, t, &r);
-                return this.finish_step(with_step(step, r));
-            }
-            Err(msg) => msg,
+        // The common case: a core is free, so the step computes here and now.
+        let checked = match this.shared.steps.try_inline(checked) {
+            Ok(r) => return this.answer_now(step, t, r),
+            Err(checked) => checked,
         };
         let shared = this.shared.clone();
         let mut step_future: Pin<Box<dyn Future<Output = Answer> + Send>> = Box::pin(async move {
-            let r = shared.adjust_queued(msg).await;
+            let r = shared.steps.run_queued(checked).await;
             shared.finished(METHOD, t, &r);
             with_step(step, r)
         });

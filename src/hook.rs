@@ -1,0 +1,31 @@
+//! The per-step hook between a sampling loop and whatever adjusts its logits.
+//!
+//! The generator ([`crate::generate`]) calls a [`StepHook`] at every decoding step; the engine
+//! implements it ([`crate::detox::ControlHook`]). The trait sits in its own module so that
+//! neither side imports the other: the engine does not depend on the generator, and the
+//! generator knows nothing about stores.
+
+use crate::fingerprint::KeyType;
+
+/// Something that adjusts next-token logits at each decoding step.
+pub trait StepHook {
+    /// The hidden state the hook wants as `keys`.
+    fn key_type(&self) -> KeyType;
+
+    /// `keys` holds `rows × hidden` values, `logits` `rows × vocab` raw logits. The hook may
+    /// rewrite `logits`, e.g. with normalised log-probabilities (`-inf` allowed for tokens that
+    /// must not be sampled).
+    fn adjust(&mut self, keys: &[f32], logits: &mut [f32], rows: usize) -> Result<(), HookError>;
+}
+
+/// A failure inside a [`StepHook`], with its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("step hook failed: {0}")]
+pub struct HookError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+impl HookError {
+    /// Wraps the hook's own error.
+    pub fn new(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Box::new(err))
+    }
+}

@@ -1,0 +1,126 @@
+//! The store interface: what the engine needs from a datastore, whatever holds its rows.
+//!
+//! The engine ([`crate::detox::Detoxifier`]) and the server only ever talk to a [`Store`]: its
+//! identity (dimension, model fingerprint with the vocabulary size, key type, key dtype), its
+//! size and segments, a k-nearest-neighbour search into the caller's buffers, a refresh that
+//! picks up rows other writers committed, and an append. The memory-mapped, segmented
+//! [`Datastore`] is the first implementation; a remote vector engine is meant to be another.
+//!
+//! Why the trait is shaped so:
+//! - **Blocking, `&self`, `Send + Sync`.** The engine calls `search_into` from its rayon pool
+//!   (one task per store, concurrently) and shares stores between threads as
+//!   `Arc<dyn Store>`. A remote backend blocks the pool thread on its client (with its own
+//!   timeout) instead of making every caller async; the engine's pool already bounds how many
+//!   steps wait at once.
+//! - **Caller buffers.** `search_into` fills one reusable `Vec` per query row, so a decoding
+//!   step allocates nothing once the buffers have grown; a backend that receives its answer in
+//!   its own buffers copies it once into these.
+//! - **One typed error.** Every failure is a [`DatastoreError`]; a backend that cannot reach
+//!   its server says so with [`DatastoreError::Unavailable`] or [`DatastoreError::TimedOut`],
+//!   which the server maps to `UNAVAILABLE` and `DEADLINE_EXCEEDED` instead of `INTERNAL`, so
+//!   the error needs no special case anywhere above the store.
+//! - **Rows with their next token only.** A neighbour is `(id, value, squared L2 distance)`;
+//!   everything the rule needs. Ids are the store's own, stable until segments change.
+
+use crate::datastore::{
+    Datastore, DatastoreError, KeyDtype, Keys, Neighbour, Provenance, SearchParams, SegmentInfo,
+};
+use crate::fingerprint::{KeyType, ModelFingerprint};
+
+/// A kNN datastore as the engine sees it. See the module docs for the contract.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Where the store lives, for messages: a directory, or a server address and collection.
+    fn location(&self) -> String;
+
+    /// The model the keys come from; its `hidden_size` is the key dimension and its
+    /// `vocab_size`, when known, bounds the stored values.
+    fn fingerprint(&self) -> &ModelFingerprint;
+
+    /// Which hidden state the keys are.
+    fn key_type(&self) -> KeyType;
+
+    /// How the keys are stored.
+    fn dtype(&self) -> KeyDtype;
+
+    /// The key dimension.
+    fn dim(&self) -> usize {
+        self.fingerprint().hidden_size
+    }
+
+    /// Live rows (retired segments excluded).
+    fn len(&self) -> usize;
+
+    /// Whether the store has no live rows.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every segment, retired ones included, in manifest order.
+    fn segments(&self) -> Vec<SegmentInfo>;
+
+    /// The `k` nearest rows of each query row (`queries` is row-major, `out.len()` × dim) into
+    /// `out`, each sorted by ascending squared L2 distance, with `k` neighbours unless the store
+    /// has fewer rows. `out`'s vectors are cleared and refilled; their allocations are kept.
+    fn search_into(
+        &self,
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+        out: &mut [Vec<Neighbour>],
+    ) -> Result<(), DatastoreError>;
+
+    /// Picks up changes other writers committed; `true` when something changed.
+    fn refresh(&self) -> Result<bool, DatastoreError>;
+
+    /// Appends rows (keys with their next-token values), durable when this returns.
+    fn append(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+    ) -> Result<SegmentInfo, DatastoreError>;
+}
+
+impl Store for Datastore {
+    fn location(&self) -> String {
+        self.dir().display().to_string()
+    }
+    fn fingerprint(&self) -> &ModelFingerprint {
+        Datastore::fingerprint(self)
+    }
+    fn key_type(&self) -> KeyType {
+        Datastore::key_type(self)
+    }
+    fn dtype(&self) -> KeyDtype {
+        Datastore::dtype(self)
+    }
+    fn dim(&self) -> usize {
+        Datastore::dim(self)
+    }
+    fn len(&self) -> usize {
+        Datastore::len(self)
+    }
+    fn segments(&self) -> Vec<SegmentInfo> {
+        Datastore::segments(self)
+    }
+    fn search_into(
+        &self,
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+        out: &mut [Vec<Neighbour>],
+    ) -> Result<(), DatastoreError> {
+        Datastore::search_into(self, queries, k, params, out)
+    }
+    fn refresh(&self) -> Result<bool, DatastoreError> {
+        Datastore::refresh(self)
+    }
+    fn append(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+    ) -> Result<SegmentInfo, DatastoreError> {
+        Datastore::append(self, keys, values, provenance)
+    }
+}
