@@ -1,7 +1,7 @@
 //! An Adjust request as a step of the [`StepEngine`](crate::steps::StepEngine): the gRPC side
 //! of the step engine's [`Step`] contract.
 //!
-//! [`Shared::check`] turns a request into a [`GrpcStep`] (options, form and tensor shapes
+//! [`GrpcStep::check`] turns a request into a [`GrpcStep`] (options, form and tensor shapes
 //! checked; its tensors stay in the request's buffers until decoded); the step engine decodes
 //! it into its batch buffers and asks it to encode its answer from its rows of the output.
 //! The answers' bytes are split off one pooled buffer (`Step::Wire`), so encoding reuses one
@@ -12,9 +12,8 @@ use tonic::Status;
 
 use super::convert::{self, Finite, WireDType};
 use super::proto;
-use super::service::Shared;
 use super::status;
-use crate::detox::AdjustOptions;
+use crate::detox::{AdjustOptions, Detoxifier};
 use crate::rule::{Mode, SparseRow};
 use crate::steps::{OutputRows, Step, StepInput, StepOutput, StepPlan};
 
@@ -86,10 +85,10 @@ impl Step for GrpcStep {
     }
 }
 
-impl Shared {
+impl GrpcStep {
     /// The server's defaults with the request's overrides, validated.
-    fn options(&self, o: Option<&proto::Overrides>) -> Result<AdjustOptions, Status> {
-        let mut opts = *self.engine.defaults();
+    fn options(engine: &Detoxifier, o: Option<&proto::Overrides>) -> Result<AdjustOptions, Status> {
+        let mut opts = *engine.defaults();
         if let Some(o) = o {
             if let Some(a) = o.alpha {
                 opts.params.alpha = a;
@@ -122,7 +121,7 @@ impl Shared {
         opts.params
             .validate()
             .map_err(|e| Status::invalid_argument(format!("overrides: {e}")))?;
-        self.engine
+        engine
             .check_mode(opts.mode)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         Ok(opts)
@@ -130,8 +129,12 @@ impl Shared {
 
     /// The request's checks (options, form, tensor shapes) before anything is converted: the
     /// step it asks for, its tensors still in the request until decoded.
-    pub(super) fn check(&self, req: proto::AdjustRequest) -> Result<GrpcStep, Status> {
-        let opts = self.options(req.overrides.as_ref())?;
+    pub(super) fn check(
+        engine: &Detoxifier,
+        max_rows: usize,
+        req: proto::AdjustRequest,
+    ) -> Result<GrpcStep, Status> {
+        let opts = Self::options(engine, req.overrides.as_ref())?;
         let dense = match proto::ResponseForm::try_from(req.form) {
             Ok(proto::ResponseForm::Unspecified) => req.logits.is_some(),
             Ok(proto::ResponseForm::Sparse) => {
@@ -150,8 +153,7 @@ impl Shared {
                 )))
             }
         };
-        let engine = &self.engine;
-        let (dim, vocab, max_rows) = (engine.dim(), engine.vocab_size(), self.limits.max_rows);
+        let (dim, vocab) = (engine.dim(), engine.vocab_size());
         let hidden = req.hidden.as_ref().ok_or_else(|| {
             Status::invalid_argument(format!(
                 "hidden is missing: send the {} key hidden states, {dim} values per row",

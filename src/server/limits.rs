@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use tonic::codegen::http::{self, HeaderMap};
 use tonic::Status;
 
-use super::service::map_decode_error;
+use super::status::map_decode_error;
 
 #[derive(Clone, Copy)]
 pub struct ResourceExhaustedLayer {

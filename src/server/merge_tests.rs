@@ -9,12 +9,12 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 
 use super::proto;
-use super::service::Shared;
+use super::shared::Shared;
 use crate::datastore::{CreateOptions, Datastore, KeyDtype, Keys, Provenance, SearchParams};
 use crate::detox::{AdjustOptions, Detoxifier};
 use crate::fingerprint::{KeyType, ModelFingerprint};
 use crate::server::convert::f32_bytes;
-use crate::server::service::Limits;
+use crate::server::shared::Limits;
 use crate::server::{AdminAuth, Metrics};
 use crate::steps::StepEngine;
 

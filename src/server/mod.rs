@@ -14,7 +14,7 @@
 //! transport-free step engine (`crate::steps`), encodes the answer, and maps errors to status
 //! codes; transports, auth and metrics are its own.
 //!
-//! Modules: `service` (the RPCs), `adjust_step` (an Adjust request as a step of the step
+//! Modules: `service` (the RPCs), `shared` (the handlers' shared state), `adjust_step` (an Adjust request as a step of the step
 //! engine: checks, decoding, encoding), `step_stream` (AdjustStream's answers), `convert`
 //! (wire tensors and sparse rows), `status` (error → gRPC code), `auth` (admin token),
 //! `metrics` (Prometheus + /metrics), `encoder` (text → rows for `AddTexts`), `limits`
@@ -30,6 +30,7 @@ pub mod listen;
 mod merge_tests;
 pub mod metrics;
 pub mod service;
+mod shared;
 mod status;
 mod step_stream;
 
@@ -48,7 +49,7 @@ pub use auth::AdminAuth;
 pub use encoder::TextEncoder;
 pub use listen::{GrpcAddr, GrpcListener, MAX_FRAME_BYTES};
 pub use metrics::Metrics;
-pub use service::Limits;
+pub use shared::Limits;
 
 use crate::detox::Detoxifier;
 use crate::limits::MAX_ROWS;
@@ -262,7 +263,7 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new());
         let limits = self.opts.limits;
-        let shared = Arc::new(service::Shared::new(
+        let shared = Arc::new(shared::Shared::new(
             self.engine,
             metrics.clone(),
             limits,

@@ -23,6 +23,19 @@ impl From<StepError> for Status {
     }
 }
 
+/// Rewrites tonic's "message too large" decode error into `RESOURCE_EXHAUSTED` with a
+/// sentence that says what to do.
+pub(crate) fn map_decode_error(status: Status, limit: usize) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
+        Status::resource_exhausted(format!(
+            "request message too large: {}; this server accepts at most {limit} bytes per message (--max-message-bytes): send fewer rows per request, f16 instead of f32, or the sparse form without logits",
+            status.message().trim_start_matches("Error, ")
+        ))
+    } else {
+        status
+    }
+}
+
 pub fn from_convert(err: ConvertError) -> Status {
     match err {
         ConvertError::TooManyRows { .. } => Status::resource_exhausted(err.to_string()),

@@ -21,7 +21,8 @@ use tonic::{Status, Streaming};
 
 use super::metrics::Method;
 use super::proto;
-use super::service::{map_decode_error, Shared};
+use super::shared::Shared;
+use super::status::map_decode_error;
 
 const METHOD: Method = Method::AdjustStream;
 

@@ -8,7 +8,7 @@
 use std::ops::Range;
 use std::time::Duration;
 
-use super::queue::Waiting;
+use super::waiting::Waiting;
 use super::{Step, StepPlan};
 use crate::detox::{DetoxError, DetoxScratch, Detoxifier};
 use crate::rule::SparseRow;

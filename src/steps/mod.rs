@@ -27,6 +27,7 @@
 
 mod buffers;
 mod queue;
+mod waiting;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -12,6 +12,7 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::buffers::StepBuffers;
+use super::waiting::Waiting;
 use super::{Answer, Step, StepEngine, StepError};
 use crate::datastore::TASK_QUERIES;
 use crate::limits::MAX_ROWS;
@@ -25,27 +26,6 @@ pub(super) fn merge_steps() -> usize {
     TASK_QUERIES * rayon::current_num_threads()
 }
 
-/// A step waiting for a core, with the channel its answer goes back through.
-pub(super) struct Waiting<S: Step> {
-    step: S,
-    /// Taken when the step is answered.
-    reply: Option<oneshot::Sender<Answer<S>>>,
-}
-
-impl<S: Step> Waiting<S> {
-    fn answer(&mut self, answer: Answer<S>) {
-        if let Some(reply) = self.reply.take() {
-            // A closed channel means the client went away; nobody is left to tell.
-            let _ = reply.send(answer);
-        }
-    }
-
-    /// Whether the step still waits for its answer.
-    fn open(&self) -> bool {
-        self.reply.is_some()
-    }
-}
-
 /// The queue of steps that found every core busy.
 pub(super) struct WaitQueue<S: Step>(Mutex<Vec<Waiting<S>>>);
 
@@ -57,10 +37,7 @@ impl<S: Step> Default for WaitQueue<S> {
 
 impl<S: Step> WaitQueue<S> {
     pub(super) fn push(&self, step: S, reply: oneshot::Sender<Answer<S>>) {
-        self.lock().push(Waiting {
-            step,
-            reply: Some(reply),
-        });
+        self.lock().push(Waiting::new(step, reply));
     }
 
     pub(super) fn len(&self) -> usize {
