@@ -1,10 +1,15 @@
 //! Compiles `proto/goodtriever/v1/*.proto` into the gRPC service and messages with protox (a
 //! pure-Rust protobuf compiler), so building the crate needs no system `protoc`. The file
-//! descriptor set is kept too: the server offers it through gRPC reflection.
+//! descriptor set is kept too: the server offers it through gRPC reflection. Only the `server`
+//! feature needs them; the core builds without the protobuf toolchain.
 
-use std::path::PathBuf;
+#[cfg(not(feature = "server"))]
+fn main() {}
 
+#[cfg(feature = "server")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    use std::path::PathBuf;
+
     let protos = ["proto/goodtriever/v1/goodtriever.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

@@ -62,15 +62,20 @@
 
 pub mod datastore;
 pub mod detox;
+#[cfg(feature = "model")]
 pub mod eval;
 pub mod fingerprint;
+#[cfg(feature = "model")]
 pub mod generate;
 pub mod hook;
+#[cfg(feature = "model")]
 pub mod ingest;
 pub mod limits;
+#[cfg(feature = "model")]
 pub mod model;
 pub mod npy;
 pub mod rule;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod steps;
 pub mod store;

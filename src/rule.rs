@@ -359,7 +359,8 @@ impl NucleusHistogram {
         self.bucket.push(b as u16);
     }
 
-    /// The total mass pushed.
+    /// The total mass pushed (the sampler's top-p cut needs it).
+    #[cfg(feature = "model")]
     pub(crate) fn total(&self) -> f64 {
         self.mass.iter().sum()
     }

@@ -6,6 +6,7 @@
 //! `--model`.
 
 use crate::fingerprint::{KeyType, ModelFingerprint};
+#[cfg(feature = "model")]
 use crate::model::{Model, ModelError};
 
 /// Sliding-window length used to key texts: long enough for real left context, short enough
@@ -22,9 +23,17 @@ pub enum EncodeError {
     /// The input itself is unusable (e.g. a text too short to yield a key).
     #[error("{0}")]
     Input(String),
-    /// The model failed.
+    /// The model failed (an encoder's own error, boxed: the server does not depend on which
+    /// runtime the encoder uses).
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(Box<dyn std::error::Error + Send + Sync>),
+}
+
+#[cfg(feature = "model")]
+impl From<ModelError> for EncodeError {
+    fn from(e: ModelError) -> Self {
+        EncodeError::Model(Box::new(e))
+    }
 }
 
 /// Something that turns text into `(key hidden state, next token)` pairs.
@@ -41,6 +50,7 @@ pub trait TextEncoder: Send + Sync {
     ) -> Result<(), EncodeError>;
 }
 
+#[cfg(feature = "model")]
 impl TextEncoder for Model {
     fn fingerprint(&self) -> ModelFingerprint {
         Model::fingerprint(self)
