@@ -31,6 +31,7 @@ use hnsw_rs::hnsw::Hnsw;
 use memmap2::Mmap;
 
 use super::error::{DatastoreError, Result};
+use super::hnsw_layers::Layers;
 use super::hnsw_repair::{self, RepairStats};
 use super::keys::KeyRows;
 
@@ -109,14 +110,8 @@ fn repair(keys: KeyRows<'_>, dim: usize, m: usize, layers: &mut Layers) -> Resul
     Ok(stats)
 }
 
-/// The graph in memory: level 0 indexed by row, upper levels as (row, neighbours) ascending.
-pub(super) struct Layers {
-    pub(super) entry: u32,
-    pub(super) l0: Vec<Vec<u32>>,
-    /// `upper[l - 1]` is level `l`.
-    pub(super) upper: Vec<Vec<(u32, Vec<u32>)>>,
-}
-
+/// Reading hnsw_rs's graph and writing `index.bin`: the file format is this module's. The
+/// type itself lives in `hnsw_layers`, where the repair passes use it too.
 impl Layers {
     fn from_hnsw_rs(hnsw: &Hnsw<f32, DistL2>, rows: usize) -> Self {
         let pi = hnsw.get_point_indexation();

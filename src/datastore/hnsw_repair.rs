@@ -36,7 +36,7 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use rayon::prelude::*;
 
-use super::hnsw::Layers;
+use super::hnsw_layers::Layers;
 use super::keys::KeyRows;
 
 /// Beam width of the walks that check findability and look for link targets. On 200k
