@@ -21,6 +21,7 @@ pub mod fetch;
 pub mod kv_cache;
 pub mod llama;
 mod quant;
+mod scratch;
 pub mod testing;
 pub mod tokenizer;
 
