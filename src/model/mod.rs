@@ -22,6 +22,7 @@ pub mod kv_cache;
 pub mod llama;
 mod quant;
 mod scratch;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
 
