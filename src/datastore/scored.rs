@@ -33,7 +33,7 @@ mod tests {
 
     #[test]
     fn distance_first_then_row_with_total_cmp() {
-        let mut v = vec![
+        let mut v = [
             Scored(1.0, 3),
             Scored(f32::NAN, 0),
             Scored(0.0, 2),
