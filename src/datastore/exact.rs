@@ -7,40 +7,18 @@
 //! HNSW path is measured against.
 
 use std::cell::RefCell;
-use std::cmp::Ordering;
 use std::ops::Range;
 
 use rayon::prelude::*;
 
 use super::distance::QUERY_GROUP;
 use super::keys::KeyRows;
+use super::scored::Scored;
 
 /// Rows per parallel chunk: large enough that scheduling is noise (~20–40 MB of keys at D=576).
 pub const CHUNK_ROWS: usize = 32_768;
 /// Rows per distance block: keeps the distances in L1.
 const BLOCK_ROWS: usize = 64;
-
-/// A (distance, row) pair ordered by distance, then row: a total order, so results are
-/// deterministic when distances tie.
-#[derive(Clone, Copy, Debug)]
-pub struct Scored(pub f32, pub u32);
-
-impl PartialEq for Scored {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Scored {}
-impl PartialOrd for Scored {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Scored {
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
-    }
-}
 
 /// The k smallest items pushed so far. Items below the current cut are appended to a buffer of
 /// up to 2k, which is cut back to its k smallest (a linear-time selection) when full: O(1)

@@ -22,7 +22,7 @@
 //! ```
 
 use std::cell::RefCell;
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::path::Path;
 
@@ -31,8 +31,10 @@ use hnsw_rs::hnsw::Hnsw;
 use memmap2::Mmap;
 
 use super::error::{DatastoreError, Result};
+use super::hnsw_layers::Layers;
 use super::hnsw_repair::{self, RepairStats};
 use super::keys::KeyRows;
+use super::scored::Scored;
 
 pub const INDEX_FILE: &str = "index.bin";
 const MAGIC: u32 = u32::from_le_bytes(*b"GTHN");
@@ -109,14 +111,8 @@ fn repair(keys: KeyRows<'_>, dim: usize, m: usize, layers: &mut Layers) -> Resul
     Ok(stats)
 }
 
-/// The graph in memory: level 0 indexed by row, upper levels as (row, neighbours) ascending.
-pub(super) struct Layers {
-    pub(super) entry: u32,
-    pub(super) l0: Vec<Vec<u32>>,
-    /// `upper[l - 1]` is level `l`.
-    pub(super) upper: Vec<Vec<(u32, Vec<u32>)>>,
-}
-
+/// Reading hnsw_rs's graph and writing `index.bin`: the file format is this module's. The
+/// type itself lives in `hnsw_layers`, where the repair passes use it too.
 impl Layers {
     fn from_hnsw_rs(hnsw: &Hnsw<f32, DistL2>, rows: usize) -> Self {
         let pi = hnsw.get_point_indexation();
@@ -365,9 +361,9 @@ impl Graph {
             s.candidates.clear();
             s.results.clear();
             s.visited.insert(cur);
-            s.candidates.push(Reverse(Cand(cur_d, cur)));
-            s.results.push(Cand(cur_d, cur));
-            while let Some(Reverse(Cand(dc, c))) = s.candidates.pop() {
+            s.candidates.push(Reverse(Scored(cur_d, cur)));
+            s.results.push(Scored(cur_d, cur));
+            while let Some(Reverse(Scored(dc, c))) = s.candidates.pop() {
                 let worst = s.results.peek().map_or(f32::INFINITY, |w| w.0);
                 if dc > worst && s.results.len() >= ef {
                     break;
@@ -385,8 +381,8 @@ impl Graph {
                     let dn = keys.dist(q, nb as usize);
                     let worst = s.results.peek().map_or(f32::INFINITY, |w| w.0);
                     if s.results.len() < ef || dn < worst {
-                        s.candidates.push(Reverse(Cand(dn, nb)));
-                        s.results.push(Cand(dn, nb));
+                        s.candidates.push(Reverse(Scored(dn, nb)));
+                        s.results.push(Scored(dn, nb));
                         if s.results.len() > ef {
                             s.results.pop();
                         }
@@ -402,26 +398,6 @@ fn as_words(bytes: &[u8]) -> Option<&[u32]> {
     // SAFETY: every bit pattern is a valid u32; align_to only hands out the aligned middle.
     let (pre, mid, post) = unsafe { bytes.align_to::<u32>() };
     (pre.is_empty() && post.is_empty()).then_some(mid)
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Cand(f32, u32);
-
-impl PartialEq for Cand {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Cand {}
-impl PartialOrd for Cand {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Cand {
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
-    }
 }
 
 /// Visited set with O(1) reset: a stamp per row, bumped per search.
@@ -461,8 +437,8 @@ impl Visited {
 #[derive(Default)]
 struct Scratch {
     visited: Visited,
-    candidates: BinaryHeap<Reverse<Cand>>,
-    results: BinaryHeap<Cand>,
+    candidates: BinaryHeap<Reverse<Scored>>,
+    results: BinaryHeap<Scored>,
 }
 
 thread_local! {

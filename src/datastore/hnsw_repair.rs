@@ -31,13 +31,14 @@
 //! file format has no fixed degree. Passes 1–3 run in parallel (rayon). Measured on 200k rows
 //! (D = 576, f32): ~39 s of CPU on top of hnsw_rs's ~195 s.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
 use rayon::prelude::*;
 
-use super::hnsw::Layers;
+use super::hnsw_layers::Layers;
 use super::keys::KeyRows;
+use super::scored::Scored;
 
 /// Beam width of the walks that check findability and look for link targets. On 200k
 /// clustered rows (D = 576) 32 gave the same search recall as 64 for 40% less build time.
@@ -296,8 +297,8 @@ fn nearest_marked(keys: KeyRows<'_>, q: &[f32], seen: &[bool]) -> u32 {
 struct Walker {
     stamps: Vec<u32>,
     epoch: u32,
-    candidates: BinaryHeap<Reverse<C>>,
-    results: BinaryHeap<C>,
+    candidates: BinaryHeap<Reverse<Scored>>,
+    results: BinaryHeap<Scored>,
 }
 
 impl Walker {
@@ -346,9 +347,9 @@ impl Walker {
         self.candidates.clear();
         self.results.clear();
         self.stamps[cur as usize] = self.epoch;
-        self.candidates.push(Reverse(C(cur_d, cur)));
-        self.results.push(C(cur_d, cur));
-        while let Some(Reverse(C(dc, c))) = self.candidates.pop() {
+        self.candidates.push(Reverse(Scored(cur_d, cur)));
+        self.results.push(Scored(cur_d, cur));
+        while let Some(Reverse(Scored(dc, c))) = self.candidates.pop() {
             let worst = self.results.peek().map_or(f32::INFINITY, |w| w.0);
             if dc > worst && self.results.len() >= ef {
                 break;
@@ -362,8 +363,8 @@ impl Walker {
                 let dn = keys.dist(q, nb as usize);
                 let worst = self.results.peek().map_or(f32::INFINITY, |w| w.0);
                 if self.results.len() < ef || dn < worst {
-                    self.candidates.push(Reverse(C(dn, nb)));
-                    self.results.push(C(dn, nb));
+                    self.candidates.push(Reverse(Scored(dn, nb)));
+                    self.results.push(Scored(dn, nb));
                     if self.results.len() > ef {
                         self.results.pop();
                     }
@@ -373,26 +374,6 @@ impl Walker {
         out.clear();
         out.extend(self.results.drain().map(|c| (c.0, c.1)));
         out.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-struct C(f32, u32);
-
-impl PartialEq for C {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for C {}
-impl PartialOrd for C {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for C {
-    fn cmp(&self, o: &Self) -> Ordering {
-        self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
     }
 }
 

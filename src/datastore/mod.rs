@@ -11,17 +11,21 @@
 //!
 //! Module map: `manifest` (the JSON format), `durable` (fsync, atomic replace, writer lock),
 //! `segment` (files of one segment), `keys` (typed views of key rows), `distance` (SIMD squared
-//! L2), `exact` (flat scan + top-k), `hnsw` (graph build, file, walk), `search` (per-segment
-//! choice, merge, de-duplication), `verify` (checksums), `error`.
+//! L2), `scored` (the distance-ordered (distance, row) pair), `exact` (flat scan + top-k),
+//! `hnsw` (graph build, file, walk), `hnsw_layers` (the graph in memory), `hnsw_repair`
+//! (level-0 repair before writing), `search` (per-segment choice, merge, de-duplication),
+//! `verify` (checksums), `error`.
 
 mod distance;
 mod durable;
 mod error;
 mod exact;
 mod hnsw;
+mod hnsw_layers;
 mod hnsw_repair;
 mod keys;
 mod manifest;
+mod scored;
 mod search;
 mod segment;
 mod verify;

@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::exact::{self, BatchPlan, ExactScratch, Scored, TASK_QUERIES};
+use super::exact::{self, BatchPlan, ExactScratch, TASK_QUERIES};
+use super::scored::Scored;
 use super::segment::Segment;
 
 /// One retrieved row.

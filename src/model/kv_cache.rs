@@ -13,7 +13,7 @@
 //! pass's intermediate buffers live here too, because a cache is what one generation owns: a
 //! decoding loop allocates nothing after its first steps.
 
-use super::llama::Scratch;
+use super::scratch::Scratch;
 use super::ModelError;
 
 /// One layer's view of a [`KvCache`], see [`KvCache::layer_mut`].

@@ -169,36 +169,6 @@ pub(crate) struct Weights {
     sin: Vec<f32>,
 }
 
-/// Intermediate buffers of the forward pass, kept in the [`KvCache`] between calls.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Scratch {
-    /// Residual stream, `rows × hidden`.
-    x: Vec<f32>,
-    /// Normalised residual stream.
-    xn: Vec<f32>,
-    /// Fused Q, K, V projections, `rows × (hidden + 2 · kv width)`.
-    qkv: Vec<f32>,
-    /// Attention output, `rows × hidden`.
-    y: Vec<f32>,
-    /// Output of a projection before it is added to the residual stream.
-    tmp: Vec<f32>,
-    /// Unfused projections' outputs before they are laid side by side.
-    part: Vec<f32>,
-    /// Fused gate and up projections, `rows × 2 · intermediate`.
-    gu: Vec<f32>,
-    /// SiLU(gate) · up, `rows × intermediate`.
-    ff: Vec<f32>,
-    /// Final-norm output of the rows that need it.
-    fin: Vec<f32>,
-    /// Rows gathered for the LM head.
-    head_in: Vec<f32>,
-    /// RoPE position of each row of the chunk.
-    pos: Vec<usize>,
-    /// Attention scores, one run of slots per parallel task.
-    scores: Vec<f32>,
-    act: Activations,
-}
-
 /// Which positions of each row a forward call should return something for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Positions {

@@ -21,6 +21,8 @@ pub mod fetch;
 pub mod kv_cache;
 pub mod llama;
 mod quant;
+mod scratch;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tokenizer;
 
