@@ -1,4 +1,4 @@
-//! The Goodtriever decoding rule (DESIGN §1): pure functions over slices.
+//! The Goodtriever decoding rule (docs/architecture.md §1): pure functions over slices.
 //!
 //! Everything here is per row: a row's answer never depends on the other rows of its batch
 //! (the reference implementation took the patch minimum over the whole batch; we do not).

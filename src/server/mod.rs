@@ -1,9 +1,10 @@
 //! `goodtriever serve`: the engine as a gRPC sidecar next to a generation server.
 //!
 //! A client engine sends, per decoding step, the key hidden state of the last position (and
-//! for the dense form its logits); the server answers with the logit bias (DESIGN §1, sparse
-//! form) or the adjusted log-probabilities. Writes (`AddExamples`, `AddTexts`) grow the stores
-//! while serving, and the engine sees new segments at once.
+//! for the dense form its logits); the server answers with the logit bias
+//! (docs/architecture.md §1, sparse form) or the adjusted log-probabilities. Writes
+//! (`AddExamples`, `AddTexts`) grow the stores while serving, and the engine sees new segments
+//! at once.
 //!
 //! Around the service the server runs what operators expect of a production gRPC service: the
 //! standard health service and server reflection, Prometheus metrics over plain HTTP, limits on
