@@ -89,7 +89,7 @@ pub enum ServerError {
     /// The text encoder (for AddTexts) runs a different model than the stores were built with.
     #[error("the model does not match the stores: {0}; serve stores built with this model")]
     ModelMismatch(String),
-    /// The TLS certificate or key is not usable PEM.
+    /// The TLS certificate or key is not PEM, or the two do not make an identity.
     #[error("TLS: {0}")]
     Tls(String),
     /// The reflection service could not be built from the descriptor set.
