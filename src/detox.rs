@@ -31,51 +31,106 @@ impl Retrieved for Neighbour {
 /// Errors of the engine. Each names what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum DetoxError {
+    /// [`Detoxifier::new`] got an empty store list.
     #[error("no datastores given: the control needs at least one store")]
     NoStores,
+    /// [`Detoxifier::new`] got more than [`MAX_STORES`] stores (the count is given).
     #[error("at most {MAX_STORES} stores can be combined, got {0}")]
     TooManyStores(usize),
+    /// A store has no live rows, so every search would come back empty.
     #[error("store {name:?} is empty: add data to it before serving")]
-    EmptyStore { name: String },
+    EmptyStore {
+        /// The store's name in the ensemble.
+        name: String,
+    },
+    /// A store's keys come from a different model (or hidden size) than the first store's.
     #[error("store {name:?} does not match store {first:?}: {why}")]
     Incompatible {
+        /// The store that does not match.
         name: String,
+        /// The first store, whose fingerprint the others are checked against.
         first: String,
+        /// What differs, from [`ModelFingerprint::check_compatible`].
         why: String,
     },
+    /// A store holds a different hidden state than the first store.
     #[error("store {name:?} holds {got} keys, but the control uses {want} keys")]
     KeyTypeMismatch {
+        /// The store that does not match.
         name: String,
+        /// The key type that store holds.
         got: KeyType,
+        /// The first store's key type, which the engine uses.
         want: KeyType,
     },
+    /// Neither the caller nor any store's fingerprint gives the vocabulary size.
     #[error(
         "the vocabulary size is unknown (the stores were imported without one): give it explicitly"
     )]
     UnknownVocab,
+    /// The mode needs a store with a weight sign that no store has (e.g. toxic-only without a
+    /// negative-weight store).
     #[error("mode {mode} needs {what}")]
-    ModeNeeds { mode: Mode, what: &'static str },
+    ModeNeeds {
+        /// The mode asked for.
+        mode: Mode,
+        /// The kind of store it needs, in words.
+        what: &'static str,
+    },
+    /// The hidden-state buffer's length is not a multiple of the key dimension.
     #[error("hidden states have {len} values, which is not a whole number of rows of size {dim}")]
-    HiddenShape { len: usize, dim: usize },
+    HiddenShape {
+        /// Values received.
+        len: usize,
+        /// The stores' key dimension.
+        dim: usize,
+    },
+    /// A call carried no rows.
     #[error("the batch is empty: send at least one row")]
     EmptyBatch,
+    /// A call carried more than [`MAX_ROWS`] rows.
     #[error("the batch has {rows} rows; at most {max} are accepted per call")]
-    TooManyRows { rows: usize, max: usize },
+    TooManyRows {
+        /// Rows received.
+        rows: usize,
+        /// The limit, [`MAX_ROWS`].
+        max: usize,
+    },
+    /// A hidden state holds NaN or ±∞, which would poison every distance.
     #[error("hidden state of row {row} contains NaN or infinity at index {index}")]
-    NonFiniteHidden { row: usize, index: usize },
+    NonFiniteHidden {
+        /// The row, 0-based within the call.
+        row: usize,
+        /// The position within the row, 0-based.
+        index: usize,
+    },
+    /// The logits (or output) buffer is not `rows × vocab` long.
     #[error("logits have {len} values, expected {rows} rows of the vocabulary size {vocab}")]
     LogitsShape {
+        /// Values received.
         len: usize,
+        /// Rows in the call, from the hidden states.
         rows: usize,
+        /// The engine's vocabulary size.
         vocab: usize,
     },
+    /// The rule refused one row (bad logits, a store's token outside the vocabulary, ...).
     #[error("row {row}: {source}")]
-    Row { row: usize, source: RuleError },
+    Row {
+        /// The row, 0-based within the call.
+        row: usize,
+        /// Why the rule refused it.
+        source: RuleError,
+    },
+    /// The call's (or the defaults') rule parameters are out of range.
     #[error(transparent)]
     Param(#[from] ParamError),
+    /// A store's search or refresh failed.
     #[error("searching store {name:?}: {source}")]
     Search {
+        /// The store's name in the ensemble.
         name: String,
+        /// The store's own error (I/O, corruption, an unreachable remote store, ...).
         source: DatastoreError,
     },
 }
@@ -85,15 +140,22 @@ pub enum DetoxError {
 /// control.
 #[derive(Clone)]
 pub struct ControlStore {
+    /// A name for messages and metrics (`toxic`, `nontoxic`, or the caller's).
     pub name: String,
+    /// The datastore; shared, so one store can serve several engines.
     pub store: Arc<dyn Store>,
+    /// The store's signed weight `w_j` in the product of experts; must be finite. Its sign
+    /// also picks the store for the single-store modes (see [`Mode`]).
     pub weight: f32,
 }
 
 /// Per-call choices; the engine's defaults unless a request overrides them.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdjustOptions {
+    /// The rule's knobs (α, T, k, filter_p, λ); checked with [`RuleParams::validate`] on
+    /// every call.
     pub params: RuleParams,
+    /// How the stores' experts are combined; default [`Mode::Ensemble`].
     pub mode: Mode,
 }
 
@@ -239,24 +301,33 @@ impl Detoxifier {
         Ok(detox)
     }
 
+    /// The key dimension: every row of `hidden` holds this many values.
     pub fn dim(&self) -> usize {
         self.dim
     }
+    /// The vocabulary size: every row of logits holds this many values, and stored token ids
+    /// must be below it.
     pub fn vocab_size(&self) -> usize {
         self.vocab
     }
+    /// The hidden state the stores hold; callers must send that one as `hidden`.
     pub fn key_type(&self) -> KeyType {
         self.key_type
     }
+    /// The model the stores' keys come from (the first store's; the others are checked
+    /// compatible).
     pub fn fingerprint(&self) -> &ModelFingerprint {
         &self.fingerprint
     }
+    /// The signed stores, in the order given to [`Detoxifier::new`].
     pub fn stores(&self) -> &[ControlStore] {
         &self.stores
     }
+    /// The options a call uses when its request does not override them.
     pub fn defaults(&self) -> &AdjustOptions {
         &self.defaults
     }
+    /// How every store is searched (exact or HNSW, and its `ef`).
     pub fn search_params(&self) -> &SearchParams {
         &self.search
     }
@@ -565,6 +636,8 @@ pub struct ControlHook {
 }
 
 impl ControlHook {
+    /// A hook that adjusts every step with `opts`; fails early if the options are out of range
+    /// or the engine's stores cannot serve `opts.mode`, rather than at the first step.
     pub fn new(detox: Arc<Detoxifier>, opts: AdjustOptions) -> Result<Self, DetoxError> {
         opts.params.validate()?;
         detox.check_mode(opts.mode)?;

@@ -20,6 +20,7 @@ use crate::model::{ForwardOutput, Model, ModelError, Outputs, Positions};
 /// whether it is "challenging"), carried through to the outputs untouched.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalPrompt {
+    /// The prompt text the continuations are sampled from.
     pub text: String,
     /// The line's other fields (empty for a bare string line).
     pub meta: serde_json::Map<String, Value>,
@@ -28,8 +29,15 @@ pub struct EvalPrompt {
 /// Errors of reading evaluation inputs.
 #[derive(Debug, thiserror::Error)]
 pub enum EvalInputError {
+    /// A line is not JSON, or not a string or an object with a prompt text.
     #[error("line {line}: {message}")]
-    Line { line: usize, message: String },
+    Line {
+        /// The line number, 1-based.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Reading the input failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }

@@ -21,8 +21,11 @@ pub enum KeyType {
 }
 
 impl KeyType {
+    /// Every key type, in the order messages list them.
     pub const ALL: [KeyType; 2] = [KeyType::LastFfnInput, KeyType::FinalHidden];
 
+    /// The snake_case name used in manifests, on the command line and on the wire; the inverse
+    /// of its `FromStr`.
     pub fn as_str(self) -> &'static str {
         match self {
             KeyType::LastFfnInput => "last_ffn_input",
@@ -65,7 +68,10 @@ pub struct ModelFingerprint {
     /// Architecture as the model file states it, e.g. `llama`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<String>,
+    /// The width of the hidden states, and so the key dimension.
     pub hidden_size: usize,
+    /// Tokens in the model's vocabulary: the length of a row of logits, and the bound on
+    /// stored values. `None` for stores imported without it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab_size: Option<usize>,
     /// SHA-256 (hex) of the tokenizer vocabulary, in id order.

@@ -26,14 +26,19 @@ use crate::rule::{rank_key, NucleusHistogram};
 /// Errors of generation.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// Tokenizing the prompt or a forward pass failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The step hook (the engine, in production) refused a step.
     #[error(transparent)]
     Hook(#[from] HookError),
+    /// [`SamplingParams::validate`] refused the parameters (what is wrong is given).
     #[error("invalid sampling parameters: {0}")]
     Params(String),
+    /// The prompt has no tokens: there is no position to continue from.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// Every candidate of a sample's row (the index is given) was masked after the hook.
     #[error("no token can be sampled for sample {0}: every logit is -inf or NaN")]
     NothingToSample(usize),
 }
@@ -42,11 +47,18 @@ pub enum GenerateError {
 /// `top_p == 1` switch those filters off.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SamplingParams {
+    /// Continuations per prompt, decoded as one batch; at least 1 (the paper uses 25).
     pub num_samples: usize,
+    /// The most tokens a sample may generate; default 20, the paper's.
     pub max_new_tokens: usize,
+    /// Softmax temperature, ≥ 0; 0 is greedy. Default 1.
     pub temperature: f32,
+    /// Nucleus mass kept, in (0, 1]; 1 keeps every token. Default 0.9.
     pub top_p: f32,
+    /// Candidates kept by logit before the nucleus; 0 (the default) keeps all.
     pub top_k: usize,
+    /// Seed of the per-sample random generators: sample `i` draws from (seed, i), so a seed
+    /// gives the same samples whatever the batch does.
     pub seed: u64,
 }
 
@@ -64,6 +76,8 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Checks the ranges above (`num_samples` ≥ 1, `temperature` finite and ≥ 0, `top_p` in
+    /// (0, 1]); [`Generator::new`] calls it, so a bad value fails before any forward pass.
     pub fn validate(&self) -> Result<(), GenerateError> {
         let bad = |m: String| Err(GenerateError::Params(m));
         if self.num_samples == 0 {
@@ -93,18 +107,23 @@ pub enum StopReason {
 /// step's time is the batch's; `hook_ms` is the hook's share of each step.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct SampleTiming {
+    /// The prompt's prefill, in milliseconds (shared by all samples of the prompt).
     pub prefill_ms: f64,
     /// For each generated token: the forward pass that produced its logits (none for the
     /// first, whose logits come from the prefill), the hook, and sampling.
     pub step_ms: Vec<f64>,
+    /// For each generated token: the hook's share of `step_ms`, in milliseconds (0 without a
+    /// hook).
     pub hook_ms: Vec<f64>,
 }
 
 impl SampleTiming {
+    /// The sample's decoding time in milliseconds, prefill excluded.
     pub fn total_step_ms(&self) -> f64 {
         self.step_ms.iter().sum()
     }
 
+    /// The time the hook took over the whole sample, in milliseconds: the control's cost.
     pub fn total_hook_ms(&self) -> f64 {
         self.hook_ms.iter().sum()
     }
@@ -117,7 +136,9 @@ pub struct Sample {
     pub tokens: Vec<u32>,
     /// The generated text, without the stop token.
     pub text: String,
+    /// Why the sample ended.
     pub stop: StopReason,
+    /// Where its time went.
     pub timing: SampleTiming,
 }
 
@@ -276,6 +297,8 @@ impl<'m> Generator<'m> {
         })
     }
 
+    /// The sampling parameters every [`Generator::generate`] call uses (checked at
+    /// construction).
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

@@ -13,16 +13,27 @@ use std::path::{Path, PathBuf};
 use half::f16;
 use npyz::{DType, NpyFile, Order, TypeChar, WriterBuilder};
 
+/// Errors of reading or writing an `.npy` file; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum NpyError {
+    /// Opening, reading or writing the file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not an `.npy` array of an accepted dtype and shape, or a value is out of
+    /// range.
     #[error("{path}: {detail}")]
-    Format { path: PathBuf, detail: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What was found and what was expected.
+        detail: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NpyError + '_ {
@@ -42,15 +53,20 @@ fn format(path: &Path, detail: impl Into<String>) -> NpyError {
 /// Key data as read: f32 or f16, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub enum KeyArray {
+    /// `<f4` keys, kept as they are.
     F32(Vec<f32>),
+    /// `<f2` keys, kept as f16 so they reach the store without a round trip through f32.
     F16(Vec<f16>),
 }
 
 /// A key matrix `[rows, dim]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KeyMatrix {
+    /// Number of keys (N).
     pub rows: usize,
+    /// Values per key (D): the model's hidden size.
     pub dim: usize,
+    /// `rows × dim` values, row-major.
     pub data: KeyArray,
 }
 

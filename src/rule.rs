@@ -1,4 +1,4 @@
-//! The Goodtriever decoding rule (DESIGN §1): pure functions over slices.
+//! The Goodtriever decoding rule (docs/architecture.md §1): pure functions over slices.
 //!
 //! Everything here is per row: a row's answer never depends on the other rows of its batch
 //! (the reference implementation took the patch minimum over the whole batch; we do not).
@@ -21,35 +21,63 @@ pub const PATCH: f32 = -50.0;
 /// Why a set of rule parameters was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParamError {
+    /// `alpha` is NaN or infinite.
     #[error("alpha must be a finite number, got {0}")]
     Alpha(f32),
+    /// `temperature` is not a finite positive number.
     #[error("temperature must be a finite number > 0, got {0}")]
     Temperature(f32),
+    /// `k` is 0 or above [`MAX_K`].
     #[error("k must be between 1 and {MAX_K}, got {0}")]
     K(usize),
+    /// `filter_p` is outside (0, 1].
     #[error("filter_p must be in (0, 1], got {0}")]
     FilterP(f32),
+    /// `lambda` is outside [0, 1].
     #[error("lambda must be in [0, 1], got {0}")]
     Lambda(f32),
+    /// A store's signed weight is NaN or infinite.
     #[error("store weight {index} must be finite, got {weight}")]
-    Weight { index: usize, weight: f32 },
+    Weight {
+        /// The store's position in the ensemble, 0-based.
+        index: usize,
+        /// The weight given.
+        weight: f32,
+    },
 }
 
 /// Why a rule evaluation was refused. Every case is a caller bug or a store/model mismatch.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RuleError {
+    /// The rule parameters are out of range.
     #[error(transparent)]
     Param(#[from] ParamError),
+    /// A row of logits is not vocabulary-sized.
     #[error("logits have {got} entries, expected the vocabulary size {expected}")]
-    LogitsLen { got: usize, expected: usize },
+    LogitsLen {
+        /// Entries received.
+        got: usize,
+        /// The vocabulary size.
+        expected: usize,
+    },
+    /// A logit is NaN or +∞ (the index is given); −∞ is a legal mask.
     #[error("logits contain NaN or +inf at token {0}")]
     NonFiniteLogit(usize),
+    /// Every logit is −∞, so there is nothing to normalise.
     #[error("all logits are -inf: there is no distribution to adjust")]
     EmptyDistribution,
+    /// A neighbour's (or a sparse row's) token id is not below the vocabulary size.
     #[error("a datastore returned token id {token}, outside the vocabulary of {vocab} tokens (store built for another model?)")]
-    TokenOutOfVocab { token: u32, vocab: usize },
+    TokenOutOfVocab {
+        /// The offending token id.
+        token: u32,
+        /// The vocabulary size it must be below.
+        vocab: usize,
+    },
+    /// A neighbour's squared distance is NaN or infinite.
     #[error("a datastore returned a non-finite distance {0}")]
     NonFiniteDistance(f32),
+    /// A store contributed no neighbours to a row, or a single-store mode got no expert.
     #[error("no neighbours were retrieved for a store (is it empty?)")]
     NoNeighbours,
 }
@@ -82,6 +110,9 @@ impl Default for RuleParams {
 }
 
 impl RuleParams {
+    /// Checks every knob's range: α finite, T finite and > 0, k in 1..=[`MAX_K`], filter_p in
+    /// (0, 1], λ in [0, 1]. The engine calls it on every request's options, so the rule's
+    /// functions can assume valid parameters.
     pub fn validate(&self) -> Result<(), ParamError> {
         if !self.alpha.is_finite() {
             return Err(ParamError::Alpha(self.alpha));
@@ -116,6 +147,8 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The mode's kebab-case name, as on the command line, in configs and in messages; the
+    /// inverse of its `FromStr`.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Ensemble => "ensemble",
@@ -153,12 +186,18 @@ impl std::str::FromStr for Mode {
 /// the log; logs, because far neighbours' masses underflow `f32`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SparseRow {
+    /// The ensemble and toxic-only answer: scale the filtered log-probabilities, add biases.
     Bias {
+        /// Factor on the base log-probabilities: 1 for the ensemble, 1 + α for toxic-only.
         scale: f32,
+        /// `(token, bias)` pairs for the tokens any store retrieved, sorted by token id.
         pairs: Vec<(u32, f32)>,
     },
+    /// The kNN-LM answer: interpolate with the kNN distribution.
     Mixture {
+        /// Weight of the kNN distribution (λ), in [0, 1].
         lambda: f32,
+        /// `(token, ln p)` pairs of the kNN distribution, sorted by token id.
         log_probs: Vec<(u32, f32)>,
     },
 }
@@ -186,13 +225,20 @@ impl Default for SparseRow {
 /// the signed weight the store carries in the ensemble.
 #[derive(Debug, Clone, Copy)]
 pub struct Expert<'a, N> {
+    /// The store's signed weight `w_j` (ignored by the single-store modes).
     pub weight: f32,
+    /// The row's neighbours from that store, any order; at most `k` of them.
     pub neighbours: &'a [N],
 }
 
 /// What the rule needs to know of a neighbour; implemented by the datastore's result type.
+///
+/// A trait rather than a struct so the rule reads the datastore's own result buffers (and
+/// tests' plain `(token, distance)` tuples) without a copy per neighbour.
 pub trait Retrieved {
+    /// The token that followed the neighbour's context: the value the store holds for it.
     fn token(&self) -> u32;
+    /// The squared L2 distance from the query to the neighbour's key; must be finite.
     fn sq_dist(&self) -> f32;
 }
 
@@ -226,6 +272,7 @@ pub struct RuleScratch {
 }
 
 impl RuleScratch {
+    /// An empty scratch; it grows to the vocabulary size on first use and stays there.
     pub fn new() -> Self {
         Self::default()
     }

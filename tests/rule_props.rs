@@ -1,6 +1,7 @@
-//! The decoding rule against a second, deliberately naive implementation of DESIGN §1: dense
-//! vocabulary-sized arrays, `f64` everywhere, a full sort for the nucleus, and the ZERO_LOG /
-//! PATCH steps spelled out literally. Random cases come from proptest.
+//! The decoding rule against a second, deliberately naive implementation of
+//! docs/architecture.md §1: dense vocabulary-sized arrays, `f64` everywhere, a full sort for the
+//! nucleus, and the ZERO_LOG / PATCH steps spelled out literally. Random cases come from
+//! proptest.
 
 use goodtriever::rule::{
     apply_sparse, dense_row, nucleus_filter, sparse_row, Expert, Mode, ParamError, RuleError,

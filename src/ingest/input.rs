@@ -40,6 +40,7 @@ impl InputFormat {
         }
     }
 
+    /// The name `--format` takes and provenance records; the inverse of its `FromStr`.
     pub fn as_str(self) -> &'static str {
         match self {
             InputFormat::Txt => "txt",
@@ -66,12 +67,16 @@ impl FromStr for InputFormat {
 /// Keeps documents whose numeric label lies in `[min, max]` (either bound optional).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct LabelFilter {
+    /// The jsonl/csv field holding the label, e.g. `toxicity`; its value must be a number.
     pub field: String,
+    /// Inclusive lower bound (e.g. 0.8 to select toxic documents); finite when given.
     pub min: Option<f64>,
+    /// Inclusive upper bound (e.g. 0.1 to select non-toxic ones); finite when given.
     pub max: Option<f64>,
 }
 
 impl LabelFilter {
+    /// Whether a document with label `x` passes: both bounds inclusive, a missing bound open.
     pub fn keeps(&self, x: f64) -> bool {
         self.min.is_none_or(|m| x >= m) && self.max.is_none_or(|m| x <= m)
     }
@@ -90,11 +95,13 @@ impl LabelFilter {
 /// Which files to read and which documents to keep.
 #[derive(Clone, Debug, Serialize)]
 pub struct InputSpec {
+    /// Input files, read in this order (which fixes the order of rows in the store).
     pub paths: Vec<PathBuf>,
     /// `None`: from each file's extension.
     pub format: Option<InputFormat>,
     /// The text field of jsonl records and csv rows.
     pub text_field: String,
+    /// `None`: every document with non-blank text is kept (the only choice for txt).
     pub filter: Option<LabelFilter>,
 }
 
@@ -138,6 +145,8 @@ impl InputSpec {
         Ok(())
     }
 
+    /// The format `path` is read as: the explicit one, or else the extension's; an error
+    /// naming `--format` when neither tells.
     pub fn format_of(&self, path: &Path) -> Result<InputFormat, BuildError> {
         self.format
             .or_else(|| InputFormat::from_path(path))
@@ -153,6 +162,7 @@ impl InputSpec {
 /// Counts of one input file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct FileStats {
+    /// The input file.
     pub path: PathBuf,
     /// Records read (non-blank lines, json objects, csv rows).
     pub records: usize,

@@ -62,47 +62,78 @@ pub const DEFAULT_SEGMENT_TOKENS: usize = 131_072;
 /// Errors of the datastore builder. Every variant about input names the file and line.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// A file operation on an input, the output or the staging directory failed.
     #[error("{op} {path}: {source}")]
     Io {
+        /// What was being done (`open`, `read`, `rename into place`, ...).
         op: &'static str,
+        /// The file or directory.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// An input file holds no records (for csv: not even a header).
     #[error("{0} is empty: it holds no documents")]
     EmptyInput(PathBuf),
+    /// A record lacks the text or label field the options name.
     #[error("{path}:{line}: no field {field:?} (fields: {available})")]
     MissingField {
+        /// The input file.
         path: PathBuf,
+        /// The line, 1-based.
         line: usize,
+        /// The field asked for.
         field: String,
+        /// The fields the record has, comma-separated.
         available: String,
     },
+    /// A record's label field is not a number, so the label filter cannot judge it.
     #[error("{path}:{line}: label {field:?} is {value}, which is not a number")]
     BadLabel {
+        /// The input file.
         path: PathBuf,
+        /// The line, 1-based.
         line: usize,
+        /// The label field.
         field: String,
+        /// Its value as found.
         value: String,
     },
+    /// A record cannot be parsed (bad JSON, not an object, a broken csv quote, ...).
     #[error("{path}:{line}: {detail}")]
     BadRecord {
+        /// The input file.
         path: PathBuf,
+        /// The line, 1-based.
         line: usize,
+        /// What is wrong.
         detail: String,
     },
+    /// The label filter (or blank texts) left no document; the detail counts what was read.
     #[error("no document selected: {0}")]
     NothingSelected(String),
+    /// The options contradict themselves or the model (no inputs, stride above window, ...).
     #[error("invalid options: {0}")]
     Options(String),
+    /// `build` was pointed at an existing datastore.
     #[error("{0} already holds a datastore; use `goodtriever datastore add` to add text to it, or remove it to build it again")]
     OutputExists(PathBuf),
+    /// `build` was pointed at a non-empty directory that is not a datastore.
     #[error("{0} exists and is not an empty directory; choose another output path")]
     OutputNotEmpty(PathBuf),
+    /// `add` was given a model (or key type) other than the one the store was built with.
     #[error("the model does not match the datastore in {dir}: {detail}; nothing was changed")]
-    Incompatible { dir: PathBuf, detail: String },
+    Incompatible {
+        /// The datastore.
+        dir: PathBuf,
+        /// What differs.
+        detail: String,
+    },
+    /// Tokenizing or running the model failed.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Creating, opening or appending to the store failed.
     #[error(transparent)]
     Datastore(#[from] DatastoreError),
 }
@@ -120,6 +151,7 @@ impl BuildError {
 /// How text becomes rows.
 #[derive(Clone, Debug, Serialize)]
 pub struct BuildOptions {
+    /// Which files to read, how, and which of their documents to keep.
     pub input: InputSpec,
     /// `None`: last_ffn_input for a new store, the store's own for `add`.
     pub key_type: Option<KeyType>,
@@ -264,6 +296,8 @@ pub trait BuildProgress: Sync {
     fn rows(&self, _n: u64) {}
     /// A segment of `rows` rows is being indexed; `indexed` is called with rows done so far.
     fn indexing(&self, _rows: u64) {}
+    /// `rows` rows of the segment announced by `indexing` are indexed so far (called
+    /// repeatedly while the index is built).
     fn indexed(&self, _rows: u64) {}
     /// A segment was committed.
     fn committed(&self, _segment: &SegmentInfo) {}
@@ -276,8 +310,11 @@ impl BuildProgress for NoProgress {}
 /// What a build or add did.
 #[derive(Clone, Debug, Serialize)]
 pub struct BuildReport {
+    /// The datastore written to (the published path, not the staging directory).
     pub dir: PathBuf,
+    /// Per input file: records read and documents selected.
     pub files: Vec<FileStats>,
+    /// Documents selected over all files.
     pub documents: usize,
     /// Tokens of the selected documents (without separators).
     pub tokens: usize,
@@ -285,17 +322,25 @@ pub struct BuildReport {
     pub rows: usize,
     /// Rows of segments committed by an interrupted run and kept.
     pub resumed_rows: usize,
+    /// The sliding window used, in tokens (after defaults and the model's context).
     pub window: usize,
+    /// The stride used, in tokens.
     pub stride: usize,
+    /// The hidden state stored as keys.
     pub key_type: KeyType,
+    /// Segments committed by this run, in order.
     pub segments: Vec<SegmentInfo>,
+    /// Wall time running the model, in seconds.
     pub extract_seconds: f64,
+    /// Wall time appending and indexing segments, in seconds.
     pub index_seconds: f64,
 }
 
 /// Keys of one chunk in the store's dtype.
 pub enum KeyBuf {
+    /// For an f16 store: converted as rows are extracted, halving the chunk's memory.
     F16(Vec<f16>),
+    /// For an f32 store.
     F32(Vec<f32>),
 }
 
@@ -314,6 +359,7 @@ impl KeyBuf {
         }
     }
 
+    /// A borrowed view for [`Datastore::append`], without copying the chunk.
     pub fn as_keys(&self) -> Keys<'_> {
         match self {
             KeyBuf::F16(v) => Keys::F16(v),

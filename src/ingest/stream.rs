@@ -27,6 +27,7 @@ use crate::model::{Tokenizer, Windows};
 /// All selected documents as token ids.
 #[derive(Clone, Debug, Default)]
 pub struct Corpus {
+    /// Every document's token ids, concatenated without separators (chunks add them).
     pub tokens: Vec<u32>,
     /// `docs[i]` is the range of document `i` in `tokens`. Never empty.
     pub docs: Vec<Range<usize>>,
@@ -65,6 +66,7 @@ pub struct Piece {
 /// The documents (or parts of documents) that make one segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkPlan {
+    /// The chunk's pieces in stream order; a long document may be split across chunks.
     pub pieces: Vec<Piece>,
 }
 

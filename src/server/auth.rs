@@ -49,6 +49,8 @@ impl AdminAuth {
         })
     }
 
+    /// Whether a token is configured; `Info` reports it, so a client knows before it tries a
+    /// write.
     pub fn writes_enabled(&self) -> bool {
         self.token.is_some()
     }

@@ -16,12 +16,17 @@ use crate::rule::SparseRow;
 /// Element type of a packed tensor, as sent on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireDType {
+    /// IEEE binary32, little-endian; also what `D_TYPE_UNSPECIFIED` means.
     F32,
+    /// IEEE binary16, little-endian: half the bytes for hidden states.
     F16,
+    /// bfloat16, little-endian; accepted for logits only, which bf16 engines then send as they
+    /// hold them.
     Bf16,
 }
 
 impl WireDType {
+    /// Bytes per element: 4 or 2.
     pub fn size(self) -> usize {
         match self {
             WireDType::F32 => 4,
@@ -29,6 +34,7 @@ impl WireDType {
         }
     }
 
+    /// The lowercase name used in error messages.
     pub fn as_str(self) -> &'static str {
         match self {
             WireDType::F32 => "f32",
@@ -51,43 +57,80 @@ impl WireDType {
 /// Why a packed tensor was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ConvertError {
+    /// The tensor's `dtype` is not a value of the proto enum (a newer or broken client).
     #[error("{what}: unknown dtype value {value}; use F32, F16 or BF16")]
-    UnknownDType { what: &'static str, value: i32 },
+    UnknownDType {
+        /// The request field, e.g. `hidden`.
+        what: &'static str,
+        /// The raw enum value received.
+        value: i32,
+    },
+    /// The dtype is known but not accepted for this field.
     #[error("{what}: dtype {dtype} is not accepted here; send {allowed}")]
     DTypeNotAllowed {
+        /// The request field.
         what: &'static str,
+        /// The dtype received.
         dtype: &'static str,
+        /// The dtypes the field accepts, in words.
         allowed: &'static str,
     },
+    /// The tensor has no data.
     #[error("{what} is missing or empty: send at least one row of {width} values")]
-    Empty { what: &'static str, width: usize },
+    Empty {
+        /// The request field.
+        what: &'static str,
+        /// Values per row the server expects.
+        width: usize,
+    },
+    /// The byte length is not a whole number of rows: usually a model whose hidden or
+    /// vocabulary size differs from the server's.
     #[error("{what} has {bytes} bytes, which is not a whole number of rows of {width} {dtype} values ({row_bytes} bytes per row); check that the model's hidden size / vocabulary size matches the server's (see Info)")]
     Length {
+        /// The request field.
         what: &'static str,
+        /// Bytes received.
         bytes: usize,
+        /// Values per row the server expects.
         width: usize,
+        /// The dtype received.
         dtype: &'static str,
+        /// `width` times the dtype's size.
         row_bytes: usize,
     },
+    /// The tensor's optional `rows` disagrees with its data.
     #[error("{what} says rows = {declared} but its data holds {actual} rows")]
     RowsMismatch {
+        /// The request field.
         what: &'static str,
+        /// The `rows` the client declared.
         declared: usize,
+        /// Rows in the data.
         actual: usize,
     },
+    /// More rows than the server's `--max-rows`.
     #[error("{what} has {rows} rows; this server accepts at most {max} per request (--max-rows): split the batch")]
     TooManyRows {
+        /// The request field.
         what: &'static str,
+        /// Rows received.
         rows: usize,
+        /// The server's limit.
         max: usize,
     },
+    /// A value is NaN or infinite (or +∞/NaN in logits, where −∞ is a legal mask).
     #[error("{what} row {row} has {value} at index {index}; values must be finite")]
     NonFinite {
+        /// The request field.
         what: &'static str,
+        /// The row, 0-based.
         row: usize,
+        /// The position within the row, 0-based.
         index: usize,
+        /// The value found.
         value: f32,
     },
+    /// A sparse row from the wire has uneven token/value lists or an unknown kind.
     #[error("sparse row: {0}")]
     SparseRow(String),
 }
@@ -96,14 +139,18 @@ pub enum ConvertError {
 /// mask but never NaN or +∞.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Finite {
+    /// Every value must be finite (hidden states).
     All,
+    /// −∞ is allowed as a mask; NaN and +∞ are not (logits).
     AllowNegInf,
 }
 
 /// The checked shape of a packed tensor, before its values are converted.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    /// The element type, checked against the field's accepted ones.
     pub dtype: WireDType,
+    /// Whole rows in the data, at most the limit given to [`check_shape`].
     pub rows: usize,
 }
 

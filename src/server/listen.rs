@@ -1,10 +1,11 @@
 //! Where the gRPC server listens, and how a client reaches it: a TCP address, or a Unix domain
 //! socket for a sidecar on the same host.
 //!
-//! A Unix socket skips the TCP stack on both ends of every message (a bare ping-pong's round
-//! trip was 3–60 µs shorter than over loopback TCP on the benchmark machine, see the README) and
-//! is guarded by file permissions instead of an open port. Its path follows gRPC's naming (`unix:PATH` or `unix:///ABSOLUTE/PATH`),
-//! which grpcio, grpc-go and grpc C++ clients accept as a target as is.
+//! A Unix socket skips the TCP stack on both ends of every message, which matters for a
+//! sidecar answering one small message per decoding step (docs/performance.md), and it is
+//! guarded by file permissions instead of an open port. Its path follows gRPC's naming
+//! (`unix:PATH` or `unix:///ABSOLUTE/PATH`), which grpcio, grpc-go and grpc C++ clients accept
+//! as a target as is.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -15,15 +16,17 @@ use tokio::net::{TcpListener, UnixListener};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// The largest HTTP/2 frame our server and clients accept (HTTP/2's default is 16 KiB). A
-/// dense row, 49152 `f32`s, then travels in one DATA frame instead of twelve: 98–272 µs less
-/// per dense step on the benchmark machine (3 interleaved pairs, see the README). Sparse
-/// messages fit in 16 KiB either way.
+/// dense row, 49152 `f32`s, then travels in one DATA frame instead of twelve, saving the
+/// per-frame work on both ends of every dense step (docs/performance.md). Sparse messages fit
+/// in 16 KiB either way.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// A gRPC listening address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GrpcAddr {
+    /// `HOST:PORT`, e.g. `127.0.0.1:50051`; port 0 picks a free one.
     Tcp(SocketAddr),
+    /// `unix:PATH`: a Unix domain socket for a client on the same host.
     Unix(PathBuf),
 }
 
@@ -87,6 +90,7 @@ impl GrpcAddr {
 /// A bound gRPC listener.
 #[derive(Debug)]
 pub enum GrpcListener {
+    /// A TCP listener, bound by [`GrpcListener::bind`] or handed in by the caller.
     Tcp(TcpListener),
     /// The socket file is removed when the listener (or the server serving it) is dropped.
     Unix(UnixListener, SocketFile),
@@ -99,6 +103,9 @@ impl From<TcpListener> for GrpcListener {
 }
 
 impl GrpcListener {
+    /// Binds `addr`. For a Unix socket a stale socket file left by a server that did not stop
+    /// cleanly is removed first; a live server's socket, or a path that is not a socket, is
+    /// an error instead.
     pub async fn bind(addr: &GrpcAddr) -> std::io::Result<Self> {
         match addr {
             GrpcAddr::Tcp(a) => Ok(GrpcListener::Tcp(TcpListener::bind(a).await?)),

@@ -27,10 +27,15 @@ use crate::steps::StepObserver;
 /// The RPCs, as they are labelled in the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
+    /// One unary decoding step.
     Adjust,
+    /// A stream of decoding steps; every message is counted and timed as one request.
     AdjustStream,
+    /// A write of hidden states with their next tokens.
     AddExamples,
+    /// A write of text, encoded by the server's model.
     AddTexts,
+    /// The server's model, stores and limits.
     Info,
 }
 
@@ -43,6 +48,7 @@ impl Method {
         Method::Info,
     ];
 
+    /// The `method` label: the RPC's name as in the proto service.
     pub fn name(self) -> &'static str {
         match self {
             Method::Adjust => "Adjust",
@@ -111,6 +117,8 @@ fn latency_buckets() -> Vec<f64> {
 }
 
 impl Metrics {
+    /// A fresh registry with every series registered (at zero), so a scrape lists them all
+    /// before the first request.
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("goodtriever".into()), None)
             .expect("a constant, valid prefix");
@@ -190,10 +198,13 @@ impl Metrics {
         }
     }
 
+    /// An RPC of `method` arrived (`requests_total`).
     pub fn request(&self, method: Method) {
         self.requests[method as usize].inc();
     }
 
+    /// An RPC of `method` was answered after `elapsed` (`request_seconds`); with `error`, the
+    /// gRPC code it failed with is counted too (`errors_total`).
     pub fn finished(&self, method: Method, elapsed: Duration, error: Option<tonic::Code>) {
         self.latency[method as usize].observe(elapsed.as_secs_f64());
         if let Some(code) = error {
@@ -203,6 +214,7 @@ impl Metrics {
         }
     }
 
+    /// One phase of a request took `elapsed` (`phase_seconds`).
     pub fn phase(&self, phase: Phase, elapsed: Duration) {
         self.phase[phase as usize].observe(elapsed.as_secs_f64());
     }
@@ -214,6 +226,7 @@ impl Metrics {
         self.phase(Phase::Rule, total.saturating_sub(search));
     }
 
+    /// An Adjust request or stream message carried `rows` rows (`batch_rows`).
     pub fn rows(&self, rows: usize) {
         self.rows.observe(rows as f64);
     }
@@ -223,6 +236,8 @@ impl Metrics {
         self.merged.observe(requests as f64);
     }
 
+    /// A store's live rows and segments after startup or a write (`store_rows`,
+    /// `store_segments`), so drift updates show on a dashboard.
     pub fn store_size(&self, store: &str, rows: usize, segments: usize) {
         self.store_rows.with_label_values(&[store]).set(rows as i64);
         self.store_segments

@@ -1,9 +1,10 @@
 //! `goodtriever serve`: the engine as a gRPC sidecar next to a generation server.
 //!
 //! A client engine sends, per decoding step, the key hidden state of the last position (and
-//! for the dense form its logits); the server answers with the logit bias (DESIGN §1, sparse
-//! form) or the adjusted log-probabilities. Writes (`AddExamples`, `AddTexts`) grow the stores
-//! while serving, and the engine sees new segments at once.
+//! for the dense form its logits); the server answers with the logit bias
+//! (docs/architecture.md §1, sparse form) or the adjusted log-probabilities. Writes
+//! (`AddExamples`, `AddTexts`) grow the stores while serving, and the engine sees new segments
+//! at once.
 //!
 //! Around the service the server runs what operators expect of a production gRPC service: the
 //! standard health service and server reflection, Prometheus metrics over plain HTTP, limits on
@@ -73,20 +74,28 @@ pub const DEFAULT_MAX_ROWS: usize = 256;
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The gRPC or metrics socket could not be bound (which one and where is given).
     #[error("binding the {0} address: {1}")]
     Bind(String, #[source] std::io::Error),
+    /// `Limits::max_rows` is 0 or above the engine's [`MAX_ROWS`].
     #[error("--max-rows must be between 1 and {MAX_ROWS}, got {0}")]
     MaxRows(usize),
+    /// `Limits::max_message_bytes` is below 1 KiB, too small for any real step.
     #[error("--max-message-bytes must be at least 1024, got {0}")]
     MaxMessageBytes(usize),
+    /// `ServeOptions::concurrent_steps` is 0, so no step could ever run.
     #[error("--concurrent-steps must be at least 1")]
     ConcurrentSteps,
+    /// The text encoder (for AddTexts) runs a different model than the stores were built with.
     #[error("the model does not match the stores: {0}; serve stores built with this model")]
     ModelMismatch(String),
+    /// The TLS certificate or key is not PEM, or the two do not make an identity.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The reflection service could not be built from the descriptor set.
     #[error("gRPC reflection: {0}")]
     Reflection(String),
+    /// The gRPC transport stopped with an error while serving.
     #[error("the gRPC server failed: {0}")]
     Transport(#[source] tonic::transport::Error),
 }
@@ -94,7 +103,9 @@ pub enum ServerError {
 /// TLS certificate chain and private key, PEM-encoded.
 #[derive(Clone)]
 pub struct TlsPem {
+    /// The certificate chain, leaf first (the contents of `--tls-cert`).
     pub cert: Vec<u8>,
+    /// The private key, PKCS#8, PKCS#1 or SEC1 (the contents of `--tls-key`).
     pub key: Vec<u8>,
 }
 
@@ -123,9 +134,16 @@ impl TlsPem {
 
 /// Everything a server needs besides its engine and sockets.
 pub struct ServeOptions {
+    /// Rows and bytes one request may carry; default [`DEFAULT_MAX_ROWS`] and
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`].
     pub limits: Limits,
+    /// Who may write (AddExamples, AddTexts); default: writes disabled.
     pub auth: AdminAuth,
+    /// Turns AddTexts' text into keys; `None` (the default) refuses AddTexts, since the server
+    /// then has no model.
     pub encoder: Option<Arc<dyn TextEncoder>>,
+    /// Serve over TLS with this identity; `None`: plaintext (for a sidecar on localhost or a
+    /// Unix socket).
     pub tls: Option<TlsPem>,
     /// How long, after shutdown starts, open connections may take to finish before the server
     /// stops anyway.
@@ -251,6 +269,7 @@ impl Server {
         self.grpc.local_addr()
     }
 
+    /// The bound metrics address (useful with port 0), when metrics are served.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().and_then(|m| m.local_addr().ok())
     }

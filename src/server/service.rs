@@ -40,6 +40,7 @@ pub struct Service {
 }
 
 impl Service {
+    /// The service over the handlers' shared state; cloning it clones an `Arc`.
     pub fn new(shared: Arc<Shared>) -> Self {
         Self { shared }
     }

@@ -11,15 +11,15 @@
 //!   once (one per core by default). A step that gets a permit computes on the thread that
 //!   received it, so no thread hand-off sits on its path ([`StepEngine::try_inline`]).
 //! - **Merged when every core is busy.** A step that finds every permit taken waits in a queue
-//!   ([`queue`]); whichever waiting step gets a permit first answers the oldest waiting steps,
-//!   those with the same options and form in one engine call, so an exactly scanned segment is
-//!   read once for all of their rows. Under load the batch grows with the queue by itself; no
-//!   timer holds a step back to wait for company. A row's answer never depends on its batch:
-//!   the engine's search and rule are per row and bit-identical in a batch.
-//! - **Reused buffers.** The decoded rows, the engine's scratch and output, and the transport's
-//!   own encoding scratch ([`Step::Wire`]) come from a pool ([`buffers`]), so a steady stream
-//!   of steps reuses the same allocations. Buffers belong to a step, not to a client's stream:
-//!   a stream spends most of its life waiting for its next forward pass.
+//!   (`src/steps/queue.rs`); whichever waiting step gets a permit first answers the oldest waiting
+//!   steps, those with the same options and form in one engine call, so an exactly scanned segment
+//!   is read once for all of their rows. Under load the batch grows with the queue by itself; no
+//!   timer holds a step back to wait for company. A row's answer never depends on its batch: the
+//!   engine's search and rule are per row and bit-identical in a batch.
+//! - **Reused buffers.** The decoded rows, the engine's scratch and output, and the transport's own
+//!   encoding scratch ([`Step::Wire`]) come from a pool (`src/steps/buffers.rs`), so a steady
+//!   stream of steps reuses the same allocations. Buffers belong to a step, not to a client's
+//!   stream: a stream spends most of its life waiting for its next forward pass.
 //!
 //! A step is checked before it is queued, so a bad request is refused with its own error and
 //! never fails the others; if a merged engine call fails anyway, each step of that group is
