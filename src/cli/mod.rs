@@ -6,7 +6,6 @@ use clap::{Parser, Subcommand};
 pub mod adjust;
 pub mod args;
 pub mod datastore;
-pub mod datastore_build;
 pub mod eval;
 pub mod generate;
 pub mod model;
