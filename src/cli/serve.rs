@@ -28,9 +28,8 @@ const TOKEN_ENV: &str = "GOODTRIEVER_ADMIN_TOKEN";
 /// Prints one line `listening grpc=ADDR metrics=ADDR` on stdout once it accepts requests.
 /// Writes (AddExamples, AddTexts) are disabled unless an admin token is configured with
 /// --admin-token-file or the GOODTRIEVER_ADMIN_TOKEN environment variable.
-///
-/// Both stores are required, whatever --mode says: each request may ask for another mode.
 #[derive(Debug, Args)]
+// Both stores are required, whatever --mode says: each request may ask for another mode.
 #[command(
     mut_arg("toxic", |a| a.required(true)),
     mut_arg("nontoxic", |a| a.required(true))
