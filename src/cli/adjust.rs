@@ -10,7 +10,7 @@ use goodtriever::detox::{DetoxScratch, Detoxifier};
 use goodtriever::npy;
 use goodtriever::rule::SparseRow;
 
-use super::control_args::{open_control_stores, RuleArgs, SearchArgs};
+use super::args::{RuleArgs, SearchArgs, StoreArgs};
 
 /// Adjust dumped hidden states with the toxic and non-toxic datastores.
 ///
@@ -20,12 +20,8 @@ use super::control_args::{open_control_stores, RuleArgs, SearchArgs};
 /// the nucleus filter (knn-lm mode: {"row", "lambda", "log_probs": [[token, ln p], ...]}).
 #[derive(Debug, Args)]
 pub struct AdjustArgs {
-    /// The toxic datastore (anti-expert).
-    #[arg(long)]
-    pub toxic: Option<PathBuf>,
-    /// The non-toxic datastore (expert).
-    #[arg(long)]
-    pub nontoxic: Option<PathBuf>,
+    #[command(flatten)]
+    pub stores: StoreArgs,
     /// Hidden states, .npy f32 [B, D], of the stores' key type.
     #[arg(long)]
     pub hidden: PathBuf,
@@ -46,7 +42,7 @@ pub struct AdjustArgs {
 
 pub fn run(args: AdjustArgs) -> anyhow::Result<()> {
     let opts = args.rule.options()?;
-    let stores = open_control_stores(args.toxic.as_deref(), args.nontoxic.as_deref(), opts.mode)?;
+    let stores = args.stores.open(opts.mode)?;
 
     let (rows, dim, hidden) = npy::read_queries(&args.hidden)?;
     let logits = match &args.logits {

@@ -21,10 +21,10 @@ use clap::{Args, Subcommand};
 use goodtriever::eval::{continuation_logprobs, read_prompts};
 use goodtriever::generate::{Generator, StopReason};
 use goodtriever::hook::StepHook;
-use goodtriever::model::{resolve_model_path, Model, WeightFormat};
+use goodtriever::model::WeightFormat;
 use serde_json::{json, Value};
 
-use super::control_args::{control_hook, SamplingArgs, SamplingRuleArgs, SearchArgs};
+use super::args::{ModelArgs, ModelFlags, SamplingArgs, SamplingRuleArgs, SearchArgs, StoreArgs};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -62,19 +62,10 @@ pub struct EvalGenerateArgs {
     // variant.
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// A GGUF llama-family model; the default model when omitted.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// How the weights are held: native (the file's, our kernels: the fastest decoding for the
-    /// default model), q8_0 or f32.
-    #[arg(long, default_value = "native")]
-    pub weights: WeightFormat,
-    /// The toxic datastore (anti-expert).
-    #[arg(long)]
-    pub toxic: Option<PathBuf>,
-    /// The non-toxic datastore (expert).
-    #[arg(long)]
-    pub nontoxic: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs<EvalGenerateModel>,
+    #[command(flatten)]
+    pub stores: StoreArgs,
     /// Only the controlled variant (for sweeps that share one base run).
     #[arg(long)]
     pub skip_base: bool,
@@ -97,12 +88,31 @@ pub struct EvalPerplexityArgs {
     /// Output JSON Lines: prompt_index, variant, sample, tokens, nll (nats), ppl.
     #[arg(long)]
     pub out: PathBuf,
-    /// The scoring model; the default model when omitted.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// f32 (the default) is the file's weights dequantised, and the fastest for batches.
-    #[arg(long, default_value = "f32")]
-    pub weights: WeightFormat,
+    #[command(flatten)]
+    pub model: ModelArgs<PerplexityModel>,
+}
+
+/// `eval generate` decodes one prompt's samples as a batch of a few rows: the file's own
+/// kernels are the fastest.
+#[derive(Debug)]
+pub enum EvalGenerateModel {}
+
+impl ModelFlags for EvalGenerateModel {
+    const MODEL_HELP: &'static str = "A GGUF llama-family model; the default model when omitted";
+    const WEIGHTS_HELP: &'static str = "How the weights are held: native (the file's, our \
+        kernels: the fastest decoding for the default model), q8_0 or f32";
+    const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::Native;
+}
+
+/// `eval perplexity` scores whole continuations at once: dequantised weights are the fastest.
+#[derive(Debug)]
+pub enum PerplexityModel {}
+
+impl ModelFlags for PerplexityModel {
+    const MODEL_HELP: &'static str = "The scoring model; the default model when omitted";
+    const WEIGHTS_HELP: &'static str =
+        "f32 (the default) is the file's weights dequantised, and the fastest for batches";
+    const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::F32;
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -110,11 +120,6 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         EvalCommand::Generate(a) => generate(*a),
         EvalCommand::Perplexity(a) => perplexity(a),
     }
-}
-
-fn load_model(path: Option<&Path>, weights: WeightFormat) -> anyhow::Result<Model> {
-    let path = resolve_model_path(path)?;
-    Model::load(&path, weights).with_context(|| format!("loading the model {}", path.display()))
 }
 
 fn create(path: &Path) -> anyhow::Result<BufWriter<File>> {
@@ -142,14 +147,10 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
     if prompts.is_empty() {
         bail!("{} holds no prompt", args.prompts.display());
     }
-    let model = load_model(args.model.as_deref(), args.weights)?;
-    let mut hook = control_hook(
-        args.toxic.as_deref(),
-        args.nontoxic.as_deref(),
-        args.rule.options()?,
-        args.search.params(),
-        &model,
-    )?;
+    let model = args.model.load()?;
+    let mut hook = args
+        .stores
+        .control_hook(args.rule.options()?, args.search.params(), &model)?;
     if hook.is_none() && args.skip_base {
         bail!("--skip-base leaves nothing to generate without --toxic/--nontoxic");
     }
@@ -261,7 +262,7 @@ fn continuation_tokens(rec: &Value) -> anyhow::Result<Vec<u32>> {
 fn perplexity(args: EvalPerplexityArgs) -> anyhow::Result<()> {
     let file =
         File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
-    let model = load_model(args.model.as_deref(), args.weights)?;
+    let model = args.model.load()?;
     let mut out = create(&args.out)?;
     let started = Instant::now();
     let mut group: Vec<Value> = Vec::new();

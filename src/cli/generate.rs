@@ -5,13 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use goodtriever::detox::ControlHook;
 use goodtriever::generate::{Generator, Sample};
 use goodtriever::hook::StepHook;
-use goodtriever::model::{resolve_model_path, Model, WeightFormat};
+use goodtriever::model::WeightFormat;
 use serde_json::json;
 
-use super::control_args::{control_hook, SamplingArgs, SamplingRuleArgs, SearchArgs};
+use super::args::{ModelArgs, ModelFlags, SamplingArgs, SamplingRuleArgs, SearchArgs, StoreArgs};
 
 /// Sample continuations of prompts; with --toxic/--nontoxic datastores, every step is steered
 /// by the Goodtriever rule.
@@ -29,26 +28,29 @@ pub struct GenerateArgs {
     pub num_samples: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// A GGUF llama-family model; the default model (`goodtriever model fetch`) when omitted.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// How the weights are held: native (as in the file; our Q4_1/Q8_0 kernels, the fastest
-    /// decoding for the default model), q8_0 or f32.
-    #[arg(long, default_value = "native")]
-    pub weights: WeightFormat,
+    #[command(flatten)]
+    pub model: ModelArgs<GenerateModel>,
     /// One JSON object per sample: prompt, continuation, token ids, timing.
     #[arg(long)]
     pub json: bool,
-    /// The toxic datastore (anti-expert).
-    #[arg(long)]
-    pub toxic: Option<PathBuf>,
-    /// The non-toxic datastore (expert).
-    #[arg(long)]
-    pub nontoxic: Option<PathBuf>,
+    #[command(flatten)]
+    pub stores: StoreArgs,
     #[command(flatten)]
     pub rule: SamplingRuleArgs,
     #[command(flatten)]
     pub search: SearchArgs,
+}
+
+/// `generate` decodes a few rows at a time: the file's own kernels are the fastest.
+#[derive(Debug)]
+pub enum GenerateModel {}
+
+impl ModelFlags for GenerateModel {
+    const MODEL_HELP: &'static str =
+        "A GGUF llama-family model; the default model (`goodtriever model fetch`) when omitted";
+    const WEIGHTS_HELP: &'static str = "How the weights are held: native (as in the file; our \
+        Q4_1/Q8_0 kernels, the fastest decoding for the default model), q8_0 or f32";
+    const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::Native;
 }
 
 fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
@@ -87,22 +89,12 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
     Ok(prompts)
 }
 
-fn control(args: &GenerateArgs, model: &Model) -> anyhow::Result<Option<ControlHook>> {
-    control_hook(
-        args.toxic.as_deref(),
-        args.nontoxic.as_deref(),
-        args.rule.options()?,
-        args.search.params(),
-        model,
-    )
-}
-
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompts = read_prompts(&args)?;
-    let path = resolve_model_path(args.model.as_deref())?;
-    let model = Model::load(&path, args.weights)
-        .with_context(|| format!("loading the model {}", path.display()))?;
-    let mut hook = control(&args, &model)?;
+    let model = args.model.load()?;
+    let mut hook = args
+        .stores
+        .control_hook(args.rule.options()?, args.search.params(), &model)?;
     let params = args.sampling.params(args.num_samples, args.sampling.seed);
     let mut generator = Generator::new(&model, params)?;
     let stdout = std::io::stdout();

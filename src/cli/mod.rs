@@ -4,9 +4,8 @@
 use clap::{Parser, Subcommand};
 
 pub mod adjust;
-pub mod control_args;
+pub mod args;
 pub mod datastore;
-pub mod datastore_build;
 pub mod eval;
 pub mod generate;
 pub mod model;
@@ -44,7 +43,7 @@ pub enum Command {
     /// Apply the control offline to dumped hidden states (and logits).
     Adjust(Box<adjust::AdjustArgs>),
     /// Get (`fetch`) and inspect (`info`) the language model.
-    Model(model::ModelArgs),
+    Model(model::ModelCmdArgs),
     /// Sample continuations from the model, optionally steered by the datastores.
     Generate(Box<generate::GenerateArgs>),
     /// Serve the control over gRPC: a decoding hook for any generation engine.
@@ -84,5 +83,17 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(args) => model::run(args),
         Command::Generate(args) => generate::run(*args),
         Command::Eval(args) => eval::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks a command's definition only when that subcommand is parsed; this checks all
+    /// of them (ids that `mut_arg`, `requires` and `conflicts_with` name, duplicate flags).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

@@ -5,12 +5,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use goodtriever::model::fetch::{fetch_default_model, FetchProgress, Fetched};
-use goodtriever::model::{default_model_path, goodtriever_home, resolve_model_path, Model};
+use goodtriever::model::{
+    default_model_path, goodtriever_home, resolve_model_path, Model, WeightFormat,
+};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use super::args::{ModelArgs, ModelFlags};
 
 /// Get and inspect the language model.
 #[derive(Debug, Args)]
-pub struct ModelArgs {
+pub struct ModelCmdArgs {
     #[command(subcommand)]
     pub command: ModelCommand,
 }
@@ -34,15 +38,22 @@ pub struct ScoreArgs {
     /// A file whose whole content is scored.
     #[arg(long)]
     pub file: Option<PathBuf>,
-    /// A GGUF llama-family model; the default model when omitted.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// How the weights are held: native, q8_0 or f32.
-    #[arg(long, default_value = "native")]
-    pub weights: String,
+    #[command(flatten)]
+    pub model: ModelArgs<ScoreModel>,
     /// Print {"tokens", "logprobs", "nll"} as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `model score` scores one text, often to compare with another engine at the file's own
+/// precision.
+#[derive(Debug)]
+pub enum ScoreModel {}
+
+impl ModelFlags for ScoreModel {
+    const MODEL_HELP: &'static str = "A GGUF llama-family model; the default model when omitted";
+    const WEIGHTS_HELP: &'static str = "How the weights are held: native, q8_0 or f32";
+    const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::Native;
 }
 
 #[derive(Debug, Args)]
@@ -97,7 +108,7 @@ impl FetchProgress for Bar {
     }
 }
 
-pub fn run(args: ModelArgs) -> anyhow::Result<()> {
+pub fn run(args: ModelCmdArgs) -> anyhow::Result<()> {
     match args.command {
         ModelCommand::Fetch(a) => fetch(a),
         ModelCommand::Info(a) => info(a),
@@ -122,7 +133,7 @@ fn fetch(args: FetchArgs) -> anyhow::Result<()> {
 
 fn info(args: InfoArgs) -> anyhow::Result<()> {
     let path = resolve_model_path(args.path.as_deref())?;
-    let model = Model::load(&path, goodtriever::model::WeightFormat::Native)
+    let model = Model::load(&path, WeightFormat::Native)
         .with_context(|| format!("reading {}", path.display()))?;
     let info = model.info();
     if args.json {
@@ -189,10 +200,8 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --text TEXT or --file PATH"),
     };
-    let format: goodtriever::model::WeightFormat = args.weights.parse()?;
-    let path = resolve_model_path(args.model.as_deref())?;
-    let model =
-        Model::load(&path, format).with_context(|| format!("loading {}", path.display()))?;
+    let format = args.model.weights;
+    let model = args.model.load()?;
     let tokens = model.tokenizer().encode(&text)?;
     if tokens.len() < 2 {
         anyhow::bail!("the text has {} token(s): nothing to score", tokens.len());

@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use goodtriever::datastore::Datastore;
 use goodtriever::detox::Detoxifier;
 use goodtriever::model::{Model, WeightFormat};
+use goodtriever::rule::Mode;
 use goodtriever::server::{
     default_concurrent_steps, AdminAuth, GrpcAddr, Limits, ServeOptions, Server, TextEncoder,
     TlsPem, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS,
 };
 
-use super::control_args::{RuleArgs, SearchArgs};
+use super::args::{ModelArgs, ModelFlags, RuleArgs, SearchArgs, StoreArgs};
 
 /// Environment variable holding the admin token (an alternative to --admin-token-file).
 const TOKEN_ENV: &str = "GOODTRIEVER_ADMIN_TOKEN";
@@ -29,13 +29,14 @@ const TOKEN_ENV: &str = "GOODTRIEVER_ADMIN_TOKEN";
 /// Writes (AddExamples, AddTexts) are disabled unless an admin token is configured with
 /// --admin-token-file or the GOODTRIEVER_ADMIN_TOKEN environment variable.
 #[derive(Debug, Args)]
+// Both stores are required, whatever --mode says: each request may ask for another mode.
+#[command(
+    mut_arg("toxic", |a| a.required(true)),
+    mut_arg("nontoxic", |a| a.required(true))
+)]
 pub struct ServeArgs {
-    /// The toxic datastore (anti-expert).
-    #[arg(long)]
-    pub toxic: PathBuf,
-    /// The non-toxic datastore (expert).
-    #[arg(long)]
-    pub nontoxic: PathBuf,
+    #[command(flatten)]
+    pub stores: StoreArgs,
     /// gRPC address: HOST:PORT, or unix:PATH for a Unix domain socket (a sidecar on the same
     /// host: no TCP stack per message, access set by the file's permissions). Loopback by
     /// default; a non-loopback TCP address should use TLS.
@@ -47,13 +48,8 @@ pub struct ServeArgs {
     /// Do not serve metrics.
     #[arg(long)]
     pub no_metrics: bool,
-    /// A GGUF model for AddTexts (the server computes keys itself). Without it, AddTexts
-    /// answers FAILED_PRECONDITION.
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// How the model's weights are held: f32 (fastest batched extraction), q8_0 or native.
-    #[arg(long, default_value = "f32")]
-    pub weights: WeightFormat,
+    #[command(flatten)]
+    pub model: ModelArgs<ServeModel>,
     /// File holding the admin token that write RPCs must carry as `authorization: Bearer`.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
@@ -86,10 +82,17 @@ pub struct ServeArgs {
     pub search: SearchArgs,
 }
 
-fn open(path: &Path, role: &str) -> anyhow::Result<Arc<Datastore>> {
-    let store = Datastore::open(path)
-        .with_context(|| format!("opening the {role} datastore {}", path.display()))?;
-    Ok(Arc::new(store))
+/// The server only loads a model it is given (for AddTexts, which extracts keys in batches);
+/// it never falls back to the default model.
+#[derive(Debug)]
+pub enum ServeModel {}
+
+impl ModelFlags for ServeModel {
+    const MODEL_HELP: &'static str = "A GGUF model for AddTexts (the server computes keys \
+        itself). Without it, AddTexts answers FAILED_PRECONDITION";
+    const WEIGHTS_HELP: &'static str =
+        "How the model's weights are held: f32 (fastest batched extraction), q8_0 or native";
+    const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::F32;
 }
 
 fn admin_auth(file: Option<&Path>) -> anyhow::Result<AdminAuth> {
@@ -108,16 +111,12 @@ fn admin_auth(file: Option<&Path>) -> anyhow::Result<AdminAuth> {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let opts = args.rule.options()?;
-    let detox = Detoxifier::goodtriever(
-        open(&args.toxic, "toxic")?,
-        open(&args.nontoxic, "non-toxic")?,
-        opts,
-        args.search.params(),
-        args.vocab_size,
-    )?;
-    let encoder: Option<Arc<dyn TextEncoder>> = match &args.model {
+    // Both stores, as the ensemble needs them (clap requires both): a request may pick any mode.
+    let stores = args.stores.open(Mode::Ensemble)?;
+    let detox = Detoxifier::new(stores, opts, args.search.params(), args.vocab_size)?;
+    let encoder: Option<Arc<dyn TextEncoder>> = match &args.model.model {
         Some(path) => {
-            let model = Model::load(path, args.weights)
+            let model = Model::load(path, args.model.weights)
                 .with_context(|| format!("loading the model {}", path.display()))?;
             Some(Arc::new(model))
         }

@@ -1,6 +1,6 @@
-//! `goodtriever datastore build | add | segments`: datastores from labelled text and the drift
-//! view of a store's segments. Thin: parse, load the model, call `goodtriever::ingest`, show
-//! progress and print. (`retire`, `unretire` and `compact` live in `datastore.rs`.)
+//! `datastore build | add`: datastores from labelled text, keyed by running the model, with
+//! terminal progress for extraction and indexing. Resuming, segmenting and provenance are
+//! `goodtriever::ingest`'s.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -9,14 +9,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use goodtriever::datastore::{Datastore, KeyDtype, Provenance, SegmentInfo, TextProvenance};
+use goodtriever::datastore::{KeyDtype, SegmentInfo};
 use goodtriever::fingerprint::KeyType;
 use goodtriever::ingest::{
     self, BuildOptions, BuildProgress, BuildReport, InputFormat, LabelFilter, DEFAULT_BATCH,
     DEFAULT_SEGMENT_TOKENS,
 };
-use goodtriever::model::{resolve_model_path, Model, WeightFormat};
+use goodtriever::model::{Model, WeightFormat};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use super::{open, print_json};
+use crate::cli::args::{ModelArgs, ModelFlags};
 
 /// Where the text comes from and how it becomes rows (shared by `build` and `add`).
 #[derive(Debug, Args)]
@@ -44,12 +47,8 @@ pub struct TextArgs {
     /// last_ffn_input for a new store, the store's own for `add`.
     #[arg(long)]
     pub key_type: Option<KeyType>,
-    /// GGUF model; default: the cached default model (`goodtriever model fetch`).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Weights in memory: f32 is the fastest for batched extraction.
-    #[arg(long, default_value = "f32")]
-    pub weights: WeightFormat,
+    #[command(flatten)]
+    pub model: ModelArgs<BuildModel>,
     /// Sliding window in tokens (default 1024, or the model's context if smaller).
     #[arg(long)]
     pub window: Option<usize>,
@@ -68,6 +67,19 @@ pub struct TextArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `build` and `add` extract keys from whole windows in batches: dequantised weights are the
+/// fastest.
+#[derive(Debug)]
+pub enum BuildModel {}
+
+impl ModelFlags for BuildModel {
+    const MODEL_HELP: &'static str =
+        "GGUF model; default: the cached default model (`goodtriever model fetch`)";
+    const WEIGHTS_HELP: &'static str =
+        "Weights in memory: f32 is the fastest for batched extraction";
+    const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::F32;
 }
 
 #[derive(Debug, Args)]
@@ -94,15 +106,6 @@ pub struct AddArgs {
     pub text: TextArgs,
 }
 
-#[derive(Debug, Args)]
-pub struct SegmentsArgs {
-    /// The datastore directory.
-    pub dir: PathBuf,
-    /// Machine-readable output.
-    #[arg(long)]
-    pub json: bool,
-}
-
 fn options(t: &TextArgs) -> BuildOptions {
     let mut o = BuildOptions::new(t.input.clone());
     o.input.format = t.format;
@@ -122,10 +125,10 @@ fn options(t: &TextArgs) -> BuildOptions {
 }
 
 fn load_model(t: &TextArgs) -> Result<Model> {
-    let path = resolve_model_path(t.model.as_deref())?;
+    let path = t.model.path()?;
     let spinner = ProgressBar::new_spinner().with_message(format!("loading {}", path.display()));
     spinner.enable_steady_tick(Duration::from_millis(120));
-    let m = Model::load(&path, t.weights)
+    let m = Model::load(&path, t.model.weights)
         .with_context(|| format!("cannot load the model {}", path.display()));
     spinner.finish_and_clear();
     m
@@ -148,8 +151,7 @@ pub fn build(a: BuildArgs) -> Result<()> {
 pub fn add(a: AddArgs) -> Result<()> {
     let opts = options(&a.text);
     opts.input.validate()?;
-    let store = Datastore::open(&a.dir)
-        .with_context(|| format!("cannot open datastore {}", a.dir.display()))?;
+    let store = open(&a.dir)?;
     let model = load_model(&a.text)?;
     let progress = Bars::new();
     let report = ingest::add(&store, &model, &opts, &progress)
@@ -160,8 +162,7 @@ pub fn add(a: AddArgs) -> Result<()> {
 
 fn print_report(r: &BuildReport, json: bool, verb: &str) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(r)?);
-        return Ok(());
+        return print_json(r);
     }
     let secs = r.extract_seconds + r.index_seconds;
     println!(
@@ -186,130 +187,6 @@ fn print_report(r: &BuildReport, json: bool, verb: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-pub fn segments(a: SegmentsArgs) -> Result<()> {
-    let store = Datastore::open(&a.dir)
-        .with_context(|| format!("cannot open datastore {}", a.dir.display()))?;
-    let segs = store.segments();
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&segs)?);
-        return Ok(());
-    }
-    println!(
-        "{:>5}  {:>9}  {:>10}  {:<7}  {:<20}  {:<18}  {:<14}  source",
-        "id", "rows", "first id", "state", "added (UTC)", "label", "tag"
-    );
-    for s in &segs {
-        println!("{}", segment_line(s));
-        for line in provenance_lines(&s.provenance) {
-            println!("{:7}{line}", "");
-        }
-    }
-    let live: usize = segs.iter().filter(|s| !s.retired).map(|s| s.rows).sum();
-    println!(
-        "{} segment(s), {} live rows, {} retired segment(s)",
-        segs.len(),
-        live,
-        segs.iter().filter(|s| s.retired).count()
-    );
-    Ok(())
-}
-
-fn segment_line(s: &SegmentInfo) -> String {
-    format!(
-        "{:>5}  {:>9}  {:>10}  {:<7}  {:<20}  {:<18}  {:<14}  {}",
-        s.id,
-        s.rows,
-        s.first_id
-            .map(|f| f.to_string())
-            .unwrap_or_else(|| "-".into()),
-        if s.retired { "retired" } else { "live" },
-        utc(s.provenance.added_at),
-        s.provenance.label.as_deref().unwrap_or("-"),
-        s.provenance.tag.as_deref().unwrap_or("-"),
-        s.provenance.source
-    )
-}
-
-/// The structured provenance under a segment's table line: the text record (files, field,
-/// filter, windowing, counts), the tool, and for a compacted segment every original.
-fn provenance_lines(p: &Provenance) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(t) = &p.text {
-        out.push(text_summary(t));
-        for f in &t.files {
-            out.push(format!(
-                "file {} ({}, {} bytes, sha256 {}, {} of {} records selected)",
-                f.path,
-                f.format,
-                f.bytes,
-                f.sha256.get(..16).unwrap_or(&f.sha256),
-                f.selected,
-                f.records
-            ));
-        }
-    }
-    if let Some(tool) = &p.tool {
-        out.push(format!("written by {tool}"));
-    }
-    if !p.merged_from.is_empty() {
-        out.push(format!("merged from {} segment(s):", p.merged_from.len()));
-        for m in &p.merged_from {
-            let q = &m.provenance;
-            out.push(format!(
-                "  #{} rows {}..{}  added {}  label {}  tag {}  {}",
-                m.id,
-                m.first_row,
-                m.first_row + m.rows as u64,
-                utc(q.added_at),
-                q.label.as_deref().unwrap_or("-"),
-                q.tag.as_deref().unwrap_or("-"),
-                q.source
-            ));
-            out.extend(q.text.iter().map(|t| format!("    {}", text_summary(t))));
-        }
-    }
-    out
-}
-
-fn text_summary(t: &TextProvenance) -> String {
-    format!(
-        "text field {:?}, filter {}, window {} stride {}{}, {} document(s), {} tokens",
-        t.text_field,
-        t.label_filter
-            .as_ref()
-            .map(|f| f.to_string())
-            .unwrap_or_else(|| "none".into()),
-        t.window,
-        t.stride,
-        t.part
-            .map(|p| format!(", part {}/{}", p.index, p.of))
-            .unwrap_or_default(),
-        t.documents,
-        t.tokens
-    )
-}
-
-/// `YYYY-MM-DD hh:mm:ss` of a Unix time (days-from-civil inverse, Howard Hinnant's algorithm).
-pub(crate) fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// Terminal progress: one bar for extraction (rows = keyed tokens, with rate and ETA) and one
@@ -439,15 +316,5 @@ impl Bars {
         } else {
             let _ = self.multi.println(line);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn utc_formats_known_instants() {
-        assert_eq!(super::utc(0), "1970-01-01 00:00:00");
-        assert_eq!(super::utc(951_782_400), "2000-02-29 00:00:00");
-        assert_eq!(super::utc(1_700_000_000), "2023-11-14 22:13:20");
     }
 }

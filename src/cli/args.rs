@@ -1,5 +1,7 @@
-//! Command-line knobs of the control and of sampling, shared by `adjust`, `generate`,
-//! `eval generate` and `serve` so that they spell and default them the same way.
+//! Argument groups that several subcommands flatten, so that each flag is spelled, parsed and
+//! defaulted in one place: the model ([`ModelArgs`]), the control's datastores
+//! ([`StoreArgs`]), the rule's knobs ([`RuleArgs`], [`SamplingRuleArgs`]), the search
+//! ([`SearchArgs`]) and the sampler ([`SamplingArgs`]).
 //!
 //! Two temperatures meet in the commands that sample: the sampler's and the kNN softmax's.
 //! Everywhere, `--knn-temperature` is the kNN's (T of the rule) and, in the commands that
@@ -7,7 +9,8 @@
 //! do not sample, so there `--temperature` stays accepted as another name for the kNN's
 //! ([`RuleArgs`]); the sampling commands flatten [`SamplingRuleArgs`], which drops that alias.
 
-use std::path::Path;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -15,8 +18,117 @@ use clap::{ArgMatches, Args, Command, FromArgMatches};
 use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
 use goodtriever::detox::{AdjustOptions, ControlHook, ControlStore, Detoxifier};
 use goodtriever::generate::SamplingParams;
-use goodtriever::model::Model;
+use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use goodtriever::rule::{Mode, RuleParams};
+
+/// How one command words `--model` and `--weights`, and which weight format it defaults to.
+///
+/// The words and the default stay each command's because they follow what it does with the
+/// model: decoding a few rows at a time is fastest on the file's own quantised kernels
+/// (`native`), batched extraction and scoring on dequantised `f32`; and `serve` has no default
+/// model at all. Each command implements this on an uninhabited marker type next to its
+/// arguments.
+pub trait ModelFlags {
+    /// The help of `--model`.
+    const MODEL_HELP: &'static str;
+    /// The help of `--weights`.
+    const WEIGHTS_HELP: &'static str;
+    /// The default of `--weights`.
+    const DEFAULT_WEIGHTS: WeightFormat;
+}
+
+/// `--model PATH` and `--weights FORMAT`, worded and defaulted by `F`.
+#[derive(Debug, Args)]
+pub struct ModelArgs<F: ModelFlags> {
+    // No doc comments on these two fields: they would replace `F`'s help. And no
+    // `default_value_t`: clap keeps its rendering in one static shared by every `F`.
+    #[arg(long, help = F::MODEL_HELP)]
+    pub model: Option<PathBuf>,
+    #[arg(long, help = F::WEIGHTS_HELP, default_value = F::DEFAULT_WEIGHTS.as_str())]
+    pub weights: WeightFormat,
+    #[arg(skip)]
+    flags: PhantomData<F>,
+}
+
+impl<F: ModelFlags> ModelArgs<F> {
+    /// `--model`, or the default model (`goodtriever model fetch`) when it was not given.
+    pub fn path(&self) -> anyhow::Result<PathBuf> {
+        Ok(resolve_model_path(self.model.as_deref())?)
+    }
+
+    /// Loads [`Self::path`] with `--weights`.
+    pub fn load(&self) -> anyhow::Result<Model> {
+        let path = self.path()?;
+        Model::load(&path, self.weights)
+            .with_context(|| format!("loading the model {}", path.display()))
+    }
+}
+
+/// The control's datastores. Which of them a command needs depends on `--mode`
+/// ([`StoreArgs::open`]); `serve` makes both required, since each request may pick its mode.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The toxic datastore (anti-expert).
+    #[arg(long)]
+    pub toxic: Option<PathBuf>,
+    /// The non-toxic datastore (expert).
+    #[arg(long)]
+    pub nontoxic: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Opens the stores given as the control's experts (toxic weight −1, non-toxic +1), after
+    /// checking that `mode` gets the stores it needs.
+    pub fn open(&self, mode: Mode) -> anyhow::Result<Vec<ControlStore>> {
+        let (toxic, nontoxic) = (self.toxic.as_deref(), self.nontoxic.as_deref());
+        match mode {
+            Mode::Ensemble if toxic.is_none() || nontoxic.is_none() => {
+                bail!("ensemble mode needs both --toxic and --nontoxic")
+            }
+            Mode::ToxicOnly if toxic.is_none() => bail!("toxic-only mode needs --toxic"),
+            Mode::KnnLm if nontoxic.is_none() => bail!("knn-lm mode needs --nontoxic"),
+            _ => {}
+        }
+        let mut stores = Vec::new();
+        for (path, name, role, weight) in [
+            (toxic, "toxic", "toxic", -1.0),
+            (nontoxic, "nontoxic", "non-toxic", 1.0),
+        ] {
+            if let Some(p) = path {
+                stores.push(ControlStore {
+                    name: name.into(),
+                    store: Arc::new(open_store(p, role)?),
+                    weight,
+                });
+            }
+        }
+        Ok(stores)
+    }
+
+    /// The generator's per-step control for `model`, or `None` when no store was given (the
+    /// base model samples alone).
+    pub fn control_hook(
+        &self,
+        opts: AdjustOptions,
+        search: SearchParams,
+        model: &Model,
+    ) -> anyhow::Result<Option<ControlHook>> {
+        if self.toxic.is_none() && self.nontoxic.is_none() {
+            return Ok(None);
+        }
+        let stores = self.open(opts.mode)?;
+        let detox = Detoxifier::new(stores, opts, search, Some(model.config().vocab_size))?;
+        if let Err(why) = model.fingerprint().check_compatible(detox.fingerprint()) {
+            bail!("the datastores were built with another model than this one: {why}");
+        }
+        Ok(Some(ControlHook::new(Arc::new(detox), opts)?))
+    }
+}
+
+fn open_store(path: &Path, role: &str) -> anyhow::Result<Datastore> {
+    Datastore::open(path)
+        .with_context(|| format!("opening the {role} datastore {}", path.display()))
+}
 
 /// The decoding rule's parameters (defaults: the paper's).
 #[derive(Debug, Clone, Args)]
@@ -52,6 +164,7 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
 }
 
 impl RuleArgs {
+    /// The knobs as the engine takes them, checked.
     pub fn options(&self) -> anyhow::Result<AdjustOptions> {
         let params = RuleParams {
             alpha: self.alpha,
@@ -74,6 +187,7 @@ impl RuleArgs {
 pub struct SamplingRuleArgs(pub RuleArgs);
 
 impl SamplingRuleArgs {
+    /// See [`RuleArgs::options`].
     pub fn options(&self) -> anyhow::Result<AdjustOptions> {
         self.0.options()
     }
@@ -140,7 +254,8 @@ impl SamplingArgs {
     }
 }
 
-/// How the datastores are searched.
+/// How the control searches its datastores. (`datastore search` has its own flags: it can
+/// also force HNSW, which the control never needs.)
 #[derive(Debug, Clone, Args)]
 pub struct SearchArgs {
     /// Exact flat scan instead of the HNSW indexes (slower on large stores; the ground truth).
@@ -152,6 +267,7 @@ pub struct SearchArgs {
 }
 
 impl SearchArgs {
+    /// The flags as the datastore takes them.
     pub fn params(&self) -> SearchParams {
         SearchParams {
             mode: if self.exact {
@@ -162,56 +278,4 @@ impl SearchArgs {
             ef: self.ef,
         }
     }
-}
-
-/// Opens the stores given as `--toxic` / `--nontoxic` as the control's experts (toxic weight
-/// −1, non-toxic +1), after checking that `mode` gets the stores it needs.
-pub fn open_control_stores(
-    toxic: Option<&Path>,
-    nontoxic: Option<&Path>,
-    mode: Mode,
-) -> anyhow::Result<Vec<ControlStore>> {
-    match mode {
-        Mode::Ensemble if toxic.is_none() || nontoxic.is_none() => {
-            bail!("ensemble mode needs both --toxic and --nontoxic")
-        }
-        Mode::ToxicOnly if toxic.is_none() => bail!("toxic-only mode needs --toxic"),
-        Mode::KnnLm if nontoxic.is_none() => bail!("knn-lm mode needs --nontoxic"),
-        _ => {}
-    }
-    let mut stores = Vec::new();
-    for (path, name, role, weight) in [
-        (toxic, "toxic", "toxic", -1.0),
-        (nontoxic, "nontoxic", "non-toxic", 1.0),
-    ] {
-        if let Some(p) = path {
-            let store = Datastore::open(p)
-                .with_context(|| format!("opening the {role} datastore {}", p.display()))?;
-            stores.push(ControlStore {
-                name: name.into(),
-                store: Arc::new(store),
-                weight,
-            });
-        }
-    }
-    Ok(stores)
-}
-
-/// The generator's per-step control for `model`, or `None` when no store was given.
-pub fn control_hook(
-    toxic: Option<&Path>,
-    nontoxic: Option<&Path>,
-    opts: AdjustOptions,
-    search: SearchParams,
-    model: &Model,
-) -> anyhow::Result<Option<ControlHook>> {
-    if toxic.is_none() && nontoxic.is_none() {
-        return Ok(None);
-    }
-    let stores = open_control_stores(toxic, nontoxic, opts.mode)?;
-    let detox = Detoxifier::new(stores, opts, search, Some(model.config().vocab_size))?;
-    if let Err(why) = model.fingerprint().check_compatible(detox.fingerprint()) {
-        bail!("the datastores were built with another model than this one: {why}");
-    }
-    Ok(Some(ControlHook::new(Arc::new(detox), opts)?))
 }

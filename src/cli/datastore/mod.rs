@@ -1,0 +1,110 @@
+//! `goodtriever datastore ...`: every subcommand that makes, reads or changes a kNN datastore.
+//! One file per family (`build`, `import`, `inspect`, `search`, `maintain`); this one holds the
+//! subcommand list, the dispatch and what the families share: opening a store, printing JSON
+//! and segments, the row progress bar. Thin: parse, call `goodtriever::datastore` (and
+//! `goodtriever::ingest`), print.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use goodtriever::datastore::{Datastore, SegmentInfo};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+mod build;
+mod import;
+mod inspect;
+mod maintain;
+mod search;
+
+#[derive(Debug, Args)]
+pub struct DatastoreArgs {
+    #[command(subcommand)]
+    pub command: DatastoreCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatastoreCommand {
+    /// Build a new datastore from labelled text by running the model (see `add` to grow one).
+    Build(Box<build::BuildArgs>),
+    /// Add labelled text to a datastore as one new segment; open readers see it on refresh.
+    Add(Box<build::AddArgs>),
+    /// List segments with their provenance (source, label filter, tag, time, rows).
+    Segments(DirArgs),
+    /// Import keys and values from .npy files as a new segment (creating the store if needed).
+    Import(import::ImportArgs),
+    /// Show a datastore's model, key type, dtype, rows and segments.
+    Info(DirArgs),
+    /// Check every file's size and CRC-32 and every index; exit non-zero on any problem.
+    Verify(DirArgs),
+    /// Batch k-nearest-neighbour search; writes ids and squared L2 distances as .npy.
+    Search(search::BatchSearchArgs),
+    /// Take a segment out of search (its files stay until `compact`).
+    Retire(maintain::SegmentArgs),
+    /// Put a retired segment back into search.
+    Unretire(maintain::SegmentArgs),
+    /// Merge all live segments into one and delete retired and merged files.
+    Compact(DirArgs),
+    /// Read one row back: its segment, value (next token id) and key (summary, or all of it
+    /// with --full). For checking what an import or build stored.
+    Show(inspect::ShowArgs),
+}
+
+/// The arguments of the subcommands that need nothing but the store.
+#[derive(Debug, Args)]
+pub struct DirArgs {
+    /// The datastore directory.
+    pub dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: DatastoreArgs) -> Result<()> {
+    match args.command {
+        DatastoreCommand::Build(a) => build::build(*a),
+        DatastoreCommand::Add(a) => build::add(*a),
+        DatastoreCommand::Segments(a) => inspect::segments(a),
+        DatastoreCommand::Import(a) => import::import(a),
+        DatastoreCommand::Info(a) => inspect::info(&a.dir, a.json),
+        DatastoreCommand::Verify(a) => inspect::verify(&a.dir, a.json),
+        DatastoreCommand::Search(a) => search::search(a),
+        DatastoreCommand::Show(a) => inspect::show(a),
+        DatastoreCommand::Retire(a) => maintain::retire(a),
+        DatastoreCommand::Unretire(a) => maintain::unretire(a),
+        DatastoreCommand::Compact(a) => maintain::compact(a),
+    }
+}
+
+/// Opens an existing store, naming it in the error.
+fn open(dir: &Path) -> Result<Datastore> {
+    Datastore::open(dir).with_context(|| format!("cannot open datastore {}", dir.display()))
+}
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// The answer of the subcommands that make or change one segment.
+fn print_segment(s: &SegmentInfo, json: bool, verb: &str) -> Result<()> {
+    if json {
+        print_json(s)
+    } else {
+        println!("{verb} segment {} ({} rows)", s.id, s.rows);
+        Ok(())
+    }
+}
+
+/// Progress of indexing `len` rows (import, compact); `build` and `add` have their own bars.
+fn progress_bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} rows ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
