@@ -20,7 +20,7 @@ most --max-steps steps per stream. Steps:
 By default every form runs over loopback TCP and the sparse form also over a Unix domain
 socket (`serve --addr unix:PATH`), the transport for a sidecar on the same host.
 
-Usage: scripts/bench_server.py [--rows 200000] [--seconds 10] [--streams 1 8 64]
+Usage: scripts/bench/bench_server.py [--rows 200000] [--seconds 10] [--streams 1 8 64]
                                [--transports tcp unix] [--repeat N]
 """
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DIM = 576
 VOCAB = 49152
 

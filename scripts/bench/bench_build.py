@@ -16,7 +16,7 @@
 Nothing is written into the repository: work files go to target/bench-build/.
 Prints one table and writes target/bench-build/results.json.
 
-Usage: python3 scripts/bench_build.py [--tweets 1000] [--windows 256:192,1024:512]
+Usage: python3 scripts/bench/bench_build.py [--tweets 1000] [--windows 256:192,1024:512]
                                       [--add-tokens 10000] [--big-rows 1000000] [--skip-throughput]
 """
 
@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / "target" / "release" / "goodtriever"
 READER = REPO / "target" / "release" / "examples" / "add_latency_reader"
 DAVIDSON = REPO.parent / "shared" / "data" / "davidson" / "labeled_data.csv"

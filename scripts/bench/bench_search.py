@@ -3,10 +3,10 @@
 
 One command, one table, one JSON file (issue 2, "What it must show"):
 
-    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r scripts/requirements-bench.txt
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r scripts/bench/requirements-bench.txt
     cargo build --release --bin goodtriever --example bench_engine
-    .venv-bench/bin/python scripts/bench_search.py            # N = 200k and 1M
-    .venv-bench/bin/python scripts/bench_search.py --quick    # N = 200k only
+    .venv-bench/bin/python scripts/bench/bench_search.py            # N = 200k and 1M
+    .venv-bench/bin/python scripts/bench/bench_search.py --quick    # N = 200k only
 
 Data: a seeded two-level Gaussian mixture in D = 576 (SmolLM2-135M's hidden size): 64 topics,
 `--centres` cluster centres spread around them, points around the centres with a per-cluster
@@ -61,7 +61,7 @@ GEN_VERSION = 1  # bump when the generator changes, so cached data is rebuilt
 # Bump when goodtriever's HNSW build changes, so cached stores are rebuilt rather than
 # benchmarked with an old graph. 2: level-0 repair after hnsw_rs (src/datastore/hnsw_repair.rs).
 INDEX_REV = 2
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def log(msg: str) -> None:
