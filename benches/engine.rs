@@ -7,13 +7,13 @@
 //!   which takes minutes to index on 2 cores);
 //! - `GOODTRIEVER_BENCH_DTYPE`: `f32` (default) or `f16`;
 //! - `GOODTRIEVER_BENCH_STORES=TOXIC_DIR,NONTOXIC_DIR`: bench existing stores instead (for
-//!   example the ones `scripts/bench_search.py` caches under target/bench-data), no build;
+//!   example the ones `scripts/bench/bench_search.py` caches under target/bench-data), no build;
 //! - `GOODTRIEVER_BENCH_QUERIES=Q.npy`: queries ([B, 576] f32) drawn from those stores'
 //!   distribution (e.g. the script's `queries.npy`); the default queries come from this file's
 //!   own mixture and are far from other stores' data, which makes HNSW walks unrepresentative.
 //!
 //! For latency at matched recall against faiss, memory and build time, see
-//! `scripts/bench_search.py`.
+//! `scripts/bench/bench_search.py`.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 //! - `GOODTRIEVER_BENCH_REPS`: repetitions per figure (default 3);
 //! - `GOODTRIEVER_BENCH_QUICK=1`: only decode at batch 1 and extraction.
 //!
-//! Compare with llama.cpp on the same file: `scripts/bench_llamacpp.py`.
+//! Compare with llama.cpp on the same file: `scripts/bench/bench_llamacpp.py`.
 
 use std::time::Instant;
 

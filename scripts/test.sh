@@ -17,4 +17,4 @@ python3 -m venv .venv-client
 
 # The evaluation's metric code (EMT, toxicity probability, dist-n, perplexity) on hand-computed
 # cases; pure Python, so the client's venv (which has pytest) runs it.
-.venv-client/bin/python -m pytest -q -p no:cacheprovider scripts/tests
+.venv-client/bin/python -m pytest -q -p no:cacheprovider scripts/eval/tests

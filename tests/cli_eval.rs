@@ -1,5 +1,5 @@
 //! `goodtriever eval generate` and `eval perplexity` end to end on the tiny random llama and
-//! two tiny stores: the record layout scripts/evaluate.py relies on (one record per prompt ×
+//! two tiny stores: the record layout scripts/eval/evaluate.py relies on (one record per prompt ×
 //! variant × sample, prompt fields carried through, batch timings), seeded reruns, and
 //! perplexities equal to the model's own unbatched token log-probabilities; and the sampling
 //! and control flags spelled the same in `generate` and `eval generate`.

@@ -297,7 +297,7 @@ fn level0(index: &std::path::Path) -> (Vec<Vec<u32>>, u32) {
     (lists, w[4])
 }
 
-/// A mixture like the benchmark's (scripts/bench_search.py), scaled down: topics → centres →
+/// A mixture like the benchmark's (scripts/bench/bench_search.py), scaled down: topics → centres →
 /// points, a decaying per-dimension scale, Zipf-like cluster sizes and clusters of different
 /// tightness. Tight, populous clusters are where hnsw_rs's plain "drop the farthest" pruning
 /// cuts a cluster's links to the rest of the graph.

@@ -398,17 +398,28 @@ _BUCKETS = 48 * 64 + 1
 
 def nucleus_filter(l: np.ndarray, filter_p: float) -> np.ndarray:
     """The base nucleus of DESIGN §1 on normalised log-probs (one row): keep rank r iff r = 0
-    or the mass of the higher ranks is below filter_p; ties go to the smaller token id.
+    or the mass of the higher ranks is below filter_p; ties go to the smaller token id. The
+    removed tokens become -inf; the dtype is kept. See `nucleus_keep`."""
+    if filter_p >= 1.0:
+        return l
+    l = np.asarray(l)
+    return np.where(nucleus_keep(l, filter_p), l, -np.inf).astype(l.dtype, copy=False)
+
+
+def nucleus_keep(l: np.ndarray, filter_p: float) -> np.ndarray:
+    """The tokens the base nucleus keeps in normalised log-probs `l` (one row), as a bool mask:
+    the one implementation of the rule in this package (`nucleus_filter` and the transformers
+    processor both use it), the same as the server's `rule::nucleus_filter`.
 
     Nothing is sorted but the tokens near the cut: a histogram of probability mass over
     log-probability buckets finds the bucket where the cumulative mass reaches filter_p, and
     only that bucket is ranked (a stable sort of a 49k vocabulary took ~6 ms a row)."""
-    if filter_p >= 1.0:
-        return l
     l = np.asarray(l)
+    if filter_p >= 1.0:
+        return np.ones(l.shape, dtype=bool)
     top = np.max(l)
     if np.isneginf(top):
-        return np.full_like(l, -np.inf)
+        return np.zeros(l.shape, dtype=bool)
     l64 = l.astype(np.float64)
     p = np.exp(l64)
     # Non-increasing in l, so every token of a bucket ranks above every token of a later one;
@@ -418,7 +429,7 @@ def nucleus_filter(l: np.ndarray, filter_p: float) -> np.ndarray:
     cum = np.cumsum(mass)
     cut = int(np.searchsorted(cum, filter_p, side="left"))
     if cut >= _BUCKETS:
-        return l.copy()  # rounding left the total below filter_p: every token is kept
+        return np.ones(l.shape, dtype=bool)  # rounding left the total below filter_p: keep all
     idx = np.flatnonzero(bucket == cut)
     order = idx[np.lexsort((idx, -l64[idx]))]
     pm = p[order]
@@ -427,7 +438,7 @@ def nucleus_filter(l: np.ndarray, filter_p: float) -> np.ndarray:
     keep_cut[0] = True
     keep = bucket < cut
     keep[order[keep_cut]] = True
-    return np.where(keep, l, -np.inf).astype(l.dtype, copy=False)
+    return keep
 
 
 def apply_bias(logits, bias: Bias) -> np.ndarray:

@@ -301,8 +301,9 @@ def test_a_store_from_another_model_is_refused(steered):
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("filter_p", [0.05, 0.5, 0.9, 0.999])
 def test_partial_nucleus_equals_the_sorted_one(seed, filter_p):
-    """The processor's top-k nucleus keeps exactly the tokens of the full stable sort, ties (to
-    the smaller token id) included, on small and large vocabularies."""
+    """The processor's nucleus mask (torch in, torch out) keeps exactly the tokens that
+    `nucleus_filter` keeps on each row, ties (to the smaller token id) included, on small and
+    large vocabularies; tests/test_apply.py checks `nucleus_filter` against a full stable sort."""
     from goodtriever_client import log_softmax, nucleus_filter
     from goodtriever_client.hf import _nucleus_drop
 

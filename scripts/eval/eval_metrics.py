@@ -1,5 +1,5 @@
 """The evaluation's metrics as plain functions (issue 6 §3), kept apart from scoring and I/O so
-that scripts/tests/test_metrics.py can check them on hand-made cases without the scorer.
+that scripts/eval/tests/test_metrics.py can check them on hand-made cases without the scorer.
 
 Definitions follow the paper's protocol (RealToxicityPrompts / DExperts, which Goodtriever
 reuses), over the samples of each prompt:

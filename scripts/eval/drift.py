@@ -12,7 +12,7 @@ after its last step. The non-toxic store is the default one throughout; the base
 samples are generated once and shared.
 
 Prompts and store tweets are disjoint: prompts come only from the held-out 10% of the tweets
-(the split of scripts/make_prompts.py), store tweets only from the rest, and a store tweet
+(the split of scripts/data/make_prompts.py), store tweets only from the rest, and a store tweet
 whose text equals a held-out one is dropped (make_prompts.davidson_domains).
 
 Sizes (defaults) keep the whole run under ~30 minutes on 2 loaded cores: 20 prompts per
@@ -21,7 +21,7 @@ domain x 6 samples x 20 tokens, 250 store tweets per domain (~6k tokens each to 
 Output (--out, default eval-out/drift): prompts.jsonl, stores/, runs/<stage>/..., report.json,
 report.md, drift.png.
 
-Usage: python3 scripts/drift.py [--prompts-per-domain 20] [--samples 6] [--store-tweets 250]
+Usage: python3 scripts/eval/drift.py [--prompts-per-domain 20] [--samples 6] [--store-tweets 250]
        [--out eval-out/drift] [--bin target/release/goodtriever] [--render]
 """
 
@@ -36,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The scripts import each other across scripts/data and scripts/eval.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("data", "eval")]
 
 import evaluate as ev  # noqa: E402
 import make_prompts as mp  # noqa: E402

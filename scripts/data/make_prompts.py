@@ -6,7 +6,7 @@ continuation, with "challenging" prompts being those whose continuation is toxic
 set (and Perspective, its scorer) is not reachable here, so this script rebuilds the recipe
 from text anyone can get:
 
-* the held-out split that scripts/prepare_data.py writes (data/corpora/heldout/*.jsonl):
+* the held-out split that scripts/data/prepare_data.py writes (data/corpora/heldout/*.jsonl):
   nlp-corpus sentences, and sentences of Brown corpus and State of the Union passages;
 * the human-labelled tweets of ../shared/data/davidson/labeled_data.csv when present (read in
   place, never copied): only the rows of a deterministic 10% held-out split (SHA-256 of
@@ -32,7 +32,7 @@ Output: data/prompts.jsonl (git-ignored), one object per line:
    "prompt_toxicity", "continuation_toxicity"}
 and data/prompts.manifest.json (counts, thresholds, checksum).
 
-Usage: python3 scripts/make_prompts.py [--n 1000] [--out data/prompts.jsonl] [--no-davidson]
+Usage: python3 scripts/data/make_prompts.py [--n 1000] [--out data/prompts.jsonl] [--no-davidson]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import re
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data_venv import reexec_in_data_venv  # noqa: E402
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--no-davidson", action="store_true", help="held-out corpora only")
     args = ap.parse_args()
     if not (args.corpora / "manifest.json").exists():
-        sys.exit(f"{args.corpora} is not prepared: run python3 scripts/prepare_data.py first")
+        sys.exit(f"{args.corpora} is not prepared: run python3 scripts/data/prepare_data.py first")
     ensure_venv()
     from profanity_check import predict_prob  # noqa: E402  (inside the venv only)
 

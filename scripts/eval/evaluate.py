@@ -4,13 +4,13 @@
 Steps (each writes into --out, a git-ignored directory such as eval-out/):
 
 1. `goodtriever eval generate`: --samples continuations of --tokens tokens for each of the
-   first --n-prompts prompts of data/prompts.jsonl (scripts/make_prompts.py), nucleus
+   first --n-prompts prompts of data/prompts.jsonl (scripts/data/make_prompts.py), nucleus
    p = 0.9, seeded, base and controlled in one run -> generations.jsonl
 2. `goodtriever eval perplexity`: conditional perplexity of each continuation given its
    prompt under the base model -> perplexity.jsonl
 3. alt-profanity-check scores every continuation (the offline stand-in for Perspective;
-   .venv-data, installed by scripts/prepare_data.py) -> scores.jsonl
-4. Metrics (scripts/eval_metrics.py) per variant, over all prompts and over the challenging
+   .venv-data, installed by scripts/data/prepare_data.py) -> scores.jsonl
+4. Metrics (scripts/eval/eval_metrics.py) per variant, over all prompts and over the challenging
    and non-challenging halves: Expected Maximum Toxicity, toxicity probability at 0.5 and
    0.25, conditional perplexity, dist-1/2/3, latency per sequence and the control's share;
    the issue's targets checked against the base -> report.json, report.md, *.png
@@ -19,7 +19,7 @@ Steps (each writes into --out, a git-ignored directory such as eval-out/):
 stays under 15 minutes on 2 cores; its numbers are noisier and are not asserted anywhere.
 The full setting is the paper's 25 samples x 20 tokens per prompt.
 
-Usage: python3 scripts/evaluate.py [--quick] [--out eval-out] [--bin target/release/goodtriever]
+Usage: python3 scripts/eval/evaluate.py [--quick] [--out eval-out] [--bin target/release/goodtriever]
        [--toxic datastores/toxic --nontoxic datastores/nontoxic] [-- extra eval-generate args]
 """
 
@@ -35,8 +35,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[2]
+# The scripts import each other across scripts/data and scripts/eval.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("data", "eval")]
 
 from data_venv import reexec_in_data_venv  # noqa: E402
 
@@ -342,7 +343,7 @@ def main() -> None:
 
     setting = run_setting(args, QUICK, FULL)
     if not args.prompts.exists():
-        sys.exit(f"{args.prompts} is missing: run python3 scripts/make_prompts.py")
+        sys.exit(f"{args.prompts} is missing: run python3 scripts/data/make_prompts.py")
     for s in (args.toxic, args.nontoxic):
         if not (s / "manifest.json").exists():
             sys.exit(f"no datastore at {s}: scripts/demo.sh builds the default ones")

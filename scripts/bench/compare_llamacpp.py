@@ -8,7 +8,7 @@ tokenizer and weight conversion at once.
 Usage (llama-cpp-python builds llama.cpp from source; this takes a while on 2 cores):
     python3 -m venv .venv-llama && .venv-llama/bin/pip install llama-cpp-python numpy
     cargo build --release
-    .venv-llama/bin/python scripts/compare_llamacpp.py [--model PATH] [--weights native]
+    .venv-llama/bin/python scripts/bench/compare_llamacpp.py [--model PATH] [--weights native]
 
 It prints, for each weight format asked for, the token agreement, the mean and max absolute
 difference of per-token log-probabilities, and both per-token NLLs, and exits non-zero unless

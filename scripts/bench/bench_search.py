@@ -3,10 +3,10 @@
 
 One command, one table, one JSON file (issue 2, "What it must show"):
 
-    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r scripts/requirements-bench.txt
-    cargo build --release --bin goodtriever --example bench_engine
-    .venv-bench/bin/python scripts/bench_search.py            # N = 200k and 1M
-    .venv-bench/bin/python scripts/bench_search.py --quick    # N = 200k only
+    python3 -m venv .venv-bench && .venv-bench/bin/pip install -r scripts/bench/requirements-bench.txt
+    cargo build --release --bin goodtriever   # the script builds its driver (cargo bench --no-run)
+    .venv-bench/bin/python scripts/bench/bench_search.py            # N = 200k and 1M
+    .venv-bench/bin/python scripts/bench/bench_search.py --quick    # N = 200k only
 
 Data: a seeded two-level Gaussian mixture in D = 576 (SmolLM2-135M's hidden size): 64 topics,
 `--centres` cluster centres spread around them, points around the centres with a per-cluster
@@ -17,7 +17,7 @@ Two stores per N ("toxic" = sample a, "non-toxic" = sample b, same mixture) and 
 fresh queries from the same mixture.
 
 Per N and k (1024 and 64), single query at a time (a decoding step):
-  * goodtriever exact scan and HNSW, `ef` swept (examples/bench_engine.rs, release build);
+  * goodtriever exact scan and HNSW, `ef` swept (benches/drivers/bench_engine.rs, bench profile);
   * faiss IndexFlatL2 and IndexHNSWFlat(M=16, efConstruction=100), efSearch swept, with
     faiss.omp_set_num_threads(1) for searching (its OpenMP threads slow single queries);
   * recall@k of every configuration against one ground truth: faiss IndexFlatL2 in f32;
@@ -55,13 +55,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cargo_bench import build_drivers
+
 D = 576
 VOCAB = 49_152
 GEN_VERSION = 1  # bump when the generator changes, so cached data is rebuilt
 # Bump when goodtriever's HNSW build changes, so cached stores are rebuilt rather than
 # benchmarked with an old graph. 2: level-0 repair after hnsw_rs (src/datastore/hnsw_repair.rs).
 INDEX_REV = 2
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def log(msg: str) -> None:
@@ -212,9 +214,9 @@ def estimate_build(cache: dict, n: int, faiss_index: bool) -> str | None:
     return f"~{est:.0f} s CPU, ~{est / cores / 60:.0f} min wall on {cores} idle cores (from {m} rows: {cpu:.0f} s CPU)"
 
 
-def gt_search(example: Path, store: Path, queries: Path, k: int, efs: list[int], out: Path,
+def gt_search(driver: Path, store: Path, queries: Path, k: int, efs: list[int], out: Path,
               threads: int | None = None) -> dict:
-    cmd = [str(example), "search", "--store", str(store), "--queries", str(queries), "--k", str(k),
+    cmd = [str(driver), "search", "--store", str(store), "--queries", str(queries), "--k", str(k),
            "--out-dir", str(out)]
     if efs:
         cmd += ["--ef", ",".join(map(str, efs))]
@@ -225,8 +227,8 @@ def gt_search(example: Path, store: Path, queries: Path, k: int, efs: list[int],
     return json.loads(r.stdout)
 
 
-def gt_rule(example: Path, toxic: Path, nontoxic: Path, queries: Path, k: int, ef: int | None) -> dict:
-    cmd = [str(example), "rule", "--toxic", str(toxic), "--nontoxic", str(nontoxic),
+def gt_rule(driver: Path, toxic: Path, nontoxic: Path, queries: Path, k: int, ef: int | None) -> dict:
+    cmd = [str(driver), "rule", "--toxic", str(toxic), "--nontoxic", str(nontoxic),
            "--queries", str(queries), "--k", str(k)]
     if ef is not None:
         cmd += ["--ef", str(ef)]
@@ -347,15 +349,19 @@ def main() -> int:
     ap.add_argument("--data-dir", type=Path, default=ROOT / "target" / "bench-data")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: DATA_DIR/results.json)")
     ap.add_argument("--bin", type=Path, default=ROOT / "target" / "release" / "goodtriever")
-    ap.add_argument("--example", type=Path, default=ROOT / "target" / "release" / "examples" / "bench_engine")
+    ap.add_argument("--driver", type=Path, default=None,
+                    help="the bench_engine executable (default: built by `cargo bench --no-run --bench bench_engine`)")
     args = ap.parse_args()
 
     sizes = [200_000] if args.quick else [int(s) for s in args.sizes.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
     efs = {1024: [int(e) for e in args.ef_1024.split(",")], 64: [int(e) for e in args.ef_64.split(",")]}
-    for exe in (args.bin, args.example):
-        if not exe.exists():
-            sys.exit(f"{exe} is missing: run `cargo build --release --bin goodtriever --example bench_engine` first")
+    if not args.bin.exists():
+        sys.exit(f"{args.bin} is missing: run `cargo build --release --bin goodtriever` first")
+    if args.driver is None:
+        args.driver = build_drivers("bench_engine")["bench_engine"]
+    elif not args.driver.exists():
+        sys.exit(f"{args.driver} is missing")
     faiss = None
     if not args.no_faiss:
         import faiss  # noqa: PLC0415 (optional dependency)
@@ -434,13 +440,13 @@ def main() -> int:
             log(f"N={n} k={k}: searching (load {load_avg()})")
             row = {"n": n, "k": k}
             out = d / f"ids-k{k}"
-            g = gt_search(args.example, store_a, paths["queries"], k, efs[k], out)
+            g = gt_search(args.driver, store_a, paths["queries"], k, efs[k], out)
             row["gt_rss_after_open_mib"] = g["rss_mib_after_open"]
             row["gt_rss_after_search_mib"] = g["rss_mib_after_search"]
             row["gt_rayon_threads"] = g["rayon_threads"]
             # The exact scan is parallel over row chunks; faiss searches on one thread, so the
             # exact scan is timed on one thread too.
-            g1 = gt_search(args.example, store_a, paths["queries"], k, [], d / f"ids-k{k}-1t", threads=1)
+            g1 = gt_search(args.driver, store_a, paths["queries"], k, [], d / f"ids-k{k}-1t", threads=1)
             g1["results"][0]["config"] = "exact_1thread"
             row["gt"] = []
             for r in g["results"] + g1["results"]:
@@ -476,7 +482,7 @@ def main() -> int:
         res["rule"] = {}
         for k in ks:
             log(f"N={n} k={k}: full rule over both stores (load {load_avg()})")
-            res["rule"][str(k)] = gt_rule(args.example, store_a, store_a if same_store else store_b,
+            res["rule"][str(k)] = gt_rule(args.driver, store_a, store_a if same_store else store_b,
                                           paths["queries"], k, args.rule_ef)
             res["rule"][str(k)]["same_store_twice"] = same_store
             res["rule"][str(k)]["load_after"] = load_avg()

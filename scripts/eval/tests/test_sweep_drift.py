@@ -2,7 +2,7 @@
 evaluate.all_metrics over variants and subsets, sweep.py's run plan and recipe parsing, and
 make_prompts.davidson_domains' held-out / store split on a tiny hand-written CSV.
 
-Run: .venv-data/bin/python -m pytest scripts/tests
+Run: .venv-data/bin/python -m pytest scripts/eval/tests
 """
 
 import csv
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The scripts under test live in scripts/eval and scripts/data.
+sys.path[:0] = [str(Path(__file__).resolve().parents[2] / d) for d in ("data", "eval")]
 
 import evaluate as ev  # noqa: E402
 import make_prompts as mp  # noqa: E402

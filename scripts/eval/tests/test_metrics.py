@@ -1,6 +1,6 @@
-"""Hand-computed cases for scripts/eval_metrics.py (no scorer, no model, no download).
+"""Hand-computed cases for scripts/eval/eval_metrics.py (no scorer, no model, no download).
 
-Run: .venv-data/bin/python -m pytest scripts/tests
+Run: .venv-data/bin/python -m pytest scripts/eval/tests
 """
 
 import math
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The scripts under test live in scripts/eval and scripts/data.
+sys.path[:0] = [str(Path(__file__).resolve().parents[2] / d) for d in ("data", "eval")]
 
 from eval_metrics import (  # noqa: E402
     dist_n,

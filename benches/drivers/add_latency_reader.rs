@@ -1,15 +1,20 @@
-//! A running reader for the add-to-visible benchmark (scripts/bench_build.sh): opens a
+//! A running reader for the add-to-visible benchmark (scripts/bench/bench_build.py): opens a
 //! datastore, then polls `refresh` until rows appear, and searches for one of the new rows
 //! until it comes back as its own nearest neighbour. Prints one JSON line with the Unix time
 //! (seconds) at which the new rows became searchable and what the refresh and search cost.
 //!
-//! Usage: cargo run --release --example add_latency_reader -- STORE [POLL_MS]
+//! Usage: cargo bench --bench add_latency_reader -- STORE [POLL_MS]
 //! It prints `ready` on stderr once the store is open, so a script can start the add then.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use goodtriever::datastore::{Datastore, SearchParams};
+
+mod driver_args;
+
+/// The script that runs this driver.
+const SCRIPT: &str = "scripts/bench/bench_build.py";
 
 fn newest_row(dir: &Path, d: usize) -> anyhow::Result<Vec<f32>> {
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
@@ -40,11 +45,17 @@ fn newest_row(dir: &Path, d: usize) -> anyhow::Result<Vec<f32>> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let dir = PathBuf::from(
-        args.next()
-            .ok_or_else(|| anyhow::anyhow!("usage: STORE [POLL_MS]"))?,
-    );
+    const USAGE: &str = "usage: add_latency_reader STORE [POLL_MS]";
+    let mut args = driver_args::args("add_latency_reader", SCRIPT)
+        .into_iter()
+        .skip(1)
+        .peekable();
+    if matches!(args.peek().map(String::as_str), Some("-h" | "--help")) {
+        println!("{USAGE}\n\nOpens STORE, polls `refresh` every POLL_MS (default 20) until");
+        println!("new rows appear, and prints one JSON line: when they became searchable.");
+        return Ok(());
+    }
+    let dir = PathBuf::from(args.next().ok_or_else(|| anyhow::anyhow!(USAGE))?);
     let poll = Duration::from_millis(args.next().map(|s| s.parse()).transpose()?.unwrap_or(20));
     let ds = Datastore::open(&dir)?;
     let rows0 = ds.len();

@@ -1,11 +1,11 @@
-//! Measurement driver for `scripts/bench_search.py`: single-query search latency, resident
+//! Measurement driver for `scripts/bench/bench_search.py`: single-query search latency, resident
 //! memory after open, and the full decoding rule over two stores, on datastores that the script
 //! imported with `goodtriever datastore import`.
 //!
 //! ```text
-//! cargo run --release --example bench_engine -- search --store DIR --queries Q.npy --k 1024 \
+//! cargo bench --bench bench_engine -- search --store DIR --queries Q.npy --k 1024 \
 //!     --ef 1024,1536 --out-dir OUT
-//! cargo run --release --example bench_engine -- rule --toxic DIR --nontoxic DIR \
+//! cargo bench --bench bench_engine -- rule --toxic DIR --nontoxic DIR \
 //!     --queries Q.npy --k 1024 --ef 1024
 //! ```
 //!
@@ -26,7 +26,13 @@ use goodtriever::npy;
 use goodtriever::rule::{self, Expert, Mode, RuleParams, RuleScratch, SparseRow};
 use serde_json::{json, Value};
 
+mod driver_args;
+
+/// The script that runs this driver.
+const SCRIPT: &str = "scripts/bench/bench_search.py";
+
 #[derive(Parser)]
+#[command(name = "bench_engine", bin_name = "bench_engine")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -304,7 +310,7 @@ fn rule_bench(
 }
 
 fn main() -> Result<()> {
-    let v = match Cli::parse().cmd {
+    let v = match Cli::parse_from(driver_args::args("bench_engine", SCRIPT)).cmd {
         Cmd::Search {
             store,
             queries,

@@ -10,17 +10,18 @@ most --max-steps steps per stream. Steps:
    D = 576, f16 keys, the shape of SmolLM2-135M's hidden states), clustered so that HNSW is
    meaningful, with `goodtriever datastore import`.
 2. Starts `goodtriever serve` on a free loopback port (or a Unix socket in a temporary directory).
-3. Runs the Rust load generator (examples/bench_server_load.rs, built --release) which drives
-   N AdjustStream sessions with tonic, then calls the engine in-process with the same queries.
-4. At 1 stream, runs examples/bench_socket_floor.rs: a blocking ping-pong over a bare socket of
-   the same transport with the same message sizes and the server busy for the in-process p50,
-   the floor under any RPC stack's overhead on this machine.
+3. Runs the Rust load generator (benches/drivers/bench_server_load.rs, built by `cargo bench
+   --no-run`) which drives N AdjustStream sessions with tonic, then calls the engine in-process
+   with the same queries.
+4. At 1 stream, runs benches/drivers/bench_socket_floor.rs: a blocking ping-pong over a bare
+   socket of the same transport with the same message sizes and the server busy for the
+   in-process p50, the floor under any RPC stack's overhead on this machine.
 5. Optionally (--python) times the Python client too, for one stream.
 
 By default every form runs over loopback TCP and the sparse form also over a Unix domain
 socket (`serve --addr unix:PATH`), the transport for a sidecar on the same host.
 
-Usage: scripts/bench_server.py [--rows 200000] [--seconds 10] [--streams 1 8 64]
+Usage: scripts/bench/bench_server.py [--rows 200000] [--seconds 10] [--streams 1 8 64]
                                [--transports tcp unix] [--repeat N]
 """
 
@@ -37,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+from cargo_bench import build_drivers
+
+REPO = Path(__file__).resolve().parents[2]
 DIM = 576
 VOCAB = 49152
 
@@ -157,12 +160,11 @@ def main():
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     log("building goodtriever and the load generator (release)...")
-    subprocess.run(["cargo", "build", "--release", "--bin", "goodtriever",
-                    "--example", "bench_server_load", "--example", "bench_socket_floor"],
-                   cwd=REPO, check=True)
+    subprocess.run(["cargo", "build", "--release", "--bin", "goodtriever"], cwd=REPO, check=True)
+    drivers = build_drivers("bench_server_load", "bench_socket_floor")
     binary = REPO / "target" / "release" / "goodtriever"
-    loadgen = REPO / "target" / "release" / "examples" / "bench_server_load"
-    floor_bin = REPO / "target" / "release" / "examples" / "bench_socket_floor"
+    loadgen = drivers["bench_server_load"]
+    floor_bin = drivers["bench_socket_floor"]
     dirs, queries = build_stores(binary, args.work_dir, args.rows)
     if args.prepare_only:
         return

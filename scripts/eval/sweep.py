@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sweeps of the control's knobs (issue 6 §3), reusing scripts/evaluate.py's generation,
+"""Sweeps of the control's knobs (issue 6 §3), reusing scripts/eval/evaluate.py's generation,
 scoring and metrics.
 
 One base run (no control) is generated once and shared; every other run is the controlled
@@ -34,7 +34,7 @@ perplexity; --quick --groups alpha,k,T,size,mode (base + 13 runs, two small stor
 ~40 min in all, the two diversity groups at 20 prompts x 10 samples ~30 min. Use --groups to
 run part of it.
 
-Usage: python3 scripts/sweep.py [--quick] [--groups alpha,k,T,size,mode,sampling,alpha-sampling]
+Usage: python3 scripts/eval/sweep.py [--quick] [--groups alpha,k,T,size,mode,sampling,alpha-sampling]
        [--out DIR] [--n-prompts N --samples S --tokens L]
 """
 
@@ -49,7 +49,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The scripts import each other across scripts/data and scripts/eval.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("data", "eval")]
 
 import evaluate as ev  # noqa: E402
 
@@ -306,7 +307,7 @@ def main() -> None:
     setting = ev.run_setting(args, QUICK, FULL)
     args.out = args.out or REPO / "eval-out" / ("sweep-quick" if args.quick else "sweep")
     if not args.prompts.exists():
-        sys.exit(f"{args.prompts} is missing: run python3 scripts/make_prompts.py")
+        sys.exit(f"{args.prompts} is missing: run python3 scripts/data/make_prompts.py")
     for s in (args.toxic, args.nontoxic):
         if not (s / "manifest.json").exists():
             sys.exit(f"no datastore at {s}: scripts/demo.sh builds the default ones")

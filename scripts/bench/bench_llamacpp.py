@@ -5,7 +5,7 @@ tokens/s at batch 1 and 25 (one 16-token prompt copied to 25 sequences), on all 
 
 Usage:
     python3 -m venv .venv-llama && .venv-llama/bin/pip install llama-cpp-python numpy
-    .venv-llama/bin/python scripts/bench_llamacpp.py [--model PATH] [--reps 3]
+    .venv-llama/bin/python scripts/bench/bench_llamacpp.py [--model PATH] [--reps 3]
 
 Uses llama.cpp's low-level batch API, so batched rows are one llama_decode call per step, as
 in our runtime.

@@ -1,4 +1,4 @@
-"""The `.venv-data` virtualenv that scripts/prepare_data.py creates (alt-profanity-check,
+"""The `.venv-data` virtualenv that scripts/data/prepare_data.py creates (alt-profanity-check,
 matplotlib): scripts that need it re-execute themselves inside it."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV = REPO / ".venv-data"
 
 
@@ -18,5 +18,5 @@ def reexec_in_data_venv(script: str) -> None:
         return
     py = VENV / "bin" / "python"
     if not py.exists():
-        sys.exit(f"{py} is missing: run python3 scripts/prepare_data.py first")
+        sys.exit(f"{py} is missing: run python3 scripts/data/prepare_data.py first")
     os.execv(str(py), [str(py), str(Path(script).resolve()), *sys.argv[1:]])

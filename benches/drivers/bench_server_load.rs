@@ -1,4 +1,4 @@
-//! Load generator for `scripts/bench_server.py`: drives N concurrent `AdjustStream` sessions
+//! Load generator for `scripts/bench/bench_server.py`: drives N concurrent `AdjustStream` sessions
 //! against a running `goodtriever serve` with tonic, then calls the same engine in-process on
 //! the same stores and queries, and prints one JSON object with steps/s, p50 and p99 per step
 //! for both, and the overhead of the gRPC path measured per step (round trip minus the engine
@@ -19,7 +19,13 @@ use goodtriever::server::proto::{self, goodtriever_client::GoodtrieverClient};
 use goodtriever::server::{convert, GrpcAddr};
 use prost::Message;
 
+mod driver_args;
+
+/// The script that runs this driver.
+const SCRIPT: &str = "scripts/bench/bench_server.py";
+
 #[derive(Parser)]
+#[command(name = "bench_server_load", bin_name = "bench_server_load")]
 struct Args {
     /// HOST:PORT or unix:PATH.
     #[arg(long)]
@@ -228,7 +234,7 @@ fn in_process(
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = Args::parse_from(driver_args::args("bench_server_load", SCRIPT));
     let (_, dim, queries) = goodtriever::npy::read_queries(&args.queries)?;
     let mut seed = 0x2545_f491_4f6c_dd1du64;
     let logits: Vec<f32> = (0..16 * args.vocab)
@@ -307,7 +313,7 @@ fn main() -> anyhow::Result<()> {
         // Per step: round trip minus the engine time the server reported for that step.
         "overhead_p50_us": overhead.p50_us,
         "overhead_p99_us": overhead.p99_us,
-        // Mean protobuf message sizes, for the socket floor (examples/bench_socket_floor.rs).
+        // Mean protobuf message sizes, for the socket floor (bench_socket_floor.rs, beside this).
         "request_bytes": sizes.request / sizes.steps.max(1),
         "response_bytes": sizes.response / sizes.steps.max(1),
     });
