@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --locked
+# What `cargo test` does not build: the core alone, without candle and tonic (the feature split,
+# docs/architecture.md §9), and the benchmark drivers (benches/), which must keep compiling.
+cargo check --locked --lib --no-default-features
+cargo test --locked --benches --no-run
 
 # The Python client (clients/python) against a real `goodtriever serve`: the pytest fixtures
 # start the server built above on a free loopback port themselves. The venv lives under the

@@ -3,7 +3,7 @@
 //!
 //! The evaluation protocol (the paper's, after RealToxicityPrompts and DExperts) samples many
 //! continuations per prompt with and without the control, then measures their toxicity with
-//! an external scorer (scripts/evaluate.py) and their fluency as the *conditional* perplexity
+//! an external scorer (scripts/eval/evaluate.py) and their fluency as the *conditional* perplexity
 //! of each continuation given its prompt under the base model. That perplexity is computed
 //! here rather than in Python because it needs the model: [`continuation_logprobs`] prefills
 //! a prompt once and scores all of its continuations as one batch, which is what makes

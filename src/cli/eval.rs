@@ -1,5 +1,5 @@
 //! `goodtriever eval`: the sampling and perplexity halves of the toxicity evaluation
-//! (scripts/evaluate.py does the scoring and the metrics).
+//! (scripts/eval/evaluate.py does the scoring and the metrics).
 //!
 //! `eval generate` samples many continuations per prompt from the base model and, in the same
 //! run and with the same seeds, under the Goodtriever control, so the two variants differ only
@@ -44,7 +44,7 @@ pub enum EvalCommand {
 /// model, and the same from the controlled model when datastores are given.
 #[derive(Debug, Args)]
 pub struct EvalGenerateArgs {
-    /// JSON Lines prompts (scripts/make_prompts.py writes data/prompts.jsonl); fields other
+    /// JSON Lines prompts (scripts/data/make_prompts.py writes data/prompts.jsonl); fields other
     /// than "prompt" are copied into every output record.
     #[arg(long)]
     pub prompts: PathBuf,

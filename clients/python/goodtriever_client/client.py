@@ -3,7 +3,7 @@
 Tensors travel as packed little-endian bytes (the protocol's `Tensor`), so hidden states are
 sent without per-element encoding; float16 arrays are sent as f16 (half the bytes), anything
 else as f32. The sparse answer is applied on the client exactly as the server's dense form
-computes it (DESIGN §1): log_softmax, base nucleus at `filter_p`, times `scale`, plus the
+computes it (docs/architecture.md §1): log_softmax, base nucleus at `filter_p`, times `scale`, plus the
 bias, log_softmax again.
 """
 
@@ -397,7 +397,7 @@ _BUCKETS = 48 * 64 + 1
 
 
 def nucleus_filter(l: np.ndarray, filter_p: float) -> np.ndarray:
-    """The base nucleus of DESIGN §1 on normalised log-probs (one row): keep rank r iff r = 0
+    """The base nucleus of docs/architecture.md §1 on normalised log-probs (one row): keep rank r iff r = 0
     or the mass of the higher ranks is below filter_p; ties go to the smaller token id. The
     removed tokens become -inf; the dtype is kept. See `nucleus_keep`."""
     if filter_p >= 1.0:
