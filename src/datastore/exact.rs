@@ -168,7 +168,8 @@ pub fn search_into(
 }
 
 /// Queries one task of a batched scan serves: each block of keys read from memory is then
-/// used this many times while it is in cache, widened once per [`QUERY_GROUP`] queries.
+/// used this many times while it is in cache, widened (f16 to f32) once per group of queries
+/// the SIMD kernel takes together.
 pub const TASK_QUERIES: usize = 8;
 
 /// A batched scan splits a segment into chunks of no fewer rows than this to use more threads.
