@@ -60,6 +60,7 @@
 //! }
 //! ```
 
+#![warn(missing_docs)]
 pub mod datastore;
 pub mod detox;
 #[cfg(feature = "model")]

@@ -4,8 +4,9 @@
 //! on x86-64 with AVX2 + FMA (+ F16C for f16 keys) the kernels below keep four 8-lane
 //! accumulators busy; the CPU features are detected at run time (std caches the answer), so
 //! one binary runs everywhere and other targets use the scalar code. F16 keys are widened with
-//! F16C's `vcvtph2ps` inside the loop: a scalar f16 path measured ~15× slower (DESIGN §4),
-//! which would throw away the bandwidth saving that is the point of f16 keys.
+//! F16C's `vcvtph2ps` inside the loop: a scalar f16 conversion costs far more than reading the
+//! row, which would throw away the bandwidth saving that is the point of f16 keys
+//! (docs/architecture.md §4; the figure is in docs/performance.md).
 //!
 //! All kernels accumulate in f32. The scalar and SIMD paths sum in different orders, so they
 //! may differ in the last bits; nothing relies on bit-equality between them.

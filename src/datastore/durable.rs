@@ -1,7 +1,7 @@
 //! Crash-safe file system steps: fsync of files and directories, atomic replace, writer lock.
 //!
-//! A datastore must survive a writer killed at any instant (DESIGN §3). The recipe is the
-//! classic one: write new data to files nobody references yet, fsync them and their
+//! A datastore must survive a writer killed at any instant (docs/architecture.md §3). The recipe
+//! is the classic one: write new data to files nobody references yet, fsync them and their
 //! directory, then publish with a single `rename` of a fully written, fsynced temporary file
 //! over `manifest.json`, and fsync the directory so the rename itself is durable. Readers only
 //! ever follow the manifest, so they see either the old state or the new one.

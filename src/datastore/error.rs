@@ -10,93 +10,179 @@ use std::path::{Path, PathBuf};
 use crate::fingerprint::KeyType;
 use crate::limits::MAX_K;
 
+/// Everything that can go wrong opening, writing or searching a datastore.
+///
+/// One enum for the whole module (and for every [`crate::store::Store`] backend) so callers
+/// match on one type; the server maps each variant to a gRPC status code in one place. Bad
+/// input (shapes, non-finite values, out-of-range knobs) has its own variants because the
+/// caller can fix it; file and format problems carry the path of the file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum DatastoreError {
+    /// A file system call failed on one file of the datastore.
     #[error("{op} {path}: {source}")]
     Io {
+        /// What was being done, as words for the message ("create", "fsync", "rename into place").
         op: &'static str,
+        /// The file or directory it was done to.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
 
+    /// `create` was pointed at a directory that already holds a datastore.
     #[error("a datastore already exists in {0} (it has a manifest.json); open it instead")]
     AlreadyExists(PathBuf),
 
+    /// `open` was pointed at a directory without a manifest.
     #[error("no datastore in {0}: manifest.json is missing")]
     NotFound(PathBuf),
 
+    /// manifest.json does not parse, has an unknown format version, or disagrees with itself.
     #[error("manifest {path} is invalid: {detail}")]
-    BadManifest { path: PathBuf, detail: String },
+    BadManifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
 
+    /// A segment file has the wrong size, a bad header or a checksum that does not match.
     #[error("file {path} is corrupt: {detail}")]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The damaged file.
+        path: PathBuf,
+        /// What was found wrong.
+        detail: String,
+    },
 
+    /// `create` or an index build was given options that cannot work together.
     #[error("invalid datastore options: {0}")]
     InvalidOptions(String),
 
+    /// A key or query buffer's length is not a multiple of the key dimension.
     #[error("dimension mismatch: the datastore holds {expected}-dimensional keys, got {what} of {got} values, which is not a whole number of rows")]
     DimMismatch {
+        /// The datastore's key dimension.
         expected: usize,
+        /// How many values the caller passed.
         got: usize,
+        /// Which input it was ("a key batch" or "a query batch").
         what: &'static str,
     },
 
+    /// A key or query holds NaN or an infinity, which would poison every distance.
     #[error("{what} row {row} column {col} is {value}: keys and queries must be finite")]
     NonFinite {
+        /// Which input it was ("key" or "query").
         what: &'static str,
+        /// The row within the batch, from 0.
         row: usize,
+        /// The column within the row, from 0.
         col: usize,
+        /// The offending value.
         value: f32,
     },
 
+    /// An f32 key appended to an f16 store is too large in magnitude for f16.
     #[error("key row {row} column {col} is {value}, which does not fit in f16 (largest finite f16 is 65504); store f32 keys or rescale")]
-    F16Overflow { row: usize, col: usize, value: f32 },
+    F16Overflow {
+        /// The row within the batch, from 0.
+        row: usize,
+        /// The column within the row, from 0.
+        col: usize,
+        /// The value that overflows.
+        value: f32,
+    },
 
+    /// `append` was called with no rows; an empty segment is never written.
     #[error("nothing to append: the key batch is empty")]
     EmptyAppend,
 
+    /// `append` got a different number of next-token values than key rows.
     #[error("got {values} values for {rows} key rows; every key row needs exactly one value")]
-    ValueCountMismatch { rows: usize, values: usize },
+    ValueCountMismatch {
+        /// Key rows in the batch.
+        rows: usize,
+        /// Values passed with them.
+        values: usize,
+    },
 
+    /// A search asked for 0 or more than [`MAX_K`] neighbours.
     #[error("k = {0} is out of range: k must be between 1 and {MAX_K}")]
     BadK(usize),
 
+    /// A search was given `ef = 0`.
     #[error("ef = {0} is out of range: ef must be at least 1")]
     BadEf(usize),
 
+    /// A search ran on a store with no live rows (none appended, or every segment retired).
     #[error("the datastore in {0} is empty: there is nothing to search")]
     EmptyStore(PathBuf),
 
+    /// The caller's output slice does not have one vector per query row.
     #[error("output buffer has {got} rows for {expected} queries")]
-    OutputMismatch { expected: usize, got: usize },
+    OutputMismatch {
+        /// Query rows.
+        expected: usize,
+        /// Output vectors passed.
+        got: usize,
+    },
 
+    /// A caller's keys are a different hidden state than the ones the store holds.
     #[error("key type mismatch: the datastore holds {expected} keys, got {got}")]
-    KeyTypeMismatch { expected: KeyType, got: KeyType },
+    KeyTypeMismatch {
+        /// The store's key type.
+        expected: KeyType,
+        /// The caller's.
+        got: KeyType,
+    },
 
+    /// A caller's model fingerprint does not match the store's.
     #[error("model mismatch: {0}")]
     ModelMismatch(String),
 
+    /// A segment id passed to retire or unretire is not in the manifest.
     #[error("no segment {0} in this datastore")]
     UnknownSegment(u64),
 
+    /// Retiring a segment that is already retired, or unretiring one that is not.
     #[error("segment {id} is {state}")]
-    SegmentState { id: u64, state: &'static str },
+    SegmentState {
+        /// The segment.
+        id: u64,
+        /// Its current state, as words for the message ("already retired", "not retired").
+        state: &'static str,
+    },
 
+    /// Building a segment's HNSW index was given impossible parameters or rows.
     #[error("index build failed: {0}")]
     IndexBuild(String),
 
+    /// A row id past the end of the live rows was looked up.
     #[error("no row {id}: the datastore has {rows} live rows (row ids start at 0)")]
-    NoSuchRow { id: u64, rows: usize },
+    NoSuchRow {
+        /// The id asked for.
+        id: u64,
+        /// Live rows in the store.
+        rows: usize,
+    },
 
     /// A store behind a server could not be reached (see [`crate::store`]).
     #[error("the store at {location} is unavailable: {reason}")]
-    Unavailable { location: String, reason: String },
+    Unavailable {
+        /// The store's address, as [`crate::store::Store::location`] gives it.
+        location: String,
+        /// The client's error.
+        reason: String,
+    },
 
     /// A store behind a server did not answer in time (see [`crate::store`]).
     #[error("the store at {location} did not answer within {after:?}")]
     TimedOut {
+        /// The store's address, as [`crate::store::Store::location`] gives it.
         location: String,
+        /// How long the caller waited.
         after: std::time::Duration,
     },
 }

@@ -1,7 +1,7 @@
 //! Exact flat scan: every row's squared L2 to the query, the k smallest kept in a bounded buffer.
 //!
-//! Memory-bandwidth bound (DESIGN §4), so the loop streams rows in blocks through the SIMD
-//! kernel and touches the top-k buffer only for rows that beat the current cut. Large
+//! Memory-bandwidth bound (docs/architecture.md §4), so the loop streams rows in blocks through
+//! the SIMD kernel and touches the top-k buffer only for rows that beat the current cut. Large
 //! segments are split into chunks scanned in parallel (rayon) so a single query uses every
 //! core; the per-chunk results are merged at the end. This is also the ground truth that the
 //! HNSW path is measured against.
@@ -15,7 +15,8 @@ use super::distance::QUERY_GROUP;
 use super::keys::KeyRows;
 use super::scored::Scored;
 
-/// Rows per parallel chunk: large enough that scheduling is noise (~20–40 MB of keys at D=576).
+/// Rows per parallel chunk: large enough that scheduling is noise (36 MiB of f16 keys at
+/// D = 576, twice that in f32).
 pub const CHUNK_ROWS: usize = 32_768;
 /// Rows per distance block: keeps the distances in L1.
 const BLOCK_ROWS: usize = 64;
@@ -23,7 +24,8 @@ const BLOCK_ROWS: usize = 64;
 /// The k smallest items pushed so far. Items below the current cut are appended to a buffer of
 /// up to 2k, which is cut back to its k smallest (a linear-time selection) when full: O(1)
 /// amortised per item, where a binary heap pays O(log k) for each of the ~k·ln(n/k) rows that
-/// beat the k-th so far (at k = 1024 that heap cost ~12% of a single-query scan).
+/// beat the k-th so far, a visible share of a single-query scan at the large k the rule uses
+/// (docs/performance.md).
 /// Reusable: [`reset`](Self::reset) keeps the buffer's allocation for the next query.
 #[derive(Default)]
 pub struct TopK {
@@ -166,7 +168,8 @@ pub fn search_into(
 }
 
 /// Queries one task of a batched scan serves: each block of keys read from memory is then
-/// used this many times while it is in cache, widened once per [`QUERY_GROUP`] queries.
+/// used this many times while it is in cache, widened (f16 to f32) once per group of queries
+/// the SIMD kernel takes together.
 pub const TASK_QUERIES: usize = 8;
 
 /// A batched scan splits a segment into chunks of no fewer rows than this to use more threads.

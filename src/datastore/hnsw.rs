@@ -43,8 +43,11 @@ const HEADER_WORDS: usize = 8;
 /// hnsw_rs's layer cap.
 const MAX_LEVELS: usize = 16;
 
-/// Default construction parameters (the usual HNSW choices; faiss uses the same M).
+/// Default graph degree M: links kept per node on the upper layers (2·M on layer 0). The usual
+/// HNSW choice; faiss uses the same M.
 pub const DEFAULT_M: usize = 16;
+/// Default candidate-list width while inserting: wider builds a better-connected graph at a
+/// build cost roughly proportional to it. The usual HNSW choice.
 pub const DEFAULT_EF_CONSTRUCTION: usize = 100;
 
 /// Rows handed to hnsw_rs per parallel insertion batch: bounds the f32 staging copy.

@@ -3,12 +3,12 @@
 //! hnsw_rs 0.3.5 selects a new point's neighbours with the diversity heuristic (Malkov &
 //! Yashunin, Algorithm 4), but when the reverse link overflows a neighbour's list it just
 //! drops that list's farthest entry. In dense clusters the lists then fill with near
-//! duplicates, long links are lost, and some rows end up with no path to them at all (253 of
-//! 200k clustered rows at D = 576; faiss, which re-applies the heuristic on overflow: 34).
-//! Worse than unreachable rows are unreachable *regions*: a tight, populous cluster whose
-//! members' lists hold only each other and whose links to the rest were all dropped is entered
-//! only through far-away rows, so a query right next to it walks past it at any `ef` (on the
-//! 200k benchmark set that capped recall@1024 at 0.997 even with ef = 3072). Four passes fix
+//! duplicates, long links are lost, and some rows end up with no path to them at all (far more
+//! than faiss leaves, which re-applies the heuristic on overflow). Worse than unreachable rows
+//! are unreachable *regions*: a tight, populous cluster whose members' lists hold only each
+//! other and whose links to the rest were all dropped is entered only through far-away rows, so
+//! a query right next to it walks past it at any `ef`: recall stops improving however wide the
+//! search (the counts and the recall ceiling are in docs/performance.md). Four passes fix
 //! level 0, where every search ends:
 //!
 //! 1. [`diversify`]: every row's list is re-selected with the heuristic, up to `m0` = 2·M, from
@@ -19,17 +19,17 @@
 //! 2. Reverse links (same function): a row `u` that selected `v` is appended to `v`'s list
 //!    while `v` has room, nearest first (faiss's `add_link` when the list is not full).
 //! 3. [`make_findable`]: every row is searched for with its own key (the search of
-//!    `hnsw::Graph`, ef = 32); a row the walk does not return is linked, both ways, with the
-//!    two nearest rows the walk does return — where walks towards it end. A link into an
-//!    island makes the rest of it findable, so rows are re-checked one at a time before
+//!    `hnsw::Graph`, ef = [`WALK_EF`]); a row the walk does not return is linked, both ways,
+//!    with the two nearest rows the walk does return — where walks towards it end. A link into
+//!    an island makes the rest of it findable, so rows are re-checked one at a time before
 //!    linking.
 //! 4. [`connect`]: breadth-first search from the entry point over level 0; every row it does
 //!    not reach is linked both ways to its nearest reachable row, and everything it reaches in
 //!    turn is marked. Afterwards every row is reachable at level 0.
 //!
-//! Links of passes 3 and 4 may push a list past `m0` (measured: at most 34 with M = 16); the
-//! file format has no fixed degree. Passes 1–3 run in parallel (rayon). Measured on 200k rows
-//! (D = 576, f32): ~39 s of CPU on top of hnsw_rs's ~195 s.
+//! Links of passes 3 and 4 may push a list a few entries past `m0`; the file format has no
+//! fixed degree. Passes 1–3 run in parallel (rayon); together the passes add a fraction of
+//! hnsw_rs's own build time (docs/performance.md).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -40,8 +40,9 @@ use super::hnsw_layers::Layers;
 use super::keys::KeyRows;
 use super::scored::Scored;
 
-/// Beam width of the walks that check findability and look for link targets. On 200k
-/// clustered rows (D = 576) 32 gave the same search recall as 64 for 40% less build time.
+/// Beam width of the walks that check findability and look for link targets: wide enough that
+/// a wider beam did not raise search recall, narrow enough to keep the build short
+/// (docs/performance.md).
 const WALK_EF: usize = 32;
 /// Rows that link to a row no walk finds.
 const LINKS_PER_ROW: usize = 2;

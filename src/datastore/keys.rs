@@ -8,9 +8,15 @@ use half::f16;
 use super::distance;
 
 /// Row-major N×D key input for `Datastore::append`.
+///
+/// Borrowed, not owned, so a caller appends straight from its own buffers (a model's hidden
+/// states, a memory-mapped `.npy`); either dtype goes into a store of either dtype, converted
+/// when the segment's `keys.bin` is encoded.
 #[derive(Clone, Copy, Debug)]
 pub enum Keys<'a> {
+    /// f32 scalars, N·D of them.
     F32(&'a [f32]),
+    /// f16 scalars, N·D of them.
     F16(&'a [f16]),
 }
 
@@ -23,6 +29,7 @@ impl Keys<'_> {
         }
     }
 
+    /// Whether there are no scalars at all (an append of zero rows).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -26,10 +26,12 @@ pub enum KeyDtype {
     /// Half precision: half the bytes to scan, plenty of precision for hidden states.
     #[default]
     F16,
+    /// Single precision: exact copies of f32 hidden states, twice the bytes of f16.
     F32,
 }
 
 impl KeyDtype {
+    /// Bytes per scalar: 2 for f16, 4 for f32. A row takes `dim × size()` bytes in `keys.bin`.
     pub fn size(self) -> usize {
         match self {
             KeyDtype::F16 => 2,
@@ -37,6 +39,8 @@ impl KeyDtype {
         }
     }
 
+    /// The name used in `manifest.json` and on the command line (`f16`, `f32`), the inverse
+    /// of `FromStr`.
     pub fn as_str(self) -> &'static str {
         match self {
             KeyDtype::F16 => "f16",
@@ -109,8 +113,10 @@ pub struct TextProvenance {
     /// The label filter that selected documents; `None`: every document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_filter: Option<LabelRange>,
-    /// Sliding window and stride, in tokens.
+    /// Sliding window length, in tokens: the longest context a key row's hidden state saw.
     pub window: usize,
+    /// Tokens the window advances between passes; each token is keyed once, in the first
+    /// window that reaches it.
     pub stride: usize,
     /// Which chunk of a build this segment is, when a build wrote several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,21 +134,28 @@ pub struct SourceFile {
     pub path: String,
     /// `txt`, `jsonl` or `csv`.
     pub format: String,
-    /// Size and SHA-256 (hex) of the file when it was read.
+    /// Size of the file when it was read, in bytes.
     pub bytes: u64,
+    /// SHA-256 of the file when it was read, lowercase hex: tells whether a later file under
+    /// the same path is the same input.
     pub sha256: String,
-    /// Records read from the file and records selected (label filter, non-blank text), over
-    /// the whole run (a build that wrote several segments counts every segment's).
+    /// Records read from the file over the whole run (a build that wrote several segments
+    /// counts every segment's).
     pub records: usize,
+    /// Of those, the records selected (label filter passed, non-blank text), over the whole
+    /// run likewise.
     pub selected: usize,
 }
 
 /// A label threshold: documents with `min <= field <= max` (either bound optional).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LabelRange {
+    /// The numeric field of a jsonl record / csv column that is compared, e.g. `toxicity`.
     pub field: String,
+    /// Inclusive lower bound; `None`: no lower bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
+    /// Inclusive upper bound; `None`: no upper bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<f64>,
 }
@@ -161,7 +174,9 @@ impl std::fmt::Display for LabelRange {
 /// Segment `index` (1-based) of the `of` segments a build wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Part {
+    /// This segment's place in the build, from 1.
     pub index: usize,
+    /// How many segments the build wrote.
     pub of: usize,
 }
 
@@ -170,6 +185,7 @@ pub struct Part {
 pub struct MergedSegment {
     /// The original segment's id (no longer in the manifest).
     pub id: u64,
+    /// Rows it had, now `first_row..first_row + rows` of the compacted segment.
     pub rows: usize,
     /// Its first row within the compacted segment.
     pub first_row: u64,
@@ -191,11 +207,13 @@ impl Provenance {
         }
     }
 
+    /// The same provenance with the dataset label set (builder style, for `Provenance::new`).
     pub fn with_label(mut self, label: impl Into<String>) -> Self {
         self.label = Some(label.into());
         self
     }
 
+    /// The same provenance with the free-form tag set (builder style, for `Provenance::new`).
     pub fn with_tag(mut self, tag: impl Into<String>) -> Self {
         self.tag = Some(tag.into());
         self

@@ -1,6 +1,6 @@
 //! kNN datastores of LM hidden states: a directory of immutable, memory-mapped segments under
-//! one atomically replaced `manifest.json` (DESIGN §3), searched exactly or with per-segment
-//! HNSW graphs (DESIGN §4).
+//! one atomically replaced `manifest.json` (docs/architecture.md §3), searched exactly or with
+//! per-segment HNSW graphs (docs/architecture.md §4).
 //!
 //! The shape follows tantivy and qdrant: segments never change after they are written, so
 //! readers need no locks; every change (append, retire, compact) writes new files first and
@@ -63,18 +63,27 @@ compile_error!("the datastore maps little-endian files directly and needs a litt
 pub struct CreateOptions {
     /// The model the keys come from; `hidden_size` is the key dimension D.
     pub fingerprint: ModelFingerprint,
+    /// Which hidden state the keys are; every append and every query must be the same kind,
+    /// since distances between different states mean nothing.
     pub key_type: KeyType,
+    /// How keys are stored on disk; fixed for the life of the store (appends convert).
     pub dtype: KeyDtype,
 }
 
 /// A segment as the manifest describes it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SegmentInfo {
+    /// The segment's id: unique within the store, never reused, names its directory
+    /// under `segments/`.
     pub id: u64,
+    /// Key rows in the segment.
     pub rows: usize,
     /// Id of the segment's first row among live rows; `None` for a retired segment.
     pub first_id: Option<u64>,
+    /// Whether the segment is retired: kept on disk and in the manifest, left out of search
+    /// and of the live row ids until it is unretired.
     pub retired: bool,
+    /// Where its rows came from.
     pub provenance: Provenance,
     /// Total bytes of the segment's files.
     pub bytes: u64,
@@ -85,8 +94,9 @@ pub struct SegmentInfo {
 pub struct StoredRow {
     /// The row's id among live rows, as searches return it.
     pub id: u64,
-    /// The segment that holds it, and its index within that segment.
+    /// The id of the segment that holds it.
     pub segment: u64,
+    /// Its index within that segment, from 0.
     pub row_in_segment: usize,
     /// The value: the next token id.
     pub value: u32,
@@ -255,25 +265,32 @@ impl Datastore {
         Ok(())
     }
 
+    /// The key dimension D (the model's `hidden_size`): every key and query row has D values.
     pub fn dim(&self) -> usize {
         self.fingerprint.hidden_size
     }
-    /// Live rows.
+    /// Live rows in the current snapshot (retired segments excluded).
     pub fn len(&self) -> usize {
         self.snap.load().rows
     }
+    /// Whether the current snapshot has no live rows; searching it fails with `EmptyStore`.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Which hidden state the keys are, fixed when the store was created.
     pub fn key_type(&self) -> KeyType {
         self.key_type
     }
+    /// The model the keys come from, as recorded in `manifest.json`; callers compare it with
+    /// their own model before searching or appending.
     pub fn fingerprint(&self) -> &ModelFingerprint {
         &self.fingerprint
     }
+    /// How keys are stored in `keys.bin` (f16 or f32), fixed when the store was created.
     pub fn dtype(&self) -> KeyDtype {
         self.dtype
     }
+    /// The store's directory, as given to `open` or `create`.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -6,9 +6,8 @@
 //! `ef` computes on the order of `ef × 30` distances (a walk visits ~ef nodes with up to
 //! 2M = 32 neighbours each), so a flat scan of a segment smaller than a small multiple of `ef`
 //! rows does the same work without the random access and with perfect recall. The constants
-//! below come from `benches/search.rs` (50k × 576 f16 clustered rows, 2 cores): one exact scan
-//! cost ~12 ms (~0.24 µs a row), HNSW ~0.5 ms at ef = 128 and ~4.9 ms at ef = 1024, i.e. the
-//! break-even is near 20 × ef rows.
+//! below put the switch where `benches/search.rs` found the break-even: exact below about
+//! 20 × ef rows, and always exact for small segments (the figures are in docs/performance.md).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -47,12 +46,14 @@ pub enum SearchMode {
 /// Search options.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SearchParams {
+    /// Exact, HNSW or the per-segment choice; `Auto` by default.
     pub mode: SearchMode,
     /// HNSW candidate list size; `None` means `max(k, DEFAULT_EF)`. Always raised to `k`.
     pub ef: Option<usize>,
 }
 
 impl SearchParams {
+    /// Exact scans everywhere: the reference for recall and the choice for small stores.
     pub fn exact() -> Self {
         SearchParams {
             mode: SearchMode::Exact,
@@ -60,6 +61,8 @@ impl SearchParams {
         }
     }
 
+    /// The HNSW walk on every segment larger than `k`, with candidate list `ef` (`None`:
+    /// `max(k, DEFAULT_EF)`).
     pub fn hnsw(ef: Option<usize>) -> Self {
         SearchParams {
             mode: SearchMode::Hnsw,

@@ -19,15 +19,20 @@ use super::segment::{segment_dir, Segment};
 /// One file that was checked.
 #[derive(Clone, Debug, Serialize)]
 pub struct FileCheck {
+    /// The file, under the store's `segments/` directory.
     pub path: PathBuf,
+    /// Its size as the manifest records it, in bytes.
     pub bytes: u64,
+    /// Whether it could be read and its size and CRC-32 match the manifest.
     pub ok: bool,
 }
 
 /// One problem found, with the file it concerns.
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyProblem {
+    /// The file (or, for a problem with no single file, the segment's directory).
     pub path: PathBuf,
+    /// What is wrong, in words for an operator.
     pub detail: String,
 }
 
@@ -40,13 +45,18 @@ impl std::fmt::Display for VerifyProblem {
 /// Result of [`Datastore::verify`](super::Datastore::verify).
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
+    /// Segments checked, retired ones included.
     pub segments: usize,
+    /// Rows in the live segments, as the manifest counts them.
     pub live_rows: usize,
+    /// Every file of every segment, in manifest order, whether it passed or not.
     pub files: Vec<FileCheck>,
+    /// Every problem found; empty for a sound store.
     pub problems: Vec<VerifyProblem>,
 }
 
 impl VerifyReport {
+    /// Whether no problem was found.
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty()
     }

@@ -22,19 +22,36 @@ pub struct LlamaConfig {
     pub architecture: String,
     /// `general.name`, or the file stem when absent.
     pub name: String,
+    /// Width of the residual stream (`embedding_length`): the dimension of every key a
+    /// datastore built from this model holds.
     pub hidden_size: usize,
+    /// Width of the feed-forward layer's gate and up projections (`feed_forward_length`).
     pub intermediate_size: usize,
+    /// Rows of the LM head: the number of logits per position (`vocab_size`, else the length
+    /// of `tokenizer.ggml.tokens`).
     pub vocab_size: usize,
+    /// Transformer blocks (`block_count`).
     pub n_layers: usize,
+    /// Query heads (`attention.head_count`); `hidden_size` is a multiple of it.
     pub n_heads: usize,
+    /// Key/value heads (`attention.head_count_kv`, default `n_heads`): fewer than `n_heads`
+    /// for grouped-query attention, and what the KV cache stores per position.
     pub n_kv_heads: usize,
+    /// Values per head, `hidden_size / n_heads`.
     pub head_dim: usize,
     /// Number of dimensions of each head that RoPE rotates (`rope.dimension_count`).
     pub rope_dim: usize,
+    /// RoPE frequency base θ (`rope.freq_base`, default 10000).
     pub rope_base: f32,
+    /// ε added inside every RMSNorm (`attention.layer_norm_rms_epsilon`, default 1e-5).
     pub rms_norm_eps: f64,
+    /// Longest sequence the model was trained for, in tokens (`context_length`, default 2048);
+    /// a forward pass that would go past it fails with `ContextFull`.
     pub context_length: usize,
+    /// `tokenizer.ggml.bos_token_id`, when the file names one.
     pub bos_token_id: Option<u32>,
+    /// `tokenizer.ggml.eos_token_id`, when the file names one; generation stops on it, and
+    /// datastore builds separate documents with it when the tokenizer names none.
     pub eos_token_id: Option<u32>,
     /// Whether the tokenizer metadata asks for a BOS token in front of every text.
     pub add_bos_token: bool,

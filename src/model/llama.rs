@@ -183,7 +183,10 @@ pub enum Positions {
 /// What [`crate::model::Model::forward`] should return.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outputs {
+    /// Positions whose logits are returned; `None` skips the LM head, the largest matmul of a
+    /// small model.
     pub logits: Positions,
+    /// Positions whose hidden state (of `key_type`) is returned as a key.
     pub keys: Positions,
     /// The hidden state returned as the key.
     pub key_type: KeyType,
@@ -215,12 +218,19 @@ impl Outputs {
 /// `batch × key_positions × hidden` values, both row-major with rows outermost.
 #[derive(Clone, Debug, Default)]
 pub struct ForwardOutput {
+    /// Rows of the batch that was run.
     pub batch: usize,
+    /// Logit positions per row: 0, 1 (`Last`) or the chunk length (`All`).
     pub logit_positions: usize,
+    /// Key positions per row, likewise.
     pub key_positions: usize,
+    /// Logits per position: the model's vocabulary size.
     pub vocab: usize,
+    /// Values per key: the model's hidden size.
     pub hidden: usize,
+    /// Raw logits (f32, before any softmax), `batch × logit_positions × vocab`.
     pub logits: Vec<f32>,
+    /// Keys (f32), `batch × key_positions × hidden`.
     pub keys: Vec<f32>,
 }
 

@@ -46,28 +46,57 @@ pub use tokenizer::Tokenizer;
 use crate::fingerprint::{KeyType, ModelFingerprint};
 
 /// Errors of the model runtime.
+///
+/// Loading errors name the file; input errors (`Input`, `ContextFull`) are the caller's to fix
+/// and are raised before any computation, so a cache is left as it was.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The model file does not exist (most often: the default model was never fetched).
     #[error("no model file at {path}; run `goodtriever model fetch` to download the default model, or pass --model PATH to a GGUF llama-family file")]
-    NotFound { path: PathBuf },
+    NotFound {
+        /// The path that was tried.
+        path: PathBuf,
+    },
+    /// The model file exists but could not be opened or read (or written, for a test model).
     #[error("reading {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not GGUF, or a tensor in it cannot be decoded.
     #[error("{path} is not a readable GGUF file: {message}")]
-    Format { path: PathBuf, message: String },
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What the GGUF reader said.
+        message: String,
+    },
+    /// A required metadata key is missing or has the wrong type, or the sizes contradict
+    /// each other.
     #[error("GGUF metadata: {0}")]
     Metadata(String),
+    /// The file is a valid GGUF model this runtime does not run (another architecture,
+    /// partial RoPE, another tokenizer type).
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    /// The tokenizer could not be built from the metadata, or failed to encode or decode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The caller's arguments do not fit the model (shapes, batch, window, weight format name).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A forward pass would put more positions in the cache than the model's context length.
     #[error("context full: {needed} positions needed, the model has {context}")]
-    ContextFull { needed: usize, context: usize },
+    ContextFull {
+        /// Positions the cache would hold after the pass.
+        needed: usize,
+        /// The model's `context_length`.
+        context: usize,
+    },
+    /// A candle tensor operation failed (loading or dequantising weights).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
@@ -85,9 +114,12 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
+    /// Every format, for listing the choices in help and error messages.
     pub const ALL: [WeightFormat; 3] =
         [WeightFormat::Native, WeightFormat::Q8_0, WeightFormat::F32];
 
+    /// The name on the command line and in reports (`native`, `q8_0`, `f32`), the inverse of
+    /// `FromStr` (which ignores case).
     pub fn as_str(self) -> &'static str {
         match self {
             WeightFormat::Native => "native",
@@ -121,12 +153,17 @@ impl FromStr for WeightFormat {
 /// What a GGUF file holds, for `goodtriever model info`.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelInfo {
+    /// The GGUF file, as given to [`Model::load`].
     pub path: PathBuf,
+    /// Its size, in bytes.
     pub file_size: u64,
+    /// The hyper-parameters read from its metadata.
     pub config: LlamaConfig,
     /// Number of tensors of each storage type, e.g. `{"Q4_1": 210, "F32": 61, "Q8_0": 1}`.
     pub tensor_types: BTreeMap<String, usize>,
+    /// Scalars over all tensors (embeddings and norms included), whatever their storage type.
     pub parameters: usize,
+    /// The identity a datastore built with this model records.
     pub fingerprint: ModelFingerprint,
 }
 
@@ -256,6 +293,8 @@ impl Model {
         })
     }
 
+    /// The hyper-parameters: sizes for buffers (`hidden_size`, `vocab_size`) and the context
+    /// limit.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
@@ -267,10 +306,14 @@ impl Model {
         self.fingerprint.clone()
     }
 
+    /// The tokenizer built from the file's own vocabulary and merges, so text and token ids
+    /// always agree with the weights.
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
+    /// How the weights were converted at load time, which decides the fast path (decoding
+    /// or batched extraction).
     pub fn weight_format(&self) -> WeightFormat {
         self.format
     }

@@ -7,7 +7,8 @@
 
 use super::quant::Activations;
 
-/// Intermediate buffers of the forward pass, kept in the [`KvCache`] between calls.
+/// Intermediate buffers of the forward pass, kept in the [`KvCache`](super::KvCache) between
+/// calls.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Scratch {
     /// Residual stream, `rows × hidden`.

@@ -16,12 +16,20 @@ use super::ModelError;
 /// Shape and storage of the tiny model.
 #[derive(Clone, Debug)]
 pub struct TinySpec {
+    /// Hidden size (the key dimension of stores built with the model); a multiple of
+    /// `n_heads`.
     pub hidden: usize,
+    /// Feed-forward width.
     pub intermediate: usize,
+    /// Transformer blocks.
     pub n_layers: usize,
+    /// Query heads.
     pub n_heads: usize,
+    /// Key/value heads; a divisor of `n_heads`, fewer to exercise grouped-query attention.
     pub n_kv_heads: usize,
+    /// Context length in tokens, written as `llama.context_length`.
     pub context: usize,
+    /// RoPE frequency base, written as `llama.rope.freq_base`.
     pub rope_base: f32,
     /// Storage type of the projection matrices (norms stay F32).
     pub matrix_dtype: GgmlDType,
@@ -29,6 +37,7 @@ pub struct TinySpec {
     pub embedding_dtype: GgmlDType,
     /// Whether the LM head is the token embedding (no `output.weight`).
     pub tied: bool,
+    /// Seed of the weight generator: the same seed and shape give the same bytes.
     pub seed: u64,
 }
 

@@ -217,14 +217,20 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Entries in `tokenizer.ggml.tokens`; every id the tokenizer produces is below it, and
+    /// loading checks that it equals the model's logit count.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
     }
 
+    /// The beginning-of-sequence token (`tokenizer.ggml.bos_token_id`), when the file names
+    /// one.
     pub fn bos_token_id(&self) -> Option<u32> {
         self.bos
     }
 
+    /// The end-of-sequence token (`tokenizer.ggml.eos_token_id`), when the file names one:
+    /// the stop token of generation and the document separator of datastore builds.
     pub fn eos_token_id(&self) -> Option<u32> {
         self.eos
     }
