@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::datastore::{DatastoreError, Neighbour, SearchParams};
 use crate::fingerprint::{KeyType, ModelFingerprint};
 use crate::hook::{HookError, StepHook};
-use crate::limits::{MAX_ROWS, MAX_STORES};
+use crate::limits::{MAX_ABS_HIDDEN, MAX_ROWS, MAX_STORES};
 use crate::rule::{
     self, Expert, Mode, ParamError, Retrieved, RuleError, RuleParams, RuleScratch, SparseRow,
 };
@@ -65,7 +65,7 @@ pub enum DetoxError {
     },
     /// Neither the caller nor any store's fingerprint gives the vocabulary size.
     #[error(
-        "the vocabulary size is unknown (the stores were imported without one): give it explicitly"
+        "the vocabulary size is unknown (the stores were imported without one): give it with --vocab-size (the library's `vocab` argument)"
     )]
     UnknownVocab,
     /// The mode needs a store with a weight sign that no store has (e.g. toxic-only without a
@@ -103,6 +103,17 @@ pub enum DetoxError {
         row: usize,
         /// The position within the row, 0-based.
         index: usize,
+    },
+    /// A hidden-state value is larger in magnitude than [`MAX_ABS_HIDDEN`], which would
+    /// overflow the squared distances.
+    #[error("hidden state of row {row} has {value} at index {index}, beyond ±{MAX_ABS_HIDDEN}: send the model's hidden states as they are")]
+    HiddenOutOfRange {
+        /// The row, 0-based within the call.
+        row: usize,
+        /// The position within the row, 0-based.
+        index: usize,
+        /// The value sent.
+        value: f32,
     },
     /// The logits (or output) buffer is not `rows × vocab` long.
     #[error("logits have {len} values, expected {rows} rows of the vocabulary size {vocab}")]
@@ -387,6 +398,13 @@ impl Detoxifier {
             return Err(DetoxError::NonFiniteHidden {
                 row: i / self.dim,
                 index: i % self.dim,
+            });
+        }
+        if let Some(i) = hidden.iter().position(|x| x.abs() > MAX_ABS_HIDDEN) {
+            return Err(DetoxError::HiddenOutOfRange {
+                row: i / self.dim,
+                index: i % self.dim,
+                value: hidden[i],
             });
         }
         Ok(rows)

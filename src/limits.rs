@@ -13,3 +13,21 @@ pub const MAX_ROWS: usize = 1024;
 /// The most stores one engine combines (signed n-store ensembles); keeps per-row expert lists
 /// on the stack.
 pub const MAX_STORES: usize = 16;
+
+/// The largest control strength |α| the rule accepts. A store's term `ℓ_S − m_S` lies in
+/// `[0, −PATCH]` (`rule::PATCH` is −50), so with |α| at most this every bias stays a few
+/// million at most and finite in f32, whatever the request. A negative α is allowed: it steers
+/// toward the toxic store (the rule is defined for it, and the property tests cover it), which
+/// red-teaming and contrast experiments use; a server's default is the paper's α = 2.
+pub const MAX_ALPHA: f32 = 1000.0;
+
+/// The largest magnitude a hidden-state value may have. Squared L2 distances sum `D` squared
+/// differences in f32; values up to this keep them finite for any model's width, and no real
+/// hidden state comes near it.
+pub const MAX_ABS_HIDDEN: f32 = 1.0e15;
+
+/// The largest logit the dense form accepts. Normalising subtracts the log-sum-exp from every
+/// logit in f32, which loses the differences between logits far above this (an answer with
+/// one finite log-probability instead of many); real logits are a few tens. Large negative
+/// values are fine (a mask such as the most negative f32 normalises to a probability of 0).
+pub const MAX_LOGIT: f32 = 1.0e6;

@@ -11,7 +11,7 @@
 //! is therefore "add a bias to at most `k` tokens per store, then renormalise", which is what
 //! the sidecar sends to clients and what [`apply_sparse`] turns back into the dense answer.
 
-use crate::limits::MAX_K;
+use crate::limits::{MAX_ALPHA, MAX_K, MAX_LOGIT};
 
 /// Log-probability given to tokens a store did not retrieve (the paper's `ZERO_LOG`).
 pub const ZERO_LOG: f32 = -10_000.0;
@@ -21,8 +21,8 @@ pub const PATCH: f32 = -50.0;
 /// Why a set of rule parameters was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ParamError {
-    /// `alpha` is NaN or infinite.
-    #[error("alpha must be a finite number, got {0}")]
+    /// `alpha` is NaN, infinite, or larger in magnitude than [`MAX_ALPHA`].
+    #[error("alpha must be a number between -{MAX_ALPHA} and {MAX_ALPHA} (negative steers toward the toxic store), got {0}")]
     Alpha(f32),
     /// `temperature` is not a finite positive number.
     #[error("temperature must be a finite number > 0, got {0}")]
@@ -63,6 +63,14 @@ pub enum RuleError {
     /// A logit is NaN or +∞ (the index is given); −∞ is a legal mask.
     #[error("logits contain NaN or +inf at token {0}")]
     NonFiniteLogit(usize),
+    /// A logit is above [`MAX_LOGIT`].
+    #[error("logit {value} at token {index} is above {MAX_LOGIT}: send the model's raw logits (values this large cannot be normalised in f32)")]
+    LogitTooLarge {
+        /// The token.
+        index: usize,
+        /// The logit sent.
+        value: f32,
+    },
     /// Every logit is −∞, so there is nothing to normalise.
     #[error("all logits are -inf: there is no distribution to adjust")]
     EmptyDistribution,
@@ -85,7 +93,8 @@ pub enum RuleError {
 /// The knobs of the rule, with the paper's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RuleParams {
-    /// Strength of the control (α).
+    /// Strength of the control (α): 0 switches it off, the paper's 2 is the default, |α| is at
+    /// most [`MAX_ALPHA`]; a negative α steers toward the toxic store.
     pub alpha: f32,
     /// Temperature of the kNN softmax over distances (T).
     pub temperature: f32,
@@ -110,11 +119,11 @@ impl Default for RuleParams {
 }
 
 impl RuleParams {
-    /// Checks every knob's range: α finite, T finite and > 0, k in 1..=[`MAX_K`], filter_p in
+    /// Checks every knob's range: |α| ≤ [`MAX_ALPHA`], T finite and > 0, k in 1..=[`MAX_K`], filter_p in
     /// (0, 1], λ in [0, 1]. The engine calls it on every request's options, so the rule's
     /// functions can assume valid parameters.
     pub fn validate(&self) -> Result<(), ParamError> {
-        if !self.alpha.is_finite() {
+        if !(self.alpha.abs() <= MAX_ALPHA) {
             return Err(ParamError::Alpha(self.alpha));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
@@ -736,6 +745,12 @@ pub fn check_logits(logits: &[f32], vocab: usize) -> Result<(), RuleError> {
         .position(|x| x.is_nan() || *x == f32::INFINITY)
     {
         return Err(RuleError::NonFiniteLogit(i));
+    }
+    if let Some(index) = logits.iter().position(|&x| x > MAX_LOGIT) {
+        return Err(RuleError::LogitTooLarge {
+            index,
+            value: logits[index],
+        });
     }
     Ok(())
 }

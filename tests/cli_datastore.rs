@@ -163,3 +163,123 @@ fn import_info_search_retire_compact_verify() {
         "{stderr}"
     );
 }
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused_before_anything_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (k, mut v) = rows(20, 3);
+    v[5] = 60_000;
+    write_rows(dir, "bad", &k, &v);
+    let out = goodtriever(
+        "datastore import --keys bad_keys.npy --values bad_values.npy --vocab-size 49152 st",
+        dir,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("row 5") && err.contains("60000") && err.contains("49152"),
+        "{err}"
+    );
+    assert!(
+        !dir.join("st").exists(),
+        "a refused import created the store"
+    );
+
+    // A good import records the vocabulary; a later bad one is refused against it.
+    let (k2, v2) = rows(20, 4);
+    write_rows(dir, "good", &k2, &v2);
+    json(
+        "datastore import --keys good_keys.npy --values good_values.npy --vocab-size 49152 --json st",
+        dir,
+    );
+    let out = goodtriever(
+        "datastore import --keys bad_keys.npy --values bad_values.npy st",
+        dir,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    assert_eq!(json("datastore info --json st", dir)["rows"], 20);
+}
+
+#[test]
+fn a_queries_file_of_zero_rows_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (k, v) = rows(20, 5);
+    write_rows(dir, "a", &k, &v);
+    json(
+        "datastore import --keys a_keys.npy --values a_values.npy --json st",
+        dir,
+    );
+    npy::write_f32(&dir.join("empty.npy"), 0, D, &[]).unwrap();
+    let out = goodtriever("datastore search st --queries empty.npy --k 2", dir);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no rows"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn printing_into_a_closed_pipe_stops_quietly_without_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (k, v) = rows(20, 7);
+    write_rows(dir, "a", &k, &v);
+    json(
+        "datastore import --keys a_keys.npy --values a_values.npy --json st",
+        dir,
+    );
+    for line in [
+        "datastore info st",
+        "datastore info --json st",
+        "datastore segments st",
+    ] {
+        // The reader is gone before the command writes anything, as with `| head -0`.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_goodtriever"))
+            .args(line.split_whitespace())
+            .current_dir(dir)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{line}: {err}");
+        assert!(err.is_empty(), "{line}: {err}");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(13), "{line}: {:?}", out.status);
+    }
+}
+
+#[test]
+fn provenance_is_printed_with_its_control_characters_escaped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (k, v) = rows(20, 9);
+    write_rows(dir, "a", &k, &v);
+    json(
+        "datastore import --keys a_keys.npy --values a_values.npy --tag plain --json st",
+        dir,
+    );
+    // A store written before appends checked provenance could hold anything.
+    let path = dir.join("st/manifest.json");
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["segments"][0]["provenance"]["tag"] = "\u{1b}[2Jgone\nfake line".into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    for line in ["datastore segments st", "datastore info st"] {
+        let out = goodtriever(line, dir);
+        assert!(out.status.success(), "{line}: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            !text.contains('\u{1b}'),
+            "{line}: raw escape printed: {text:?}"
+        );
+        assert!(
+            text.contains("\\u{1b}[2Jgone\\nfake line"),
+            "{line}: {text}"
+        );
+    }
+}

@@ -490,3 +490,102 @@ fn row_reads_back_the_stored_key_and_value_of_any_live_row() {
         Err(DatastoreError::NoSuchRow { id: 40, rows: 40 })
     ));
 }
+
+#[test]
+fn token_ids_beyond_the_vocabulary_are_refused_and_verify_flags_old_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("new");
+    let mut opts = options(D, KeyDtype::F32);
+    opts.fingerprint.vocab_size = Some(49_152);
+    let ds = Datastore::create(&dir, opts).unwrap();
+    let keys = clustered(10, D, 2, 5);
+    let mut vals = values(10, 5);
+    ds.append(Keys::F32(&keys), &vals, prov("good")).unwrap();
+    let before = snapshot(&dir);
+    vals[3] = 60_000;
+    let e = ds.append(Keys::F32(&keys), &vals, prov("bad")).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            DatastoreError::ValueOutOfVocab {
+                row: 3,
+                value: 60_000,
+                vocab: 49_152
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(snapshot(&dir), before, "a refused append changed the store");
+
+    // A store written without a vocabulary in its fingerprint, which later learnt one (as a
+    // store imported before the check could): verify names the values file and the row.
+    let old = tmp.path().join("old");
+    let ds = create(&old, D, KeyDtype::F32);
+    ds.append(Keys::F32(&keys), &vals, prov("old")).unwrap();
+    assert!(ds.verify().unwrap().is_ok());
+    drop(ds);
+    let path = old.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["fingerprint"]["vocab_size"] = 49_152.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let report = Datastore::open(&old).unwrap().verify().unwrap();
+    assert!(!report.is_ok());
+    let problem = &report.problems[0];
+    assert!(problem.path.ends_with("segments/0/values.bin"), "{problem}");
+    assert!(
+        problem.detail.contains("row 3") && problem.detail.contains("60000"),
+        "{problem}"
+    );
+}
+
+#[test]
+fn a_search_of_zero_query_rows_answers_nothing_and_does_not_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = create(tmp.path(), D, KeyDtype::F16);
+    ds.append(
+        Keys::F32(&clustered(20, D, 2, 6)),
+        &values(20, 6),
+        prov("a"),
+    )
+    .unwrap();
+    let mut out: Vec<Vec<goodtriever::datastore::Neighbour>> = Vec::new();
+    ds.search_into(&[], 4, &SearchParams::default(), &mut out)
+        .unwrap();
+    assert!(ds
+        .search(&[], 4, &SearchParams::default())
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn provenance_that_is_too_long_or_not_printable_is_refused_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ds = create(dir, D, KeyDtype::F32);
+    let keys = clustered(10, D, 2, 8);
+    ds.append(Keys::F32(&keys), &values(10, 8), prov("a"))
+        .unwrap();
+    let before = snapshot(dir);
+    let cases = [
+        (prov(&"x".repeat(1 << 20)), "tag", "1048576 bytes"),
+        (prov("two\nlines"), "tag", "control character"),
+        (
+            prov("ok").with_label("\u{1b}[31mred"),
+            "label",
+            "control character",
+        ),
+        (Provenance::new("s".repeat(5000)), "source", "5000 bytes"),
+    ];
+    for (p, field, why) in cases {
+        let e = ds.append(Keys::F32(&keys), &values(10, 8), p).unwrap_err();
+        match &e {
+            DatastoreError::BadProvenance { field: f, why: w } => {
+                assert_eq!(*f, field, "{e}");
+                assert!(w.contains(why), "{e}");
+            }
+            other => panic!("{field}: {other}"),
+        }
+    }
+    assert_eq!(snapshot(dir), before, "a refused append changed the store");
+    assert_eq!(ds.segments().len(), 1);
+}

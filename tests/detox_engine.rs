@@ -548,10 +548,10 @@ fn unknown_vocabulary_must_be_given() {
         store: s,
         weight: 1.0,
     }];
-    assert!(matches!(
-        Detoxifier::new(stores.clone(), opts(8), SearchParams::exact(), None),
-        Err(DetoxError::UnknownVocab)
-    ));
+    let unknown = Detoxifier::new(stores.clone(), opts(8), SearchParams::exact(), None);
+    assert!(matches!(unknown, Err(DetoxError::UnknownVocab)));
+    // The error names the flag that fixes it.
+    assert!(unknown.err().unwrap().to_string().contains("--vocab-size"));
     let d = Detoxifier::new(stores, opts(8), SearchParams::exact(), Some(20)).unwrap();
     assert_eq!(d.vocab_size(), 20);
 }

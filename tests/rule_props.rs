@@ -3,6 +3,7 @@
 //! nucleus, and the ZERO_LOG / PATCH steps spelled out literally. Random cases come from
 //! proptest.
 
+use goodtriever::limits::MAX_ALPHA;
 use goodtriever::rule::{
     apply_sparse, dense_row, nucleus_filter, sparse_row, Expert, Mode, ParamError, RuleError,
     RuleParams, RuleScratch, SparseRow, PATCH, ZERO_LOG,
@@ -399,6 +400,48 @@ fn alpha_zero_is_the_filtered_base_distribution() {
     let out = run_dense(Mode::Ensemble, &experts, &p, &z);
     let base = naive_log_softmax(&z.map(|x| x as f64));
     assert_close(&out, &base);
+}
+
+#[test]
+fn the_largest_alpha_either_way_keeps_every_output_finite() {
+    // Far-apart neighbours make each store's distribution as peaked as the patch allows.
+    let z = [4.0f32, 1.0, 0.5, -1.0, -3.0, 0.0];
+    let pos = [(3u32, 0.0f32), (4, 1.0e6)];
+    let neg = [(0u32, 0.0f32), (5, 1.0e6)];
+    for alpha in [MAX_ALPHA, -MAX_ALPHA] {
+        let p = RuleParams {
+            alpha,
+            k: 8,
+            filter_p: 1.0,
+            ..RuleParams::default()
+        };
+        assert_eq!(p.validate(), Ok(()));
+        for (mode, experts) in [
+            (Mode::Ensemble, vec![(1.0, &pos[..]), (-1.0, &neg[..])]),
+            (Mode::ToxicOnly, vec![(-1.0, &neg[..])]),
+        ] {
+            let experts: Vec<Expert<'_, (u32, f32)>> = experts
+                .into_iter()
+                .map(|(weight, neighbours)| Expert { weight, neighbours })
+                .collect();
+            let out = run_dense(mode, &experts, &p, &z);
+            assert!(
+                out.iter().all(|v| v.is_finite()),
+                "alpha {alpha}, {mode:?}: {out:?}"
+            );
+        }
+    }
+    // Just past the bound, and the probe's 3e38, are refused with the value.
+    for alpha in [MAX_ALPHA * 1.001, 3e38, -3e38] {
+        let p = RuleParams {
+            alpha,
+            ..RuleParams::default()
+        };
+        assert_eq!(p.validate(), Err(ParamError::Alpha(alpha)));
+        assert!(ParamError::Alpha(alpha)
+            .to_string()
+            .contains("between -1000 and 1000"));
+    }
 }
 
 #[test]

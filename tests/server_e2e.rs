@@ -582,7 +582,38 @@ async fn every_bad_input_gets_the_right_code_and_the_server_keeps_serving() {
     };
     let mut nan = good.clone();
     nan[DIM + 3] = f32::NAN;
+    let mut huge = good.clone();
+    huge[DIM + 3] = 3e38;
+    let alternating: Vec<f32> = (0..2 * VOCAB)
+        .map(|i| if i % 2 == 0 { 3e38 } else { -3e38 })
+        .collect();
     let mut cases: Vec<(&str, proto::AdjustRequest, Code, &str)> = vec![
+        (
+            "a finite but huge hidden value",
+            sparse_request(&huge),
+            Code::InvalidArgument,
+            "beyond",
+        ),
+        (
+            "logits alternating between ±3e38",
+            with(&|r| {
+                r.logits = logits_tensor(&alternating);
+                r.form = proto::ResponseForm::Dense as i32;
+            }),
+            Code::InvalidArgument,
+            "raw logits",
+        ),
+        (
+            "a finite but huge alpha",
+            with(&|r| {
+                r.overrides = Some(proto::Overrides {
+                    alpha: Some(3e38),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "alpha must be a number between",
+        ),
         (
             "wrong hidden size",
             sparse_request(&good[..DIM + 1]),

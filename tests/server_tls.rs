@@ -212,3 +212,35 @@ async fn tls_material_that_makes_no_identity_is_refused_before_serving() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     assert!(Server::from_listeners(engine, tls_options(good), listener, None).is_ok());
 }
+
+#[tokio::test]
+async fn plain_text_on_a_non_loopback_address_needs_the_operators_consent() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    // The unspecified address listens on every interface: not loopback. Nothing connects.
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    match Server::from_listeners(engine.clone(), ServeOptions::default(), listener, None) {
+        Err(e @ ServerError::PlaintextRemote(_)) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("--tls-cert") && text.contains("--allow-plaintext"),
+                "{text}"
+            );
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("plain text on 0.0.0.0 was accepted without consent"),
+    }
+    // With TLS, or with the explicit consent, it is accepted; loopback never needs either.
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    assert!(
+        Server::from_listeners(engine.clone(), tls_options(self_signed()), listener, None).is_ok()
+    );
+    let consent = ServeOptions {
+        allow_plaintext_remote: true,
+        ..ServeOptions::default()
+    };
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    assert!(Server::from_listeners(engine.clone(), consent, listener, None).is_ok());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    assert!(Server::from_listeners(engine, ServeOptions::default(), listener, None).is_ok());
+}

@@ -39,7 +39,7 @@ pub struct ServeArgs {
     pub stores: StoreArgs,
     /// gRPC address: HOST:PORT, or unix:PATH for a Unix domain socket (a sidecar on the same
     /// host: no TCP stack per message, access set by the file's permissions). Loopback by
-    /// default; a non-loopback TCP address should use TLS.
+    /// default; a non-loopback TCP address needs TLS (or --allow-plaintext).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub addr: GrpcAddr,
     /// Prometheus metrics address (plain HTTP, GET /metrics).
@@ -53,6 +53,11 @@ pub struct ServeArgs {
     /// File holding the admin token that write RPCs must carry as `authorization: Bearer`.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Serve plain-text gRPC on a non-loopback address. Without it such an address needs
+    /// --tls-cert and --tls-key: hidden states and the admin token would cross the network in
+    /// clear. Only for a network you trust.
+    #[arg(long)]
+    pub allow_plaintext: bool,
     /// TLS certificate chain (PEM). Needs --tls-key.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -130,9 +135,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),
     };
-    if matches!(args.addr, GrpcAddr::Tcp(a) if !a.ip().is_loopback()) && tls.is_none() {
-        tracing::warn!(addr = %args.addr, "serving plain-text gRPC on a non-loopback address; pass --tls-cert and --tls-key");
-    }
     let serve_opts = ServeOptions {
         limits: Limits {
             max_rows: args.max_rows,
@@ -141,6 +143,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         auth: admin_auth(args.admin_token_file.as_deref())?,
         encoder,
         tls,
+        allow_plaintext_remote: args.allow_plaintext,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         concurrent_steps: args
             .concurrent_steps

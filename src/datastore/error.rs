@@ -99,6 +99,26 @@ pub enum DatastoreError {
     #[error("nothing to append: the key batch is empty")]
     EmptyAppend,
 
+    /// An append's provenance has a field that is too long or not printable text.
+    #[error("the segment's {field} {why}")]
+    BadProvenance {
+        /// `source`, `label` or `tag`.
+        field: &'static str,
+        /// What is wrong with it.
+        why: String,
+    },
+
+    /// `append` got a next-token value at or beyond the store's vocabulary size.
+    #[error("value {value} of row {row} is not a token id: the store's vocabulary has {vocab} tokens (ids below {vocab})")]
+    ValueOutOfVocab {
+        /// The row, 0-based within the batch.
+        row: usize,
+        /// The value given.
+        value: u32,
+        /// The store's vocabulary size.
+        vocab: usize,
+    },
+
     /// `append` got a different number of next-token values than key rows.
     #[error("got {values} values for {rows} key rows; every key row needs exactly one value")]
     ValueCountMismatch {

@@ -207,6 +207,36 @@ impl Provenance {
         }
     }
 
+    /// The longest `source` an append accepts, in bytes. The manifest is rewritten on every
+    /// change, so each segment's record must stay small.
+    pub const MAX_SOURCE_BYTES: usize = 4096;
+    /// The longest `label` or `tag` an append accepts, in bytes.
+    pub const MAX_NAME_BYTES: usize = 256;
+
+    /// Checks what a caller may put into an append's provenance: `source` at most
+    /// [`MAX_SOURCE_BYTES`](Self::MAX_SOURCE_BYTES), `label` and `tag` at most
+    /// [`MAX_NAME_BYTES`](Self::MAX_NAME_BYTES), and no control characters (newlines, terminal
+    /// escapes) in any of them, since they are printed as they are.
+    pub fn check(&self) -> Result<()> {
+        let fields = [
+            ("source", Some(&self.source), Self::MAX_SOURCE_BYTES),
+            ("label", self.label.as_ref(), Self::MAX_NAME_BYTES),
+            ("tag", self.tag.as_ref(), Self::MAX_NAME_BYTES),
+        ];
+        for (field, value, max) in fields {
+            let Some(value) = value else { continue };
+            let why = if value.len() > max {
+                format!("is {} bytes long; at most {max} are kept", value.len())
+            } else if let Some(c) = value.chars().find(|c| c.is_control()) {
+                format!("contains the control character {c:?}; use printable text on one line")
+            } else {
+                continue;
+            };
+            return Err(DatastoreError::BadProvenance { field, why });
+        }
+        Ok(())
+    }
+
     /// The same provenance with the dataset label set (builder style, for `Provenance::new`).
     pub fn with_label(mut self, label: impl Into<String>) -> Self {
         self.label = Some(label.into());

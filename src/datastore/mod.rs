@@ -370,6 +370,16 @@ impl Datastore {
                 u32::MAX
             )));
         }
+        provenance.check()?;
+        if let Some(vocab) = self.fingerprint.vocab_size {
+            if let Some(row) = values.iter().position(|&v| v as usize >= vocab) {
+                return Err(DatastoreError::ValueOutOfVocab {
+                    row,
+                    value: values[row],
+                    vocab,
+                });
+            }
+        }
         match keys {
             Keys::F32(k) => validate_finite(k, dim, "key")?,
             Keys::F16(k) => {

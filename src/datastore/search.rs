@@ -281,6 +281,9 @@ pub fn search_batch(
     out: &mut [Vec<Neighbour>],
 ) {
     let n = out.len();
+    if n == 0 {
+        return;
+    }
     if n == 1 {
         search_query(segments, starts, queries, k, params, &mut out[0]);
         return;

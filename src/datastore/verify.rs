@@ -157,6 +157,19 @@ pub fn verify(dir: &Path, manifest: &Manifest) -> VerifyReport {
                         ),
                     });
                 }
+                // A value outside the vocabulary would fail every step whose neighbours
+                // include its row, long after the store was written.
+                if let Some(vocab) = manifest.fingerprint.vocab_size {
+                    if let Some(row) = s.values().iter().position(|&v| v as usize >= vocab) {
+                        report.problems.push(VerifyProblem {
+                            path: sdir.join(super::segment::VALUES_FILE),
+                            detail: format!(
+                                "row {row} holds token id {}, outside the vocabulary of {vocab} tokens",
+                                s.values()[row]
+                            ),
+                        });
+                    }
+                }
             }
         }
     }

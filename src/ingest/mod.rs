@@ -224,6 +224,13 @@ impl BuildOptions {
     ) -> Provenance {
         let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
         let mut source = names.join(", ");
+        if source.len() > Provenance::MAX_SOURCE_BYTES - 64 {
+            // The one-line summary stays short; every file is in the text record.
+            source = format!(
+                "{} input files (listed in the text provenance)",
+                files.len()
+            );
+        }
         let part = part.filter(|&(_, n)| n > 1);
         if let Some((i, n)) = part {
             source.push_str(&format!(" (part {}/{n})", i + 1));

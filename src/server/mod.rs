@@ -92,6 +92,9 @@ pub enum ServerError {
     /// The TLS certificate or key is not PEM, or the two do not make an identity.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A non-loopback TCP address without TLS and without the operator's explicit consent.
+    #[error("{0} is not a loopback address and no TLS identity was given: hidden states and the admin token would cross the network in clear; pass --tls-cert and --tls-key, or --allow-plaintext on a network you trust")]
+    PlaintextRemote(SocketAddr),
     /// The reflection service could not be built from the descriptor set.
     #[error("gRPC reflection: {0}")]
     Reflection(String),
@@ -153,6 +156,10 @@ pub struct ServeOptions {
     /// same host; the runtime needs at least one more worker thread than this to keep moving
     /// messages while every slot computes.
     pub concurrent_steps: usize,
+    /// Serve plain text on an address other than loopback (or a Unix socket). Off by default:
+    /// without TLS every hidden state and the admin token cross the network in clear, so the
+    /// operator must say that the network is trusted.
+    pub allow_plaintext_remote: bool,
 }
 
 /// One step computing per core.
@@ -172,6 +179,7 @@ impl Default for ServeOptions {
             tls: None,
             shutdown_grace: Duration::from_secs(30),
             concurrent_steps: default_concurrent_steps(),
+            allow_plaintext_remote: false,
         }
     }
 }
@@ -225,6 +233,14 @@ impl Server {
         }
         if opts.concurrent_steps == 0 {
             return Err(ServerError::ConcurrentSteps);
+        }
+        if let Some(GrpcAddr::Tcp(a)) = grpc.local_addr() {
+            if !a.ip().is_loopback() && opts.tls.is_none() {
+                if !opts.allow_plaintext_remote {
+                    return Err(ServerError::PlaintextRemote(a));
+                }
+                tracing::warn!(addr = %a, admin_token = opts.auth.writes_enabled(), "serving plain-text gRPC on a non-loopback address (--allow-plaintext)");
+            }
         }
         if let Some(enc) = &opts.encoder {
             let fp = enc.fingerprint();

@@ -50,6 +50,8 @@ fn datastore_code(err: &DatastoreError) -> Code {
         | DatastoreError::F16Overflow { .. }
         | DatastoreError::EmptyAppend
         | DatastoreError::ValueCountMismatch { .. }
+        | DatastoreError::ValueOutOfVocab { .. }
+        | DatastoreError::BadProvenance { .. }
         | DatastoreError::BadK(_)
         | DatastoreError::BadEf(_)
         | DatastoreError::KeyTypeMismatch { .. }
@@ -82,6 +84,7 @@ pub fn from_detox(err: DetoxError) -> Status {
         DetoxError::HiddenShape { .. }
         | DetoxError::EmptyBatch
         | DetoxError::NonFiniteHidden { .. }
+        | DetoxError::HiddenOutOfRange { .. }
         | DetoxError::LogitsShape { .. }
         | DetoxError::Param(_) => Code::InvalidArgument,
         DetoxError::TooManyRows { .. } => Code::ResourceExhausted,
@@ -89,6 +92,7 @@ pub fn from_detox(err: DetoxError) -> Status {
             RuleError::Param(_)
             | RuleError::LogitsLen { .. }
             | RuleError::NonFiniteLogit(_)
+            | RuleError::LogitTooLarge { .. }
             | RuleError::EmptyDistribution => Code::InvalidArgument,
             RuleError::TokenOutOfVocab { .. } | RuleError::NoNeighbours => Code::FailedPrecondition,
             RuleError::NonFiniteDistance(_) => Code::Internal,

@@ -32,6 +32,11 @@ pub struct ImportArgs {
     /// keeps its dtype; giving a different one is an error.
     #[arg(long)]
     pub dtype: Option<KeyDtype>,
+    /// Vocabulary size of the model (e.g. 49152), recorded in a new store so that this and
+    /// every later import refuses token ids outside it. An existing store that records one
+    /// checks against its own; giving a different one is an error.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
     /// Dataset label recorded in the segment's provenance, e.g. toxic or non_toxic.
     #[arg(long)]
     pub label: Option<String>,
@@ -59,6 +64,19 @@ pub fn import(a: ImportArgs) -> Result<()> {
     }
     let ds = if a.dir.join("manifest.json").exists() {
         let ds = open(&a.dir)?;
+        if let (Some(have), Some(given)) = (ds.fingerprint().vocab_size, a.vocab_size) {
+            if have != given {
+                bail!(
+                    "{} records a vocabulary of {have} tokens, not {given} (--vocab-size); nothing was changed",
+                    a.dir.display()
+                );
+            }
+        }
+        check_token_ids(
+            &values,
+            ds.fingerprint().vocab_size.or(a.vocab_size),
+            &a.values,
+        )?;
         if ds.dim() != keys.dim {
             bail!(
                 "{} holds {}-dimensional keys but {} has D = {}; nothing was changed",
@@ -100,11 +118,15 @@ pub fn import(a: ImportArgs) -> Result<()> {
         }
         ds
     } else {
+        // Before the store exists: a refused import must leave nothing behind.
+        check_token_ids(&values, a.vocab_size, &a.values)?;
+        let mut fingerprint = ModelFingerprint::named(
+            a.model_id.clone().unwrap_or_else(|| "unknown".into()),
+            keys.dim,
+        );
+        fingerprint.vocab_size = a.vocab_size;
         let opts = CreateOptions {
-            fingerprint: ModelFingerprint::named(
-                a.model_id.clone().unwrap_or_else(|| "unknown".into()),
-                keys.dim,
-            ),
+            fingerprint,
             key_type: a.key_type.unwrap_or(KeyType::LastFfnInput),
             dtype: a.dtype.unwrap_or_default(),
         };
@@ -128,4 +150,20 @@ pub fn import(a: ImportArgs) -> Result<()> {
         .with_context(|| format!("cannot append to {}", a.dir.display()))?;
     bar.finish_and_clear();
     print_segment(&seg, a.json, "added")
+}
+
+/// Refuses token ids at or beyond the vocabulary, naming the first one, when the vocabulary
+/// size is known: such a row would make every later step whose neighbours include it fail.
+fn check_token_ids(values: &[u32], vocab: Option<usize>, path: &std::path::Path) -> Result<()> {
+    let Some(vocab) = vocab else {
+        return Ok(());
+    };
+    if let Some(row) = values.iter().position(|&v| v as usize >= vocab) {
+        bail!(
+            "{} row {row} holds token id {}, outside the vocabulary of {vocab} tokens (ids below {vocab}); nothing was changed",
+            path.display(),
+            values[row]
+        );
+    }
+    Ok(())
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use goodtriever::datastore::{Provenance, SegmentInfo, TextProvenance};
 
-use super::{open, print_json, DirArgs};
+use super::{open, print_json, printable, DirArgs};
 
 #[derive(Debug, Args)]
 pub struct ShowArgs {
@@ -54,16 +54,16 @@ pub fn info(dir: &Path, json: bool) -> Result<()> {
             s.rows,
             s.bytes,
             if s.retired { "  RETIRED" } else { "" },
-            s.provenance.source,
+            printable(&s.provenance.source),
             s.provenance
                 .label
                 .as_ref()
-                .map(|l| format!(" label={l}"))
+                .map(|l| format!(" label={}", printable(l)))
                 .unwrap_or_default(),
             s.provenance
                 .tag
                 .as_ref()
-                .map(|t| format!(" tag={t}"))
+                .map(|t| format!(" tag={}", printable(t)))
                 .unwrap_or_default(),
         );
     }
@@ -106,9 +106,9 @@ fn segment_line(s: &SegmentInfo) -> String {
             .unwrap_or_else(|| "-".into()),
         if s.retired { "retired" } else { "live" },
         utc(s.provenance.added_at),
-        s.provenance.label.as_deref().unwrap_or("-"),
-        s.provenance.tag.as_deref().unwrap_or("-"),
-        s.provenance.source
+        printable(s.provenance.label.as_deref().unwrap_or("-")),
+        printable(s.provenance.tag.as_deref().unwrap_or("-")),
+        printable(&s.provenance.source)
     )
 }
 
@@ -243,10 +243,10 @@ pub fn show(a: ShowArgs) -> Result<()> {
         seg.provenance
             .tag
             .as_ref()
-            .map(|t| format!(", tag {t}"))
+            .map(|t| format!(", tag {}", printable(t)))
             .unwrap_or_default()
     );
-    println!("source     {}", seg.provenance.source);
+    println!("source     {}", printable(&seg.provenance.source));
     println!("value      {} (next token id)", row.value);
     println!(
         "key        {} x {} {}: l2 norm {norm:.4}, mean {mean:.4}, min {min:.4}, max {max:.4}",

@@ -87,6 +87,24 @@ fn print_json(value: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
+/// `text` with its control characters escaped (`\n`, `\u{1b}`), for a terminal: a store's
+/// provenance is data, and one written before appends checked it could hold anything.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
 /// The answer of the subcommands that make or change one segment.
 fn print_segment(s: &SegmentInfo, json: bool, verb: &str) -> Result<()> {
     if json {

@@ -47,6 +47,12 @@ pub struct BatchSearchArgs {
 pub fn search(a: BatchSearchArgs) -> Result<()> {
     let ds = open(&a.dir)?;
     let (b, d, queries) = npy::read_queries(&a.queries).context("cannot read queries")?;
+    if b == 0 {
+        bail!(
+            "{} has no rows: give at least one query row",
+            a.queries.display()
+        );
+    }
     if d != ds.dim() {
         bail!(
             "{} has D = {d} but {} holds {}-dimensional keys",
