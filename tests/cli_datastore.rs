@@ -214,7 +214,10 @@ fn a_queries_file_of_zero_rows_is_a_clear_error() {
         dir,
     );
     npy::write_f32(&dir.join("empty.npy"), 0, D, &[]).unwrap();
-    let out = goodtriever("datastore search st --queries empty.npy --k 2", dir);
+    let out = goodtriever(
+        "datastore search st --queries empty.npy --k 2 --out-ids i.npy --out-dists d.npy",
+        dir,
+    );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no rows"), "{err}");
