@@ -589,3 +589,67 @@ fn provenance_that_is_too_long_or_not_printable_is_refused_and_changes_nothing()
     assert_eq!(snapshot(dir), before, "a refused append changed the store");
     assert_eq!(ds.segments().len(), 1);
 }
+
+#[test]
+fn a_segment_with_any_damaged_byte_is_never_served() {
+    for name in ["keys.bin", "values.bin", "index.bin"] {
+        for at in [0usize, 1, 7, 4096, usize::MAX] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path();
+            let ds = create(dir, D, KeyDtype::F16);
+            ds.append(
+                Keys::F32(&clustered(300, D, 3, 9)),
+                &values(300, 9),
+                prov("a"),
+            )
+            .unwrap();
+            let path = dir.join("segments/0").join(name);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let i = at.min(bytes.len() - 1);
+            bytes[i] ^= 0x01;
+            std::fs::write(&path, &bytes).unwrap();
+            // The size is intact, so only the checksum can tell.
+            let err = Datastore::open(dir).unwrap_err();
+            assert!(
+                matches!(err, DatastoreError::Corrupt { .. }),
+                "{name}@{i}: {err}"
+            );
+            assert!(err.to_string().contains(name), "{name}@{i}: {err}");
+            assert!(err.to_string().contains("checksum"), "{name}@{i}: {err}");
+        }
+    }
+}
+
+#[test]
+fn a_reader_keeps_serving_its_snapshot_when_a_new_segment_is_damaged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let writer = create(dir, D, KeyDtype::F32);
+    writer
+        .append(
+            Keys::F32(&clustered(100, D, 2, 10)),
+            &values(100, 10),
+            prov("a"),
+        )
+        .unwrap();
+    let reader = Datastore::open(dir).unwrap();
+    writer
+        .append(
+            Keys::F32(&clustered(50, D, 2, 11)),
+            &values(50, 11),
+            prov("b"),
+        )
+        .unwrap();
+    let path = dir.join("segments/1/values.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 0x80;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = reader.refresh().unwrap_err();
+    assert!(err.to_string().contains("values.bin"), "{err}");
+    assert_eq!(reader.len(), 100, "the damaged segment was swapped in");
+    let q = clustered(1, D, 2, 10);
+    assert_eq!(
+        reader.search(&q, 5, &SearchParams::exact()).unwrap()[0].len(),
+        5
+    );
+}

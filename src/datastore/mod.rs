@@ -556,8 +556,15 @@ impl Datastore {
     /// Reads every file and checks sizes, checksums, index structure and key finiteness
     /// against the manifest currently on disk.
     pub fn verify(&self) -> Result<VerifyReport> {
-        let (m, _) = Manifest::read(&self.dir)?;
-        Ok(verify::verify(&self.dir, &m))
+        Self::verify_dir(&self.dir)
+    }
+
+    /// [`verify`](Self::verify) of the store in `dir` without opening it: a store with a
+    /// damaged segment does not open (every segment's checksums are checked before it is
+    /// served), and this is how to see every damaged file at once.
+    pub fn verify_dir(dir: &Path) -> Result<VerifyReport> {
+        let (m, _) = Manifest::read(dir)?;
+        Ok(verify::verify(dir, &m))
     }
 
     /// Takes segment `id` out of search (a manifest change; its files stay until `compact`,
