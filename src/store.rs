@@ -23,7 +23,8 @@
 //!   everything the rule needs. Ids are the store's own, stable until segments change.
 
 use crate::datastore::{
-    Datastore, DatastoreError, KeyDtype, Keys, Neighbour, Provenance, SearchParams, SegmentInfo,
+    Datastore, DatastoreError, KeyDtype, Keys, MergePolicy, Neighbour, Provenance, SearchParams,
+    SegmentInfo,
 };
 use crate::fingerprint::{KeyType, ModelFingerprint};
 
@@ -79,6 +80,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         values: &[u32],
         provenance: Provenance,
     ) -> Result<SegmentInfo, DatastoreError>;
+
+    /// One step of keeping the segment count low as small appends accumulate: merges what
+    /// `policy` says is due and returns the merged segment, or `None` when nothing was (or the
+    /// backend keeps its own segments, as a remote engine does: the default).
+    fn merge_small_segments(
+        &self,
+        _policy: &MergePolicy,
+    ) -> Result<Option<SegmentInfo>, DatastoreError> {
+        Ok(None)
+    }
 }
 
 impl Store for Datastore {
@@ -122,5 +133,11 @@ impl Store for Datastore {
         provenance: Provenance,
     ) -> Result<SegmentInfo, DatastoreError> {
         Datastore::append(self, keys, values, provenance)
+    }
+    fn merge_small_segments(
+        &self,
+        policy: &MergePolicy,
+    ) -> Result<Option<SegmentInfo>, DatastoreError> {
+        self.merge_tail(policy)
     }
 }

@@ -653,3 +653,72 @@ fn a_reader_keeps_serving_its_snapshot_when_a_new_segment_is_damaged() {
         5
     );
 }
+
+#[test]
+fn the_merge_policy_keeps_few_segments_and_every_row_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let merged = create(&tmp.path().join("merged"), D, KeyDtype::F32);
+    let plain = create(&tmp.path().join("plain"), D, KeyDtype::F32);
+    let policy = goodtriever::datastore::MergePolicy {
+        min_segments: 4,
+        base_rows: 8,
+        max_rows: 1 << 20,
+    };
+    let base = clustered(40, D, 2, 12);
+    let base_values = values(40, 12);
+    for ds in [&merged, &plain] {
+        ds.append(Keys::F32(&base), &base_values, prov("built"))
+            .unwrap();
+    }
+    let adds = 60;
+    let keys = clustered(adds, D, 3, 13);
+    let vals = values(adds, 13);
+    let mut most = 0;
+    for r in 0..adds {
+        let (k, v) = (&keys[r * D..(r + 1) * D], &vals[r..r + 1]);
+        merged.append(Keys::F32(k), v, prov("one")).unwrap();
+        plain.append(Keys::F32(k), v, prov("one")).unwrap();
+        while merged.merge_tail(&policy).unwrap().is_some() {}
+        most = most.max(merged.segments().len());
+    }
+    // Levels: < 8, < 32, < 128 rows; fewer than 4 segments per level, plus the built one.
+    assert!(most <= 1 + 3 * 3 + 1, "{most} segments");
+    assert_eq!(plain.segments().len(), 1 + adds);
+    assert_eq!(merged.len(), plain.len());
+    // The same rows under the same ids: searches agree exactly.
+    let q = clustered(5, D, 3, 14);
+    let a = merged.search(&q, 10, &SearchParams::exact()).unwrap();
+    let b = plain.search(&q, 10, &SearchParams::exact()).unwrap();
+    assert_eq!(a, b);
+    for id in [0, 39, 40, 41, 99] {
+        assert_eq!(merged.row(id).unwrap().value, plain.row(id).unwrap().value);
+    }
+    // Every original add is in some merged segment's provenance, once.
+    let originals: usize = merged
+        .segments()
+        .iter()
+        .map(|s| s.provenance.merged_from.len().max(1))
+        .sum();
+    assert_eq!(originals, 1 + adds);
+    assert!(merged.verify().unwrap().is_ok());
+
+    // A retired segment at the tail stops merging (until compaction removes it).
+    let tail = merged.segments().last().unwrap().id;
+    merged.retire(tail).unwrap();
+    for r in 0..4 {
+        merged
+            .append(
+                Keys::F32(&keys[r * D..(r + 1) * D]),
+                &vals[r..r + 1],
+                prov("x"),
+            )
+            .unwrap();
+    }
+    let before = merged.segments().len();
+    assert!(
+        merged.merge_tail(&policy).unwrap().is_some(),
+        "four new small segments merge"
+    );
+    assert_eq!(merged.segments().len(), before - 3);
+    assert!(merged.segments().iter().any(|s| s.id == tail && s.retired));
+}

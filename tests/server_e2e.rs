@@ -397,6 +397,60 @@ async fn shutdown_ends_an_open_stream_with_unavailable() {
 const NEW_TOKEN: u32 = 197;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_single_row_adds_are_merged_while_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let server = start(engine.clone(), opts_with_admin()).await;
+    let mut client = server.client().await;
+    let adds = 40u32;
+    let key = |r: u32| -> Vec<f32> { (0..DIM).map(|i| 60.0 + r as f32 + i as f32 * 0.5).collect() };
+    for r in 0..adds {
+        client
+            .add_examples(admin(
+                proto::AddExamplesRequest {
+                    store: "toxic".into(),
+                    hidden: Some(Tensor {
+                        data: f32_bytes(&key(r)).into(),
+                        dtype: proto::DType::F32 as i32,
+                        rows: 1,
+                    }),
+                    next_tokens: vec![r % 7],
+                    ..Default::default()
+                },
+                TOKEN,
+            ))
+            .await
+            .unwrap();
+    }
+    // Merges run in the background after each add; wait for them to settle.
+    let store = &engine.stores()[0].store;
+    let mut segments = store.segments().iter().filter(|s| !s.retired).count();
+    for _ in 0..200 {
+        if segments < 8 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        segments = store.segments().iter().filter(|s| !s.retired).count();
+    }
+    // The default policy: fewer than 8 segments per size level, besides the seed segment.
+    assert!(
+        segments <= 1 + 7 + 7,
+        "{segments} live segments after {adds} adds"
+    );
+    assert!(segments < 1 + adds as usize, "nothing was merged");
+    assert_eq!(store.len(), 300 + adds as usize);
+    // Every acknowledged row is on disk, under its own key.
+    let reopened = goodtriever::datastore::Datastore::open(&dir.path().join("toxic")).unwrap();
+    assert_eq!(reopened.len(), 300 + adds as usize);
+    for r in 0..adds {
+        let hit = reopened.search(&key(r), 1, &goodtriever::datastore::SearchParams::exact());
+        let hit = hit.unwrap().remove(0).remove(0);
+        assert_eq!((hit.dist, hit.value), (0.0, r % 7), "row {r}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn add_examples_then_adjust_sees_the_new_rows() {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(dir.path(), defaults());

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use goodtriever::datastore::MergePolicy;
 use goodtriever::detox::Detoxifier;
 use goodtriever::model::{Model, WeightFormat};
 use goodtriever::rule::Mode;
@@ -53,6 +54,14 @@ pub struct ServeArgs {
     /// File holding the admin token that write RPCs must carry as `authorization: Bearer`.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Merge the small segments that AddExamples/AddTexts write once this many of one size
+    /// level sit at the end of a store (0: never merge while serving). Levels: below
+    /// --merge-base-rows rows, then each level this many times larger.
+    #[arg(long, default_value_t = MergePolicy::default().min_segments)]
+    pub merge_segments: usize,
+    /// Segments below this many rows are the smallest merge level.
+    #[arg(long, default_value_t = MergePolicy::default().base_rows)]
+    pub merge_base_rows: usize,
     /// Serve plain-text gRPC on a non-loopback address. Without it such an address needs
     /// --tls-cert and --tls-key: hidden states and the admin token would cross the network in
     /// clear. Only for a network you trust.
@@ -144,6 +153,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         encoder,
         tls,
         allow_plaintext_remote: args.allow_plaintext,
+        merge: (args.merge_segments >= 2).then(|| MergePolicy {
+            min_segments: args.merge_segments,
+            base_rows: args.merge_base_rows.max(1),
+            ..MergePolicy::default()
+        }),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
         concurrent_steps: args
             .concurrent_steps

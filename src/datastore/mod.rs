@@ -395,23 +395,30 @@ impl Datastore {
         }
         let key_bytes = segment::encode_keys(keys, dim, dtype)?;
         let values = values.to_vec();
-        self.commit_new_segment(
-            |_m| Ok((key_bytes, values, provenance, Vec::new())),
+        let info = self.commit_new_segment(
+            |_m| Ok(Some((key_bytes, values, provenance, Vec::new()))),
             progress,
-        )
+        )?;
+        Ok(info.expect("an append always writes a segment"))
     }
 
     /// The common path of append and compact: under the writer lock, read the manifest on
     /// disk, produce a segment from it, write it, and commit a manifest that adds it (and
     /// removes the segments listed in the returned `replaces`).
-    fn commit_new_segment<F>(&self, make: F, progress: &dyn Fn(usize)) -> Result<SegmentInfo>
+    fn commit_new_segment<F>(
+        &self,
+        make: F,
+        progress: &dyn Fn(usize),
+    ) -> Result<Option<SegmentInfo>>
     where
-        F: FnOnce(&Manifest) -> Result<(Vec<u8>, Vec<u32>, Provenance, Vec<u64>)>,
+        F: FnOnce(&Manifest) -> Result<Option<NewSegment>>,
     {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let _lock = WriterLock::acquire(&self.dir)?;
         let (mut m, _) = Manifest::read(&self.dir)?;
-        let (key_bytes, values, provenance, replaces) = make(&m)?;
+        let Some((key_bytes, values, provenance, replaces)) = make(&m)? else {
+            return Ok(None);
+        };
         let id = m.next_segment_id;
         let seg_root = self.dir.join(SEGMENTS_DIR);
         let tmp = seg_root.join(format!(".tmp-{id}-{}", std::process::id()));
@@ -467,7 +474,7 @@ impl Datastore {
             .into_iter()
             .find(|s| s.id == id)
             .expect("the committed segment is in the new snapshot");
-        Ok(info)
+        Ok(Some(info))
     }
 
     fn install(&self, m: Manifest, raw: Vec<u8>) -> Result<()> {
@@ -639,36 +646,141 @@ impl Datastore {
         let info = self.commit_new_segment(
             |m| {
                 let live: Vec<&SegmentEntry> = m.live().collect();
-                let mut key_bytes = Vec::new();
-                let mut values = Vec::new();
-                for e in &live {
-                    let seg = Segment::open(&dir, e, m.dim(), m.dtype)?;
-                    match seg.keys() {
-                        keys::KeyRows::F32(k) => {
-                            for v in k {
-                                key_bytes.extend_from_slice(&v.to_le_bytes())
-                            }
-                        }
-                        keys::KeyRows::F16(k) => {
-                            for v in k {
-                                key_bytes.extend_from_slice(&v.to_le_bytes())
-                            }
-                        }
-                    }
-                    values.extend_from_slice(seg.values());
-                }
-                if values.is_empty() {
-                    return Err(DatastoreError::EmptyStore(dir.clone()));
-                }
-                // The merged segment keeps every original's provenance (ids, rows, row
-                // offsets); retired segments are deleted, not merged, so they are not listed.
-                let prov = Provenance::merged(live.iter().map(|e| (e.id, e.rows, &e.provenance)));
+                let (key_bytes, values, prov) = merge_rows(&dir, m, &live)?;
+                // Retired segments are deleted, not merged, so they are not listed.
                 let replaces = m.segments.iter().map(|s| s.id).collect();
-                Ok((key_bytes, values, prov, replaces))
+                Ok(Some((key_bytes, values, prov, replaces)))
             },
             progress,
         )?;
-        Ok(Some(info))
+        Ok(info)
+    }
+
+    /// One step of the merge policy: merges the trailing run of small segments that `policy`
+    /// says is due, if any (see [`MergePolicy`]). Crash-safe as compaction is: the manifest
+    /// switch is the commit point, and readers swap to the merged segment atomically. Returns
+    /// the merged segment, or `None` when nothing was due.
+    pub fn merge_tail(&self, policy: &MergePolicy) -> Result<Option<SegmentInfo>> {
+        {
+            let (m, _) = Manifest::read(&self.dir)?;
+            if policy.tail_run(&m.segments).is_none() {
+                return Ok(None);
+            }
+        }
+        let dir = self.dir.clone();
+        self.commit_new_segment(
+            // Decided again under the writer lock: another writer may have merged or added.
+            |m| {
+                let Some(run) = policy.tail_run(&m.segments) else {
+                    return Ok(None);
+                };
+                let entries: Vec<&SegmentEntry> = m.segments[run.clone()].iter().collect();
+                let (key_bytes, values, prov) = merge_rows(&dir, m, &entries)?;
+                let replaces = entries.iter().map(|e| e.id).collect();
+                // The run is the manifest's tail, so the merged segment, appended last, keeps
+                // every row's id.
+                Ok(Some((key_bytes, values, prov, replaces)))
+            },
+            &|_| {},
+        )
+    }
+}
+
+/// What [`Datastore::commit_new_segment`] writes: key bytes, values, provenance, and the
+/// segments it replaces.
+type NewSegment = (Vec<u8>, Vec<u32>, Provenance, Vec<u64>);
+
+/// The rows of `entries` (live segments, in order) as one segment's key bytes and values, with
+/// the provenance of every original.
+fn merge_rows(
+    dir: &Path,
+    m: &Manifest,
+    entries: &[&SegmentEntry],
+) -> Result<(Vec<u8>, Vec<u32>, Provenance)> {
+    let mut key_bytes = Vec::new();
+    let mut values = Vec::new();
+    for e in entries {
+        let seg = Segment::open(dir, e, m.dim(), m.dtype)?;
+        match seg.keys() {
+            keys::KeyRows::F32(k) => {
+                for v in k {
+                    key_bytes.extend_from_slice(&v.to_le_bytes())
+                }
+            }
+            keys::KeyRows::F16(k) => {
+                for v in k {
+                    key_bytes.extend_from_slice(&v.to_le_bytes())
+                }
+            }
+        }
+        values.extend_from_slice(seg.values());
+    }
+    if values.is_empty() {
+        return Err(DatastoreError::EmptyStore(dir.to_path_buf()));
+    }
+    // The merged segment keeps every original's provenance (ids, rows, row offsets).
+    let prov = Provenance::merged(entries.iter().map(|e| (e.id, e.rows, &e.provenance)));
+    Ok((key_bytes, values, prov))
+}
+
+/// When small segments are merged while a store grows (a log merge policy, as search engines
+/// keep their segment count low): segments are grouped in levels by size — level 0 below
+/// `base_rows` rows, level `n` below `base_rows · min_segments^n` — and a run of
+/// `min_segments` segments of one level at the end of the manifest is merged into one segment
+/// of the next level. Every row is rewritten about once per level, and a store holds fewer
+/// than `min_segments` segments per level on top of what it was built with. Only the
+/// manifest's tail is merged, so row ids never change; a retired segment at the tail stops
+/// merging until it is compacted away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergePolicy {
+    /// How many segments of one level make a merge (at least 2).
+    pub min_segments: usize,
+    /// Segments below this many rows are level 0.
+    pub base_rows: usize,
+    /// Runs whose merged segment would exceed this many rows are left alone (bounds the work
+    /// one merge does; larger segments come from builds and `compact`).
+    pub max_rows: usize,
+}
+
+impl Default for MergePolicy {
+    fn default() -> Self {
+        Self {
+            min_segments: 8,
+            base_rows: 4096,
+            max_rows: 1 << 20,
+        }
+    }
+}
+
+impl MergePolicy {
+    fn level(&self, rows: usize) -> u32 {
+        let mut level = 0;
+        let mut bound = self.base_rows.max(1);
+        while rows >= bound {
+            level += 1;
+            bound = bound.saturating_mul(self.min_segments.max(2));
+        }
+        level
+    }
+
+    /// The positions (in `segments`) of the run to merge, if one is due.
+    fn tail_run(&self, segments: &[SegmentEntry]) -> Option<std::ops::Range<usize>> {
+        if self.min_segments < 2 {
+            return None;
+        }
+        let last = segments.last().filter(|s| !s.retired)?;
+        let level = self.level(last.rows);
+        let mut start = segments.len();
+        let mut rows = 0usize;
+        while start > 0 {
+            let s = &segments[start - 1];
+            if s.retired || self.level(s.rows) != level || rows + s.rows > self.max_rows {
+                break;
+            }
+            rows += s.rows;
+            start -= 1;
+        }
+        (segments.len() - start >= self.min_segments).then_some(start..segments.len())
     }
 }
 

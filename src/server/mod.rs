@@ -52,6 +52,7 @@ pub use listen::{GrpcAddr, GrpcListener, MAX_FRAME_BYTES};
 pub use metrics::Metrics;
 pub use shared::Limits;
 
+use crate::datastore::MergePolicy;
 use crate::detox::Detoxifier;
 use crate::limits::MAX_ROWS;
 
@@ -160,6 +161,10 @@ pub struct ServeOptions {
     /// without TLS every hidden state and the admin token cross the network in clear, so the
     /// operator must say that the network is trusted.
     pub allow_plaintext_remote: bool,
+    /// When small segments that appends write are merged in the background while serving
+    /// (`None`: never). On by default: each AddExamples call writes a segment, and every
+    /// segment costs a search of its own.
+    pub merge: Option<MergePolicy>,
 }
 
 /// One step computing per core.
@@ -180,6 +185,7 @@ impl Default for ServeOptions {
             shutdown_grace: Duration::from_secs(30),
             concurrent_steps: default_concurrent_steps(),
             allow_plaintext_remote: false,
+            merge: Some(MergePolicy::default()),
         }
     }
 }
@@ -298,15 +304,18 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new());
         let limits = self.opts.limits;
-        let shared = Arc::new(shared::Shared::new(
-            self.engine,
-            metrics.clone(),
-            limits,
-            self.opts.auth,
-            self.opts.encoder,
-            stop_rx.clone(),
-            self.opts.concurrent_steps,
-        ));
+        let shared = Arc::new(
+            shared::Shared::new(
+                self.engine,
+                metrics.clone(),
+                limits,
+                self.opts.auth,
+                self.opts.encoder,
+                stop_rx.clone(),
+                self.opts.concurrent_steps,
+            )
+            .with_merge_policy(self.opts.merge),
+        );
         let svc = GoodtrieverServer::new(service::Service::new(shared))
             .max_decoding_message_size(limits.max_message_bytes);
 

@@ -2,6 +2,7 @@
 //! admin token, the optional text encoder, and the shutdown signal; plus the store-level
 //! helpers the RPCs use (store info, appends, token checks).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use super::encoder::TextEncoder;
 use super::metrics::{Method, Metrics, Phase};
 use super::proto;
 use super::status;
-use crate::datastore::{Keys, Provenance};
+use crate::datastore::{Keys, MergePolicy, Provenance};
 use crate::detox::Detoxifier;
 use crate::limits::MAX_K;
 use crate::steps::StepEngine;
@@ -39,6 +40,10 @@ pub struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Adjust steps onto the engine, at most `ServeOptions::concurrent_steps` at once.
     pub(super) steps: Arc<StepEngine<GrpcStep>>,
+    /// When small segments written by appends are merged in the background; `None`: never.
+    merge: Option<MergePolicy>,
+    /// Per store: whether a background merge is running (at most one per store).
+    merging: Vec<AtomicBool>,
 }
 
 impl Shared {
@@ -56,7 +61,14 @@ impl Shared {
             concurrent_steps,
             metrics.clone(),
         ));
+        let merging = engine
+            .stores()
+            .iter()
+            .map(|_| AtomicBool::new(false))
+            .collect();
         let shared = Self {
+            merge: None,
+            merging,
             engine,
             metrics,
             limits,
@@ -149,7 +161,7 @@ impl Shared {
 
     /// Appends rows to a store (blocking: writes and fsyncs), then makes the engine see them.
     pub(super) fn append(
-        &self,
+        self: &Arc<Self>,
         store: usize,
         keys: Keys<'_>,
         values: &[u32],
@@ -169,7 +181,45 @@ impl Shared {
         self.metrics.phase(Phase::Append, t.elapsed());
         self.update_store_metrics();
         tracing::info!(store = %s.name, segment = info.id, rows = info.rows, "appended");
-        Ok((info.id, info.rows as u64, self.store_info(store)))
+        let answer = (info.id, info.rows as u64, self.store_info(store));
+        self.merge_in_background(store);
+        Ok(answer)
+    }
+
+    /// Merges small segments of `store` in the background while serving, when the policy says
+    /// a merge is due (see [`MergePolicy`]). Searches keep their snapshot and move to the
+    /// merged segment when the merge commits; a crash mid-merge leaves the store as it was.
+    pub(super) fn merge_in_background(self: &Arc<Self>, store: usize) {
+        let Some(policy) = self.merge else {
+            return;
+        };
+        if self.merging[store].swap(true, Ordering::AcqRel) {
+            return; // the running merge looks at the tail again when it is done
+        }
+        let shared = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let s = &shared.engine.stores()[store];
+            loop {
+                match s.store.merge_small_segments(&policy) {
+                    Ok(Some(info)) => {
+                        tracing::info!(store = %s.name, segment = info.id, rows = info.rows, merged = info.provenance.merged_from.len(), "merged small segments");
+                        shared.update_store_metrics();
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        tracing::warn!(store = %s.name, %err, "merging small segments failed; the store is unchanged");
+                        break;
+                    }
+                }
+            }
+            shared.merging[store].store(false, Ordering::Release);
+        });
+    }
+
+    /// Turns on merging small segments while serving.
+    pub fn with_merge_policy(mut self, policy: Option<MergePolicy>) -> Self {
+        self.merge = policy;
+        self
     }
 
     pub(super) fn check_tokens(&self, tokens: &[u32], rows: usize) -> Result<(), Status> {
