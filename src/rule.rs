@@ -123,7 +123,7 @@ impl RuleParams {
     /// (0, 1], λ in [0, 1]. The engine calls it on every request's options, so the rule's
     /// functions can assume valid parameters.
     pub fn validate(&self) -> Result<(), ParamError> {
-        if !(self.alpha.abs() <= MAX_ALPHA) {
+        if self.alpha.is_nan() || self.alpha.abs() > MAX_ALPHA {
             return Err(ParamError::Alpha(self.alpha));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
