@@ -7,11 +7,10 @@
 //! Each damage must be caught: either `Datastore::open` refuses the store with an error that
 //! names the damaged file, or `verify()` reports a problem whose path is the damaged file.
 //!
-//! Issue 20 (defect 8) also asks that a damaged segment is never *served*: opening checks
-//! sizes only, so flipped key or value bytes are answered from until `verify` runs. That is
-//! not asserted yet; [`never_served`] is the check (every neighbour any search returns is a
-//! genuine row of the undamaged store, at its true distance), and the probe prints how many
-//! cases fail it today. Once segments are verified at open, assert it for every case.
+//! A damaged segment is also never *served*: every segment's files are checked against their
+//! checksums before the segment is searched, and [`never_served`] asserts it for every case
+//! (every neighbour any search of a store that still opens is a genuine row of the undamaged
+//! store, at its true distance).
 //!
 //! A flip that leaves the manifest's JSON value unchanged (layout whitespace) changes nothing
 //! the store means; it is counted, not required to be caught.
@@ -363,15 +362,17 @@ fn every_damaged_store_file_is_caught_by_open_or_verify_naming_it() {
         "corruption probe: {cases} damages over {} files in {:?}: {by_open} refused by open, \
          {by_verify} found by verify, {harmless} left the manifest's JSON value unchanged \
          (whitespace), {} not caught with the file named; {} served wrong \
-         rows after open (issue 20 defect 8, not asserted yet)",
+         rows after open",
         files.len(),
         wall.elapsed(),
         failures.len(),
         served.len()
     );
-    for s in &served {
-        eprintln!("  served: {s}");
-    }
+    assert!(
+        served.is_empty(),
+        "damaged rows served after open:\n{}",
+        served.join("\n")
+    );
     assert!(
         failures.is_empty(),
         "damages not caught by open or verify naming the file:\n{}",
