@@ -66,7 +66,7 @@ def serve(binary, stores, token_file, merge_segments):
     proc = subprocess.Popen(
         [str(binary), "serve", "--toxic", str(stores["toxic"]), "--nontoxic", str(stores["nontoxic"]),
          "--addr", f"127.0.0.1:{port}", "--no-metrics", "--admin-token-file", str(token_file),
-         "--merge-segments", str(merge_segments)],
+         "--merge-segments", str(merge_segments), "--vocab-size", "49152"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     client = Client(f"127.0.0.1:{port}", admin_token=TOKEN)
     for _ in range(300):
