@@ -76,13 +76,18 @@ pub struct KeyMatrix {
 fn check_shape_fits(path: &Path, f: &mut File) -> Result<(), NpyError> {
     use std::io::{Read, Seek};
     let mut head = Vec::new();
-    f.by_ref().take(12).read_to_end(&mut head).map_err(io(path))?;
-    let len = match head.get(6) {
-        Some(1) if head.len() >= 10 => u16::from_le_bytes([head[8], head[9]]) as u64,
-        Some(_) if head.len() >= 12 => {
-            u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as u64
-        }
-        _ => 0,
+    f.by_ref()
+        .take(12)
+        .read_to_end(&mut head)
+        .map_err(io(path))?;
+    // Magic (6 bytes), version (2), then the header's length: 2 bytes in version 1, else 4.
+    let (start, len) = match head.get(6) {
+        Some(1) if head.len() >= 10 => (10, u16::from_le_bytes([head[8], head[9]]) as u64),
+        Some(_) if head.len() >= 12 => (
+            12,
+            u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as u64,
+        ),
+        _ => (head.len(), 0),
     };
     let mut text = Vec::new();
     f.by_ref()
@@ -90,8 +95,7 @@ fn check_shape_fits(path: &Path, f: &mut File) -> Result<(), NpyError> {
         .read_to_end(&mut text)
         .map_err(io(path))?;
     f.rewind().map_err(io(path))?;
-    let text = String::from_utf8_lossy(&head[head.len().min(10)..])
-        + String::from_utf8_lossy(&text);
+    let text = String::from_utf8_lossy(&head[start..]) + String::from_utf8_lossy(&text);
     let Some(at) = text.find("shape") else {
         return Ok(());
     };
