@@ -70,8 +70,66 @@ pub struct KeyMatrix {
     pub data: KeyArray,
 }
 
+/// Refuses a header whose shape has more elements than a `u64` counts: npyz multiplies the
+/// dimensions unchecked, which panics (debug) or wraps (release). Anything this cannot make
+/// out is left to npyz, which refuses malformed headers itself.
+fn check_shape_fits(path: &Path, f: &mut File) -> Result<(), NpyError> {
+    use std::io::{Read, Seek};
+    let mut head = Vec::new();
+    f.by_ref()
+        .take(12)
+        .read_to_end(&mut head)
+        .map_err(io(path))?;
+    // Magic (6 bytes), version (2), then the header's length: 2 bytes in version 1, else 4.
+    let (start, len) = match head.get(6) {
+        Some(1) if head.len() >= 10 => (10, u16::from_le_bytes([head[8], head[9]]) as u64),
+        Some(_) if head.len() >= 12 => (
+            12,
+            u32::from_le_bytes([head[8], head[9], head[10], head[11]]) as u64,
+        ),
+        _ => (head.len(), 0),
+    };
+    let mut text = Vec::new();
+    f.by_ref()
+        .take(len.min(1 << 20))
+        .read_to_end(&mut text)
+        .map_err(io(path))?;
+    f.rewind().map_err(io(path))?;
+    let text = String::from_utf8_lossy(&head[start..]) + String::from_utf8_lossy(&text);
+    let Some(at) = text.find("shape") else {
+        return Ok(());
+    };
+    let rest = &text[at..];
+    let (Some(open), Some(close)) = (rest.find('('), rest.find(')')) else {
+        return Ok(());
+    };
+    if close < open {
+        return Ok(());
+    }
+    let mut elements = 1u64;
+    for d in rest[open + 1..close].split(',').map(str::trim) {
+        match d.parse::<u64>() {
+            Ok(0) | Err(_) => {}
+            Ok(n) => match elements.checked_mul(n) {
+                Some(e) => elements = e,
+                None => {
+                    return Err(format(
+                        path,
+                        format!(
+                            "shape {} has more elements than fit in 64 bits",
+                            &rest[open..=close]
+                        ),
+                    ))
+                }
+            },
+        }
+    }
+    Ok(())
+}
+
 fn open(path: &Path) -> Result<NpyFile<BufReader<File>>, NpyError> {
-    let f = File::open(path).map_err(io(path))?;
+    let mut f = File::open(path).map_err(io(path))?;
+    check_shape_fits(path, &mut f)?;
     NpyFile::new(BufReader::with_capacity(1 << 20, f)).map_err(|e| format(path, e.to_string()))
 }
 

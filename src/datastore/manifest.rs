@@ -405,7 +405,16 @@ impl Manifest {
             return Err(bad("hidden size is 0".into()));
         }
         let mut ids = std::collections::HashSet::new();
+        let mut total = 0usize;
         for s in &m.segments {
+            // Row ids and the counts summed from here on must not overflow.
+            total = total.checked_add(s.rows).ok_or_else(|| {
+                bad(format!(
+                    "segment {} brings the row count past {}",
+                    s.id,
+                    usize::MAX
+                ))
+            })?;
             if !ids.insert(s.id) {
                 return Err(bad(format!("segment id {} appears twice", s.id)));
             }

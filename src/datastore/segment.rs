@@ -87,8 +87,29 @@ impl Segment {
             }
             Ok((path, f.crc32))
         };
-        let kbytes = (entry.rows * dim * dtype.size()) as u64;
-        let vbytes = (entry.rows * 4) as u64;
+        // The manifest's numbers are not trusted: a huge row count or hidden size must be
+        // refused, not overflow.
+        let size = |per_row: usize| {
+            entry
+                .rows
+                .checked_mul(per_row)
+                .and_then(|b| u64::try_from(b).ok())
+                .ok_or_else(|| DatastoreError::BadManifest {
+                    path: store.join(super::manifest::MANIFEST_FILE),
+                    detail: format!(
+                        "segment {} has {} rows of {per_row} bytes: more bytes than a file holds",
+                        entry.id, entry.rows
+                    ),
+                })
+        };
+        let key_row = dim
+            .checked_mul(dtype.size())
+            .ok_or_else(|| DatastoreError::BadManifest {
+                path: store.join(super::manifest::MANIFEST_FILE),
+                detail: format!("hidden size {dim} is too large"),
+            })?;
+        let kbytes = size(key_row)?;
+        let vbytes = size(4)?;
         let (kpath, kcrc) = want(KEYS_FILE, kbytes)?;
         let (vpath, vcrc) = want(VALUES_FILE, vbytes)?;
         let ipath = dir.join(INDEX_FILE);

@@ -5,6 +5,8 @@
 //! what clients retry-classify on, is `RESOURCE_EXHAUSTED`; and the bare message does not tell
 //! the caller about `--max-message-bytes` or how to send less. This tower layer rewrites that
 //! one trailers-only answer; streams see the same error in their handler and map it there.
+//! The same layer turns tonic-prost's `INTERNAL` for a body that is not valid protobuf into
+//! `INVALID_ARGUMENT` (see `map_decode_error`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -69,14 +71,18 @@ where
 
 fn rewrite(headers: &mut HeaderMap, limit: usize) {
     // Cheap check first: almost every response has no grpc-status header at all.
-    if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+    if !matches!(
+        headers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(b"11") | Some(b"13")
+    ) {
         return;
     }
     let Some(status) = Status::from_header_map(headers) else {
         return;
     };
+    let code = status.code();
     let mapped = map_decode_error(status, limit);
-    if mapped.code() == tonic::Code::OutOfRange {
+    if mapped.code() == code {
         return;
     }
     headers.remove("grpc-status");
@@ -92,7 +98,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rewrites_only_the_size_error() {
+    fn rewrites_only_the_decode_errors() {
         let mut h = HeaderMap::new();
         Status::out_of_range(
             "Error, decoded message length too large: found 5000 bytes, the limit is: 1024 bytes",
@@ -116,6 +122,25 @@ mod tests {
         assert_eq!(
             Status::from_header_map(&other).unwrap().code(),
             tonic::Code::OutOfRange
+        );
+
+        let mut bad_body = HeaderMap::new();
+        Status::internal("failed to decode Protobuf message: invalid tag value: 0")
+            .add_header(&mut bad_body)
+            .unwrap();
+        rewrite(&mut bad_body, 1024);
+        let s = Status::from_header_map(&bad_body).unwrap();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{}", s.message());
+        assert!(s.message().contains("invalid tag value"), "{}", s.message());
+
+        let mut internal = HeaderMap::new();
+        Status::internal("the write worker failed")
+            .add_header(&mut internal)
+            .unwrap();
+        rewrite(&mut internal, 1024);
+        assert_eq!(
+            Status::from_header_map(&internal).unwrap().code(),
+            tonic::Code::Internal
         );
     }
 }

@@ -23,9 +23,21 @@ impl From<StepError> for Status {
     }
 }
 
-/// Rewrites tonic's "message too large" decode error into `RESOURCE_EXHAUSTED` with a
-/// sentence that says what to do.
+/// Rewrites tonic's decode errors into codes a client can act on: "message too large" into
+/// `RESOURCE_EXHAUSTED` with a sentence that says what to do, and a body that is not valid
+/// protobuf (which tonic-prost answers `INTERNAL`) into `INVALID_ARGUMENT`: the request is
+/// at fault, not the server.
 pub(crate) fn map_decode_error(status: Status, limit: usize) -> Status {
+    if status.code() == Code::Internal
+        && status
+            .message()
+            .starts_with("failed to decode Protobuf message")
+    {
+        return Status::invalid_argument(format!(
+            "the request is not a valid protobuf message: {}",
+            status.message()
+        ));
+    }
     if status.code() == Code::OutOfRange && status.message().contains("message length too large") {
         Status::resource_exhausted(format!(
             "request message too large: {}; this server accepts at most {limit} bytes per message (--max-message-bytes): send fewer rows per request, f16 instead of f32, or the sparse form without logits",
