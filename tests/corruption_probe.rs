@@ -22,10 +22,8 @@
 //! GOODTRIEVER_CORRUPTION_CASES=2000 cargo test --release --test corruption_probe -- --nocapture
 //! ```
 //!
-//! Known today: the long run fails. The manifest carries no checksum of its own, so a flip
-//! inside one of its strings that keeps the JSON valid (the `model_id` of the fingerprint, a
-//! provenance `tool` or `source`) is accepted by `open` and not reported by `verify` (about 1
-//! in 1,000 damages at 2,000 cases, so the seeded default run does not meet one).
+//! A flip inside one of the manifest's strings that keeps the JSON valid (the `model_id` of the
+//! fingerprint, a provenance `source`) is caught by the manifest's own checksum at open.
 
 mod datastore_common;
 

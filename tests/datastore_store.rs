@@ -352,6 +352,8 @@ fn a_manifest_with_the_old_provenance_format_still_opens_and_compacts() {
         "added_at": 1_795_769_723u64
     });
     m["segments"][0]["provenance"] = old.clone();
+    // Manifests of that format predate the manifest's own checksum too.
+    m.as_object_mut().unwrap().remove("crc32");
     std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 
     let ds = Datastore::open(dir).unwrap();
@@ -527,6 +529,7 @@ fn token_ids_beyond_the_vocabulary_are_refused_and_verify_flags_old_ones() {
     let path = old.join("manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     m["fingerprint"]["vocab_size"] = 49_152.into();
+    m.as_object_mut().unwrap().remove("crc32"); // an old manifest has no checksum either
     std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
     let report = Datastore::open(&old).unwrap().verify().unwrap();
     assert!(!report.is_ok());
@@ -721,4 +724,34 @@ fn the_merge_policy_keeps_few_segments_and_every_row_id() {
     );
     assert_eq!(merged.segments().len(), before - 3);
     assert!(merged.segments().iter().any(|s| s.id == tail && s.retired));
+}
+
+#[test]
+fn a_manifest_edited_or_damaged_inside_a_string_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let ds = create(dir, D, KeyDtype::F32);
+    ds.append(
+        Keys::F32(&clustered(20, D, 2, 15)),
+        &values(20, 15),
+        prov("tagged"),
+    )
+    .unwrap();
+    drop(ds);
+    let path = dir.join("manifest.json");
+    let good = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        good.contains("\"crc32\""),
+        "the manifest records its checksum"
+    );
+    // One character inside a string: still valid JSON, so only the checksum can tell.
+    let bad = good.replacen("test-model", "tesT-model", 1);
+    assert_ne!(bad, good);
+    std::fs::write(&path, &bad).unwrap();
+    let err = Datastore::open(dir).unwrap_err();
+    assert!(matches!(err, DatastoreError::BadManifest { .. }), "{err}");
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    // Whitespace changes nothing the manifest means: still accepted.
+    std::fs::write(&path, good.replace("\n", "\n  ")).unwrap();
+    assert_eq!(Datastore::open(dir).unwrap().len(), 20);
 }
