@@ -144,7 +144,7 @@ impl Metrics {
         let phase = HistogramVec::new(
             HistogramOpts::new(
                 "phase_seconds",
-                "Time per phase of a request: decode, adjust (search + rule), encode, append",
+                "Time per phase of a request: decode, search, rule, encode, append",
             )
             .buckets(latency_buckets()),
             &["phase"],
