@@ -48,18 +48,6 @@ fn build_args(input: &Path, out: &Path, model: &Path) -> Vec<String> {
     .collect()
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 fn rows(raw: &[RawSegment]) -> (Vec<f32>, Vec<u32>) {
     let mut k = Vec::new();
     let mut v = Vec::new();
@@ -219,7 +207,7 @@ fn a_killed_add_leaves_the_previous_rows_or_all_rows() {
         .collect()
     };
     let reference = dir.path().join("reference");
-    copy_dir(&base, &reference);
+    datastore_common::copy_dir(&base, &reference);
     let t = Instant::now();
     assert!(spawn(&add_args(&reference)).wait().unwrap().success());
     let full = t.elapsed();
@@ -229,7 +217,7 @@ fn a_killed_add_leaves_the_previous_rows_or_all_rows() {
     let (mut kept, mut committed) = (0, 0);
     for (i, f) in FRACTIONS.iter().enumerate() {
         let store = dir.path().join(format!("trial-{i}"));
-        copy_dir(&base, &store);
+        datastore_common::copy_dir(&base, &store);
         let mut child = spawn(&add_args(&store));
         std::thread::sleep(full.mul_f64(*f).max(Duration::from_millis(5)));
         let _ = child.kill();

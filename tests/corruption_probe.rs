@@ -29,7 +29,7 @@ mod datastore_common;
 
 use std::path::{Path, PathBuf};
 
-use datastore_common::{clustered, Rng};
+use datastore_common::{clustered, copy_dir, Rng};
 use goodtriever::datastore::{CreateOptions, Datastore, KeyDtype, Keys, Provenance, SearchParams};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 
@@ -117,18 +117,6 @@ fn same_json(before: &[u8], after: &[u8]) -> bool {
     ) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else if e.file_name() != "LOCK" {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
     }
 }
 

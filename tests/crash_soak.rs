@@ -38,8 +38,10 @@
 //! AddExamples, so kills also land while a merge writes or commits.
 
 mod build_common;
+mod datastore_common;
 mod server_support;
 
+use datastore_common::copy_dir;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -102,18 +104,6 @@ fn live_segments(dir: &Path) -> Vec<Seg> {
             values: s.values,
         })
         .collect()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            copy_dir(&p, &to.join(e.file_name()));
-        } else if e.file_name() != "LOCK" {
-            std::fs::copy(&p, to.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 fn uniform(rng: &mut Rng) -> f64 {

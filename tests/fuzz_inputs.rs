@@ -19,8 +19,10 @@
 //! commit that file so the case is replayed first on every later run. Findings fixed in the
 //! library keep an explicit regression test at the end of their module here.
 
+mod datastore_common;
 mod server_support;
 
+use datastore_common::copy_dir;
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
@@ -88,19 +90,6 @@ fn replace_file(path: &Path, bytes: &[u8]) {
     let tmp = path.with_extension("fuzz-tmp");
     std::fs::write(&tmp, bytes).unwrap();
     std::fs::rename(&tmp, path).unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dst = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dst);
-        } else {
-            std::fs::copy(e.path(), dst).unwrap();
-        }
-    }
 }
 
 /// A fresh case directory under `root`.
