@@ -948,6 +948,32 @@ async fn health_reflection_and_metrics() {
         "{names:?}"
     );
 
+    // The older reflection version, which most tools still speak, lists the same services.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        let mut reflection = ServerReflectionClient::new(channel.clone());
+        let mut answers = reflection
+            .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("unexpected v1alpha reflection answer");
+        };
+        let alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            alpha.contains(&"goodtriever.v1.Goodtriever".to_string()),
+            "{alpha:?}"
+        );
+    }
+
     let mut client = server.client().await;
     client.adjust(sparse_request(&queries(3, 1))).await.unwrap();
     let text = http_get(server.metrics_addr, "/metrics").await;

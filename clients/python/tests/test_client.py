@@ -254,3 +254,20 @@ def test_tls_files_that_make_no_identity_are_refused(stores, binary, tmp_path):
     assert done.returncode != 0
     assert "listening" not in done.stdout
     assert "--tls-key holds no PEM private key" in done.stderr, done.stderr
+
+
+def test_the_official_reflection_client_lists_the_services(server):
+    # grpcio-reflection speaks only grpc.reflection.v1alpha; the server offers it beside v1.
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    with grpc.insecure_channel(server.grpc) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "goodtriever.v1.Goodtriever" in services
+        assert "grpc.health.v1.Health" in services
+        # It can also fetch the service's definition, as grpcurl does to call a method.
+        file = ProtoReflectionDescriptorDatabase(channel).FindFileContainingSymbol(
+            "goodtriever.v1.Goodtriever"
+        )
+        assert file.package == "goodtriever.v1"
