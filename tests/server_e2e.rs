@@ -921,56 +921,41 @@ async fn health_reflection_and_metrics() {
         assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
     }
 
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let mut reflection = ServerReflectionClient::new(channel.clone());
-    let mut answers = reflection
-        .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        }]))
-        .await
-        .unwrap()
-        .into_inner();
-    let answer = answers.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
-        panic!("unexpected reflection answer");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"goodtriever.v1.Goodtriever".to_string()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_string()),
-        "{names:?}"
-    );
-
-    // The older reflection version, which most tools still speak, lists the same services.
-    {
-        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-        let mut reflection = ServerReflectionClient::new(channel.clone());
-        let mut answers = reflection
-            .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(MessageRequest::ListServices(String::new())),
-            }]))
-            .await
-            .unwrap()
-            .into_inner();
-        let answer = answers.message().await.unwrap().unwrap();
-        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
-            panic!("unexpected v1alpha reflection answer");
-        };
-        let alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    // Both reflection versions: v1, and v1alpha, which most tools still speak. Their generated
+    // types differ only by module, hence a macro rather than a function.
+    macro_rules! listed_services {
+        ($version:ident) => {{
+            use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+            use tonic_reflection::pb::$version::ServerReflectionRequest;
+            let mut reflection = ServerReflectionClient::new(channel.clone());
+            let mut answers = reflection
+                .server_reflection_info(tokio_stream::iter(vec![ServerReflectionRequest {
+                    host: String::new(),
+                    message_request: Some(MessageRequest::ListServices(String::new())),
+                }]))
+                .await
+                .unwrap()
+                .into_inner();
+            let answer = answers.message().await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+                panic!("unexpected {} reflection answer", stringify!($version));
+            };
+            list.service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>()
+        }};
+    }
+    for names in [listed_services!(v1), listed_services!(v1alpha)] {
         assert!(
-            alpha.contains(&"goodtriever.v1.Goodtriever".to_string()),
-            "{alpha:?}"
+            names.contains(&"goodtriever.v1.Goodtriever".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&"grpc.health.v1.Health".to_string()),
+            "{names:?}"
         );
     }
 
