@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import List, Optional
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -46,8 +46,8 @@ _FINAL_HIDDEN = [
 ]
 
 
-def _resolve(model, path: str):
-    obj = model
+def _resolve(model: torch.nn.Module, path: str) -> Any:
+    obj: Any = model
     for part in path.split("."):
         if part.lstrip("-").isdigit():
             obj = obj[int(part)]
@@ -56,14 +56,15 @@ def _resolve(model, path: str):
     return obj
 
 
-def find_key_module(model, key_type: str) -> torch.nn.Module:
+def find_key_module(model: torch.nn.Module, key_type: str) -> torch.nn.Module:
     """The module whose output is the key hidden state of `key_type` in `model`."""
     candidates = {"last_ffn_input": _LAST_FFN_INPUT, "final_hidden": _FINAL_HIDDEN}.get(key_type)
     if candidates is None:
         raise ValueError(f"unknown key type {key_type!r}: expected last_ffn_input or final_hidden")
     for path in candidates:
         try:
-            return _resolve(model, path)
+            module: torch.nn.Module = _resolve(model, path)
+            return module
         except (AttributeError, IndexError, TypeError):
             continue
     raise ValueError(
@@ -72,7 +73,7 @@ def find_key_module(model, key_type: str) -> torch.nn.Module:
     )
 
 
-def _hidden_size(model) -> Optional[int]:
+def _hidden_size(model: torch.nn.Module) -> Optional[int]:
     config = getattr(model, "config", None)
     size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     return int(size) if size else None
@@ -132,14 +133,14 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
     def __init__(
         self,
         client: Client,
-        model,
+        model: torch.nn.Module,
         *,
         key_type: Optional[str] = None,
         key_module: Optional[torch.nn.Module] = None,
         send_f16: bool = False,
         overlap: bool = True,
-        **overrides,
-    ):
+        **overrides: Any,
+    ) -> None:
         self.client = client
         self.overrides = overrides
         self.send_f16 = send_f16
@@ -170,9 +171,14 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
         self.engine_micros.clear()
 
     def _wire(self, hidden: torch.Tensor) -> np.ndarray:
-        return hidden.to(torch.float16 if self.send_f16 else torch.float32).cpu().numpy()
+        return np.asarray(hidden.to(torch.float16 if self.send_f16 else torch.float32).cpu().numpy())
 
-    def _hook(self, module, inputs, output):
+    def _hook(
+        self,
+        module: torch.nn.Module,
+        inputs: Tuple[torch.Tensor, ...],
+        output: Union[torch.Tensor, Tuple[torch.Tensor, ...]],
+    ) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
         self._captured = hidden[:, -1, :].detach()
         if not self.overlap:
@@ -204,10 +210,14 @@ class GoodtrieverLogitsProcessor(LogitsProcessor):
         self._captured, self._pending, self._send_error, self._hook_seconds = None, None, None, 0.0
         if error is not None:
             raise error
-        if pending is not None:
-            bias = pending.result()
-        else:
-            bias = self.client.adjust(self._wire(hidden), **self.overrides)
+        answer = (
+            pending.result()
+            if pending is not None
+            else self.client.adjust(self._wire(hidden), **self.overrides)
+        )
+        if not isinstance(answer, Bias):
+            raise RuntimeError("the server answered the dense form to a sparse request")
+        bias = answer
         width = scores.shape[-1]
         for row in bias.rows:
             if len(row.tokens) and int(row.tokens.max()) >= width:
