@@ -17,6 +17,8 @@ forward hook::
     out = model.generate(**inputs, logits_processor=[proc])
 """
 
+from typing import Any
+
 from .client import (
     Bias,
     BiasRow,
@@ -43,7 +45,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     # torch and transformers are optional: import the integration only when it is asked for.
     if name == "GoodtrieverLogitsProcessor":
         from .hf import GoodtrieverLogitsProcessor

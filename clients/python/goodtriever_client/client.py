@@ -12,10 +12,11 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from ._proto import goodtriever_pb2 as pb
 from ._proto import goodtriever_pb2_grpc as pb_grpc
@@ -28,6 +29,13 @@ MODES = {
 _MODE_NAMES = {v: k for k, v in MODES.items()}
 
 _OVERRIDE_KEYS = ("alpha", "temperature", "k", "filter_p", "mode", "lam")
+
+# What `adjust` answers: a sparse `Bias`, or dense log-probabilities [B, V].
+Answer = Union["Bias", npt.NDArray[np.float32]]
+# An array the client sends: numpy, a torch tensor (detached and moved to the CPU), or anything
+# `np.asarray` takes. torch is not imported, so its tensors are typed as `Any`.
+ArrayLike = Union[npt.ArrayLike, Any]
+Metadata = Sequence[Tuple[str, str]]
 
 
 class GoodtrieverError(Exception):
@@ -55,8 +63,8 @@ class BiasRow:
     kind: str
     scale: float
     lam: float
-    tokens: np.ndarray
-    values: np.ndarray
+    tokens: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float32]
 
 
 @dataclass
@@ -67,12 +75,12 @@ class Bias:
     filter_p: float
     vocab_size: int
     step: int = 0
-    params: dict = field(default_factory=dict)
+    params: Dict[str, Any] = field(default_factory=dict)
     # Time the server's engine spent on this answer; a round trip minus this is transport cost.
     engine_micros: int = 0
 
 
-def _to_numpy(x) -> np.ndarray:
+def _to_numpy(x: ArrayLike) -> npt.NDArray[Any]:
     """numpy arrays pass through; torch tensors are detached and moved to the CPU."""
     if isinstance(x, np.ndarray):
         return x
@@ -80,11 +88,11 @@ def _to_numpy(x) -> np.ndarray:
         t = x.detach()
         if str(t.dtype) in ("torch.bfloat16",):
             t = t.float()
-        return t.cpu().numpy()
+        return np.asarray(t.cpu().numpy())
     return np.asarray(x)
 
 
-def _pack(x, what: str, allow_f16: bool = True) -> pb.Tensor:
+def _pack(x: ArrayLike, what: str, allow_f16: bool = True) -> pb.Tensor:
     a = _to_numpy(x)
     if a.ndim == 1:
         a = a[None, :]
@@ -97,7 +105,7 @@ def _pack(x, what: str, allow_f16: bool = True) -> pb.Tensor:
     return pb.Tensor(data=data, dtype=dtype, rows=a.shape[0])
 
 
-def _overrides(opts: dict) -> Optional[pb.Overrides]:
+def _overrides(opts: Dict[str, Any]) -> Optional[pb.Overrides]:
     unknown = set(opts) - set(_OVERRIDE_KEYS)
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)}; use {list(_OVERRIDE_KEYS)}")
@@ -118,7 +126,7 @@ def _overrides(opts: dict) -> Optional[pb.Overrides]:
     return o
 
 
-def _params_dict(p: pb.Params) -> dict:
+def _params_dict(p: pb.Params) -> Dict[str, Any]:
     return {
         "alpha": p.alpha,
         "temperature": p.temperature,
@@ -147,7 +155,7 @@ def _bias_row(r: pb.SparseRow) -> BiasRow:
     )
 
 
-def _unpack(resp: pb.AdjustResponse) -> Union[Bias, np.ndarray]:
+def _unpack(resp: pb.AdjustResponse) -> Answer:
     if resp.rows:
         rows = [_bias_row(r) for r in resp.rows]
         return Bias(
@@ -161,7 +169,13 @@ def _unpack(resp: pb.AdjustResponse) -> Union[Bias, np.ndarray]:
     return np.frombuffer(resp.log_probs, dtype="<f4").reshape(resp.num_rows, resp.vocab_size)
 
 
-def _request(hidden, logits, form, opts, step=0) -> pb.AdjustRequest:
+def _request(
+    hidden: ArrayLike,
+    logits: Optional[ArrayLike],
+    form: Optional[str],
+    opts: Dict[str, Any],
+    step: int = 0,
+) -> pb.AdjustRequest:
     req = pb.AdjustRequest(hidden=_pack(hidden, "hidden"), step=step)
     if logits is not None:
         req.logits.CopyFrom(_pack(logits, "logits"))
@@ -189,8 +203,8 @@ class Client:
         root_certificates: Optional[bytes] = None,
         timeout: Optional[float] = 30.0,
         max_message_bytes: int = 256 << 20,
-    ):
-        options = [
+    ) -> None:
+        options: List[Tuple[str, Union[int, str]]] = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
@@ -203,7 +217,8 @@ class Client:
             self._channel = grpc.secure_channel(target, creds, options=options)
         else:
             self._channel = grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.GoodtrieverStub(self._channel)
+        # The generated stub has no annotations: its methods are typed at the call sites.
+        self._stub: Any = pb_grpc.GoodtrieverStub(self._channel)  # type: ignore[no-untyped-call]
         self._admin = [("authorization", f"Bearer {admin_token}")] if admin_token else []
         self.timeout = timeout
 
@@ -213,10 +228,10 @@ class Client:
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method, request, metadata=()):
+    def _call(self, method: Callable[..., Any], request: Any, metadata: Metadata = ()) -> Any:
         try:
             return method(request, timeout=self.timeout, metadata=list(metadata))
         except grpc.RpcError as err:
@@ -224,12 +239,13 @@ class Client:
 
     def info(self) -> pb.InfoResponse:
         """Stores (rows, segments, provenance), model fingerprint, key type, defaults, limits."""
-        return self._call(self._stub.Info, pb.InfoRequest())
+        info: pb.InfoResponse = self._call(self._stub.Info, pb.InfoRequest())
+        return info
 
     def adjust(
         self,
-        hidden,
-        logits=None,
+        hidden: ArrayLike,
+        logits: Optional[ArrayLike] = None,
         *,
         form: Optional[str] = None,
         alpha: Optional[float] = None,
@@ -238,7 +254,7 @@ class Client:
         filter_p: Optional[float] = None,
         mode: Optional[str] = None,
         lam: Optional[float] = None,
-    ) -> Union[Bias, np.ndarray]:
+    ) -> Answer:
         """One batch. Without logits: a sparse `Bias` (apply it with `apply_bias`). With logits:
         the adjusted log-probabilities [B, V] (-inf where filtered)."""
         opts = dict(alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam)
@@ -247,8 +263,8 @@ class Client:
 
     def adjust_future(
         self,
-        hidden,
-        logits=None,
+        hidden: ArrayLike,
+        logits: Optional[ArrayLike] = None,
         *,
         form: Optional[str] = None,
         alpha: Optional[float] = None,
@@ -266,12 +282,18 @@ class Client:
         req = _request(hidden, logits, form, opts)
         return PendingAdjust(self._stub.Adjust.future(req, timeout=self.timeout))
 
-    def session(self, **overrides) -> "Session":
+    def session(self, **overrides: Any) -> "Session":
         """A streaming session for one generation: one `step()` per decoding step."""
         return Session(self, overrides)
 
     def add_examples(
-        self, store: str, hidden, next_tokens, *, source: str = "", tag: str = ""
+        self,
+        store: str,
+        hidden: ArrayLike,
+        next_tokens: ArrayLike,
+        *,
+        source: str = "",
+        tag: str = "",
     ) -> pb.AddExamplesResponse:
         """Appends (hidden state, next token) rows to `store` ("toxic" or "nontoxic"). Durable
         when this returns; later adjust calls see the rows."""
@@ -285,7 +307,8 @@ class Client:
             source=source,
             tag=tag,
         )
-        return self._call(self._stub.AddExamples, req, self._admin)
+        resp: pb.AddExamplesResponse = self._call(self._stub.AddExamples, req, self._admin)
+        return resp
 
     def add_texts(
         self, store: str, texts: Sequence[str], *, source: str = "", tag: str = ""
@@ -294,16 +317,17 @@ class Client:
         if isinstance(texts, str):
             texts = [texts]
         req = pb.AddTextsRequest(store=store, texts=list(texts), source=source, tag=tag)
-        return self._call(self._stub.AddTexts, req, self._admin)
+        resp: pb.AddTextsResponse = self._call(self._stub.AddTexts, req, self._admin)
+        return resp
 
 
 class PendingAdjust:
     """An `Adjust` call in flight, from `Client.adjust_future`."""
 
-    def __init__(self, future: grpc.Future):
+    def __init__(self, future: "grpc.Future[pb.AdjustResponse]") -> None:
         self._future = future
 
-    def result(self, timeout: Optional[float] = None) -> Union[Bias, np.ndarray]:
+    def result(self, timeout: Optional[float] = None) -> Answer:
         """Waits for the answer (at most `timeout` seconds more, if given): what `adjust` would
         have returned, or the `GoodtrieverError` it would have raised."""
         try:
@@ -332,23 +356,25 @@ class Session:
     Use it as a context manager, or call `close()` when the generation is done.
     """
 
-    def __init__(self, client: Client, overrides: dict):
+    def __init__(self, client: Client, overrides: Dict[str, Any]) -> None:
         _overrides(overrides)  # validate early
         self._opts = overrides
-        self._queue: "queue.Queue" = queue.Queue()
+        self._queue: "queue.Queue[object]" = queue.Queue()
         self._step = 0
         self._lock = threading.Lock()
-        self._responses = client._stub.AdjustStream(self._requests())
+        self._responses: Iterator[pb.AdjustResponse] = client._stub.AdjustStream(self._requests())
         self._closed = False
 
-    def _requests(self) -> Iterable[pb.AdjustRequest]:
+    def _requests(self) -> Iterator[object]:
         while True:
             item = self._queue.get()
             if item is _END:
                 return
             yield item
 
-    def step(self, hidden, logits=None, *, form: Optional[str] = None) -> Union[Bias, np.ndarray]:
+    def step(
+        self, hidden: ArrayLike, logits: Optional[ArrayLike] = None, *, form: Optional[str] = None
+    ) -> Answer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this session is closed")
@@ -377,17 +403,18 @@ class Session:
     def __enter__(self) -> "Session":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def log_softmax(z: np.ndarray) -> np.ndarray:
+def log_softmax(z: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """Row-wise log-softmax in float64; -inf entries stay -inf."""
-    z = np.asarray(z, dtype=np.float64)
-    m = np.max(z, axis=-1, keepdims=True)
+    x = np.asarray(z, dtype=np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
     if np.any(np.isneginf(m)):
         raise ValueError("a row of logits is all -inf: there is no distribution to adjust")
-    return z - (m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True)))
+    out: npt.NDArray[np.float64] = x - (m + np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True)))
+    return out
 
 
 # The nucleus's histogram: buckets 1/64 nat wide below the largest log-probability, over 48
@@ -396,7 +423,7 @@ _BUCKETS_PER_NAT = 64.0
 _BUCKETS = 48 * 64 + 1
 
 
-def nucleus_filter(l: np.ndarray, filter_p: float) -> np.ndarray:
+def nucleus_filter(l: npt.NDArray[Any], filter_p: float) -> npt.NDArray[Any]:
     """The base nucleus of docs/architecture.md §1 on normalised log-probs (one row): keep rank r iff r = 0
     or the mass of the higher ranks is below filter_p; ties go to the smaller token id. The
     removed tokens become -inf; the dtype is kept. See `nucleus_keep`."""
@@ -406,7 +433,7 @@ def nucleus_filter(l: np.ndarray, filter_p: float) -> np.ndarray:
     return np.where(nucleus_keep(l, filter_p), l, -np.inf).astype(l.dtype, copy=False)
 
 
-def nucleus_keep(l: np.ndarray, filter_p: float) -> np.ndarray:
+def nucleus_keep(l: npt.NDArray[Any], filter_p: float) -> npt.NDArray[np.bool_]:
     """The tokens the base nucleus keeps in normalised log-probs `l` (one row), as a bool mask:
     the one implementation of the rule in this package (`nucleus_filter` and the transformers
     processor both use it), the same as the server's `rule::nucleus_filter`.
@@ -436,12 +463,12 @@ def nucleus_keep(l: np.ndarray, filter_p: float) -> np.ndarray:
     before = (cum[cut - 1] if cut else 0.0) + np.cumsum(pm) - pm
     keep_cut = before < filter_p
     keep_cut[0] = True
-    keep = bucket < cut
+    keep: npt.NDArray[np.bool_] = bucket < cut
     keep[order[keep_cut]] = True
     return keep
 
 
-def apply_bias(logits, bias: Bias) -> np.ndarray:
+def apply_bias(logits: ArrayLike, bias: Bias) -> npt.NDArray[np.float32]:
     """The dense answer from raw logits [B, V] (or [V]) and a sparse `Bias`: normalised
     adjusted log-probabilities, float32, -inf where filtered."""
     z = _to_numpy(logits)
