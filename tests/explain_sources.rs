@@ -14,7 +14,7 @@ use std::sync::Arc;
 use build_common::*;
 use goodtriever::datastore::{
     Datastore, DatastoreError, KeyDtype, Keys, MergePolicy, Provenance, RowSources, SearchParams,
-    SourceSpan,
+    SourceSnippet, SourceSpan,
 };
 use goodtriever::detox::{AdjustOptions, DetoxScratch, Detoxifier};
 use goodtriever::explain::{ExplainOptions, StepTrace, TokenMove};
@@ -68,7 +68,8 @@ fn every_row_of_a_store_built_from_text_maps_back_to_the_token_it_was_made_at() 
         // With the whole document as context, the snippet is the document.
         let doc = format!("{}{}{}", src.before, src.token, src.after);
         assert!(docs.contains(&doc), "row {id}: {doc:?} is not an input");
-        let (ids, offsets) = tok.encode_plain_with_offsets(&doc).unwrap();
+        let enc = tok.encode_plain_with_offsets(&doc).unwrap();
+        let (ids, offsets) = (enc.ids, enc.offsets);
         // The tokens recorded at this byte range (several when byte tokens share a character).
         let at: Vec<usize> = (0..ids.len())
             .filter(|&j| offsets[j] == (src.start, src.end))
@@ -468,11 +469,12 @@ fn bad_row_sources_are_refused_before_anything_is_written() {
     assert!(store.segments()[0].sources);
 }
 
-fn origins(store: &Datastore) -> Vec<(u32, Option<(String, String, String)>)> {
+fn origins(store: &Datastore) -> Vec<(u32, Option<SourceSnippet>)> {
     (0..store.len() as u64)
         .map(|id| {
             let o = store.row_origin(id, 30).unwrap();
-            (o.value, o.source.map(|s| (s.before, s.token, s.after)))
+            // The document index is the segment's own: a merge renumbers it.
+            (o.value, o.source.map(|s| SourceSnippet { document: 0, ..s }))
         })
         .collect()
 }

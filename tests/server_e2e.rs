@@ -11,7 +11,7 @@ use goodtriever::detox::{AdjustOptions, DetoxScratch};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 use goodtriever::rule::{Mode, SparseRow};
 use goodtriever::server::convert;
-use goodtriever::server::encoder::EncodeError;
+use goodtriever::server::encoder::{EncodeError, PairSink};
 use goodtriever::server::proto::{self, Tensor};
 use goodtriever::server::{AdminAuth, Limits, ServeOptions, Server, TextEncoder};
 use half::{bf16, f16};
@@ -541,7 +541,7 @@ impl TextEncoder for FakeEncoder {
         &self,
         text: &str,
         _key_type: KeyType,
-        on_pair: &mut dyn FnMut(&[f32], u32, Option<(u32, u32)>),
+        on_pair: &mut PairSink<'_>,
     ) -> Result<(), EncodeError> {
         let codes: Vec<u32> = text.bytes().map(|b| b as u32 % VOCAB as u32).collect();
         if codes.len() < 2 {

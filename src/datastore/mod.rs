@@ -754,14 +754,13 @@ impl Datastore {
 /// and the segments it replaces.
 type NewSegment = (Vec<u8>, Vec<u32>, Option<RowSources>, Provenance, Vec<u64>);
 
+/// Key bytes, values, row sources and provenance of a merged segment.
+type MergedRows = (Vec<u8>, Vec<u32>, Option<RowSources>, Provenance);
+
 /// The rows of `entries` (live segments, in order) as one segment's key bytes, values and
 /// row sources (when any original has them; rows of originals without get
 /// [`SourceSpan::NONE`]), with the provenance of every original.
-fn merge_rows(
-    dir: &Path,
-    m: &Manifest,
-    entries: &[&SegmentEntry],
-) -> Result<(Vec<u8>, Vec<u32>, Option<RowSources>, Provenance)> {
+fn merge_rows(dir: &Path, m: &Manifest, entries: &[&SegmentEntry]) -> Result<MergedRows> {
     let mut key_bytes = Vec::new();
     let mut values = Vec::new();
     let any_sources = entries.iter().any(|e| e.file(SOURCES_FILE).is_some());

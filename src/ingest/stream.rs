@@ -23,7 +23,7 @@ use rayon::prelude::*;
 
 use super::BuildError;
 use crate::datastore::{RowSources, SourceSpan};
-use crate::model::{Tokenizer, Windows};
+use crate::model::{PlainEncoding, Tokenizer, Windows};
 
 /// All selected documents as token ids, with their text and every token's place in it.
 #[derive(Clone, Debug, Default)]
@@ -41,11 +41,11 @@ pub struct Corpus {
 impl Corpus {
     /// Tokenizes `texts` (in parallel) and appends the non-empty results.
     pub fn extend(&mut self, tokenizer: &Tokenizer, texts: &[String]) -> Result<(), BuildError> {
-        let ids: Vec<(Vec<u32>, Vec<(u32, u32)>)> = texts
+        let ids: Vec<PlainEncoding> = texts
             .par_iter()
             .map(|t| tokenizer.encode_plain_with_offsets(t))
             .collect::<Result<_, _>>()?;
-        for ((d, offsets), text) in ids.into_iter().zip(texts) {
+        for (PlainEncoding { ids: d, offsets }, text) in ids.into_iter().zip(texts) {
             if d.is_empty() {
                 continue;
             }

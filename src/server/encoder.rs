@@ -36,6 +36,9 @@ impl From<ModelError> for EncodeError {
     }
 }
 
+/// What [`TextEncoder::encode`] calls per keyed position: `(key, next token, span)`.
+pub type PairSink<'a> = dyn FnMut(&[f32], u32, Option<(u32, u32)>) + 'a;
+
 /// Something that turns text into `(key hidden state, next token)` pairs.
 pub trait TextEncoder: Send + Sync {
     /// The model the keys come from; checked against the stores at startup.
@@ -48,7 +51,7 @@ pub trait TextEncoder: Send + Sync {
         &self,
         text: &str,
         key_type: KeyType,
-        on_pair: &mut dyn FnMut(&[f32], u32, Option<(u32, u32)>),
+        on_pair: &mut PairSink<'_>,
     ) -> Result<(), EncodeError>;
 
     /// The text of token `id`, for explanations; `None` when the encoder cannot say.
@@ -71,11 +74,12 @@ impl TextEncoder for Model {
         &self,
         text: &str,
         key_type: KeyType,
-        on_pair: &mut dyn FnMut(&[f32], u32, Option<(u32, u32)>),
+        on_pair: &mut PairSink<'_>,
     ) -> Result<(), EncodeError> {
         // Texts added to a store are data: a literal `<|im_end|>` in them is plain text, as in
         // `datastore build` (see `Tokenizer::encode_plain`).
-        let (tokens, offsets) = self.tokenizer().encode_plain_with_offsets(text)?;
+        let enc = self.tokenizer().encode_plain_with_offsets(text)?;
+        let (tokens, offsets) = (enc.ids, enc.offsets);
         if tokens.len() < 3 {
             // The first position of a window is never keyed (attention sink) and the last has
             // no next token, so fewer than three tokens yield nothing.
