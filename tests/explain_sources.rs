@@ -474,7 +474,10 @@ fn origins(store: &Datastore) -> Vec<(u32, Option<SourceSnippet>)> {
         .map(|id| {
             let o = store.row_origin(id, 30).unwrap();
             // The document index is the segment's own: a merge renumbers it.
-            (o.value, o.source.map(|s| SourceSnippet { document: 0, ..s }))
+            (
+                o.value,
+                o.source.map(|s| SourceSnippet { document: 0, ..s }),
+            )
         })
         .collect()
 }
@@ -695,6 +698,17 @@ fn the_explain_command_shows_each_token_with_its_rows_and_their_source_text() {
     assert!(out.contains("continuation"), "{out}");
     assert!(out.contains("step   1  chose"), "{out}");
     assert!(out.contains("segment "), "{out}");
+
+    // `info` and `segments` say which segments record sources.
+    let (ok, out, err) = run(&["datastore", "info", t, "--json"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(info["segments"][0]["sources"], true);
+    let (ok, out, err) = run(&["datastore", "segments", t]);
+    assert!(ok, "{err}");
+    assert!(out.contains("sources: every row's position"), "{out}");
+    let (ok, out, _) = run(&["datastore", "info", t]);
+    assert!(ok && out.contains("  sources  "), "{out}");
 
     // Without stores there is nothing to explain.
     let (ok, _, err) = run(&["explain", "--model", m, "--prompt", "x"]);
