@@ -69,6 +69,11 @@ fn every_row_of_a_store_built_from_text_maps_back_to_the_token_it_was_made_at() 
         let doc = format!("{}{}{}", src.before, src.token, src.after);
         assert!(docs.contains(&doc), "row {id}: {doc:?} is not an input");
         let enc = tok.encode_plain_with_offsets(&doc).unwrap();
+        assert_eq!(
+            enc.ids,
+            tok.encode_plain(&doc).unwrap(),
+            "the same ids as encode_plain"
+        );
         let (ids, offsets) = (enc.ids, enc.offsets);
         // The tokens recorded at this byte range (several when byte tokens share a character).
         let at: Vec<usize> = (0..ids.len())
