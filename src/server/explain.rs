@@ -8,11 +8,11 @@ use bytes::BytesMut;
 use tonic::Status;
 
 use super::adjust_step::GrpcStep;
+use super::encoder::TextEncoder;
 use super::proto;
-use super::shared::Shared;
 use super::status;
 use crate::datastore::SourceSnippet;
-use crate::detox::DetoxScratch;
+use crate::detox::{DetoxScratch, Detoxifier};
 use crate::explain::{ExplainError, ExplainOptions, StepExplanation, StepTrace, TokenMove};
 use crate::rule::{self, RuleScratch, SparseRow};
 use crate::steps::{OutputRows, Step, StepOutput};
@@ -42,13 +42,14 @@ fn from_explain(e: ExplainError) -> Status {
 }
 
 /// Computes `step` (its form as asked) and explains each of its rows.
+/// Token texts come from `encoder` (the server's model) when there is one.
 pub(super) fn adjust_explained(
-    shared: &Shared,
+    engine: &Detoxifier,
+    encoder: Option<&dyn TextEncoder>,
     step: &GrpcStep,
     explain: proto::ExplainOptions,
 ) -> Result<proto::AdjustResponse, Status> {
     let eo = options(explain)?;
-    let engine = &*shared.engine;
     let plan = step.plan();
     let input = step.decode_all()?;
     let vocab = engine.vocab_size();
@@ -94,8 +95,7 @@ pub(super) fn adjust_explained(
                 .map_err(from_explain)?,
         );
     }
-    let encoder = shared.encoder.clone();
-    let text = |t: u32| encoder.as_ref().and_then(|e| e.token_text(t));
+    let text = |t: u32| encoder.and_then(|e| e.token_text(t));
     let explanations = traces
         .iter()
         .map(|t| {

@@ -98,7 +98,12 @@ impl Shared {
             // vocabulary-sized rows and reads the stores' source files).
             let shared = self.clone();
             return tokio::task::spawn_blocking(move || {
-                super::explain::adjust_explained(&shared, &step, options)
+                super::explain::adjust_explained(
+                    &shared.engine,
+                    shared.encoder.as_deref(),
+                    &step,
+                    options,
+                )
             })
             .await
             .map_err(|e| Status::internal(format!("the explain worker failed: {e}")))?;
