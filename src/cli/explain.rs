@@ -119,7 +119,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<()> {
                     };
                     writeln!(
                         out,
-                        "         {:<8} {place:<22} d={:<10.3} w={:.3}  {src}",
+                        "         {:<8} {place:<22} d={:<10.3} w={:<8.5} {src}",
                         r.store, r.distance, r.weight
                     )?;
                 }
