@@ -372,6 +372,13 @@ impl Detoxifier {
         }
     }
 
+    /// The stores (indices into [`stores`](Self::stores)) that a call in `mode` searches:
+    /// after such a call, [`last_neighbours`](Self::last_neighbours) holds their answers, and
+    /// only theirs.
+    pub fn searched_stores(&self, mode: Mode) -> Result<std::ops::Range<usize>, DetoxError> {
+        Ok(self.stores_for(mode)?.range(self.stores.len()))
+    }
+
     /// Checks that the engine's stores can serve `mode`.
     pub fn check_mode(&self, mode: Mode) -> Result<(), DetoxError> {
         self.stores_for(mode).map(|_| ())

@@ -65,6 +65,7 @@ pub mod datastore;
 pub mod detox;
 #[cfg(feature = "model")]
 pub mod eval;
+pub mod explain;
 pub mod fingerprint;
 #[cfg(feature = "model")]
 pub mod generate;

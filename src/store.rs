@@ -23,8 +23,8 @@
 //!   everything the rule needs. Ids are the store's own, stable until segments change.
 
 use crate::datastore::{
-    Datastore, DatastoreError, KeyDtype, Keys, MergePolicy, Neighbour, Provenance, SearchParams,
-    SegmentInfo,
+    Datastore, DatastoreError, KeyDtype, Keys, MergePolicy, Neighbour, Provenance, RowOrigin,
+    RowSources, SearchParams, SegmentInfo,
 };
 use crate::fingerprint::{KeyType, ModelFingerprint};
 
@@ -80,6 +80,32 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         values: &[u32],
         provenance: Provenance,
     ) -> Result<SegmentInfo, DatastoreError>;
+
+    /// [`append`](Self::append) that also records each row's place in its source text
+    /// (docs/architecture.md §3). A backend that keeps no source text refuses sources rather
+    /// than dropping them: the default does.
+    fn append_with_sources(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+        sources: Option<RowSources>,
+    ) -> Result<SegmentInfo, DatastoreError> {
+        match sources {
+            None => self.append(keys, values, provenance),
+            Some(_) => Err(DatastoreError::BadSources(format!(
+                "the store at {} keeps no source text; append without sources",
+                self.location()
+            ))),
+        }
+    }
+
+    /// Where row `id` (as the last search returned it) lives and the source text around it,
+    /// `context` bytes either side; `None` when the backend cannot say (the default, for
+    /// stores without segments of their own). Used by `explain`, never on the decoding path.
+    fn row_origin(&self, _id: u64, _context: usize) -> Result<Option<RowOrigin>, DatastoreError> {
+        Ok(None)
+    }
 
     /// One step of keeping the segment count low as small appends accumulate: merges what
     /// `policy` says is due and returns the merged segment, or `None` when nothing was (or the
@@ -139,5 +165,17 @@ impl Store for Datastore {
         policy: &MergePolicy,
     ) -> Result<Option<SegmentInfo>, DatastoreError> {
         self.merge_tail(policy)
+    }
+    fn append_with_sources(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+        sources: Option<RowSources>,
+    ) -> Result<SegmentInfo, DatastoreError> {
+        Datastore::append_with_sources(self, keys, values, provenance, sources, &|_| {})
+    }
+    fn row_origin(&self, id: u64, context: usize) -> Result<Option<RowOrigin>, DatastoreError> {
+        Datastore::row_origin(self, id, context).map(Some)
     }
 }

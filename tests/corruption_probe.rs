@@ -1,7 +1,7 @@
 //! Corruption probe: damaged store files are caught and name the damaged file.
 //!
 //! A small valid store (f32 keys, D = 32, two segments, each with its keys, values and HNSW
-//! index file) is copied for every case and one of its files is damaged, seeded: a flipped
+//! index file; the second also with the rows' source positions and documents) is copied for every case and one of its files is damaged, seeded: a flipped
 //! byte (or a few), a truncation, or garbage appended. The files are every file of the store
 //! as listed from its directory: `manifest.json` and every file of every segment directory.
 //! Each damage must be caught: either `Datastore::open` refuses the store with an error that
@@ -30,7 +30,9 @@ mod datastore_common;
 use std::path::{Path, PathBuf};
 
 use datastore_common::{clustered, copy_dir, Rng};
-use goodtriever::datastore::{CreateOptions, Datastore, KeyDtype, Keys, Provenance, SearchParams};
+use goodtriever::datastore::{
+    CreateOptions, Datastore, KeyDtype, Keys, Provenance, RowSources, SearchParams, SourceSpan,
+};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 
 const D: usize = 32;
@@ -263,10 +265,29 @@ fn make_store(dir: &Path) -> Pristine {
         let k = clustered(n, D, 4, 10 + i as u64);
         let mut rng = Rng::new(20 + i as u64);
         let v: Vec<u32> = (0..n).map(|_| rng.below(VOCAB as u64) as u32).collect();
-        ds.append(
+        // The second segment records its rows' source text, as one built from text does.
+        let sources = (i == 1).then(|| {
+            let documents: Vec<String> = (0..5)
+                .map(|d| format!("document {d}: the quiet river runs over the hill"))
+                .collect();
+            let spans = (0..n)
+                .map(|r| {
+                    let start = (r % 40) as u32;
+                    SourceSpan {
+                        document: (r % 5) as u32,
+                        start,
+                        end: start + 3,
+                    }
+                })
+                .collect();
+            RowSources { documents, spans }
+        });
+        ds.append_with_sources(
             Keys::F32(&k),
             &v,
             Provenance::new("probe").with_label("seed"),
+            sources,
+            &|_| {},
         )
         .unwrap();
         keys.extend(k);
@@ -296,7 +317,14 @@ fn every_damaged_store_file_is_caught_by_open_or_verify_naming_it() {
     let pristine_dir = tmp.path().join("pristine");
     let pristine = make_store(&pristine_dir);
     let files = store_files(&pristine_dir);
-    for f in ["manifest.json", "keys.bin", "values.bin", "index.bin"] {
+    for f in [
+        "manifest.json",
+        "keys.bin",
+        "values.bin",
+        "index.bin",
+        "sources.bin",
+        "documents.bin",
+    ] {
         assert!(
             files.iter().any(|p| p.ends_with(f)),
             "the store has no {f}: {files:?}"

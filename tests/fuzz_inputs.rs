@@ -999,6 +999,8 @@ mod server {
                     form,
                     overrides,
                     step,
+                    // Explain is a separate, unmerged path (tests/server_e2e.rs).
+                    explain: None,
                 },
             )
     }

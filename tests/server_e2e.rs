@@ -11,7 +11,7 @@ use goodtriever::detox::{AdjustOptions, DetoxScratch};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 use goodtriever::rule::{Mode, SparseRow};
 use goodtriever::server::convert;
-use goodtriever::server::encoder::EncodeError;
+use goodtriever::server::encoder::{EncodeError, PairSink};
 use goodtriever::server::proto::{self, Tensor};
 use goodtriever::server::{AdminAuth, Limits, ServeOptions, Server, TextEncoder};
 use half::{bf16, f16};
@@ -541,14 +541,14 @@ impl TextEncoder for FakeEncoder {
         &self,
         text: &str,
         _key_type: KeyType,
-        on_pair: &mut dyn FnMut(&[f32], u32),
+        on_pair: &mut PairSink<'_>,
     ) -> Result<(), EncodeError> {
         let codes: Vec<u32> = text.bytes().map(|b| b as u32 % VOCAB as u32).collect();
         if codes.len() < 2 {
             return Err(EncodeError::Input("too short".into()));
         }
-        for w in codes.windows(2) {
-            on_pair(&[w[0] as f32; DIM], w[1]);
+        for (i, w) in codes.windows(2).enumerate() {
+            on_pair(&[w[0] as f32; DIM], w[1], Some((i as u32, i as u32 + 1)));
         }
         Ok(())
     }
@@ -1009,4 +1009,166 @@ async fn bad_server_options_are_refused_before_serving() {
             .expect("refused");
         assert!(err.to_string().contains(flag), "{err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjust_explains_each_row_with_the_searched_rows_and_their_source_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path(), defaults());
+    let mut opts = opts_with_admin();
+    opts.encoder = Some(Arc::new(FakeEncoder(fingerprint())));
+    let server = start(engine.clone(), opts).await;
+    let mut client = server.client().await;
+    // Rows with source text: the fake encoder keys each character by its code.
+    client
+        .add_texts(admin(
+            proto::AddTextsRequest {
+                store: "toxic".into(),
+                texts: vec!["quiet river".into()],
+                ..Default::default()
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap();
+    let info = client
+        .info(proto::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let segs = &info.stores[0].segments;
+    assert_eq!(
+        segs.iter().map(|s| s.sources).collect::<Vec<_>>(),
+        [false, true]
+    );
+
+    // One row at the key of 'e' (whose row predicts 't'), one among the imported rows.
+    let mut hidden = vec![b'e' as f32; DIM];
+    hidden.extend(queries(1, 9));
+    let logits = Rng::new(5).vec(2 * VOCAB, 2.0);
+    let explain = |form: proto::ResponseForm| proto::AdjustRequest {
+        hidden: hidden_tensor(&hidden),
+        logits: logits_tensor(&logits),
+        form: form as i32,
+        explain: Some(proto::ExplainOptions {
+            top: Some(10),
+            rows: Some(256),
+            context_bytes: Some(3),
+        }),
+        ..Default::default()
+    };
+    let resp = client
+        .adjust(explain(proto::ResponseForm::Dense))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.explanations.len(), 2);
+    // The answer is the one without explain.
+    let plain = client
+        .adjust(proto::AdjustRequest {
+            hidden: hidden_tensor(&hidden),
+            logits: logits_tensor(&logits),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.log_probs, plain.log_probs);
+
+    let k = defaults().params.k;
+    let mut sourced = 0;
+    for (row, e) in resp.explanations.iter().enumerate() {
+        let q = &hidden[row * DIM..(row + 1) * DIM];
+        let direct: Vec<_> = engine
+            .stores()
+            .iter()
+            .map(|s| {
+                let mut out = vec![Vec::new()];
+                s.store
+                    .search_into(q, k, engine.search_params(), &mut out)
+                    .unwrap();
+                out.remove(0)
+            })
+            .collect();
+        for m in e.pushed_down.iter().chain(&e.pushed_up) {
+            assert!(!m.rows.is_empty());
+            for r in &m.rows {
+                let si = engine
+                    .stores()
+                    .iter()
+                    .position(|s| s.name == r.store)
+                    .unwrap();
+                let n = direct[si]
+                    .iter()
+                    .find(|n| n.id == r.id)
+                    .expect("an explained row is one the search returned");
+                assert_eq!((n.dist, n.value), (r.distance, r.next_token));
+                if let Some(src) = &r.source {
+                    // The row's key is its character; its value the next character.
+                    assert_eq!(src.token.len(), 1);
+                    let c = src.token.as_bytes()[0] as f32;
+                    let d: f32 = q.iter().map(|x| (x - c) * (x - c)).sum();
+                    assert!(
+                        (d - r.distance).abs() <= 1e-3 * d.max(1.0),
+                        "{d} vs {}",
+                        r.distance
+                    );
+                    assert_eq!(
+                        src.after.as_bytes().first().map(|&b| b as u32),
+                        Some(r.next_token)
+                    );
+                    sourced += 1;
+                }
+            }
+        }
+    }
+    assert!(sourced > 0, "no explained row had its source text");
+    // The 'e' row pushes 't' down.
+    let t = resp.explanations[0]
+        .pushed_down
+        .iter()
+        .find(|m| m.token == b't' as u32)
+        .expect("'t' pushed down");
+    let r = &t.rows[0];
+    assert_eq!((r.store.as_str(), r.distance), ("toxic", 0.0));
+    let src = r.source.as_ref().unwrap();
+    assert_eq!(
+        (src.before.as_str(), src.token.as_str(), src.after.as_str()),
+        ("qui", "e", "t r")
+    );
+
+    // The sparse form explained the same way.
+    let sparse = client
+        .adjust(explain(proto::ResponseForm::Sparse))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(sparse.rows.len(), 2);
+    assert_eq!(sparse.explanations, resp.explanations);
+
+    // Explain without logits, with bad options, or on a stream is refused; the server serves on.
+    let mut no_logits = explain(proto::ResponseForm::Sparse);
+    no_logits.logits = None;
+    let err = client.adjust(no_logits).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("explain needs logits"),
+        "{}",
+        err.message()
+    );
+    let mut zero = explain(proto::ResponseForm::Dense);
+    zero.explain = Some(proto::ExplainOptions {
+        top: Some(0),
+        ..Default::default()
+    });
+    let err = client.adjust(zero).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("top"), "{}", err.message());
+    let stream = tokio_stream::iter(vec![explain(proto::ResponseForm::Dense)]);
+    let mut answers = client.adjust_stream(stream).await.unwrap().into_inner();
+    let err = answers.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("unary Adjust"), "{}", err.message());
+    client.adjust(sparse_request(&hidden)).await.unwrap();
+    server.stop().await;
 }

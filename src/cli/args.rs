@@ -116,12 +116,23 @@ impl StoreArgs {
         if self.toxic.is_none() && self.nontoxic.is_none() {
             return Ok(None);
         }
+        let detox = self.detoxifier(opts, search, model)?;
+        Ok(Some(ControlHook::new(Arc::new(detox), opts)?))
+    }
+
+    /// The engine over the stores `opts.mode` needs, checked against `model`.
+    pub fn detoxifier(
+        &self,
+        opts: AdjustOptions,
+        search: SearchParams,
+        model: &Model,
+    ) -> anyhow::Result<Detoxifier> {
         let stores = self.open(opts.mode)?;
         let detox = Detoxifier::new(stores, opts, search, Some(model.config().vocab_size))?;
         if let Err(why) = model.fingerprint().check_compatible(detox.fingerprint()) {
             bail!("the datastores were built with another model than this one: {why}");
         }
-        Ok(Some(ControlHook::new(Arc::new(detox), opts)?))
+        Ok(detox)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod adjust;
 pub mod args;
 pub mod datastore;
 pub mod eval;
+pub mod explain;
 pub mod generate;
 pub mod model;
 pub mod serve;
@@ -46,6 +47,8 @@ pub enum Command {
     Model(model::ModelCmdArgs),
     /// Sample continuations from the model, optionally steered by the datastores.
     Generate(Box<generate::GenerateArgs>),
+    /// Generate with the control and show, per token, which store rows moved which tokens.
+    Explain(Box<explain::ExplainArgs>),
     /// Serve the control over gRPC: a decoding hook for any generation engine.
     Serve(Box<serve::ServeArgs>),
     /// Toxicity evaluation: sample many prompts base vs controlled, and conditional perplexity.
@@ -82,6 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(*args),
         Command::Model(args) => model::run(args),
         Command::Generate(args) => generate::run(*args),
+        Command::Explain(args) => explain::run(*args),
         Command::Eval(args) => eval::run(args),
     }
 }

@@ -108,6 +108,10 @@ pub enum DatastoreError {
         why: String,
     },
 
+    /// The source text handed to an append does not fit its rows (docs/architecture.md §3).
+    #[error("bad row sources: {0}")]
+    BadSources(String),
+
     /// `append` got a next-token value at or beyond the store's vocabulary size.
     #[error("value {value} of row {row} is not a token id: the store's vocabulary has {vocab} tokens (ids below {vocab})")]
     ValueOutOfVocab {

@@ -14,7 +14,7 @@
 //! L2), `scored` (the distance-ordered (distance, row) pair), `exact` (flat scan + top-k),
 //! `hnsw` (graph build, file, walk), `hnsw_layers` (the graph in memory), `hnsw_repair`
 //! (level-0 repair before writing), `search` (per-segment choice, merge, de-duplication),
-//! `verify` (checksums), `error`.
+//! `sources` (rows' positions in their source text), `verify` (checksums), `error`.
 
 mod distance;
 mod durable;
@@ -28,6 +28,7 @@ mod manifest;
 mod scored;
 mod search;
 mod segment;
+mod sources;
 mod verify;
 
 use std::collections::HashMap;
@@ -46,6 +47,7 @@ pub use manifest::{
     KeyDtype, LabelRange, MergedSegment, Part, Provenance, SourceFile, TextProvenance, TOOL,
 };
 pub use search::{Neighbour, SearchMode, SearchParams, AUTO_EF_FACTOR, AUTO_MIN_ROWS, DEFAULT_EF};
+pub use sources::{RowSources, SourceSnippet, SourceSpan, DOCUMENTS_FILE, SOURCES_FILE};
 pub use verify::{FileCheck, VerifyProblem, VerifyReport};
 
 use crate::fingerprint::{KeyType, ModelFingerprint};
@@ -87,6 +89,25 @@ pub struct SegmentInfo {
     pub provenance: Provenance,
     /// Total bytes of the segment's files.
     pub bytes: u64,
+    /// Whether the segment records its rows' source text (`sources.bin`, `documents.bin`):
+    /// segments built from text do, imported ones and those written before do not.
+    pub sources: bool,
+}
+
+/// Where a live row lives and, for rows made from text, the text around it
+/// ([`Datastore::row_origin`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RowOrigin {
+    /// The row's id among live rows, as searches return it.
+    pub id: u64,
+    /// The id of the segment that holds it.
+    pub segment: u64,
+    /// Its index within that segment, from 0.
+    pub row_in_segment: usize,
+    /// The value: the next token id.
+    pub value: u32,
+    /// The source text around the row; `None` when its segment records none.
+    pub source: Option<SourceSnippet>,
 }
 
 /// One stored row read back ([`Datastore::row`]).
@@ -157,6 +178,7 @@ impl Snapshot {
                     retired: e.retired,
                     provenance: e.provenance.clone(),
                     bytes: e.bytes(),
+                    sources: e.file(SOURCES_FILE).is_some(),
                 }
             })
             .collect()
@@ -343,6 +365,44 @@ impl Datastore {
         provenance: Provenance,
         progress: &dyn Fn(usize),
     ) -> Result<SegmentInfo> {
+        self.append_with_sources(keys, values, provenance, None, progress)
+    }
+
+    /// Where live row `id` lives (segment, row in it, value) and, when its segment records
+    /// sources, the text around it: `context` bytes either side of the row's token. Ids are
+    /// those of the current snapshot, as a search run just before returns them.
+    pub fn row_origin(&self, id: u64, context: usize) -> Result<RowOrigin> {
+        let snap = self.snap.load();
+        if id >= snap.rows as u64 {
+            return Err(DatastoreError::NoSuchRow {
+                id,
+                rows: snap.rows,
+            });
+        }
+        let s = snap.starts.partition_point(|&st| st <= id) - 1;
+        let seg = &snap.segments[s];
+        let r = (id - snap.starts[s]) as usize;
+        Ok(RowOrigin {
+            id,
+            segment: seg.id,
+            row_in_segment: r,
+            value: seg.values()[r],
+            source: seg.sources().and_then(|src| src.snippet(r, context)),
+        })
+    }
+
+    /// [`append_with_progress`](Self::append_with_progress) that also records where every row
+    /// came from in its source text (`sources.bin` and `documents.bin` in the new segment,
+    /// docs/architecture.md §3). The sources are checked against the rows before anything is
+    /// written.
+    pub fn append_with_sources(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+        sources: Option<RowSources>,
+        progress: &dyn Fn(usize),
+    ) -> Result<SegmentInfo> {
         let (dim, dtype) = {
             let s = self.snap.load();
             (s.manifest.dim(), s.manifest.dtype)
@@ -371,6 +431,9 @@ impl Datastore {
             )));
         }
         provenance.check()?;
+        if let Some(src) = &sources {
+            src.check(rows)?;
+        }
         if let Some(vocab) = self.fingerprint.vocab_size {
             if let Some(row) = values.iter().position(|&v| v as usize >= vocab) {
                 return Err(DatastoreError::ValueOutOfVocab {
@@ -396,7 +459,7 @@ impl Datastore {
         let key_bytes = segment::encode_keys(keys, dim, dtype)?;
         let values = values.to_vec();
         let info = self.commit_new_segment(
-            |_m| Ok(Some((key_bytes, values, provenance, Vec::new()))),
+            |_m| Ok(Some((key_bytes, values, sources, provenance, Vec::new()))),
             progress,
         )?;
         Ok(info.expect("an append always writes a segment"))
@@ -416,7 +479,7 @@ impl Datastore {
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let _lock = WriterLock::acquire(&self.dir)?;
         let (mut m, _) = Manifest::read(&self.dir)?;
-        let Some((key_bytes, values, provenance, replaces)) = make(&m)? else {
+        let Some((key_bytes, values, sources, provenance, replaces)) = make(&m)? else {
             return Ok(None);
         };
         let id = m.next_segment_id;
@@ -435,6 +498,7 @@ impl Datastore {
             &tmp,
             &key_bytes,
             &values,
+            sources.as_ref(),
             m.dim(),
             m.dtype,
             self.index_params,
@@ -646,10 +710,10 @@ impl Datastore {
         let info = self.commit_new_segment(
             |m| {
                 let live: Vec<&SegmentEntry> = m.live().collect();
-                let (key_bytes, values, prov) = merge_rows(&dir, m, &live)?;
+                let (key_bytes, values, sources, prov) = merge_rows(&dir, m, &live)?;
                 // Retired segments are deleted, not merged, so they are not listed.
                 let replaces = m.segments.iter().map(|s| s.id).collect();
-                Ok(Some((key_bytes, values, prov, replaces)))
+                Ok(Some((key_bytes, values, sources, prov, replaces)))
             },
             progress,
         )?;
@@ -675,32 +739,42 @@ impl Datastore {
                     return Ok(None);
                 };
                 let entries: Vec<&SegmentEntry> = m.segments[run.clone()].iter().collect();
-                let (key_bytes, values, prov) = merge_rows(&dir, m, &entries)?;
+                let (key_bytes, values, sources, prov) = merge_rows(&dir, m, &entries)?;
                 let replaces = entries.iter().map(|e| e.id).collect();
                 // The run is the manifest's tail, so the merged segment, appended last, keeps
                 // every row's id.
-                Ok(Some((key_bytes, values, prov, replaces)))
+                Ok(Some((key_bytes, values, sources, prov, replaces)))
             },
             &|_| {},
         )
     }
 }
 
-/// What [`Datastore::commit_new_segment`] writes: key bytes, values, provenance, and the
-/// segments it replaces.
-type NewSegment = (Vec<u8>, Vec<u32>, Provenance, Vec<u64>);
+/// What [`Datastore::commit_new_segment`] writes: key bytes, values, row sources, provenance,
+/// and the segments it replaces.
+type NewSegment = (Vec<u8>, Vec<u32>, Option<RowSources>, Provenance, Vec<u64>);
 
-/// The rows of `entries` (live segments, in order) as one segment's key bytes and values, with
-/// the provenance of every original.
-fn merge_rows(
-    dir: &Path,
-    m: &Manifest,
-    entries: &[&SegmentEntry],
-) -> Result<(Vec<u8>, Vec<u32>, Provenance)> {
+/// Key bytes, values, row sources and provenance of a merged segment.
+type MergedRows = (Vec<u8>, Vec<u32>, Option<RowSources>, Provenance);
+
+/// The rows of `entries` (live segments, in order) as one segment's key bytes, values and
+/// row sources (when any original has them; rows of originals without get
+/// [`SourceSpan::NONE`]), with the provenance of every original.
+fn merge_rows(dir: &Path, m: &Manifest, entries: &[&SegmentEntry]) -> Result<MergedRows> {
     let mut key_bytes = Vec::new();
     let mut values = Vec::new();
+    let any_sources = entries.iter().any(|e| e.file(SOURCES_FILE).is_some());
+    let mut sources = any_sources.then(RowSources::default);
     for e in entries {
         let seg = Segment::open(dir, e, m.dim(), m.dtype)?;
+        if let Some(out) = &mut sources {
+            match seg.sources() {
+                Some(src) => out.extend_from(src),
+                None => out
+                    .spans
+                    .extend(std::iter::repeat_n(SourceSpan::NONE, seg.rows)),
+            }
+        }
         match seg.keys() {
             keys::KeyRows::F32(k) => {
                 for v in k {
@@ -720,7 +794,10 @@ fn merge_rows(
     }
     // The merged segment keeps every original's provenance (ids, rows, row offsets).
     let prov = Provenance::merged(entries.iter().map(|e| (e.id, e.rows, &e.provenance)));
-    Ok((key_bytes, values, prov))
+    if let Some(src) = &sources {
+        src.check(values.len())?;
+    }
+    Ok((key_bytes, values, sources, prov))
 }
 
 /// When small segments are merged while a store grows (a log merge policy, as search engines

@@ -1,4 +1,5 @@
-//! One immutable segment: `keys.bin`, `values.bin` and `index.bin`, memory-mapped.
+//! One immutable segment: `keys.bin`, `values.bin` and `index.bin`, memory-mapped, and for
+//! rows made from text `sources.bin` and `documents.bin` (`sources`).
 //!
 //! A segment is written once, into a temporary directory, and never modified afterwards; it
 //! only becomes part of the store when a manifest that lists it is committed. Opening maps the
@@ -16,6 +17,7 @@ use super::error::{DatastoreError, Result};
 use super::hnsw::{self, Graph, INDEX_FILE};
 use super::keys::{KeyRows, Keys};
 use super::manifest::{FileEntry, IndexParams, KeyDtype, SegmentEntry};
+use super::sources::{MappedSources, RowSources, DOCUMENTS_FILE, RECORD_BYTES, SOURCES_FILE};
 
 pub const KEYS_FILE: &str = "keys.bin";
 pub const VALUES_FILE: &str = "values.bin";
@@ -34,6 +36,8 @@ pub struct Segment {
     keys: Mmap,
     values: Mmap,
     graph: Graph,
+    /// Where each row came from in the source text; `None` for rows not made from text.
+    sources: Option<MappedSources>,
 }
 
 /// Maps a segment file after checking its size and its CRC-32 against the manifest, so a
@@ -123,6 +127,25 @@ impl Segment {
         let values = map_checked(&vpath, vbytes, vcrc)?;
         let imap = map_checked(&ipath, ientry.bytes, ientry.crc32)?;
         let graph = Graph::open(imap, entry.rows, &ipath)?;
+        let sources = match (entry.file(SOURCES_FILE), entry.file(DOCUMENTS_FILE)) {
+            (None, None) => None,
+            (Some(_), Some(d)) => {
+                let (spath, scrc) = want(SOURCES_FILE, size(RECORD_BYTES)?)?;
+                let dpath = dir.join(DOCUMENTS_FILE);
+                let smap = map_checked(&spath, size(RECORD_BYTES)?, scrc)?;
+                let dmap = map_checked(&dpath, d.bytes, d.crc32)?;
+                Some(MappedSources::open(smap, &spath, dmap, &dpath, entry.rows)?)
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(DatastoreError::BadManifest {
+                    path: store.join(super::manifest::MANIFEST_FILE),
+                    detail: format!(
+                        "segment {} lists only one of {SOURCES_FILE} and {DOCUMENTS_FILE}",
+                        entry.id
+                    ),
+                })
+            }
+        };
         Ok(Segment {
             id: entry.id,
             rows: entry.rows,
@@ -130,7 +153,13 @@ impl Segment {
             keys,
             values,
             graph,
+            sources,
         })
+    }
+
+    /// The segment's source positions, when its rows were made from text.
+    pub fn sources(&self) -> Option<&MappedSources> {
+        self.sources.as_ref()
     }
 
     pub fn keys(&self) -> KeyRows<'_> {
@@ -243,11 +272,14 @@ impl OwnedKeys {
 }
 
 /// Writes all files of a new segment into `dir` (which must exist and be empty), builds its
-/// index, fsyncs every file, and returns the manifest entries of the files.
+/// index, fsyncs every file, and returns the manifest entries of the files. `sources` (checked
+/// by the caller) adds `sources.bin` and `documents.bin`.
+#[allow(clippy::too_many_arguments)]
 pub fn write_segment(
     dir: &Path,
     key_bytes: &[u8],
     values: &[u32],
+    sources: Option<&RowSources>,
     dim: usize,
     dtype: KeyDtype,
     params: IndexParams,
@@ -268,11 +300,16 @@ pub fn write_segment(
     for v in values {
         vbytes.extend_from_slice(&v.to_le_bytes());
     }
-    let files = vec![
+    let mut files = vec![
         write_file(dir, KEYS_FILE, key_bytes)?,
         write_file(dir, VALUES_FILE, &vbytes)?,
         write_file(dir, INDEX_FILE, &index)?,
     ];
+    if let Some(src) = sources {
+        let (spans, docs) = src.encode();
+        files.push(write_file(dir, SOURCES_FILE, &spans)?);
+        files.push(write_file(dir, DOCUMENTS_FILE, &docs)?);
+    }
     super::durable::sync_dir(dir)?;
     Ok(files)
 }

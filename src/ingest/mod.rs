@@ -550,13 +550,17 @@ impl<'a> SegmentWriter<'a> {
             self.progress,
         )?;
         let t1 = Instant::now();
+        let positions = row_positions(tokens.len(), self.window, self.stride, &sep)?;
+        let sources = plan.sources(corpus, &positions);
         self.progress.indexing(values.len() as u64);
         let progress = self.progress;
-        let seg = self
-            .store
-            .append_with_progress(keys.as_keys(), &values, provenance, &|n| {
-                progress.indexed(n as u64)
-            })?;
+        let seg = self.store.append_with_sources(
+            keys.as_keys(),
+            &values,
+            provenance,
+            Some(sources),
+            &|n| progress.indexed(n as u64),
+        )?;
         self.extract_seconds += (t1 - t0).as_secs_f64();
         self.index_seconds += t1.elapsed().as_secs_f64();
         self.progress.committed(&seg);
@@ -765,7 +769,8 @@ pub fn build(
     let sources = source_files(&opts.input, &files, &inputs)?;
     let journal = serde_json::to_vec_pretty(&Journal {
         // v2: corpus text is tokenized as plain text (control-token strings are not parsed).
-        format: "goodtriever-build-v2",
+        // v3: segments record their rows' source text, so a v2 partial build starts over.
+        format: "goodtriever-build-v3",
         inputs,
         text_field: &opts.input.text_field,
         format_override: opts.input.format,

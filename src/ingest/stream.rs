@@ -22,33 +22,45 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::BuildError;
-use crate::model::{Tokenizer, Windows};
+use crate::datastore::{RowSources, SourceSpan};
+use crate::model::{PlainEncoding, Tokenizer, Windows};
 
-/// All selected documents as token ids.
+/// All selected documents as token ids, with their text and every token's place in it.
 #[derive(Clone, Debug, Default)]
 pub struct Corpus {
     /// Every document's token ids, concatenated without separators (chunks add them).
     pub tokens: Vec<u32>,
     /// `docs[i]` is the range of document `i` in `tokens`. Never empty.
     pub docs: Vec<Range<usize>>,
+    /// `texts[i]` is document `i`'s text: the segments keep a copy (docs/architecture.md §3).
+    pub texts: Vec<String>,
+    /// For every token of `tokens`, its byte range in its document's text.
+    pub offsets: Vec<(u32, u32)>,
 }
 
 impl Corpus {
     /// Tokenizes `texts` (in parallel) and appends the non-empty results.
     pub fn extend(&mut self, tokenizer: &Tokenizer, texts: &[String]) -> Result<(), BuildError> {
-        let ids: Vec<Vec<u32>> = texts
+        let ids: Vec<PlainEncoding> = texts
             .par_iter()
-            .map(|t| tokenizer.encode_plain(t))
+            .map(|t| tokenizer.encode_plain_with_offsets(t))
             .collect::<Result<_, _>>()?;
-        for d in ids {
+        for (PlainEncoding { ids: d, offsets }, text) in ids.into_iter().zip(texts) {
             if d.is_empty() {
                 continue;
             }
             let start = self.tokens.len();
             self.tokens.extend_from_slice(&d);
+            self.offsets.extend_from_slice(&offsets);
             self.docs.push(start..self.tokens.len());
+            self.texts.push(text.clone());
         }
         Ok(())
+    }
+
+    /// The document holding corpus token `t`.
+    fn doc_of(&self, t: usize) -> usize {
+        self.docs.partition_point(|d| d.end <= t)
     }
 }
 
@@ -88,6 +100,49 @@ impl ChunkPlan {
             sep.push(true);
         }
         (tokens, sep)
+    }
+}
+
+impl ChunkPlan {
+    /// The source text of the rows at `positions` of this chunk's stream (from
+    /// [`row_positions`]): the documents the chunk's pieces come from, whole (a document split
+    /// across chunks is copied into each), and each row's token span in them.
+    pub fn sources(&self, corpus: &Corpus, positions: &[usize]) -> RowSources {
+        // Stream position → corpus token, as `stream` lays the tokens out.
+        let mut origin: Vec<Option<usize>> = Vec::new();
+        let mut local: Vec<usize> = Vec::new();
+        let mut documents = Vec::new();
+        for p in &self.pieces {
+            if p.starts_doc {
+                origin.push(None);
+            }
+            origin.extend(p.range.clone().map(Some));
+            let doc = corpus.doc_of(p.range.start);
+            local.push(documents.len());
+            documents.push(corpus.texts[doc].clone());
+        }
+        let piece_doc: Vec<(usize, usize)> = self
+            .pieces
+            .iter()
+            .zip(&local)
+            .map(|(p, &l)| (p.range.end, l))
+            .collect();
+        let spans = positions
+            .iter()
+            .map(|&pos| match origin.get(pos).copied().flatten() {
+                Some(t) => {
+                    let piece = piece_doc.partition_point(|&(end, _)| end <= t);
+                    let (a, b) = corpus.offsets[t];
+                    SourceSpan {
+                        document: piece_doc[piece].1 as u32,
+                        start: a,
+                        end: b,
+                    }
+                }
+                None => SourceSpan::NONE,
+            })
+            .collect();
+        RowSources { documents, spans }
     }
 }
 
@@ -166,10 +221,38 @@ mod tests {
         let mut c = Corpus::default();
         for (i, &l) in lens.iter().enumerate() {
             let s = c.tokens.len();
-            c.tokens.extend((0..l).map(|j| (100 * (i + 1) + j) as u32));
+            let mut text = String::new();
+            for j in 0..l {
+                let id = (100 * (i + 1) + j) as u32;
+                let word = format!("w{id} ");
+                c.offsets
+                    .push((text.len() as u32, (text.len() + word.len() - 1) as u32));
+                text.push_str(&word);
+                c.tokens.push(id);
+            }
             c.docs.push(s..c.tokens.len());
+            c.texts.push(text);
         }
         c
+    }
+
+    #[test]
+    fn sources_name_the_document_and_bytes_of_each_rows_token() {
+        let c = corpus(&[3, 5, 4]);
+        // Small chunks: the 5-token document is split across two of them.
+        for plan in plan_chunks(&c, 5) {
+            let (t, sep) = plan.stream(&c, 9);
+            let positions = row_positions(t.len(), 4, 2, &sep).unwrap();
+            let src = plan.sources(&c, &positions);
+            src.check(positions.len()).unwrap();
+            assert_eq!(src.documents.len(), plan.pieces.len());
+            for (&p, span) in positions.iter().zip(&src.spans) {
+                assert!(span.is_some(), "row at {p} has no source");
+                let doc = &src.documents[span.document as usize];
+                let word = &doc[span.start as usize..span.end as usize];
+                assert_eq!(word, format!("w{}", t[p]), "position {p}");
+            }
+        }
     }
 
     #[test]

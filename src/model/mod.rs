@@ -41,7 +41,7 @@ pub use extract::Windows;
 pub use fetch::{default_model_path, goodtriever_home, resolve_model_path, FetchError};
 pub use kv_cache::KvCache;
 pub use llama::{ForwardOutput, Outputs, Positions};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{PlainEncoding, Tokenizer};
 
 use crate::fingerprint::{KeyType, ModelFingerprint};
 

@@ -74,6 +74,16 @@ fn strings(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>, ModelE
         .collect()
 }
 
+/// Token ids of a text with each token's byte range in it
+/// ([`Tokenizer::encode_plain_with_offsets`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlainEncoding {
+    /// The token ids, as [`Tokenizer::encode_plain`] gives them.
+    pub ids: Vec<u32>,
+    /// For each id, `(start, end)`: its bytes in the text (`(0, 0)` for a BOS put in front).
+    pub offsets: Vec<(u32, u32)>,
+}
+
 impl Tokenizer {
     /// Builds the tokenizer from GGUF metadata. Only `tokenizer.ggml.model = gpt2` (byte-level
     /// BPE, what llama-3-style and SmolLM models use) is supported.
@@ -176,6 +186,36 @@ impl Tokenizer {
     /// metadata asks for it, as in [`encode`](Self::encode).
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         self.encode_with(&self.plain, text)
+    }
+
+    /// [`encode_plain`](Self::encode_plain) with each token's byte range in `text` (a BOS put
+    /// in front gets the empty range `0..0`). For recording where datastore rows come from
+    /// (docs/architecture.md §3); the ids are the same as `encode_plain`'s.
+    pub fn encode_plain_with_offsets(&self, text: &str) -> Result<PlainEncoding, ModelError> {
+        if text.len() > u32::MAX as usize {
+            return Err(ModelError::Input(format!(
+                "a text of {} bytes is longer than the {} a source offset can address",
+                text.len(),
+                u32::MAX
+            )));
+        }
+        let enc = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer(format!("encoding: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.get_ids().len() + 1);
+        let mut offsets = Vec::with_capacity(ids.capacity());
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            ids.push(bos);
+            offsets.push((0, 0));
+        }
+        ids.extend_from_slice(enc.get_ids());
+        offsets.extend(
+            enc.get_offsets()
+                .iter()
+                .map(|&(a, b)| (a.min(text.len()) as u32, b.min(text.len()) as u32)),
+        );
+        Ok(PlainEncoding { ids, offsets })
     }
 
     fn encode_with(&self, tok: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {

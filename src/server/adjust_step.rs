@@ -49,7 +49,7 @@ impl Step for GrpcStep {
             &mut input.hidden,
         )
         .map_err(status::from_convert)?;
-        if let Some(ls) = self.logits {
+        if let Some(ls) = self.logits.filter(|_| self.plan.dense) {
             let logits = self.req.logits.as_ref().expect("checked");
             if let Err(e) = convert::append_f32(
                 "logits",
@@ -86,6 +86,36 @@ impl Step for GrpcStep {
 }
 
 impl GrpcStep {
+    /// The step's hidden states and logits (which an explained step always has), decoded.
+    pub(super) fn decode_all(&self) -> Result<StepInput, Status> {
+        let mut input = StepInput {
+            hidden: Vec::new(),
+            logits: Vec::new(),
+        };
+        let hidden = self.req.hidden.as_ref().expect("checked");
+        convert::append_f32(
+            "hidden",
+            &hidden.data,
+            self.hidden.dtype,
+            self.dim,
+            Finite::All,
+            &mut input.hidden,
+        )
+        .map_err(status::from_convert)?;
+        if let (Some(ls), Some(logits)) = (self.logits, self.req.logits.as_ref()) {
+            convert::append_f32(
+                "logits",
+                &logits.data,
+                ls.dtype,
+                self.vocab,
+                Finite::AllowNegInf,
+                &mut input.logits,
+            )
+            .map_err(status::from_convert)?;
+        }
+        Ok(input)
+    }
+
     /// The server's defaults with the request's overrides, validated.
     fn options(engine: &Detoxifier, o: Option<&proto::Overrides>) -> Result<AdjustOptions, Status> {
         let mut opts = *engine.defaults();
@@ -138,7 +168,7 @@ impl GrpcStep {
         let dense = match proto::ResponseForm::try_from(req.form) {
             Ok(proto::ResponseForm::Unspecified) => req.logits.is_some(),
             Ok(proto::ResponseForm::Sparse) => {
-                if req.logits.is_some() {
+                if req.logits.is_some() && req.explain.is_none() {
                     return Err(Status::invalid_argument(
                         "logits were sent with form = SPARSE, which does not use them: omit the logits, or ask for form = DENSE",
                     ));
@@ -168,11 +198,13 @@ impl GrpcStep {
             max_rows,
         )
         .map_err(status::from_convert)?;
-        let logits = if dense {
+        let logits = if dense || req.explain.is_some() {
             let logits = req.logits.as_ref().ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "form = DENSE needs logits ({vocab} values per row); send them, or ask for form = SPARSE"
-                ))
+                Status::invalid_argument(if dense {
+                    format!("form = DENSE needs logits ({vocab} values per row); send them, or ask for form = SPARSE")
+                } else {
+                    format!("explain needs logits ({vocab} values per row) for the base log-probabilities; send them")
+                })
             })?;
             let ls = convert::check_shape(
                 "logits",
@@ -196,7 +228,7 @@ impl GrpcStep {
             plan: StepPlan {
                 opts,
                 rows: hs.rows,
-                dense: logits.is_some(),
+                dense,
             },
             hidden: hs,
             logits,

@@ -36,18 +36,28 @@ impl From<ModelError> for EncodeError {
     }
 }
 
+/// What [`TextEncoder::encode`] calls per keyed position: `(key, next token, span)`.
+pub type PairSink<'a> = dyn FnMut(&[f32], u32, Option<(u32, u32)>) + 'a;
+
 /// Something that turns text into `(key hidden state, next token)` pairs.
 pub trait TextEncoder: Send + Sync {
     /// The model the keys come from; checked against the stores at startup.
     fn fingerprint(&self) -> ModelFingerprint;
 
-    /// Calls `on_pair(key, next_token)` for every keyed position of `text`.
+    /// Calls `on_pair(key, next_token, span)` for every keyed position of `text`, in order;
+    /// `span` is the byte range in `text` of the token at the position, when the encoder
+    /// knows it (it becomes the row's source, docs/architecture.md §3).
     fn encode(
         &self,
         text: &str,
         key_type: KeyType,
-        on_pair: &mut dyn FnMut(&[f32], u32),
+        on_pair: &mut PairSink<'_>,
     ) -> Result<(), EncodeError>;
+
+    /// The text of token `id`, for explanations; `None` when the encoder cannot say.
+    fn token_text(&self, _id: u32) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(feature = "model")]
@@ -56,15 +66,20 @@ impl TextEncoder for Model {
         Model::fingerprint(self)
     }
 
+    fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer().decode(&[id], false).ok()
+    }
+
     fn encode(
         &self,
         text: &str,
         key_type: KeyType,
-        on_pair: &mut dyn FnMut(&[f32], u32),
+        on_pair: &mut PairSink<'_>,
     ) -> Result<(), EncodeError> {
         // Texts added to a store are data: a literal `<|im_end|>` in them is plain text, as in
         // `datastore build` (see `Tokenizer::encode_plain`).
-        let tokens = self.tokenizer().encode_plain(text)?;
+        let enc = self.tokenizer().encode_plain_with_offsets(text)?;
+        let (tokens, offsets) = (enc.ids, enc.offsets);
         if tokens.len() < 3 {
             // The first position of a window is never keyed (attention sink) and the last has
             // no next token, so fewer than three tokens yield nothing.
@@ -76,8 +91,16 @@ impl TextEncoder for Model {
         }
         let window = WINDOW.min(self.config().context_length);
         let stride = STRIDE.min(window / 2).max(1);
+        // encode_pairs emits the window plan's positions in order.
+        let positions: Vec<usize> = crate::model::Windows::plan(tokens.len(), window, stride)?
+            .iter()
+            .flat_map(|w| w.first_keyed..w.last_keyed)
+            .collect();
+        let mut j = 0usize;
         self.encode_pairs(&tokens, window, stride, key_type, BATCH, |k, t| {
-            on_pair(k, t)
+            let span = positions.get(j).map(|&p| offsets[p]);
+            j += 1;
+            on_pair(k, t, span)
         })?;
         Ok(())
     }

@@ -25,6 +25,7 @@ mod adjust_step;
 pub mod auth;
 pub mod convert;
 pub mod encoder;
+mod explain;
 mod limits;
 pub mod listen;
 #[cfg(test)]

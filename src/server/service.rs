@@ -22,7 +22,7 @@ use super::proto::{self, goodtriever_server::Goodtriever};
 use super::shared::Shared;
 use super::status;
 use super::step_stream::StepStream;
-use crate::datastore::{Keys, Provenance};
+use crate::datastore::{Keys, Provenance, RowSources, SourceSpan};
 
 /// Runs blocking `f` (disk writes) on tokio's blocking pool.
 async fn blocking<T: Send + 'static>(
@@ -138,7 +138,7 @@ impl Service {
                 let mut keys: Vec<f16> = Vec::new();
                 convert::f16_rows("hidden", &hidden.data, dim, &mut keys)
                     .map_err(status::from_convert)?;
-                shared.append(store, Keys::F16(&keys), &req.next_tokens, provenance)
+                shared.append(store, Keys::F16(&keys), &req.next_tokens, provenance, None)
             } else {
                 let mut keys = Vec::new();
                 convert::append_f32(
@@ -150,7 +150,7 @@ impl Service {
                     &mut keys,
                 )
                 .map_err(status::from_convert)?;
-                shared.append(store, Keys::F32(&keys), &req.next_tokens, provenance)
+                shared.append(store, Keys::F32(&keys), &req.next_tokens, provenance, None)
             }
         })
         .await?;
@@ -183,14 +183,25 @@ impl Service {
             let key_type = shared.engine.key_type();
             let mut keys = Vec::new();
             let mut values = Vec::new();
+            // Every row's place in its text: the store keeps a copy of the texts (§3).
+            let mut sources = RowSources::default();
             for (i, text) in req.texts.iter().enumerate() {
                 if text.trim().is_empty() {
                     continue;
                 }
+                let doc = sources.documents.len() as u32;
                 encoder
-                    .encode(text, key_type, &mut |k, t| {
+                    .encode(text, key_type, &mut |k, t, span| {
                         keys.extend_from_slice(k);
                         values.push(t);
+                        sources.spans.push(match span {
+                            Some((start, end)) => SourceSpan {
+                                document: doc,
+                                start,
+                                end,
+                            },
+                            None => SourceSpan::NONE,
+                        });
                     })
                     .map_err(|e| match e {
                         EncodeError::Input(m) => {
@@ -201,10 +212,16 @@ impl Service {
                             Status::internal(format!("texts[{i}]: the model failed: {m}"))
                         }
                     })?;
+                sources.documents.push(text.clone());
             }
             shared.check_tokens(&values, values.len())?;
             let provenance = provenance(&req.source, "grpc:AddTexts", &req.store, &req.tag);
-            shared.append(store, Keys::F32(&keys), &values, provenance)
+            let sources = sources
+                .spans
+                .iter()
+                .any(SourceSpan::is_some)
+                .then_some(sources);
+            shared.append(store, Keys::F32(&keys), &values, provenance, sources)
         })
         .await?;
         Ok(proto::AddTextsResponse {

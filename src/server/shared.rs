@@ -15,7 +15,7 @@ use super::encoder::TextEncoder;
 use super::metrics::{Method, Metrics, Phase};
 use super::proto;
 use super::status;
-use crate::datastore::{Keys, MergePolicy, Provenance};
+use crate::datastore::{Keys, MergePolicy, Provenance, RowSources};
 use crate::detox::Detoxifier;
 use crate::limits::MAX_K;
 use crate::steps::StepEngine;
@@ -89,10 +89,25 @@ impl Shared {
     }
 
     pub(super) async fn adjust_step(
-        &self,
+        self: &Arc<Self>,
         req: proto::AdjustRequest,
     ) -> Result<proto::AdjustResponse, Status> {
         let step = self.check(req)?;
+        if let Some(options) = step.req.explain {
+            // A debugging call: computed alone on the blocking pool, not merged (it copies
+            // vocabulary-sized rows and reads the stores' source files).
+            let shared = self.clone();
+            return tokio::task::spawn_blocking(move || {
+                super::explain::adjust_explained(
+                    &shared.engine,
+                    shared.encoder.as_deref(),
+                    &step,
+                    options,
+                )
+            })
+            .await
+            .map_err(|e| Status::internal(format!("the explain worker failed: {e}")))?;
+        }
         self.steps.run(step).await
     }
 
@@ -143,6 +158,7 @@ impl Shared {
                     label: i.provenance.label.unwrap_or_default(),
                     tag: i.provenance.tag.unwrap_or_default(),
                     added_at: i.provenance.added_at,
+                    sources: i.sources,
                 })
                 .collect(),
         }
@@ -166,12 +182,13 @@ impl Shared {
         keys: Keys<'_>,
         values: &[u32],
         provenance: Provenance,
+        sources: Option<RowSources>,
     ) -> Result<(u64, u64, proto::StoreInfo), Status> {
         let t = Instant::now();
         let s = &self.engine.stores()[store];
         let info = s
             .store
-            .append(keys, values, provenance)
+            .append_with_sources(keys, values, provenance, sources)
             .map_err(|e| status::from_datastore(&format!("appending to store {:?}", s.name), e))?;
         // The append swapped the store's snapshot already; refresh picks up anything other
         // processes committed meanwhile, so Info and searches agree with the disk.

@@ -64,6 +64,7 @@ fn datastore_code(err: &DatastoreError) -> Code {
         | DatastoreError::ValueCountMismatch { .. }
         | DatastoreError::ValueOutOfVocab { .. }
         | DatastoreError::BadProvenance { .. }
+        | DatastoreError::BadSources(_)
         | DatastoreError::BadK(_)
         | DatastoreError::BadEf(_)
         | DatastoreError::KeyTypeMismatch { .. }

@@ -114,6 +114,12 @@ impl Stream for StepStream {
         this.shared.metrics.request(METHOD);
         let step = msg.step;
         let checked = match this.shared.check(msg) {
+            Ok(checked) if checked.req.explain.is_some() => {
+                let e = Status::invalid_argument(
+                    "explain is answered by the unary Adjust only: send the step you want explained there",
+                );
+                return this.answer_now(step, t, Err(e));
+            }
             Ok(checked) => checked,
             Err(e) => return this.answer_now(step, t, Err(e)),
         };

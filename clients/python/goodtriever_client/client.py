@@ -261,6 +261,42 @@ class Client:
         req = _request(hidden, logits, form, opts)
         return _unpack(self._call(self._stub.Adjust, req))
 
+    def explain(
+        self,
+        hidden,
+        logits,
+        *,
+        top: Optional[int] = None,
+        rows: Optional[int] = None,
+        context_bytes: Optional[int] = None,
+        form: Optional[str] = None,
+        alpha: Optional[float] = None,
+        temperature: Optional[float] = None,
+        k: Optional[int] = None,
+        filter_p: Optional[float] = None,
+        mode: Optional[str] = None,
+        lam: Optional[float] = None,
+    ) -> "Explained":
+        """`adjust` with an explanation of every row: the tokens the control pushed down and
+        up the most, each with the store rows behind it (store, segment, row, distance,
+        weight, and the source text around the row when its store records one). `logits` are
+        required (the base log-probabilities). Returns the usual answer (`.answer`: a `Bias`
+        or the [B, V] log-probabilities, as `adjust` would) and `.explanations`, one
+        `pb.StepExplanation` per row."""
+        if logits is None:
+            raise ValueError("explain needs the logits: the base log-probabilities come from them")
+        opts = dict(alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam)
+        req = _request(hidden, logits, form, opts)
+        for name, value in (("top", top), ("rows", rows), ("context_bytes", context_bytes)):
+            if value is not None:
+                if value < 0:
+                    raise ValueError(f"{name} must be >= 0, got {value}")
+                setattr(req.explain, name, int(value))
+        # An empty ExplainOptions still asks for an explanation: mark the field present.
+        req.explain.SetInParent()
+        resp = self._call(self._stub.Adjust, req)
+        return Explained(answer=_unpack(resp), explanations=list(resp.explanations))
+
     def adjust_future(
         self,
         hidden: ArrayLike,
@@ -319,6 +355,17 @@ class Client:
         req = pb.AddTextsRequest(store=store, texts=list(texts), source=source, tag=tag)
         resp: pb.AddTextsResponse = self._call(self._stub.AddTexts, req, self._admin)
         return resp
+
+
+@dataclass
+class Explained:
+    """An explained Adjust: the answer as `Client.adjust` returns it, and one
+    `pb.StepExplanation` per row (`pushed_down`, `pushed_up`: `pb.TokenMove`s with their
+    `rows`, each a `pb.ExplainedRow` whose `source` holds the text around it when
+    `HasField("source")`)."""
+
+    answer: Union["Bias", np.ndarray]
+    explanations: List[pb.StepExplanation]
 
 
 class PendingAdjust:

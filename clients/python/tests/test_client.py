@@ -271,3 +271,51 @@ def test_the_official_reflection_client_lists_the_services(server):
             "goodtriever.v1.Goodtriever"
         )
         assert file.package == "goodtriever.v1"
+
+
+def test_explain_names_the_rows_behind_the_moved_tokens(client):
+    hidden = queries(2, 21)
+    logits = np.random.default_rng(5).normal(0, 2, size=(2, VOCAB)).astype(np.float32)
+    explained = client.explain(hidden, logits, top=4, rows=3)
+    # The answer is the ordinary one: explaining does not change the step.
+    assert_same_log_probs(explained.answer, client.adjust(hidden, logits))
+    assert len(explained.explanations) == 2
+    keys = {name: make_keys(300, seed)[0] for name, seed in (("toxic", 1), ("nontoxic", 2))}
+    weights = {"toxic": -1.0, "nontoxic": 1.0}
+    seen_rows = 0
+    for q, e in zip(hidden, explained.explanations):
+        assert e.pushed_down or e.pushed_up
+        assert all(m.change < 0 for m in e.pushed_down)
+        assert all(m.change > 0 for m in e.pushed_up)
+        assert [m.change for m in e.pushed_down] == sorted(m.change for m in e.pushed_down)
+        for m in list(e.pushed_down) + list(e.pushed_up):
+            assert len(m.rows) <= 3 and m.rows_total >= len(m.rows) >= 1
+            ws = [r.weight for r in m.rows]
+            assert ws == sorted(ws, reverse=True) and all(0 < w <= 1 for w in ws)
+            for r in m.rows:
+                assert r.next_token == m.token
+                assert r.store_weight == weights[r.store]
+                # Imported stores record no source text.
+                assert not r.HasField("source")
+                if r.id < 300:  # rows other tests append come after the imported ones
+                    d = float(((keys[r.store][r.id] - q) ** 2).sum())
+                    assert abs(r.distance - d) <= 1e-3 * max(1.0, d)
+                seen_rows += 1
+    assert seen_rows > 0
+    # The sparse form can be explained too, and the explanation does not depend on it.
+    sparse = client.explain(hidden, logits, top=4, rows=3, form="sparse")
+    assert isinstance(sparse.answer, Bias)
+    assert [m.token for m in sparse.explanations[0].pushed_up] == [
+        m.token for m in explained.explanations[0].pushed_up
+    ]
+
+
+def test_explain_refuses_bad_requests(client):
+    hidden = queries(1, 22)
+    logits = np.zeros((1, VOCAB), dtype=np.float32)
+    with pytest.raises(ValueError, match="logits"):
+        client.explain(hidden, None)
+    with pytest.raises(GoodtrieverError) as err:
+        client.explain(hidden, logits, top=0)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top" in str(err.value)

@@ -49,11 +49,12 @@ pub fn info(dir: &Path, json: bool) -> Result<()> {
     println!("segments   {}", segments.len());
     for s in segments {
         println!(
-            "  #{:<5} {:>10} rows {:>12} bytes{}  {}{}{}",
+            "  #{:<5} {:>10} rows {:>12} bytes{}{}  {}{}{}",
             s.id,
             s.rows,
             s.bytes,
             if s.retired { "  RETIRED" } else { "" },
+            if s.sources { "  sources" } else { "" },
             printable(&s.provenance.source),
             s.provenance
                 .label
@@ -84,6 +85,12 @@ pub fn segments(a: DirArgs) -> Result<()> {
         println!("{}", segment_line(s));
         for line in provenance_lines(&s.provenance) {
             println!("{:7}{line}", "");
+        }
+        if s.sources {
+            println!(
+                "{:7}sources: every row's position in a copy of its documents (explain shows them)",
+                ""
+            );
         }
     }
     let live: usize = segs.iter().filter(|s| !s.retired).map(|s| s.rows).sum();
