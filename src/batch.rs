@@ -244,7 +244,10 @@ impl<'m> DecodeBatch<'m> {
             Some(running) => running.append_rows(&fresh)?,
             None => self.cache = Some(fresh),
         }
-        let (vocab, hidden) = (self.model.config().vocab_size, self.model.config().hidden_size);
+        let (vocab, hidden) = (
+            self.model.config().vocab_size,
+            self.model.config().hidden_size,
+        );
         let rows = self.rows.len();
         self.out.logits.truncate(rows * vocab);
         self.out.keys.truncate(rows * hidden);
@@ -307,7 +310,10 @@ impl<'m> DecodeBatch<'m> {
         if self.rows.is_empty() {
             return Ok(());
         }
-        let (vocab, hidden) = (self.model.config().vocab_size, self.model.config().hidden_size);
+        let (vocab, hidden) = (
+            self.model.config().vocab_size,
+            self.model.config().hidden_size,
+        );
         let mut start = 0;
         while start < self.rows.len() {
             let opts = self.rows[start].control;
@@ -435,7 +441,10 @@ impl<'m> DecodeBatch<'m> {
             self.cache = None;
             return Ok(());
         }
-        let (vocab, hidden) = (self.model.config().vocab_size, self.model.config().hidden_size);
+        let (vocab, hidden) = (
+            self.model.config().vocab_size,
+            self.model.config().hidden_size,
+        );
         let has_keys = self.out.keys.len() >= self.rows.len() * hidden && hidden > 0;
         // `keep` is increasing, so moving each kept row forward never overwrites one not yet
         // moved.

@@ -235,9 +235,14 @@ fn a_cancelled_request_leaves_and_the_others_go_on() {
     events.clear();
     batch.step(&mut events).unwrap();
     assert_eq!(batch.rows(), 1);
-    assert!(events
-        .iter()
-        .all(|e| matches!(e, BatchEvent::Token { id: 2, choice: 1, .. })));
+    assert!(events.iter().all(|e| matches!(
+        e,
+        BatchEvent::Token {
+            id: 2,
+            choice: 1,
+            ..
+        }
+    )));
 }
 
 #[test]
@@ -271,4 +276,3 @@ fn bad_requests_are_refused_before_anything_runs() {
     batch.admit(vec![ok]).unwrap();
     assert_eq!(batch.rows(), 1);
 }
-

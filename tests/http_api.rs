@@ -99,8 +99,12 @@ const PROMPT: &str = "hello the world";
 #[test]
 fn completions_equal_the_generator_with_and_without_the_control() {
     let f = fixture();
-    let s = start(f.detox.clone(), http_support::http_options(f.model.clone(), 8, 16));
-    let body = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 24, "top_p": 0.9, "seed": 7, "n": 3});
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 8, 16),
+    );
+    let body =
+        json!({"model": NAME, "prompt": PROMPT, "max_tokens": 24, "top_p": 0.9, "seed": 7, "n": 3});
     let r = post(s.http, "/v1/completions", &body);
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
@@ -143,7 +147,10 @@ fn completions_equal_the_generator_with_and_without_the_control() {
 #[test]
 fn chat_completions_render_the_template_and_equal_the_generator() {
     let f = fixture();
-    let s = start(f.detox.clone(), http_support::http_options(f.model.clone(), 8, 16));
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 8, 16),
+    );
     let body = json!({
         "model": NAME, "seed": 3, "max_tokens": 20, "top_p": 0.9, "n": 2,
         "messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hello"}],
@@ -186,7 +193,10 @@ fn stream_texts(events: &[String], chat: bool, choices: usize) -> Vec<(String, S
 #[test]
 fn streams_are_server_sent_events_with_the_same_text() {
     let f = fixture();
-    let s = start(f.detox.clone(), http_support::http_options(f.model.clone(), 8, 16));
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 8, 16),
+    );
     for chat in [false, true] {
         let (path, mut body) = if chat {
             (
@@ -239,7 +249,10 @@ fn streams_are_server_sent_events_with_the_same_text() {
 #[test]
 fn stop_sequences_cut_the_text_and_logprobs_come_with_tokens() {
     let f = fixture();
-    let s = start(f.detox.clone(), http_support::http_options(f.model.clone(), 8, 16));
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 8, 16),
+    );
     let base = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 40, "seed": 5});
     let full = post(s.http, "/v1/completions", &base).json()["choices"][0]["text"]
         .as_str()
@@ -273,7 +286,10 @@ fn stop_sequences_cut_the_text_and_logprobs_come_with_tokens() {
     let tokens = lp["tokens"].as_array().unwrap();
     assert!(tokens.len() == n || tokens.len() + 1 == n, "{lp}");
     for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
-        assert_eq!(top.as_object().unwrap().len().min(3), top.as_object().unwrap().len());
+        assert_eq!(
+            top.as_object().unwrap().len().min(3),
+            top.as_object().unwrap().len()
+        );
         let chosen = lp["token_logprobs"][i].as_f64().unwrap();
         assert!(chosen <= 0.0);
     }
@@ -296,7 +312,10 @@ fn error_of(r: &http_support::Reply) -> Value {
 #[test]
 fn bad_requests_get_openai_errors_and_the_server_goes_on() {
     let f = fixture();
-    let s = start(f.detox.clone(), http_support::http_options(f.model.clone(), 8, 4));
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 8, 4),
+    );
     let ok = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 4, "seed": 1});
     let with = |k: &str, v: Value| {
         let mut b = ok.clone();
@@ -304,21 +323,51 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
         b
     };
     let cases: Vec<(Value, u16, &str, Option<&str>)> = vec![
-        (with("model", json!("gpt-4")), 404, "model", Some("model_not_found")),
+        (
+            with("model", json!("gpt-4")),
+            404,
+            "model",
+            Some("model_not_found"),
+        ),
         (with("max_tokens", json!(-1)), 400, "max_tokens", None),
-        (with("max_tokens", json!(100_000)), 400, "max_tokens", Some("context_length_exceeded")),
+        (
+            with("max_tokens", json!(100_000)),
+            400,
+            "max_tokens",
+            Some("context_length_exceeded"),
+        ),
         (with("temperature", json!(3.0)), 400, "temperature", None),
         (with("top_p", json!(0)), 400, "top_p", None),
         (with("n", json!(0)), 400, "n", None),
         (with("n", json!(5)), 400, "n", None),
-        (with("stop", json!(["a", "b", "c", "d", "e"])), 400, "stop", None),
+        (
+            with("stop", json!(["a", "b", "c", "d", "e"])),
+            400,
+            "stop",
+            None,
+        ),
         (with("logprobs", json!(21)), 400, "logprobs", None),
         (with("echo", json!(true)), 400, "echo", None),
         (with("prompt", json!([[99999]])), 400, "prompt", None),
         (with("prompt", json!("")), 400, "prompt", None),
-        (with("goodtriever", json!({"alpha": 1e9})), 400, "goodtriever.params", None),
-        (with("goodtriever", json!({"k": 0})), 400, "goodtriever.params", None),
-        (with("goodtriever", json!({"mode": "best"})), 400, "goodtriever.mode", None),
+        (
+            with("goodtriever", json!({"alpha": 1e9})),
+            400,
+            "goodtriever.params",
+            None,
+        ),
+        (
+            with("goodtriever", json!({"k": 0})),
+            400,
+            "goodtriever.params",
+            None,
+        ),
+        (
+            with("goodtriever", json!({"mode": "best"})),
+            400,
+            "goodtriever.mode",
+            None,
+        ),
         (with("goodtriever", json!({"alhpa": 1})), 400, "", None),
     ];
     for (body, status, param, code) in cases {
@@ -331,13 +380,16 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
         if let Some(c) = code {
             assert_eq!(e["code"], c, "{body}: {e}");
         }
-        assert_eq!(
-            e["type"],
-            if status == 404 { "invalid_request_error" } else { "invalid_request_error" }
-        );
+        assert_eq!(e["type"], "invalid_request_error", "{body}: {e}");
     }
     // Malformed JSON and a body over the limit (64 KiB in the tests).
-    let r = request(s.http, "POST", "/v1/completions", b"{\"model\": \"tiny\", ", "");
+    let r = request(
+        s.http,
+        "POST",
+        "/v1/completions",
+        b"{\"model\": \"tiny\", ",
+        "",
+    );
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(error_of(&r)["message"].as_str().unwrap().contains("JSON"));
     let big = json!({"model": NAME, "prompt": "x".repeat(100 << 10)});
@@ -345,8 +397,15 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
     assert_eq!(r.status, 413, "{}", r.body);
     assert_eq!(error_of(&r)["code"], "request_too_large");
     // Chat without messages; an unknown path.
-    let r = post(s.http, "/v1/chat/completions", &json!({"model": NAME, "messages": []}));
-    assert_eq!((r.status, error_of(&r)["param"].clone()), (400, json!("messages")));
+    let r = post(
+        s.http,
+        "/v1/chat/completions",
+        &json!({"model": NAME, "messages": []}),
+    );
+    assert_eq!(
+        (r.status, error_of(&r)["param"].clone()),
+        (400, json!("messages"))
+    );
     let r = request(s.http, "GET", "/v1/engines", b"", "");
     assert_eq!(r.status, 404);
     error_of(&r);
@@ -354,10 +413,25 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
     let r = post(s.http, "/v1/completions", &ok);
     assert_eq!(r.status, 200, "{}", r.body);
     let m = metrics(s.metrics);
-    assert!(metric(&m, "goodtriever_http_requests_total{endpoint=\"completions\",outcome=\"invalid\"}") >= 15.0, "{m}");
-    assert_eq!(metric(&m, "goodtriever_http_requests_total{endpoint=\"completions\",outcome=\"ok\"}"), 1.0);
+    assert!(
+        metric(
+            &m,
+            "goodtriever_http_requests_total{endpoint=\"completions\",outcome=\"invalid\"}"
+        ) >= 15.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "goodtriever_http_requests_total{endpoint=\"completions\",outcome=\"ok\"}"
+        ),
+        1.0
+    );
     assert!(metric(&m, "goodtriever_http_generated_tokens_total") >= 1.0);
-    assert_eq!(metric(&m, "goodtriever_http_time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(
+        metric(&m, "goodtriever_http_time_to_first_token_seconds_count"),
+        1.0
+    );
     assert!(m.contains("goodtriever_http_control_share_count 1"), "{m}");
 }
 
@@ -371,9 +445,21 @@ fn models_health_and_the_api_key() {
     let r = request(s.http, "GET", "/v1/models", b"", "");
     assert_eq!(r.status, 401);
     assert_eq!(error_of(&r)["code"], "invalid_api_key");
-    let r = request(s.http, "GET", "/v1/models", b"", "Authorization: Bearer nope\r\n");
+    let r = request(
+        s.http,
+        "GET",
+        "/v1/models",
+        b"",
+        "Authorization: Bearer nope\r\n",
+    );
     assert_eq!(r.status, 401);
-    let r = request(s.http, "GET", "/v1/models", b"", "Authorization: Bearer sk-test\r\n");
+    let r = request(
+        s.http,
+        "GET",
+        "/v1/models",
+        b"",
+        "Authorization: Bearer sk-test\r\n",
+    );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["data"][0]["id"], NAME);
     let body = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 2}).to_string();
@@ -392,11 +478,15 @@ fn models_health_and_the_api_key() {
 #[test]
 fn concurrent_requests_batch_together_and_give_what_they_give_alone() {
     let f = fixture();
-    let s = start(f.detox.clone(), http_support::http_options(f.model.clone(), 16, 32));
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 16, 32),
+    );
     let bodies: Vec<Value> = (0..6)
         .map(|i| {
+            let prompt = ["hello the world", "the cat sat", "rain over the hill"][i % 3];
             let mut b = json!({
-                "model": NAME, "prompt": ["hello the world", "the cat sat", "rain over the hill"][i % 3],
+                "model": NAME, "prompt": prompt,
                 "max_tokens": 16 + 4 * i, "seed": i, "n": 1 + i % 3, "top_p": 0.9,
             });
             if i % 2 == 1 {
@@ -432,7 +522,10 @@ fn concurrent_requests_batch_together_and_give_what_they_give_alone() {
 fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_row() {
     let f = fixture();
     // One row at a time, one request waiting.
-    let s = start(f.detox.clone(), http_support::http_options(f.model.clone(), 1, 1));
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 1, 1),
+    );
     let long = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 1500, "stream": true, "goodtriever": {"alpha": 0}});
     // The first request takes the row: its first chunk has arrived.
     let conn = connect(
@@ -472,10 +565,18 @@ fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_row() {
     }
     let m = metrics(s.metrics);
     assert!(
-        metric(&m, "goodtriever_http_requests_total{endpoint=\"completions\",outcome=\"cancelled\"}") >= 1.0,
+        metric(
+            &m,
+            "goodtriever_http_requests_total{endpoint=\"completions\",outcome=\"cancelled\"}"
+        ) >= 1.0,
         "{m}"
     );
-    assert!(metric(&m, "goodtriever_http_requests_total{endpoint=\"completions\",outcome=\"queue_full\"}") >= 1.0);
+    assert!(
+        metric(
+            &m,
+            "goodtriever_http_requests_total{endpoint=\"completions\",outcome=\"queue_full\"}"
+        ) >= 1.0
+    );
     // The server serves on.
     assert_eq!(post(s.http, "/v1/completions", &short).status, 200);
 }

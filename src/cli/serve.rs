@@ -168,7 +168,9 @@ fn http_options(
                 .trim()
                 .to_string(),
         ),
-        None => std::env::var(API_KEY_ENV).ok().map(|k| k.trim().to_string()),
+        None => std::env::var(API_KEY_ENV)
+            .ok()
+            .map(|k| k.trim().to_string()),
     };
     let model_name = match &args.served_model_name {
         Some(n) => n.clone(),

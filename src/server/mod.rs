@@ -379,9 +379,9 @@ impl Server {
         let metrics = Arc::new(Metrics::new());
         let limits = self.opts.limits;
         #[cfg(feature = "model")]
-        let http_task = self.http.map(|h| {
-            tokio::spawn(h.run(self.engine.clone(), metrics.clone(), stop_rx.clone()))
-        });
+        let http_task = self
+            .http
+            .map(|h| tokio::spawn(h.run(self.engine.clone(), metrics.clone(), stop_rx.clone())));
         let shared = Arc::new(
             shared::Shared::new(
                 self.engine,
@@ -499,7 +499,10 @@ impl Server {
             match tokio::time::timeout(grace, t).await {
                 Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP API failed"),
                 Ok(_) => {}
-                Err(_) => tracing::warn!(?grace, "HTTP requests still open after the grace period; stopping anyway"),
+                Err(_) => tracing::warn!(
+                    ?grace,
+                    "HTTP requests still open after the grace period; stopping anyway"
+                ),
             }
         }
         if let Some(t) = metrics_task {

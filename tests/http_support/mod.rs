@@ -143,10 +143,11 @@ pub fn start(detox: Arc<Detoxifier>, opts: HttpOptions) -> Running {
             let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let server = Server::from_listeners(detox, ServeOptions::default(), grpc, Some(metrics))
-                .unwrap()
-                .with_http(http, opts)
-                .unwrap();
+            let server =
+                Server::from_listeners(detox, ServeOptions::default(), grpc, Some(metrics))
+                    .unwrap()
+                    .with_http(http, opts)
+                    .unwrap();
             addr_tx
                 .send((server.http_addr().unwrap(), server.metrics_addr().unwrap()))
                 .unwrap();
@@ -235,7 +236,11 @@ fn parse(raw: &[u8]) -> Reply {
     let chunked = head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked");
-    let body = if chunked { dechunk(rest) } else { rest.to_string() };
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
     Reply {
         status,
         headers: head.to_string(),

@@ -190,9 +190,10 @@ impl Generation {
                 ) {
                     Ok(t) => t,
                     Err(e) => {
-                        self.pending.push_back(Update::Failed(ApiError::internal(format!(
-                            "decoding the generated tokens failed: {e}"
-                        ))));
+                        self.pending
+                            .push_back(Update::Failed(ApiError::internal(format!(
+                                "decoding the generated tokens failed: {e}"
+                            ))));
                         return;
                     }
                 };

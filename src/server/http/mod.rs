@@ -122,9 +122,10 @@ fn fresh_seed() -> u64 {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ COUNTER
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    nanos
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// The HTTP API bound to its socket, ready to serve.
@@ -334,11 +335,10 @@ struct Plan {
 
 impl AppState {
     fn tokenize(&self, text: &str) -> Result<Vec<u32>, ApiError> {
-        let ids = self
-            .model
-            .tokenizer()
-            .encode(text)
-            .map_err(|e| ApiError::invalid(Some("prompt"), format!("tokenizing failed: {e}")))?;
+        let ids =
+            self.model.tokenizer().encode(text).map_err(|e| {
+                ApiError::invalid(Some("prompt"), format!("tokenizing failed: {e}"))
+            })?;
         Ok(ids)
     }
 
@@ -453,7 +453,10 @@ async fn completions(
             Some(Prompt::TokenLists(lists)) => lists,
         };
         if prompts.is_empty() {
-            return Err(ApiError::invalid(Some("prompt"), "the prompt list is empty"));
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "the prompt list is empty",
+            ));
         }
         let plan = Plan {
             prompts,

@@ -123,12 +123,7 @@ async fn whole(st: &AppState, kind: Kind, mut g: Generation) -> Response {
         .into_response()
 }
 
-fn stream(
-    st: &AppState,
-    kind: Kind,
-    checked: Checked,
-    mut g: Generation,
-) -> impl IntoResponse {
+fn stream(st: &AppState, kind: Kind, checked: Checked, mut g: Generation) -> impl IntoResponse {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Event, Infallible>>(64);
     let id = response_id(kind);
     let model = st.name.clone();
@@ -137,13 +132,15 @@ fn stream(
         Kind::Completion => "text_completion",
         Kind::Chat => "chat.completion.chunk",
     };
-    let chunk = move |choices: Value| {
-        json!({"id": id, "object": object, "created": created, "model": model, "choices": choices})
-    };
+    let chunk = move |choices: Value| json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
     tokio::spawn(async move {
         let send = |v: Value| {
             let tx = tx.clone();
-            async move { tx.send(Ok(Event::default().data(v.to_string()))).await.is_ok() }
+            async move {
+                tx.send(Ok(Event::default().data(v.to_string())))
+                    .await
+                    .is_ok()
+            }
         };
         if kind == Kind::Chat {
             // The first chunk of each choice carries the role, as OpenAI's do.
@@ -163,13 +160,21 @@ fn stream(
                 } => {
                     let lp = (!logprobs.is_empty()).then_some(&logprobs);
                     match kind {
-                        Kind::Completion => json!({"index": index, "text": text, "logprobs": lp.map(|l| completion_logprobs(l)), "finish_reason": null}),
-                        Kind::Chat => json!({"index": index, "delta": {"content": text}, "logprobs": lp.map(|l| chat_logprobs(l)), "finish_reason": null}),
+                        Kind::Completion => {
+                            json!({"index": index, "text": text, "logprobs": lp.map(|l| completion_logprobs(l)), "finish_reason": null})
+                        }
+                        Kind::Chat => {
+                            json!({"index": index, "delta": {"content": text}, "logprobs": lp.map(|l| chat_logprobs(l)), "finish_reason": null})
+                        }
                     }
                 }
                 Update::Finish { index, reason } => match kind {
-                    Kind::Completion => json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason.as_str()}),
-                    Kind::Chat => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}),
+                    Kind::Completion => {
+                        json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason.as_str()})
+                    }
+                    Kind::Chat => {
+                        json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()})
+                    }
                 },
                 Update::Done => break,
                 Update::Failed(e) => {

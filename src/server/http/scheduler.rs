@@ -153,16 +153,15 @@ impl Queues<'_> {
     /// The next waiting job: waits up to a second when `block`, else only takes one that is
     /// there. `Err(true)` once every sender is gone. The job still counts as waiting.
     fn next(&self, block: bool) -> Result<Job, bool> {
-        let got = if block {
-            self.jobs.recv_timeout(Duration::from_secs(1)).map_err(|e| {
-                matches!(e, RecvTimeoutError::Disconnected)
-            })
+        if block {
+            self.jobs
+                .recv_timeout(Duration::from_secs(1))
+                .map_err(|e| matches!(e, RecvTimeoutError::Disconnected))
         } else {
             self.jobs
                 .try_recv()
                 .map_err(|e| matches!(e, TryRecvError::Disconnected))
-        };
-        got
+        }
     }
 
     /// A job left the queue (admitted, or dropped because its client left): the one held back
@@ -212,8 +211,10 @@ fn run(
                 queues.left(1);
                 continue;
             }
-            let mut all: Vec<BatchRequest> =
-                admit.iter().flat_map(|j| j.requests.iter().cloned()).collect();
+            let mut all: Vec<BatchRequest> = admit
+                .iter()
+                .flat_map(|j| j.requests.iter().cloned())
+                .collect();
             all.extend(job.requests.iter().cloned());
             if rows + job.rows() > max_rows || !batch.fits(&all) {
                 held = Some(job);

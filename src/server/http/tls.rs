@@ -65,7 +65,9 @@ impl Acceptor {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream, peer)).await;
                         }
-                        Ok(Err(err)) => tracing::debug!(%err, %peer, "HTTP API: TLS handshake failed"),
+                        Ok(Err(err)) => {
+                            tracing::debug!(%err, %peer, "HTTP API: TLS handshake failed")
+                        }
                         Err(_) => tracing::debug!(%peer, "HTTP API: TLS handshake timed out"),
                     }
                 });
