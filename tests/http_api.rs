@@ -605,3 +605,64 @@ fn a_non_loopback_address_needs_tls_or_consent() {
         assert!(err.to_string().contains("not a loopback address"), "{err}");
     });
 }
+
+#[test]
+fn https_with_the_servers_certificate_and_nothing_in_clear() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+
+    let f = fixture();
+    let c =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let tls = goodtriever::server::TlsPem {
+        cert: c.cert.pem().into_bytes(),
+        key: c.signing_key.serialize_pem().into_bytes(),
+    };
+    let serve = goodtriever::server::ServeOptions {
+        tls: Some(tls.clone()),
+        ..Default::default()
+    };
+    let s = http_support::start_with(
+        f.detox.clone(),
+        serve,
+        http_support::http_options(f.model.clone(), 4, 4),
+    );
+    // Plain HTTP to the HTTPS port gets no HTTP answer.
+    let mut plain = connect(s.http, "GET", "/health", b"", "");
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut got);
+    assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&tls.cert) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let body = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 3}).to_string();
+        let tcp = tokio::net::TcpStream::connect(s.http).await.unwrap();
+        let mut stream = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let req = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("\"text_completion\""), "{text}");
+    });
+}

@@ -131,6 +131,11 @@ impl Drop for Running {
 
 /// Starts the server on a runtime thread of its own (so blocking test clients can call it).
 pub fn start(detox: Arc<Detoxifier>, opts: HttpOptions) -> Running {
+    start_with(detox, ServeOptions::default(), opts)
+}
+
+/// [`start`] with the server's own options (TLS, for one).
+pub fn start_with(detox: Arc<Detoxifier>, serve: ServeOptions, opts: HttpOptions) -> Running {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     std::thread::spawn(move || {
@@ -143,11 +148,10 @@ pub fn start(detox: Arc<Detoxifier>, opts: HttpOptions) -> Running {
             let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let server =
-                Server::from_listeners(detox, ServeOptions::default(), grpc, Some(metrics))
-                    .unwrap()
-                    .with_http(http, opts)
-                    .unwrap();
+            let server = Server::from_listeners(detox, serve, grpc, Some(metrics))
+                .unwrap()
+                .with_http(http, opts)
+                .unwrap();
             addr_tx
                 .send((server.http_addr().unwrap(), server.metrics_addr().unwrap()))
                 .unwrap();
