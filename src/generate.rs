@@ -265,6 +265,24 @@ pub fn argmax(logits: &[f32]) -> Option<u32> {
     best.map(|(i, _)| i)
 }
 
+/// The random generator of sample `index` of a request seeded with `seed`; the generator and
+/// the batch core (`crate::batch`) use the same one, so a seed gives the same samples in both.
+pub fn sample_rng(seed: u64, index: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// The stop tokens [`Generator::new`] uses: the model's EOS, and
+/// `<|endoftext|>` when the vocabulary has it.
+pub fn default_stop_tokens(model: &Model) -> Vec<u32> {
+    let mut stop: Vec<u32> = model.config().eos_token_id.into_iter().collect();
+    if let Some(eot) = model.tokenizer().token_to_id("<|endoftext|>") {
+        if !stop.contains(&eot) {
+            stop.push(eot);
+        }
+    }
+    stop
+}
+
 /// Samples continuations from a [`Model`].
 pub struct Generator<'m> {
     model: &'m Model,
@@ -280,13 +298,7 @@ impl<'m> Generator<'m> {
     /// vocabulary has it: base-model text ends there).
     pub fn new(model: &'m Model, params: SamplingParams) -> Result<Self, GenerateError> {
         params.validate()?;
-        let tok = model.tokenizer();
-        let mut stop_tokens: Vec<u32> = model.config().eos_token_id.into_iter().collect();
-        if let Some(eot) = tok.token_to_id("<|endoftext|>") {
-            if !stop_tokens.contains(&eot) {
-                stop_tokens.push(eot);
-            }
-        }
+        let stop_tokens = default_stop_tokens(model);
         Ok(Self {
             model,
             params,
@@ -359,9 +371,7 @@ impl<'m> Generator<'m> {
             })
             .collect();
         let mut rngs: Vec<StdRng> = (0..n as u64)
-            .map(|i| {
-                StdRng::seed_from_u64(self.params.seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            })
+            .map(|i| sample_rng(self.params.seed, i))
             .collect();
 
         let t0 = Instant::now();

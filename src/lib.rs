@@ -61,6 +61,8 @@
 //! ```
 
 #![warn(missing_docs)]
+#[cfg(feature = "model")]
+pub mod batch;
 pub mod datastore;
 pub mod detox;
 #[cfg(feature = "model")]

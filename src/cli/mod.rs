@@ -49,7 +49,13 @@ pub enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Generate with the control and show, per token, which store rows moved which tokens.
     Explain(Box<explain::ExplainArgs>),
-    /// Serve the control over gRPC: a decoding hook for any generation engine.
+    /// Serve the control over gRPC (a decoding hook for any generation engine) and, with
+    /// --http, an OpenAI-compatible API that generates with the model and the control.
+    ///
+    /// Prints one line `listening grpc=ADDR metrics=ADDR` (and ` http=ADDR` with --http) on
+    /// stdout once it accepts requests. Writes (AddExamples, AddTexts) are disabled unless an
+    /// admin token is configured with --admin-token-file or the GOODTRIEVER_ADMIN_TOKEN
+    /// environment variable.
     Serve(Box<serve::ServeArgs>),
     /// Toxicity evaluation: sample many prompts base vs controlled, and conditional perplexity.
     Eval(eval::EvalArgs),

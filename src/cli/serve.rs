@@ -14,6 +14,7 @@ use goodtriever::datastore::MergePolicy;
 use goodtriever::detox::Detoxifier;
 use goodtriever::model::{Model, WeightFormat};
 use goodtriever::rule::Mode;
+use goodtriever::server::http::HttpOptions;
 use goodtriever::server::{
     default_concurrent_steps, AdminAuth, GrpcAddr, Limits, ServeOptions, Server, TextEncoder,
     TlsPem, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_ROWS,
@@ -23,12 +24,16 @@ use super::args::{ModelArgs, ModelFlags, RuleArgs, SearchArgs, StoreArgs};
 
 /// Environment variable holding the admin token (an alternative to --admin-token-file).
 const TOKEN_ENV: &str = "GOODTRIEVER_ADMIN_TOKEN";
+/// Environment variable holding the HTTP API key (an alternative to --api-key-file).
+const API_KEY_ENV: &str = "GOODTRIEVER_API_KEY";
 
-/// Serve the control over gRPC: a decoding hook for any generation engine.
+/// Serve the control over gRPC (a decoding hook for any generation engine) and, with --model
+/// and --http, an OpenAI-compatible HTTP API that generates with the model and the control.
 ///
-/// Prints one line `listening grpc=ADDR metrics=ADDR` on stdout once it accepts requests.
-/// Writes (AddExamples, AddTexts) are disabled unless an admin token is configured with
-/// --admin-token-file or the GOODTRIEVER_ADMIN_TOKEN environment variable.
+/// Prints one line `listening grpc=ADDR metrics=ADDR` (and ` http=ADDR` with --http) on
+/// stdout once it accepts requests. Writes (AddExamples, AddTexts) are disabled unless an
+/// admin token is configured with --admin-token-file or the GOODTRIEVER_ADMIN_TOKEN
+/// environment variable.
 #[derive(Debug, Args)]
 // Both stores are required, whatever --mode says: each request may ask for another mode.
 #[command(
@@ -43,6 +48,34 @@ pub struct ServeArgs {
     /// default; a non-loopback TCP address needs TLS (or --allow-plaintext).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub addr: GrpcAddr,
+    /// Do not serve gRPC (only the HTTP API of --http).
+    #[arg(long, requires = "http")]
+    pub no_grpc: bool,
+    /// Serve the OpenAI-compatible HTTP API on HOST:PORT with --model (default: the cached
+    /// default model, `goodtriever model fetch`): POST
+    /// /v1/completions and /v1/chat/completions (streaming with "stream": true), GET
+    /// /v1/models, GET /health. The control is on with the server's stores; a request may
+    /// override it in "goodtriever": {"alpha": ..., "mode": ..., "k": ..., "temperature": ...}
+    /// ("alpha": 0 switches it off). Same bind and TLS rules as gRPC.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// File holding the key HTTP clients must send as `Authorization: Bearer KEY` (or the
+    /// GOODTRIEVER_API_KEY environment variable); without either the HTTP API is open.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// The model name the HTTP API serves under (GET /v1/models; requests must name it).
+    /// Default: the GGUF file's name without extension.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// HTTP requests that may wait for a place in the batch; one more is answered 429.
+    #[arg(long, default_value_t = goodtriever::server::http::DEFAULT_QUEUE)]
+    pub http_queue: usize,
+    /// Rows the HTTP API decodes together (every choice of every request is a row).
+    #[arg(long, default_value_t = goodtriever::server::http::DEFAULT_BATCH_ROWS)]
+    pub http_batch_rows: usize,
+    /// Largest HTTP request body, in bytes; a larger one is answered 413.
+    #[arg(long, default_value_t = goodtriever::server::http::DEFAULT_MAX_BODY_BYTES)]
+    pub http_max_body_bytes: usize,
     /// Prometheus metrics address (plain HTTP, GET /metrics).
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub metrics_addr: SocketAddr,
@@ -103,7 +136,7 @@ pub enum ServeModel {}
 
 impl ModelFlags for ServeModel {
     const MODEL_HELP: &'static str = "A GGUF model for AddTexts (the server computes keys \
-        itself). Without it, AddTexts answers FAILED_PRECONDITION";
+        itself) and for the HTTP API (--http). Without it, AddTexts answers FAILED_PRECONDITION";
     const WEIGHTS_HELP: &'static str =
         "How the model's weights are held: f32 (fastest batched extraction), q8_0 or native";
     const DEFAULT_WEIGHTS: WeightFormat = WeightFormat::F32;
@@ -123,18 +156,65 @@ fn admin_auth(file: Option<&Path>) -> anyhow::Result<AdminAuth> {
     }
 }
 
+fn http_options(
+    args: &ServeArgs,
+    path: Option<&Path>,
+    model: Arc<Model>,
+) -> anyhow::Result<HttpOptions> {
+    let api_key = match &args.api_key_file {
+        Some(f) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("reading the API key file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var(API_KEY_ENV)
+            .ok()
+            .map(|k| k.trim().to_string()),
+    };
+    let model_name = match &args.served_model_name {
+        Some(n) => n.clone(),
+        None => path
+            .and_then(|p| p.file_stem())
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| model.config().name.clone()),
+    };
+    Ok(HttpOptions {
+        model,
+        model_name,
+        api_key,
+        queue: args.http_queue,
+        max_batch_rows: args.http_batch_rows,
+        max_body_bytes: args.http_max_body_bytes,
+    })
+}
+
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let opts = args.rule.options()?;
     // Both stores, as the ensemble needs them (clap requires both): a request may pick any mode.
     let stores = args.stores.open(Mode::Ensemble)?;
     let detox = Detoxifier::new(stores, opts, args.search.params(), args.vocab_size)?;
-    let encoder: Option<Arc<dyn TextEncoder>> = match &args.model.model {
+    // The HTTP API needs a model: without --model it runs the default one.
+    let model_path = match (&args.model.model, args.http) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(_)) => Some(args.model.path()?),
+        (None, None) => None,
+    };
+    let model: Option<Arc<Model>> = match &model_path {
         Some(path) => {
             let model = Model::load(path, args.model.weights)
                 .with_context(|| format!("loading the model {}", path.display()))?;
             Some(Arc::new(model))
         }
         None => None,
+    };
+    let encoder = model.clone().map(|m| m as Arc<dyn TextEncoder>);
+    let http = match (args.http, &model) {
+        (Some(addr), Some(model)) => Some((
+            addr,
+            http_options(&args, model_path.as_deref(), model.clone())?,
+        )),
+        _ => None,
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(TlsPem {
@@ -174,17 +254,32 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let server = Server::bind(Arc::new(detox), serve_opts, &args.addr, metrics_addr).await?;
+        let detox = Arc::new(detox);
+        let mut server = if args.no_grpc {
+            Server::bind_without_grpc(detox, serve_opts, metrics_addr).await?
+        } else {
+            Server::bind(detox, serve_opts, &args.addr, metrics_addr).await?
+        };
+        if let Some((addr, opts)) = http {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the HTTP address {addr}"))?;
+            server = server.with_http(listener, opts)?;
+        }
         let grpc = server
             .grpc_endpoint()
             .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".into());
+        let http = server
+            .http_addr()
+            .map(|a| format!(" http={a}"))
             .unwrap_or_default();
         let metrics = server
             .metrics_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "off".into());
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening grpc={grpc} metrics={metrics}")?;
+        writeln!(out, "listening grpc={grpc} metrics={metrics}{http}")?;
         out.flush()?;
         drop(out);
         server.run(shutdown_signal()).await?;

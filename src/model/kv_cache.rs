@@ -173,6 +173,94 @@ impl KvCache {
         Ok(())
     }
 
+    /// Appends the rows of `other` after this cache's rows, so that sequences prefilled apart
+    /// decode as one batch (continuous batching, docs/architecture.md §2). The two caches must
+    /// come from the same model. Whichever cache holds fewer slots is left-padded to the
+    /// other's length: its slots move right and its rows' padding grows by the difference, so
+    /// every row keeps its RoPE positions and attends to exactly what it attended to before.
+    pub fn append_rows(&mut self, other: &KvCache) -> Result<(), ModelError> {
+        if (self.keys.len(), self.n_kv_heads, self.head_dim)
+            != (other.keys.len(), other.n_kv_heads, other.head_dim)
+        {
+            return Err(ModelError::Input(format!(
+                "cannot join caches of different models: {} layers × {} kv heads × {} dims and {} × {} × {}",
+                self.keys.len(),
+                self.n_kv_heads,
+                self.head_dim,
+                other.keys.len(),
+                other.n_kv_heads,
+                other.head_dim
+            )));
+        }
+        let len = self.len.max(other.len);
+        let cap = if len <= self.capacity {
+            self.capacity
+        } else {
+            len.next_power_of_two().max(64)
+        };
+        let (hd, heads) = (self.head_dim, self.n_kv_heads);
+        let batch = self.batch + other.batch;
+        let parts = [(&*self, self.len), (other, other.len)];
+        let mut keys = Vec::with_capacity(self.keys.len());
+        let mut values = Vec::with_capacity(self.keys.len());
+        for layer in 0..self.keys.len() {
+            for (dst, pick) in [(&mut keys, 0), (&mut values, 1)] {
+                let mut fresh = vec![0f32; batch * heads * cap * hd];
+                let mut run = 0;
+                for (cache, filled) in parts {
+                    let src = if pick == 0 {
+                        &cache.keys[layer]
+                    } else {
+                        &cache.values[layer]
+                    };
+                    let shift = len - filled;
+                    for r in 0..cache.batch * heads {
+                        if filled > 0 {
+                            fresh[(run + r) * cap * hd + shift * hd..][..filled * hd]
+                                .copy_from_slice(&src[r * cache.capacity * hd..][..filled * hd]);
+                        }
+                    }
+                    run += cache.batch * heads;
+                }
+                dst.push(fresh);
+            }
+        }
+        let mut pad = Vec::with_capacity(batch);
+        for (cache, filled) in parts {
+            pad.extend(cache.pad.iter().map(|&p| p + (len - filled)));
+        }
+        self.keys = keys;
+        self.values = values;
+        self.pad = pad;
+        self.batch = batch;
+        self.len = len;
+        self.capacity = cap;
+        Ok(())
+    }
+
+    /// Drops the leading slots that are padding in every row (rows that needed them left the
+    /// batch), so a long-lived batch does not run into the context length on padding alone.
+    pub fn trim_padding(&mut self) {
+        let Some(&common) = self.pad.iter().min() else {
+            return;
+        };
+        if common == 0 {
+            return;
+        }
+        let (hd, cap, kept) = (self.head_dim, self.capacity, self.len - common);
+        for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            if buf.is_empty() {
+                continue;
+            }
+            for r in 0..self.batch * self.n_kv_heads {
+                let run = r * cap * hd;
+                buf.copy_within(run + common * hd..run + self.len * hd, run);
+            }
+        }
+        self.pad.iter_mut().for_each(|p| *p -= common);
+        self.len = kept;
+    }
+
     /// Forgets everything, keeping the batch size and the allocated buffers.
     pub fn clear(&mut self) {
         self.len = 0;

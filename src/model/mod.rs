@@ -176,6 +176,7 @@ pub struct Model {
     fingerprint: ModelFingerprint,
     format: WeightFormat,
     info: ModelInfo,
+    chat_template: Option<String>,
 }
 
 impl std::fmt::Debug for Model {
@@ -186,6 +187,9 @@ impl std::fmt::Debug for Model {
             .finish_non_exhaustive()
     }
 }
+
+/// The GGUF metadata key of the chat template.
+pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 
 /// The tensor whose raw bytes identify the weights in the fingerprint.
 const DIGEST_TENSOR: &str = "token_embd.weight";
@@ -233,6 +237,11 @@ impl Model {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         let config = LlamaConfig::from_metadata(md, &stem, tokenizer.vocab_size())?;
+        let chat_template = md
+            .get(CHAT_TEMPLATE_KEY)
+            .and_then(|v| v.to_string().ok())
+            .filter(|t| !t.trim().is_empty())
+            .cloned();
         if config.vocab_size != tokenizer.vocab_size() {
             return Err(ModelError::Metadata(format!(
                 "vocabulary size {} but {} tokens",
@@ -290,7 +299,14 @@ impl Model {
             fingerprint,
             format,
             info,
+            chat_template,
         })
+    }
+
+    /// The Jinja chat template of the file's `tokenizer.chat_template` metadata (how an
+    /// instruct model's conversations are written as text), when it has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
     }
 
     /// The hyper-parameters: sizes for buffers (`hidden_size`, `vocab_size`) and the context

@@ -62,6 +62,9 @@ impl Default for TinySpec {
 /// Control tokens at the front of the tiny vocabulary: ids 0, 1, 2.
 pub const TINY_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
+/// The tiny model's chat template: ChatML, as SmolLM2-Instruct writes conversations.
+pub const TINY_CHAT_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
 /// Merges of the tiny vocabulary, in rank order (byte-level symbols, `Ġ` is a space).
 pub const TINY_MERGES: [(&str, &str); 8] = [
     ("h", "e"),
@@ -219,6 +222,7 @@ pub fn write_tiny_llama(path: &Path, spec: &TinySpec) -> Result<(), ModelError> 
         ("tokenizer.ggml.bos_token_id", u(1)),
         ("tokenizer.ggml.eos_token_id", u(2)),
         ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+        (super::CHAT_TEMPLATE_KEY, s(TINY_CHAT_TEMPLATE)),
     ];
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();

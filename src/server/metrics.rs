@@ -109,6 +109,86 @@ pub struct Metrics {
     merged: Histogram,
     store_rows: IntGaugeVec,
     store_segments: IntGaugeVec,
+    http: HttpMetrics,
+}
+
+/// The HTTP API's series (`goodtriever_http_*`).
+struct HttpMetrics {
+    requests: IntCounterVec,
+    tokens: IntCounter,
+    ttft: Histogram,
+    per_token: Histogram,
+    control_share: Histogram,
+    batch_rows: Histogram,
+}
+
+impl HttpMetrics {
+    fn new() -> Self {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "HTTP API requests by endpoint (completions, chat, models) and outcome (ok, invalid, unauthorized, queue_full, unavailable, cancelled, error)",
+            ),
+            &["endpoint", "outcome"],
+        )
+        .expect("valid metric");
+        let tokens = IntCounter::new(
+            "http_generated_tokens_total",
+            "Tokens generated for HTTP API requests, over all choices",
+        )
+        .expect("valid metric");
+        let ttft = Histogram::with_opts(
+            HistogramOpts::new(
+                "http_time_to_first_token_seconds",
+                "From a request's arrival to its first generated token (queueing and prefill included)",
+            )
+            .buckets(latency_buckets()),
+        )
+        .expect("valid metric");
+        let per_token = Histogram::with_opts(
+            HistogramOpts::new(
+                "http_time_per_output_token_seconds",
+                "A request's mean time between generated tokens after the first",
+            )
+            .buckets(latency_buckets()),
+        )
+        .expect("valid metric");
+        let control_share = Histogram::with_opts(
+            HistogramOpts::new(
+                "http_control_share",
+                "The control's share (search and rule) of a request's decoding step time",
+            )
+            .buckets(prometheus::linear_buckets(0.05, 0.05, 20).expect("valid")),
+        )
+        .expect("valid metric");
+        let batch_rows = Histogram::with_opts(
+            HistogramOpts::new(
+                "http_batch_rows",
+                "Rows decoding together after each step of the HTTP API's batch",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 2.0, 11).expect("valid")),
+        )
+        .expect("valid metric");
+        Self {
+            requests,
+            tokens,
+            ttft,
+            per_token,
+            control_share,
+            batch_rows,
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.tokens.clone()),
+            Box::new(self.ttft.clone()),
+            Box::new(self.per_token.clone()),
+            Box::new(self.control_share.clone()),
+            Box::new(self.batch_rows.clone()),
+        ]
+    }
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -173,6 +253,7 @@ impl Metrics {
             &["store"],
         )
         .expect("valid metric");
+        let http = HttpMetrics::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -182,7 +263,10 @@ impl Metrics {
             Box::new(merged.clone()),
             Box::new(store_rows.clone()),
             Box::new(store_segments.clone()),
-        ] {
+        ]
+        .into_iter()
+        .chain(http.collectors())
+        {
             registry.register(c).expect("metric names are unique");
         }
         Self {
@@ -195,7 +279,41 @@ impl Metrics {
             merged,
             store_rows,
             store_segments,
+            http,
         }
+    }
+
+    /// An HTTP API request ended with `outcome` (`http_requests_total`).
+    pub fn http_request(&self, endpoint: &str, outcome: &str) {
+        self.http
+            .requests
+            .with_label_values(&[endpoint, outcome])
+            .inc();
+    }
+
+    /// A request generated `tokens` tokens over its choices.
+    pub fn http_tokens(&self, tokens: usize) {
+        self.http.tokens.inc_by(tokens as u64);
+    }
+
+    /// A request's time to its first token.
+    pub fn http_time_to_first_token(&self, elapsed: Duration) {
+        self.http.ttft.observe(elapsed.as_secs_f64());
+    }
+
+    /// A request's mean time per token after the first.
+    pub fn http_time_per_token(&self, elapsed: Duration) {
+        self.http.per_token.observe(elapsed.as_secs_f64());
+    }
+
+    /// The control's share of a request's step time, in [0, 1].
+    pub fn http_control_share(&self, share: f64) {
+        self.http.control_share.observe(share);
+    }
+
+    /// Rows decoding together after a step of the HTTP API's batch.
+    pub fn http_batch_rows(&self, rows: usize) {
+        self.http.batch_rows.observe(rows as f64);
     }
 
     /// An RPC of `method` arrived (`requests_total`).

@@ -26,6 +26,8 @@ pub mod auth;
 pub mod convert;
 pub mod encoder;
 mod explain;
+#[cfg(feature = "model")]
+pub mod http;
 mod limits;
 pub mod listen;
 #[cfg(test)]
@@ -103,6 +105,10 @@ pub enum ServerError {
     /// The gRPC transport stopped with an error while serving.
     #[error("the gRPC server failed: {0}")]
     Transport(#[source] tonic::transport::Error),
+    /// The HTTP API could not start or failed.
+    #[cfg(feature = "model")]
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
 }
 
 /// TLS certificate chain and private key, PEM-encoded.
@@ -197,8 +203,11 @@ pub struct Server {
     opts: ServeOptions,
     /// HTTP/2 settings and TLS, built (and so checked) before anything is served.
     transport: tonic::transport::Server,
-    grpc: GrpcListener,
+    /// `None` when only the HTTP API is served.
+    grpc: Option<GrpcListener>,
     metrics: Option<TcpListener>,
+    #[cfg(feature = "model")]
+    http: Option<http::HttpServer>,
 }
 
 impl Server {
@@ -223,6 +232,24 @@ impl Server {
         Self::from_listeners(engine, opts, grpc, metrics)
     }
 
+    /// A server without the gRPC service, for the HTTP API alone ([`Server::with_http`]);
+    /// metrics, TLS and shutdown work as with gRPC.
+    pub async fn bind_without_grpc(
+        engine: Arc<Detoxifier>,
+        opts: ServeOptions,
+        metrics_addr: Option<SocketAddr>,
+    ) -> Result<Self, ServerError> {
+        let metrics = match metrics_addr {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|e| ServerError::Bind(format!("metrics ({a})"), e))?,
+            ),
+            None => None,
+        };
+        Self::from_parts(engine, opts, None, metrics)
+    }
+
     /// Uses already bound sockets (tests bind port 0 and read the port back).
     pub fn from_listeners(
         engine: Arc<Detoxifier>,
@@ -230,7 +257,15 @@ impl Server {
         grpc: impl Into<GrpcListener>,
         metrics: Option<TcpListener>,
     ) -> Result<Self, ServerError> {
-        let grpc = grpc.into();
+        Self::from_parts(engine, opts, Some(grpc.into()), metrics)
+    }
+
+    fn from_parts(
+        engine: Arc<Detoxifier>,
+        opts: ServeOptions,
+        grpc: Option<GrpcListener>,
+        metrics: Option<TcpListener>,
+    ) -> Result<Self, ServerError> {
         let l = opts.limits;
         if l.max_rows == 0 || l.max_rows > MAX_ROWS {
             return Err(ServerError::MaxRows(l.max_rows));
@@ -241,7 +276,7 @@ impl Server {
         if opts.concurrent_steps == 0 {
             return Err(ServerError::ConcurrentSteps);
         }
-        if let Some(GrpcAddr::Tcp(a)) = grpc.local_addr() {
+        if let Some(GrpcAddr::Tcp(a)) = grpc.as_ref().and_then(|g| g.local_addr()) {
             if !a.ip().is_loopback() && opts.tls.is_none() {
                 if !opts.allow_plaintext_remote {
                     return Err(ServerError::PlaintextRemote(a));
@@ -276,20 +311,59 @@ impl Server {
             transport,
             grpc,
             metrics,
+            #[cfg(feature = "model")]
+            http: None,
         })
+    }
+
+    /// Serves the OpenAI-compatible HTTP API too, with the same bind rules as gRPC: a
+    /// non-loopback address needs TLS (the server's identity, served as HTTPS) or
+    /// `allow_plaintext_remote`.
+    #[cfg(feature = "model")]
+    pub fn with_http(
+        mut self,
+        listener: TcpListener,
+        opts: http::HttpOptions,
+    ) -> Result<Self, ServerError> {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ServerError::Bind("HTTP".into(), e))?;
+        if !addr.ip().is_loopback() && self.opts.tls.is_none() {
+            if !self.opts.allow_plaintext_remote {
+                return Err(ServerError::PlaintextRemote(addr));
+            }
+            tracing::warn!(%addr, api_key = opts.api_key.is_some(), "serving plain-text HTTP on a non-loopback address (--allow-plaintext)");
+        }
+        let fp = opts.model.fingerprint();
+        self.engine
+            .fingerprint()
+            .check_compatible(&fp)
+            .map_err(ServerError::ModelMismatch)?;
+        self.http = Some(http::HttpServer::new(
+            listener,
+            opts,
+            self.opts.tls.as_ref(),
+        )?);
+        Ok(self)
+    }
+
+    /// The HTTP API's address, when it is served.
+    #[cfg(feature = "model")]
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|h| h.local_addr())
     }
 
     /// The TCP address, when listening on TCP.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
-        match self.grpc.local_addr()? {
+        match self.grpc.as_ref()?.local_addr()? {
             GrpcAddr::Tcp(a) => Some(a),
             GrpcAddr::Unix(_) => None,
         }
     }
 
-    /// Where clients connect: a TCP address or `unix:PATH`.
+    /// Where clients connect: a TCP address or `unix:PATH`; `None` without gRPC.
     pub fn grpc_endpoint(&self) -> Option<GrpcAddr> {
-        self.grpc.local_addr()
+        self.grpc.as_ref()?.local_addr()
     }
 
     /// The bound metrics address (useful with port 0), when metrics are served.
@@ -305,6 +379,10 @@ impl Server {
         let (stop_tx, stop_rx) = watch::channel(false);
         let metrics = Arc::new(Metrics::new());
         let limits = self.opts.limits;
+        #[cfg(feature = "model")]
+        let http_task = self
+            .http
+            .map(|h| tokio::spawn(h.run(self.engine.clone(), metrics.clone(), stop_rx.clone())));
         let shared = Arc::new(
             shared::Shared::new(
                 self.engine,
@@ -345,8 +423,14 @@ impl Server {
             .metrics
             .map(|l| tokio::spawn(metrics::serve_metrics(l, metrics.clone(), stop_rx.clone())));
 
-        let addr = self.grpc.local_addr().map(|a| a.to_string());
-        tracing::info!(addr, tls = self.opts.tls.is_some(), "gRPC server listening");
+        let addr = self
+            .grpc
+            .as_ref()
+            .and_then(|g| g.local_addr())
+            .map(|a| a.to_string());
+        if addr.is_some() {
+            tracing::info!(addr, tls = self.opts.tls.is_some(), "gRPC server listening");
+        }
         let mut stopped = stop_rx.clone();
         let health_on_stop = health.clone();
         let signal = async move {
@@ -370,16 +454,24 @@ impl Server {
         type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
         // `_socket_file` removes a Unix socket's file however `run` returns.
         let (server, _socket_file): (Serving, _) = match self.grpc {
+            // Without gRPC (the HTTP API alone) the "server" is the wait for the stop signal.
+            None => (
+                Box::pin(async move {
+                    signal.await;
+                    Ok(())
+                }),
+                None,
+            ),
             // Nagle's algorithm would hold each small answer back until the client's ACK;
             // `serve_with_incoming` does not apply tonic's own `tcp_nodelay`.
-            GrpcListener::Tcp(l) => (
+            Some(GrpcListener::Tcp(l)) => (
                 Box::pin(router.serve_with_incoming_shutdown(
                     TcpIncoming::from(l).with_nodelay(Some(true)),
                     signal,
                 )),
                 None,
             ),
-            GrpcListener::Unix(l, file) => (
+            Some(GrpcListener::Unix(l, file)) => (
                 Box::pin(router.serve_with_incoming_shutdown(UnixListenerStream::new(l), signal)),
                 Some(file),
             ),
@@ -402,6 +494,18 @@ impl Server {
             }
         };
         let _ = stop_tx.send(true);
+        #[cfg(feature = "model")]
+        if let Some(t) = http_task {
+            // In-flight HTTP requests finish within the same grace period.
+            match tokio::time::timeout(grace, t).await {
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "the HTTP API failed"),
+                Ok(_) => {}
+                Err(_) => tracing::warn!(
+                    ?grace,
+                    "HTTP requests still open after the grace period; stopping anyway"
+                ),
+            }
+        }
         if let Some(t) = metrics_task {
             let _ = t.await;
         }

@@ -112,3 +112,71 @@ def server(stores, binary):
     )
     yield served
     stop_server(served)
+
+
+# --- The OpenAI-compatible HTTP API (`serve --model ... --http ...`) on the tiny model ---
+
+TINY_NAME = "tiny"
+TINY_WORDS = "hello the world cat sat on mat rain over hill bright stone river quiet moon road".split()
+
+
+def _tiny_model_writer() -> Path:
+    """The `tiny_model` example (`cargo test` builds it next to the binary's directory)."""
+    path = Path(os.environ.get("GOODTRIEVER_TINY_MODEL_BIN", _binary().parent / "examples" / "tiny_model"))
+    if not path.exists():
+        pytest.fail(f"{path} does not exist: run `cargo build --example tiny_model` first, or set GOODTRIEVER_TINY_MODEL_BIN")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random llama (ChatML template included) as a GGUF file, written by Rust."""
+    out = tmp_path_factory.mktemp("tiny") / f"{TINY_NAME}.gguf"
+    subprocess.run([str(_tiny_model_writer()), str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_stores(tmp_path_factory, binary, tiny_model):
+    """A toxic and a non-toxic store built from text by `goodtriever datastore build` with the
+    tiny model, so they carry its fingerprint."""
+    root = tmp_path_factory.mktemp("tiny_stores")
+    rng = np.random.default_rng(0)
+    dirs = {}
+    for name in ("toxic", "nontoxic"):
+        texts = root / f"{name}.txt"
+        texts.write_text("\n".join(" ".join(rng.choice(TINY_WORDS, size=12)) for _ in range(20)) + "\n")
+        subprocess.run(
+            [str(binary), "datastore", "build", "--input", str(texts), "--out", str(root / name),
+             "--model", str(tiny_model), "--window", "32", "--stride", "16"],
+            check=True,
+            capture_output=True,
+        )
+        dirs[name] = root / name
+    return dirs
+
+
+class ServedHttp:
+    def __init__(self, proc: subprocess.Popen, base_url: str, metrics: str):
+        self.proc, self.base_url, self.metrics = proc, base_url, metrics
+
+
+def start_http_server(binary: Path, model: Path, stores, *args: str) -> ServedHttp:
+    """`goodtriever serve --model MODEL --http 127.0.0.1:0 --no-grpc` on free loopback ports,
+    waiting for its `listening ... http=ADDR` line. Stop it with `stop_server`."""
+    proc = subprocess.Popen(
+        [
+            str(binary), "serve", "--toxic", str(stores["toxic"]), "--nontoxic", str(stores["nontoxic"]),
+            "--model", str(model), "--http", "127.0.0.1:0", "--no-grpc",
+            "--metrics-addr", "127.0.0.1:0", "--k", "16", "--temperature", "10", "--filter-p", "1", "--exact", *args,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith("listening"):
+        proc.kill()
+        pytest.fail(f"goodtriever serve --http did not start: {line!r}")
+    fields = dict(w.split("=", 1) for w in line.split()[1:])
+    assert fields["grpc"] == "off", line
+    return ServedHttp(proc, f"http://{fields['http']}/v1", fields["metrics"])
