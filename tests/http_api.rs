@@ -526,7 +526,7 @@ fn a_full_queue_answers_429_and_a_client_that_leaves_frees_its_row() {
         f.detox.clone(),
         http_support::http_options(f.model.clone(), 1, 1),
     );
-    let long = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 1500, "stream": true, "goodtriever": {"alpha": 0}});
+    let long = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 16000, "stream": true, "goodtriever": {"alpha": 0}});
     // The first request takes the row: its first chunk has arrived.
     let conn = connect(
         s.http,

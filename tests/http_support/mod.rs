@@ -25,11 +25,12 @@ use tokio::sync::oneshot;
 /// The served model's name in the tests.
 pub const NAME: &str = "tiny";
 
-/// The tiny model, with a context long enough for the long-running requests of the tests.
+/// The tiny model, with a context long enough that a long request outlasts the tests that need
+/// one running (the tiny model decodes a token in well under a millisecond).
 pub fn model(dir: &Path) -> Arc<Model> {
     let path = dir.join("tiny.gguf");
     let spec = TinySpec {
-        context: 2048,
+        context: 16384,
         ..TinySpec::default()
     };
     write_tiny_llama(&path, &spec).unwrap();
