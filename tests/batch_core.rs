@@ -164,6 +164,7 @@ fn rows_joining_a_running_batch_sample_what_the_generator_samples() {
         params: p,
         control,
         top_logprobs: None,
+        explain: None,
     };
     // Request 1 (controlled, 3 samples) runs alone for 4 steps; then requests 2 (bare, a
     // longer prompt) and 3 (controlled, other seed) join it.
@@ -215,6 +216,7 @@ fn a_cancelled_request_leaves_and_the_others_go_on() {
         params: params(2, id, 8),
         control: None,
         top_logprobs: Some(3),
+        explain: None,
     };
     batch.admit(vec![r(1), r(2)]).unwrap();
     let mut events = Vec::new();
@@ -256,6 +258,7 @@ fn bad_requests_are_refused_before_anything_runs() {
         params: params(1, 0, 4),
         control: None,
         top_logprobs: None,
+        explain: None,
     };
     let empty = BatchRequest {
         prompt: vec![],
@@ -269,7 +272,12 @@ fn bad_requests_are_refused_before_anything_runs() {
         control: Some(Default::default()),
         ..ok.clone()
     };
-    for bad in [empty, long, controlled] {
+    // Explaining needs the control: a bare row has no step to explain.
+    let explained_bare = BatchRequest {
+        explain: Some(Default::default()),
+        ..ok.clone()
+    };
+    for bad in [empty, long, controlled, explained_bare] {
         assert!(batch.admit(vec![ok.clone(), bad]).is_err());
         assert!(batch.is_empty());
     }

@@ -399,6 +399,7 @@ impl AppState {
                 },
                 control: c.control,
                 top_logprobs: plan.top_logprobs,
+                explain: c.explain,
             });
         }
         Ok(out)
