@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API of `goodtriever serve --model ... --http ...`, driven with the
 official `openai` package on the tiny model: completions, chat completions, streaming, n > 1,
 the error cases (each answered with OpenAI's error shape, the server still serving after them),
-and the controlled answer equal to `goodtriever generate`'s for the same seed."""
+the controlled answer equal to `goodtriever generate`'s for the same seed, and `explain` read
+from the response objects' extension fields."""
 
 import json
 import subprocess
