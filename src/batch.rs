@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 
 use crate::detox::{AdjustOptions, DetoxScratch, Detoxifier};
+use crate::explain::{ExplainOptions, StepExplanation, StepTrace};
 use crate::fingerprint::KeyType;
 use crate::generate::{
     default_stop_tokens, sample_rng, GenerateError, Sampler, SamplingParams, StopReason,
@@ -41,6 +42,10 @@ pub struct BatchRequest {
     /// With `Some(k)`, each token comes with its log-probability and the `k` most likely
     /// tokens' (k may be 0), from the distribution it was sampled from before temperature.
     pub top_logprobs: Option<usize>,
+    /// With options, each token comes with the explanation of its step (which tokens the
+    /// control moved and which store rows moved them, docs/architecture.md §2, "Explaining a
+    /// step"); needs `control`.
+    pub explain: Option<ExplainOptions>,
 }
 
 /// A token's log-probability and the most likely alternatives at its step.
@@ -65,6 +70,9 @@ pub enum BatchEvent {
         token: u32,
         /// Its log-probabilities when the request asked for them.
         logprob: Option<TokenLogprob>,
+        /// The explanation of its step when the request asked for one (boxed: the normal
+        /// event stays small).
+        explanation: Option<Box<StepExplanation>>,
     },
     /// Sample `choice` of request `id` ended.
     Finished {
@@ -94,6 +102,9 @@ struct Row {
     params: SamplingParams,
     control: Option<AdjustOptions>,
     top_logprobs: Option<usize>,
+    explain: Option<ExplainOptions>,
+    /// The trace of the engine call of this step, for rows with `explain`.
+    trace: Option<StepTrace>,
     rng: StdRng,
     generated: usize,
     /// The token to run through the model at the next forward pass.
@@ -115,6 +126,8 @@ pub struct DecodeBatch<'m> {
     prefill: ForwardOutput,
     sampler: Sampler,
     scratch: DetoxScratch,
+    /// Raw logits of the explained rows of the current run, copied before the in-place call.
+    raw: Vec<f32>,
     tokens: Vec<u32>,
     keep: Vec<usize>,
     order: Vec<u32>,
@@ -134,6 +147,7 @@ impl<'m> DecodeBatch<'m> {
             prefill: ForwardOutput::default(),
             sampler: Sampler::default(),
             scratch: DetoxScratch::default(),
+            raw: Vec::new(),
             tokens: Vec::new(),
             keep: Vec::new(),
             order: Vec::new(),
@@ -195,6 +209,15 @@ impl<'m> DecodeBatch<'m> {
                 .map_err(|e| GenerateError::Params(e.to_string()))?;
             detox
                 .check_mode(opts.mode)
+                .map_err(|e| GenerateError::Params(e.to_string()))?;
+        }
+        if let Some(eo) = &req.explain {
+            if req.control.is_none() {
+                return Err(GenerateError::Params(
+                    "explain needs the control: a step without it has nothing to explain".into(),
+                ));
+            }
+            eo.validate()
                 .map_err(|e| GenerateError::Params(e.to_string()))?;
         }
         Ok(())
@@ -269,6 +292,8 @@ impl<'m> DecodeBatch<'m> {
                     params: r.params.clone(),
                     control: r.control,
                     top_logprobs: r.top_logprobs,
+                    explain: r.explain,
+                    trace: None,
                     rng: sample_rng(r.params.seed, choice as u64),
                     generated: 0,
                     next: 0,
@@ -322,6 +347,14 @@ impl<'m> DecodeBatch<'m> {
                 end += 1;
             }
             if let (Some(opts), Some(detox)) = (opts, &self.detox) {
+                // Only explained rows pay for the copy of their raw logits.
+                self.raw.clear();
+                for (i, r) in self.rows[start..end].iter().enumerate() {
+                    if r.explain.is_some() && !r.done {
+                        let at = (start + i) * vocab;
+                        self.raw.extend_from_slice(&self.out.logits[at..at + vocab]);
+                    }
+                }
                 let t = Instant::now();
                 let result = detox.adjust_dense_in_place(
                     &self.out.keys[start * hidden..end * hidden],
@@ -333,9 +366,16 @@ impl<'m> DecodeBatch<'m> {
                 for r in &mut self.rows[start..end] {
                     r.control_time += spent;
                 }
-                if let Err(e) = result {
-                    let message = format!("the control failed: {e}");
-                    fail_rows(&mut self.rows[start..end], &message, events);
+                match result {
+                    Err(e) => {
+                        let message = format!("the control failed: {e}");
+                        fail_rows(&mut self.rows[start..end], &message, events);
+                    }
+                    Ok(()) if !self.raw.is_empty() => {
+                        let detox = Arc::clone(detox);
+                        self.trace_run(&detox, &opts, start, end, events);
+                    }
+                    Ok(()) => {}
                 }
             }
             start = end;
@@ -357,6 +397,24 @@ impl<'m> DecodeBatch<'m> {
             let logprob = row
                 .top_logprobs
                 .map(|k| token_logprob(logits, token, k, &mut self.order));
+            let explanation = match (row.trace.take(), &row.explain, &self.detox) {
+                (Some(trace), Some(eo), Some(detox)) => {
+                    let tokenizer = self.model.tokenizer();
+                    let text = |t: u32| tokenizer.decode(&[t], false).ok();
+                    match trace.explain(detox, eo, Some(token), &text) {
+                        Ok(e) => Some(Box::new(e)),
+                        Err(e) => {
+                            events.push(BatchEvent::Failed {
+                                id: row.id,
+                                message: format!("explaining the step failed: {e}"),
+                            });
+                            row.done = true;
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
             row.generated += 1;
             row.next = token;
             events.push(BatchEvent::Token {
@@ -364,6 +422,7 @@ impl<'m> DecodeBatch<'m> {
                 choice: row.choice,
                 token,
                 logprob,
+                explanation,
             });
         }
         // Requests that failed on one row fail on all of them.
@@ -426,6 +485,39 @@ impl<'m> DecodeBatch<'m> {
             r.decode += forward;
         }
         Ok(())
+    }
+
+    /// Keeps the trace of each explained row of the run `start..end` that the engine call
+    /// with `opts` just controlled: its raw logits (copied to `raw` before the call, in row
+    /// order), the call's dense answer and the neighbours left in the scratch.
+    fn trace_run(
+        &mut self,
+        detox: &Detoxifier,
+        opts: &AdjustOptions,
+        start: usize,
+        end: usize,
+        events: &mut Vec<BatchEvent>,
+    ) {
+        let vocab = self.model.config().vocab_size;
+        let mut raw = self.raw.chunks_exact(vocab);
+        for i in start..end {
+            let row = &mut self.rows[i];
+            if row.explain.is_none() || row.done {
+                continue;
+            }
+            let z = raw.next().expect("one raw row per explained row");
+            let controlled = self.out.logits[i * vocab..(i + 1) * vocab].to_vec();
+            match StepTrace::from_call(detox, opts, &self.scratch, i - start, z, controlled) {
+                Ok(t) => row.trace = Some(t),
+                Err(e) => {
+                    events.push(BatchEvent::Failed {
+                        id: row.id,
+                        message: format!("explaining the step failed: {e}"),
+                    });
+                    row.done = true;
+                }
+            }
+        }
     }
 
     /// Removes the rows marked done from the rows, the cache and the pending logits and keys.

@@ -1,6 +1,7 @@
 //! The continuous-batching core on the tiny model: `KvCache::append_rows` and
 //! `trim_padding` against running the rows alone, and `DecodeBatch` (rows joining a running
-//! batch at different steps, with and without the control) against `Generator`.
+//! batch at different steps, with and without the control) against `Generator`, and an
+//! explained row against `ExplainHook`'s traces.
 
 mod http_support;
 
@@ -8,6 +9,7 @@ use std::collections::HashMap;
 
 use goodtriever::batch::{BatchEvent, BatchRequest, DecodeBatch};
 use goodtriever::detox::ControlHook;
+use goodtriever::explain::{ExplainHook, ExplainOptions, StepExplanation};
 use goodtriever::fingerprint::KeyType;
 use goodtriever::generate::{Generator, SamplingParams, StopReason};
 use goodtriever::model::testing::{write_tiny_llama, TinySpec};
@@ -164,6 +166,7 @@ fn rows_joining_a_running_batch_sample_what_the_generator_samples() {
         params: p,
         control,
         top_logprobs: None,
+        explain: None,
     };
     // Request 1 (controlled, 3 samples) runs alone for 4 steps; then requests 2 (bare, a
     // longer prompt) and 3 (controlled, other seed) join it.
@@ -215,6 +218,7 @@ fn a_cancelled_request_leaves_and_the_others_go_on() {
         params: params(2, id, 8),
         control: None,
         top_logprobs: Some(3),
+        explain: None,
     };
     batch.admit(vec![r(1), r(2)]).unwrap();
     let mut events = Vec::new();
@@ -256,6 +260,7 @@ fn bad_requests_are_refused_before_anything_runs() {
         params: params(1, 0, 4),
         control: None,
         top_logprobs: None,
+        explain: None,
     };
     let empty = BatchRequest {
         prompt: vec![],
@@ -269,10 +274,133 @@ fn bad_requests_are_refused_before_anything_runs() {
         control: Some(Default::default()),
         ..ok.clone()
     };
-    for bad in [empty, long, controlled] {
+    // Explaining needs the control: a bare row has no step to explain.
+    let explained_bare = BatchRequest {
+        explain: Some(Default::default()),
+        ..ok.clone()
+    };
+    for bad in [empty, long, controlled, explained_bare] {
         assert!(batch.admit(vec![ok.clone(), bad]).is_err());
         assert!(batch.is_empty());
     }
     batch.admit(vec![ok]).unwrap();
     assert_eq!(batch.rows(), 1);
+}
+
+/// The token ids and listed row ids of an explanation, and its numbers: what must match
+/// exactly and what only to f32 rounding (logits of a batch of three rows and of the
+/// generator's one differ in the last bits).
+fn explanation_parts(e: &StepExplanation) -> (Vec<(u32, Vec<u64>)>, Vec<f64>) {
+    let moves = e
+        .pushed_down
+        .iter()
+        .chain(&e.pushed_up)
+        .chain(e.chosen.as_ref());
+    let mut ids = Vec::new();
+    let mut nums = Vec::new();
+    for m in moves {
+        ids.push((m.token, m.rows.iter().map(|r| r.id).collect()));
+        nums.extend([m.base_log_prob, m.controlled_log_prob, m.change].map(f64::from));
+        nums.extend(m.experts.iter().map(|x| x.probability));
+        nums.extend(
+            m.rows
+                .iter()
+                .flat_map(|r| [f64::from(r.distance), r.weight]),
+        );
+    }
+    (ids, nums)
+}
+
+#[test]
+fn an_explained_row_gets_the_librarys_trace_and_changes_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = http_support::model(dir.path());
+    let detox = http_support::detox(dir.path(), &m);
+    let opts = *detox.defaults();
+    let eo = ExplainOptions {
+        top: 3,
+        rows: 2,
+        context_bytes: 16,
+    };
+    // Two plain controlled rows, then the explained one: one run of three rows with equal
+    // options, the explained row third in the engine call.
+    let plain = BatchRequest {
+        id: 1,
+        prompt: A.to_vec(),
+        params: params(2, 5, 8),
+        control: Some(opts),
+        top_logprobs: None,
+        explain: None,
+    };
+    let explained = BatchRequest {
+        id: 2,
+        prompt: B.to_vec(),
+        params: params(1, 11, 8),
+        control: Some(opts),
+        top_logprobs: None,
+        explain: Some(eo),
+    };
+    let mut batch = DecodeBatch::new(&m, Some(detox.clone()));
+    batch.set_stop_tokens(vec![]);
+    batch.admit(vec![plain.clone(), explained.clone()]).unwrap();
+    let mut tokens: HashMap<(u64, usize), Vec<u32>> = HashMap::new();
+    let mut explanations = Vec::new();
+    let mut events = Vec::new();
+    while !batch.is_empty() {
+        events.clear();
+        batch.step(&mut events).unwrap();
+        for e in &events {
+            match e {
+                BatchEvent::Token {
+                    id,
+                    choice,
+                    token,
+                    explanation,
+                    ..
+                } => {
+                    tokens.entry((*id, *choice)).or_default().push(*token);
+                    assert_eq!(explanation.is_some(), *id == 2, "{e:?}");
+                    if let Some(x) = explanation {
+                        explanations.push(StepExplanation::clone(x));
+                    }
+                }
+                BatchEvent::Finished { .. } => {}
+                BatchEvent::Failed { message, .. } => panic!("{message}"),
+            }
+        }
+    }
+    // The plain rows sample what the generator samples with the control.
+    let mut g = Generator::new(&m, plain.params.clone()).unwrap();
+    g.set_stop_tokens(vec![]);
+    let mut hook = ControlHook::new(detox.clone(), opts).unwrap();
+    for (i, s) in g.generate(&A, Some(&mut hook)).unwrap().iter().enumerate() {
+        assert_eq!(tokens[&(1, i)], s.tokens, "plain sample {i}");
+    }
+    // The explained row samples what `goodtriever explain` samples, with the same steps.
+    let mut g = Generator::new(&m, explained.params.clone()).unwrap();
+    g.set_stop_tokens(vec![]);
+    let mut hook = ExplainHook::new(&detox, opts).unwrap();
+    let sample = g.generate(&B, Some(&mut hook)).unwrap().remove(0);
+    assert_eq!(tokens[&(2, 0)], sample.tokens);
+    assert_eq!(explanations.len(), sample.tokens.len());
+    let text = |t: u32| m.tokenizer().decode(&[t], false).ok();
+    let mut listed = 0;
+    for (step, (got, trace)) in explanations.iter().zip(hook.traces()).enumerate() {
+        let want = trace
+            .explain(&detox, &eo, Some(sample.tokens[step]), &text)
+            .unwrap();
+        let (gi, gn) = explanation_parts(got);
+        let (wi, wn) = explanation_parts(&want);
+        assert_eq!(gi, wi, "step {step}");
+        assert_eq!(gn.len(), wn.len(), "step {step}");
+        for (a, b) in gn.iter().zip(&wn) {
+            assert!(
+                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                "step {step}: {a} vs {b}"
+            );
+        }
+        assert_eq!(got.chosen.as_ref().unwrap().token, sample.tokens[step]);
+        listed += gi.iter().map(|(_, rows)| rows.len()).sum::<usize>();
+    }
+    assert!(listed > 0, "no step listed a row: {explanations:?}");
 }

@@ -3,7 +3,8 @@
 //! control, and without it for `"alpha": 0`), SSE streaming, n > 1, stop sequences,
 //! log-probabilities, OpenAI-style errors after which the server still serves, the bounded
 //! queue's 429, concurrent requests batched together giving what they give alone, a client
-//! that leaves mid-stream freeing its row, the API key, and the metrics.
+//! that leaves mid-stream freeing its row, the API key, the metrics, and `"explain"`: each
+//! token's explanation equal to the library's for the same step, streamed and not.
 
 mod http_support;
 
@@ -11,6 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::sync::Arc;
 
 use goodtriever::detox::{ControlHook, Detoxifier};
+use goodtriever::explain::{ExplainHook, ExplainOptions};
 use goodtriever::generate::{Generator, SamplingParams, StopReason};
 use goodtriever::model::testing::TINY_CHAT_TEMPLATE;
 use goodtriever::model::Model;
@@ -665,4 +667,206 @@ fn https_with_the_servers_certificate_and_nothing_in_clear() {
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(text.contains("\"text_completion\""), "{text}");
     });
+}
+
+/// What the library says of each step of `goodtriever generate` on `prompt` (one sample):
+/// the explanation of every token with its chosen token, as the JSON value the server builds
+/// (`serde_json::to_value`: f32 fields widened to f64, as the server's `json!` writes them).
+fn library_explanations(
+    f: &Fixture,
+    prompt: &str,
+    max: usize,
+    seed: u64,
+    eo: &ExplainOptions,
+) -> Vec<Value> {
+    let params = SamplingParams {
+        num_samples: 1,
+        max_new_tokens: max,
+        temperature: 1.0,
+        top_p: 0.9,
+        top_k: 0,
+        seed,
+    };
+    let mut g = Generator::new(&f.model, params).unwrap();
+    let mut hook = ExplainHook::new(&f.detox, *f.detox.defaults()).unwrap();
+    let samples = g.generate_text(prompt, Some(&mut hook)).unwrap();
+    let tokens = &samples[0].tokens;
+    assert_eq!(hook.traces().len(), tokens.len());
+    let tok = f.model.tokenizer();
+    let text = |t: u32| tok.decode(&[t], false).ok();
+    hook.traces()
+        .iter()
+        .zip(tokens)
+        .map(|(trace, &t)| {
+            let e = trace.explain(&f.detox, eo, Some(t), &text).unwrap();
+            serde_json::to_value(&e).unwrap()
+        })
+        .collect()
+}
+
+/// Equal JSON, numbers to f32 rounding: the same row's logits from a batch of several rows
+/// and from the generator's batch of one differ in the last bits of the matrix products (the
+/// tokens, row ids, stores and order must be equal exactly).
+fn same_json(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_u64() || y.is_u64() => x == y,
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            x == y || (x - y).abs() <= 1e-5 * x.abs().max(y.abs()).max(1.0)
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_json(x, y))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+#[test]
+fn explain_gives_each_token_the_librarys_explanation_of_its_step() {
+    let f = fixture();
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 8, 16),
+    );
+    let eo = ExplainOptions {
+        top: 4,
+        rows: 2,
+        context_bytes: 40,
+    };
+    // Two prompts in one request: the second's row is the second of the engine call's run,
+    // so its trace must take the call's second row of neighbours.
+    let plain = json!({"model": NAME, "prompt": ["the cat", PROMPT], "max_tokens": 10, "top_p": 0.9, "seed": 7});
+    let mut body = plain.clone();
+    body["goodtriever"] = json!({"explain": {"top": 4, "rows": 2, "context_bytes": 40}});
+    let r = post(s.http, "/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    // Explaining changes nothing of what is sampled.
+    let bare = post(s.http, "/v1/completions", &plain).json();
+    assert_eq!(answered(&v, false), answered(&bare, false));
+    assert!(bare["choices"][0].get("goodtriever").is_none(), "{bare}");
+    let mut listed_rows = 0;
+    for (i, prompt) in ["the cat", PROMPT].into_iter().enumerate() {
+        let got = v["choices"][i]["goodtriever"]["explanations"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"));
+        let want = library_explanations(&f, prompt, 10, 7, &eo);
+        assert_eq!(got.len(), want.len(), "choice {i}");
+        for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(same_json(g, w), "choice {i} step {step}:\n{g}\n{w}");
+        }
+        for e in got {
+            assert!(e["pushed_down"].as_array().unwrap().len() <= 4);
+            assert!(e["chosen"]["token"].is_u64(), "{e}");
+            for m in e["pushed_down"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(e["pushed_up"].as_array().unwrap())
+            {
+                let rows = m["rows"].as_array().unwrap();
+                assert!(rows.len() <= 2);
+                listed_rows += rows.len();
+            }
+        }
+    }
+    // The comparison above is about rows the stores really returned, not empty lists.
+    assert!(listed_rows > 0, "{v}");
+    let tokens: u64 = v["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["goodtriever"]["explanations"].as_array().unwrap().len() as u64)
+        .sum();
+    assert_eq!(tokens, v["usage"]["completion_tokens"].as_u64().unwrap());
+
+    // Streamed: every chunk that carries a token carries its step's explanation, in order.
+    let mut one = body.clone();
+    one["prompt"] = json!(PROMPT);
+    one["stream"] = json!(true);
+    let r = post(s.http, "/v1/completions", &one);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks = &events[..events.len() - 1];
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| {
+            let v: Value = serde_json::from_str(c).unwrap();
+            v["choices"][0]["goodtriever"].get("explanation").cloned()
+        })
+        .collect();
+    let want = library_explanations(&f, PROMPT, 10, 7, &eo);
+    assert_eq!(streamed.len(), want.len());
+    for (g, w) in streamed.iter().zip(&want) {
+        assert!(same_json(g, w), "\n{g}\n{w}");
+    }
+    assert_eq!(
+        stream_texts(chunks, false, 1),
+        answered(&v, false)[1..].to_vec()
+    );
+
+    // Chat, with the defaults (`true`).
+    let chat = json!({"model": NAME, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6, "seed": 2, "goodtriever": {"explain": true}});
+    let r = post(s.http, "/v1/chat/completions", &chat);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let got = v["choices"][0]["goodtriever"]["explanations"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        got.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    let d = ExplainOptions::default();
+    assert!(got
+        .iter()
+        .all(|e| e["pushed_up"].as_array().unwrap().len() <= d.top));
+}
+
+#[test]
+fn bad_explain_options_and_explain_without_the_control_are_400() {
+    let f = fixture();
+    let s = start(
+        f.detox.clone(),
+        http_support::http_options(f.model.clone(), 8, 4),
+    );
+    let ok = json!({"model": NAME, "prompt": PROMPT, "max_tokens": 4, "seed": 1});
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"explain": {"top": 0}}), "top is 0"),
+        (json!({"explain": {"rows": 100000}}), "rows is 100000"),
+        (
+            json!({"explain": {"context_bytes": 1000000}}),
+            "context is 1000000 bytes",
+        ),
+        (json!({"explain": {"tpo": 3}}), "unknown field `tpo`"),
+        (json!({"explain": 3}), "must be true, false or an object"),
+        (json!({"explain": {"top": -1}}), "goodtriever.explain"),
+        (json!({"explain": true, "alpha": 0}), "alpha is 0"),
+        (json!({"explain": {"top": 2}, "alpha": 0.0}), "alpha is 0"),
+    ];
+    for stream in [false, true] {
+        for (gt, says) in &cases {
+            let mut body = ok.clone();
+            body["goodtriever"] = gt.clone();
+            body["stream"] = json!(stream);
+            let r = post(s.http, "/v1/completions", &body);
+            assert_eq!(r.status, 400, "{gt}: {}", r.body);
+            let e = error_of(&r);
+            assert_eq!(e["type"], "invalid_request_error", "{e}");
+            assert_eq!(e["param"], "goodtriever.explain", "{e}");
+            assert!(e["message"].as_str().unwrap().contains(says), "{gt}: {e}");
+        }
+    }
+    // `false` is no explanation, and the server still serves.
+    let mut body = ok.clone();
+    body["goodtriever"] = json!({"explain": false});
+    let r = post(s.http, "/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["choices"][0].get("goodtriever").is_none());
 }

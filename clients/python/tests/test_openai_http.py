@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API of `goodtriever serve --model ... --http ...`, driven with the
 official `openai` package on the tiny model: completions, chat completions, streaming, n > 1,
 the error cases (each answered with OpenAI's error shape, the server still serving after them),
-and the controlled answer equal to `goodtriever generate`'s for the same seed."""
+the controlled answer equal to `goodtriever generate`'s for the same seed, and `explain` read
+from the response objects' extension fields."""
 
 import json
 import subprocess
@@ -139,3 +140,40 @@ def test_the_api_key_is_checked(binary, tiny_model, tiny_stores, tmp_path):
         assert good.completions.create(model=TINY_NAME, prompt=PROMPT, max_tokens=2).choices
     finally:
         stop_server(served)
+
+
+def test_explain_rides_on_each_token_as_an_extension_field(client):
+    kwargs = dict(model=TINY_NAME, prompt=PROMPT, max_tokens=8, seed=4, top_p=0.9)
+    plain = client.completions.create(**kwargs)
+    r = client.completions.create(**kwargs, extra_body={"goodtriever": {"explain": True}})
+    # Explaining changes nothing of what is sampled.
+    assert [c.text for c in r.choices] == [c.text for c in plain.choices]
+    assert "goodtriever" not in (plain.choices[0].model_extra or {})
+    steps = r.choices[0].model_extra["goodtriever"]["explanations"]
+    assert len(steps) == r.usage.completion_tokens
+    for step in steps:
+        assert set(step) == {"pushed_down", "pushed_up", "chosen"}
+        assert len(step["pushed_down"]) <= 5 and len(step["pushed_up"]) <= 5
+        assert all(m["change"] < 0 for m in step["pushed_down"])
+        assert all(m["change"] > 0 for m in step["pushed_up"])
+        for m in step["pushed_down"] + step["pushed_up"]:
+            assert len(m["rows"]) <= 3 and m["rows_total"] >= len(m["rows"])
+            assert {e["store"] for e in m["experts"]} == {"toxic", "nontoxic"}
+    assert any(m["rows"] for s in steps for m in s["pushed_down"] + s["pushed_up"])
+    assert r.choices[0].to_dict()["goodtriever"]["explanations"] == steps
+
+    # Streamed: each token's chunk carries its step, the same as the whole answer's.
+    streamed = []
+    for chunk in client.completions.create(stream=True, **kwargs, extra_body={"goodtriever": {"explain": {"top": 5}}}):
+        for c in chunk.choices:
+            extra = (c.model_extra or {}).get("goodtriever")
+            if extra:
+                streamed.append(extra["explanation"])
+    assert [s["chosen"]["token"] for s in streamed] == [s["chosen"]["token"] for s in steps]
+    assert [[m["token"] for m in s["pushed_down"]] for s in streamed] == [[m["token"] for m in s["pushed_down"]] for s in steps]
+
+    # Bad options and explain with the control off are 400s naming the field.
+    for extra in ({"explain": {"top": 0}}, {"explain": {"rowz": 1}}, {"explain": True, "alpha": 0}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(**kwargs, extra_body={"goodtriever": extra})
+        assert e.value.param == "goodtriever.explain"

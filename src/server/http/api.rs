@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use crate::detox::{AdjustOptions, Detoxifier};
+use crate::explain::ExplainOptions;
 use crate::rule::Mode;
 
 /// A string or a list of strings (`prompt`, `stop`).
@@ -61,6 +62,21 @@ pub struct ControlOverrides {
     pub filter_p: Option<f32>,
     /// kNN-LM interpolation weight.
     pub lambda: Option<f32>,
+    /// Explain every generated token's step: `true` for the defaults, `false` for none, or
+    /// an object of [`ExplainFields`] (kept as JSON so a bad value gets a precise message).
+    pub explain: Option<serde_json::Value>,
+}
+
+/// The explain options a request may set (docs/usage.md, HTTP section).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExplainFields {
+    /// Tokens listed each way (pushed down, pushed up).
+    pub top: Option<usize>,
+    /// Store rows listed per token.
+    pub rows: Option<usize>,
+    /// Bytes of source text either side of a row's token.
+    pub context_bytes: Option<usize>,
 }
 
 /// `stream_options`.
@@ -211,6 +227,8 @@ pub struct Checked {
     pub n: usize,
     /// The control's options, `None` when switched off.
     pub control: Option<AdjustOptions>,
+    /// The explanation's options, `None` when not asked for.
+    pub explain: Option<ExplainOptions>,
     /// Streamed?
     pub stream: bool,
     /// A usage chunk at the end of a stream?
@@ -320,6 +338,7 @@ impl Common {
             ));
         }
         let control = control_options(detox, self.goodtriever.as_ref())?;
+        let explain = explain_options(self.goodtriever.as_ref(), control.is_some())?;
         Ok(Checked {
             max_tokens,
             temperature,
@@ -329,6 +348,7 @@ impl Common {
             seed: self.seed.unwrap_or(default_seed),
             n: n as usize,
             control,
+            explain,
             stream: self.stream,
             include_usage: self.stream_options.is_some_and(|o| o.include_usage),
         })
@@ -385,6 +405,48 @@ pub fn control_options(
         ..ApiError::invalid(None, format!("goodtriever.mode: {e}"))
     })?;
     Ok((opts.params.alpha != 0.0).then_some(opts))
+}
+
+/// The explain options asked for, over [`ExplainOptions::default`] and checked with
+/// [`ExplainOptions::validate`]; refused when the control is off (`controlled` false: α = 0),
+/// since a step without it has nothing to explain.
+pub fn explain_options(
+    o: Option<&ControlOverrides>,
+    controlled: bool,
+) -> Result<Option<ExplainOptions>, ApiError> {
+    let invalid = |message: String| ApiError {
+        param: Some("goodtriever.explain".into()),
+        ..ApiError::invalid(None, message)
+    };
+    let d = ExplainOptions::default();
+    let opts = match o.and_then(|o| o.explain.as_ref()) {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {
+            return Ok(None)
+        }
+        Some(serde_json::Value::Bool(true)) => d,
+        Some(v @ serde_json::Value::Object(_)) => {
+            let f = ExplainFields::deserialize(v)
+                .map_err(|e| invalid(format!("goodtriever.explain: {e}")))?;
+            ExplainOptions {
+                top: f.top.unwrap_or(d.top),
+                rows: f.rows.unwrap_or(d.rows),
+                context_bytes: f.context_bytes.unwrap_or(d.context_bytes),
+            }
+        }
+        Some(other) => {
+            return Err(invalid(format!(
+                "goodtriever.explain must be true, false or an object of top, rows and context_bytes, got {other}"
+            )))
+        }
+    };
+    if !controlled {
+        return Err(invalid(
+            "goodtriever.explain needs the control, but alpha is 0: a step without the control has nothing to explain".into(),
+        ));
+    }
+    opts.validate()
+        .map_err(|e| invalid(format!("goodtriever.{e}")))?;
+    Ok(Some(opts))
 }
 
 /// Top log-probabilities asked for: `None`, or the count checked against the limit.

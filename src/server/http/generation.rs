@@ -10,6 +10,7 @@ use super::error::ApiError;
 use super::scheduler::Ticket;
 use super::text::{ChoiceText, Finish};
 use crate::batch::{BatchEvent, TokenLogprob};
+use crate::explain::StepExplanation;
 use crate::generate::StopReason;
 use crate::model::Model;
 use crate::server::metrics::Metrics;
@@ -38,6 +39,9 @@ pub enum Update {
         text: String,
         /// Log-probabilities of the tokens behind it, when asked for.
         logprobs: Vec<TokenInfo>,
+        /// The explanation of the step of the token this update comes from, when asked for
+        /// (the text may hold earlier tokens' held-back text too).
+        explanation: Option<Box<StepExplanation>>,
     },
     /// Choice `index` ended.
     Finish {
@@ -65,6 +69,12 @@ pub struct Generation {
     pub choices: Vec<ChoiceText>,
     /// Log-probabilities collected per choice when asked for.
     pub logprobs: Vec<Vec<TokenInfo>>,
+    /// Explanations collected per choice when asked for and [`Generation::keep_explanations`]
+    /// is set: one per generated token (the stop token included), in order.
+    pub explanations: Vec<Vec<StepExplanation>>,
+    /// Collect the explanations into [`Generation::explanations`] (the whole answer) instead
+    /// of handing each out with its update (a stream).
+    pub keep_explanations: bool,
     /// Prompt tokens over all prompts (the usage's `prompt_tokens`).
     pub prompt_tokens: usize,
     pending: VecDeque<Update>,
@@ -102,6 +112,8 @@ impl Generation {
             stop_tokens,
             choices: (0..choices).map(|_| ChoiceText::default()).collect(),
             logprobs: vec![Vec::new(); choices],
+            explanations: vec![Vec::new(); choices],
+            keep_explanations: false,
             prompt_tokens,
             pending: VecDeque::new(),
             started,
@@ -170,6 +182,7 @@ impl Generation {
                 choice,
                 token,
                 logprob,
+                explanation,
             } => {
                 let Some(index) = self.index(id, choice) else {
                     return;
@@ -211,11 +224,19 @@ impl Generation {
                     self.logprobs[index].push(info.clone());
                     infos.push(info);
                 }
-                if !text.is_empty() || !infos.is_empty() {
+                let explanation = match explanation {
+                    Some(e) if self.keep_explanations => {
+                        self.explanations[index].push(*e);
+                        None
+                    }
+                    e => e,
+                };
+                if !text.is_empty() || !infos.is_empty() || explanation.is_some() {
                     self.pending.push_back(Update::Text {
                         index,
                         text,
                         logprobs: infos,
+                        explanation,
                     });
                 }
                 if self.choices[index].finish == Some(Finish::Stop) {
@@ -249,6 +270,7 @@ impl Generation {
                         index,
                         text,
                         logprobs: Vec::new(),
+                        explanation: None,
                     });
                 }
                 self.finish(index, reason);

@@ -4,8 +4,9 @@
 //! with `"stream": true`), `GET /v1/models` and `GET /health`, on axum. The server runs the
 //! model itself: requests become rows of one continuously batched decoding loop
 //! (`scheduler`, on `crate::batch`) with the server's stores as the control, on by default and
-//! overridable per request in `"goodtriever": {...}` (docs/architecture.md §2, "One request
-//! through the HTTP API"). Errors have OpenAI's shape and status codes (`error`).
+//! overridable per request in `"goodtriever": {...}`, where `"explain"` also asks for each
+//! token's explanation (docs/architecture.md §2, "One request through the HTTP API" and
+//! "Explaining a step"). Errors have OpenAI's shape and status codes (`error`).
 //!
 //! Modules: `api` (request bodies and their checks), `chat` (the model's chat template),
 //! `error` (OpenAI-style errors), `scheduler` (the batch's thread and the bounded queue),
@@ -399,6 +400,7 @@ impl AppState {
                 },
                 control: c.control,
                 top_logprobs: plan.top_logprobs,
+                explain: c.explain,
             });
         }
         Ok(out)

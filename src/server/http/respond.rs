@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::api::Checked;
 use super::generation::{Generation, TokenInfo, Update};
 use super::AppState;
+use crate::explain::StepExplanation;
 
 /// Which endpoint answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,11 +72,18 @@ pub async fn answer(st: &AppState, kind: Kind, checked: Checked, g: Generation) 
     if checked.stream {
         stream(st, kind, checked, g).into_response()
     } else {
-        whole(st, kind, g).await
+        let explain = checked.explain.is_some();
+        whole(st, kind, explain, g).await
     }
 }
 
-async fn whole(st: &AppState, kind: Kind, mut g: Generation) -> Response {
+/// The choice's `goodtriever` extension: its explanations, one per generated token.
+fn explanations(list: &[StepExplanation]) -> Value {
+    json!({ "explanations": list })
+}
+
+async fn whole(st: &AppState, kind: Kind, explain: bool, mut g: Generation) -> Response {
+    g.keep_explanations = explain;
     let mut finish: Vec<Option<&'static str>> = vec![None; g.choices.len()];
     loop {
         match g.next().await {
@@ -92,7 +100,7 @@ async fn whole(st: &AppState, kind: Kind, mut g: Generation) -> Response {
         .enumerate()
         .map(|(i, c)| {
             let lp = want_logprobs.then(|| &g.logprobs[i]);
-            match kind {
+            let mut choice = match kind {
                 Kind::Completion => json!({
                     "index": i,
                     "text": c.text(),
@@ -105,7 +113,11 @@ async fn whole(st: &AppState, kind: Kind, mut g: Generation) -> Response {
                     "logprobs": lp.map(|l| chat_logprobs(l)),
                     "finish_reason": finish[i],
                 }),
+            };
+            if explain {
+                choice["goodtriever"] = explanations(&g.explanations[i]);
             }
+            choice
         })
         .collect();
     let body = json!({
@@ -157,16 +169,21 @@ fn stream(st: &AppState, kind: Kind, checked: Checked, mut g: Generation) -> imp
                     index,
                     text,
                     logprobs,
+                    explanation,
                 } => {
                     let lp = (!logprobs.is_empty()).then_some(&logprobs);
-                    match kind {
+                    let mut choice = match kind {
                         Kind::Completion => {
                             json!({"index": index, "text": text, "logprobs": lp.map(|l| completion_logprobs(l)), "finish_reason": null})
                         }
                         Kind::Chat => {
                             json!({"index": index, "delta": {"content": text}, "logprobs": lp.map(|l| chat_logprobs(l)), "finish_reason": null})
                         }
+                    };
+                    if let Some(e) = explanation {
+                        choice["goodtriever"] = json!({ "explanation": e });
                     }
+                    choice
                 }
                 Update::Finish { index, reason } => match kind {
                     Kind::Completion => {
