@@ -263,8 +263,8 @@ class Client:
 
     def explain(
         self,
-        hidden,
-        logits,
+        hidden: ArrayLike,
+        logits: ArrayLike,
         *,
         top: Optional[int] = None,
         rows: Optional[int] = None,
@@ -364,7 +364,7 @@ class Explained:
     `rows`, each a `pb.ExplainedRow` whose `source` holds the text around it when
     `HasField("source")`)."""
 
-    answer: Union["Bias", np.ndarray]
+    answer: Answer
     explanations: List[pb.StepExplanation]
 
 
