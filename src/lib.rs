@@ -72,6 +72,8 @@ pub mod hook;
 #[cfg(feature = "model")]
 pub mod ingest;
 pub mod limits;
+#[cfg(feature = "milvus")]
+pub mod milvus;
 #[cfg(feature = "model")]
 pub mod model;
 pub mod npy;
@@ -80,3 +82,4 @@ pub mod rule;
 pub mod server;
 pub mod steps;
 pub mod store;
+pub mod store_address;

@@ -81,6 +81,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         provenance: Provenance,
     ) -> Result<SegmentInfo, DatastoreError>;
 
+    /// [`append`](Self::append) that reports the rows written (or indexed) so far to
+    /// `progress`, for the progress bars of long appends; the default reports nothing.
+    fn append_with_progress(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+        progress: &dyn Fn(usize),
+    ) -> Result<SegmentInfo, DatastoreError> {
+        let _ = progress;
+        self.append(keys, values, provenance)
+    }
+
     /// One step of keeping the segment count low as small appends accumulate: merges what
     /// `policy` says is due and returns the merged segment, or `None` when nothing was (or the
     /// backend keeps its own segments, as a remote engine does: the default).
@@ -133,6 +146,15 @@ impl Store for Datastore {
         provenance: Provenance,
     ) -> Result<SegmentInfo, DatastoreError> {
         Datastore::append(self, keys, values, provenance)
+    }
+    fn append_with_progress(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+        progress: &dyn Fn(usize),
+    ) -> Result<SegmentInfo, DatastoreError> {
+        Datastore::append_with_progress(self, keys, values, provenance, progress)
     }
     fn merge_small_segments(
         &self,
