@@ -10,12 +10,13 @@
 //! ([`RuleArgs`]); the sampling commands flatten [`SamplingRuleArgs`], which drops that alias.
 
 use std::marker::PhantomData;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{ArgMatches, Args, Command, FromArgMatches};
-use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
+use goodtriever::datastore::{SearchMode, SearchParams};
+use goodtriever::store::Store;
 use goodtriever::detox::{AdjustOptions, ControlHook, ControlStore, Detoxifier};
 use goodtriever::generate::SamplingParams;
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};

@@ -254,11 +254,18 @@ fn create(conn: &Conn, meta: &Meta, opts: &PushOptions) -> Result<(), DatastoreE
 /// by expression and searches need it loaded).
 fn ensure_index_and_load(conn: &Conn, meta: &Meta) -> Result<(), DatastoreError> {
     let name = conn.addr.collection.clone();
-    let indexes = conn.call(move |c| async move {
-        c.list_indexes(ListIndexesRequest::builder().collection_name(name).build()?)
+    let has_index = conn.call(move |c| async move {
+        match c
+            .list_indexes(ListIndexesRequest::builder().collection_name(name).build()?)
             .await
+        {
+            Ok(r) => Ok(!r.index_names().is_empty()),
+            // Milvus 2.3 answers a collection without an index with error 700.
+            Err(e) if index_not_found(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     })?;
-    if indexes.index_names().is_empty() {
+    if !has_index {
         let name = conn.addr.collection.clone();
         let index = meta.index;
         conn.call(move |c| async move {
@@ -283,6 +290,14 @@ fn ensure_index_and_load(conn: &Conn, meta: &Meta) -> Result<(), DatastoreError>
         })?;
     }
     load(conn)
+}
+
+fn index_not_found(e: &Error) -> bool {
+    match e {
+        Error::Server(s) => s.code() == 700 || s.reason().contains("index not found"),
+        Error::RetryExhausted { source, .. } => index_not_found(source),
+        _ => false,
+    }
 }
 
 /// Waits until the index covers `rows` rows, polling once a second.
@@ -446,12 +461,17 @@ pub fn verify_milvus(
     let ids: Vec<i64> = (0..n).map(|i| (i as u64 * meta.rows / n as u64) as i64).collect();
     if !ids.is_empty() {
         let name = conn.addr.collection.clone();
-        let wanted = ids.clone();
+        // A literal list: the SDK's `get` sends a filter template, which 2.3 servers cannot parse.
+        let filter = format!(
+            "{} in [{}]",
+            fields::PK,
+            ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+        );
         let answer = conn.call(move |c| async move {
-            c.get(
-                GetRequest::builder()
+            c.query(
+                QueryRequest::builder()
                     .collection_name(name)
-                    .ids(Ids::Int64(wanted))
+                    .filter(filter)
                     .output_fields([fields::PK, fields::VALUE, fields::SEGMENT, fields::KEY])
                     .consistency_level(ConsistencyLevel::Strong)
                     .build()?,

@@ -18,7 +18,7 @@ use goodtriever::ingest::{
 use goodtriever::model::{Model, WeightFormat};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use super::{open, print_json};
+use super::{open_any, print_json};
 use crate::cli::args::{ModelArgs, ModelFlags};
 
 /// Where the text comes from and how it becomes rows (shared by `build` and `add`).
