@@ -56,7 +56,10 @@ mod tests {
     #[test]
     fn a_missing_directory_is_the_local_error() {
         let err = open_store("/nonexistent/goodtriever-store").unwrap_err();
-        assert!(matches!(err, DatastoreError::NotFound(_) | DatastoreError::Io { .. }), "{err}");
+        assert!(
+            matches!(err, DatastoreError::NotFound(_) | DatastoreError::Io { .. }),
+            "{err}"
+        );
     }
 
     #[cfg(not(feature = "milvus"))]

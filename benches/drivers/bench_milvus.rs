@@ -68,7 +68,13 @@ fn summary(mut ms: Vec<f64>, wall: Duration) -> Value {
 }
 
 /// Each of `threads` threads searches every query once, one at a time; per-request latency.
-fn search_latency(store: &Arc<dyn Store>, queries: &[Vec<f32>], k: usize, params: SearchParams, threads: usize) -> Result<Value> {
+fn search_latency(
+    store: &Arc<dyn Store>,
+    queries: &[Vec<f32>],
+    k: usize,
+    params: SearchParams,
+    threads: usize,
+) -> Result<Value> {
     let t = Instant::now();
     let all: Vec<Result<Vec<f64>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
@@ -85,7 +91,10 @@ fn search_latency(store: &Arc<dyn Store>, queries: &[Vec<f32>], k: usize, params
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("a search thread panicked")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a search thread panicked"))
+            .collect()
     });
     let wall = t.elapsed();
     let mut ms = Vec::new();
@@ -96,16 +105,32 @@ fn search_latency(store: &Arc<dyn Store>, queries: &[Vec<f32>], k: usize, params
 }
 
 /// One row per step through the whole control (both stores, the rule), as a decoding step.
-fn control_step(store: &Arc<dyn Store>, queries: &[Vec<f32>], k: usize, ef: usize) -> Result<Value> {
+fn control_step(
+    store: &Arc<dyn Store>,
+    queries: &[Vec<f32>],
+    k: usize,
+    ef: usize,
+) -> Result<Value> {
     let opts = AdjustOptions {
-        params: RuleParams { k, ..RuleParams::default() },
+        params: RuleParams {
+            k,
+            ..RuleParams::default()
+        },
         mode: Mode::Ensemble,
     };
     // The same store as both experts: the cost of two searches and the rule, which is what a
     // step pays whatever the stores hold.
     let stores = vec![
-        ControlStore { name: "toxic".into(), store: store.clone(), weight: -1.0 },
-        ControlStore { name: "nontoxic".into(), store: store.clone(), weight: 1.0 },
+        ControlStore {
+            name: "toxic".into(),
+            store: store.clone(),
+            weight: -1.0,
+        },
+        ControlStore {
+            name: "nontoxic".into(),
+            store: store.clone(),
+            weight: 1.0,
+        },
     ];
     let detox = Detoxifier::new(stores, opts, SearchParams::hnsw(Some(ef)), None)?;
     let mut scratch = DetoxScratch::default();
@@ -128,7 +153,8 @@ fn control_step(store: &Arc<dyn Store>, queries: &[Vec<f32>], k: usize, ef: usiz
 fn main() -> Result<()> {
     let args = driver_args::args("bench_milvus", SCRIPT);
     let cli = Cli::parse_from(args);
-    let local = Datastore::open(&cli.store).with_context(|| format!("opening {}", cli.store.display()))?;
+    let local =
+        Datastore::open(&cli.store).with_context(|| format!("opening {}", cli.store.display()))?;
     let rows = local.len();
     let queries: Vec<Vec<f32>> = (0..cli.queries)
         .map(|i| local.row((i * rows / cli.queries) as u64).map(|r| r.key))
@@ -155,9 +181,15 @@ fn main() -> Result<()> {
         search_latency(store, &queries[..queries.len().min(20)], cli.k, params, 1)?; // warm-up
         let mut per = serde_json::Map::new();
         for &c in &cli.concurrency {
-            per.insert(format!("concurrency_{c}"), search_latency(store, &queries, cli.k, params, c)?);
+            per.insert(
+                format!("concurrency_{c}"),
+                search_latency(store, &queries, cli.k, params, c)?,
+            );
         }
-        per.insert("control_step".into(), control_step(store, &queries, cli.k, cli.ef)?);
+        per.insert(
+            "control_step".into(),
+            control_step(store, &queries, cli.k, cli.ef)?,
+        );
         search.insert(name.into(), Value::Object(per));
     }
     let report = json!({

@@ -16,11 +16,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{ArgMatches, Args, Command, FromArgMatches};
 use goodtriever::datastore::{SearchMode, SearchParams};
-use goodtriever::store::Store;
 use goodtriever::detox::{AdjustOptions, ControlHook, ControlStore, Detoxifier};
 use goodtriever::generate::SamplingParams;
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use goodtriever::rule::{Mode, RuleParams};
+use goodtriever::store::Store;
 
 /// How one command words `--model` and `--weights`, and which weight format it defaults to.
 ///

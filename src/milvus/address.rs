@@ -100,9 +100,12 @@ impl MilvusAddress {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
         };
-        let (authority, collection) = rest
-            .split_once('/')
-            .ok_or_else(|| bad(address, "it names no collection (milvus://HOST:PORT/COLLECTION)"))?;
+        let (authority, collection) = rest.split_once('/').ok_or_else(|| {
+            bad(
+                address,
+                "it names no collection (milvus://HOST:PORT/COLLECTION)",
+            )
+        })?;
         let (host, port) = match authority.rsplit_once(':') {
             Some((h, p)) => {
                 let port = p
@@ -202,11 +205,15 @@ impl MilvusAddress {
         match &self.token {
             TokenSource::Env(var) => Ok(std::env::var(var).ok().filter(|t| !t.is_empty())),
             TokenSource::File(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| DatastoreError::io("read the Milvus token file", path.as_ref(), e))?;
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    DatastoreError::io("read the Milvus token file", path.as_ref(), e)
+                })?;
                 let token = text.trim();
                 if token.is_empty() {
-                    return Err(bad(&self.to_string(), format!("token file {path} is empty")));
+                    return Err(bad(
+                        &self.to_string(),
+                        format!("token file {path} is empty"),
+                    ));
                 }
                 Ok(Some(token.to_string()))
             }
@@ -229,7 +236,10 @@ mod tests {
     #[test]
     fn parses_plain_and_tls_addresses() {
         let a = MilvusAddress::parse("milvus://127.0.0.1:19530/toxic").unwrap();
-        assert_eq!((a.host.as_str(), a.port, a.collection.as_str()), ("127.0.0.1", 19530, "toxic"));
+        assert_eq!(
+            (a.host.as_str(), a.port, a.collection.as_str()),
+            ("127.0.0.1", 19530, "toxic")
+        );
         assert!(!a.tls);
         assert_eq!(a.endpoint(), "http://127.0.0.1:19530");
         assert_eq!(a.token, TokenSource::Env(TOKEN_ENV.into()));
@@ -247,7 +257,10 @@ mod tests {
         assert_eq!(b.ca_file.as_deref(), Some("/etc/ca.pem"));
         assert_eq!(b.timeout, Duration::from_millis(250));
         assert_eq!(b.database.as_deref(), Some("prod"));
-        assert_eq!(b.to_string(), "milvuss://db.example.org:19530/prod.nontoxic_v2");
+        assert_eq!(
+            b.to_string(),
+            "milvuss://db.example.org:19530/prod.nontoxic_v2"
+        );
         assert!(is_milvus_address("milvuss://x/y") && !is_milvus_address("datastores/toxic"));
     }
 
@@ -270,8 +283,14 @@ mod tests {
         ] {
             let err = MilvusAddress::parse(addr).unwrap_err();
             let msg = err.to_string();
-            assert!(matches!(err, DatastoreError::BadAddress { .. }), "{addr}: {msg}");
-            assert!(msg.contains(part), "{addr}: {msg:?} should mention {part:?}");
+            assert!(
+                matches!(err, DatastoreError::BadAddress { .. }),
+                "{addr}: {msg}"
+            );
+            assert!(
+                msg.contains(part),
+                "{addr}: {msg:?} should mention {part:?}"
+            );
         }
     }
 
@@ -281,12 +300,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("tok");
         std::fs::write(&file, "root:Milvus\n").unwrap();
-        let a = MilvusAddress::parse(&format!("milvus://h/c?token_file={}", file.display())).unwrap();
+        let a =
+            MilvusAddress::parse(&format!("milvus://h/c?token_file={}", file.display())).unwrap();
         assert_eq!(a.read_token().unwrap().as_deref(), Some("root:Milvus"));
         std::fs::write(&file, " \n").unwrap();
         assert!(a.read_token().unwrap_err().to_string().contains("empty"));
         let missing = MilvusAddress::parse("milvus://h/c?token_file=/nonexistent/tok").unwrap();
-        assert!(missing.read_token().unwrap_err().to_string().contains("/nonexistent/tok"));
+        assert!(missing
+            .read_token()
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/tok"));
         let unset = MilvusAddress::parse("milvus://h/c?token_env=GT_TEST_UNSET_TOKEN_VAR").unwrap();
         assert_eq!(unset.read_token().unwrap(), None);
         std::fs::remove_dir_all(&dir).unwrap();

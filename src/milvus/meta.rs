@@ -1,4 +1,4 @@
-//! The store's metadata inside Milvus: one JSON document in the collection's properties
+//! The store's metadata inside Milvus: one JSON record, kept by `meta_store`
 //! (docs/architecture.md §3, "Milvus"). It plays the local manifest's part: identity
 //! (fingerprint, key type, dimension through the fingerprint), the committed row count, the
 //! segments with their provenance, and the state of a push that has not finished.
@@ -7,15 +7,11 @@
 //! below the committed count, so a writer that dies between the two leaves rows nobody sees,
 //! which the next writer deletes before it writes (the local store's garbage collection).
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::datastore::{DatastoreError, KeyDtype, Provenance, SegmentInfo};
 use crate::fingerprint::{KeyType, ModelFingerprint};
 
-/// The collection property holding [`Meta`] as JSON.
-pub const META_PROPERTY: &str = "goodtriever.meta";
 /// `Meta::format`.
 pub const FORMAT: &str = "goodtriever-milvus";
 /// `Meta::format_version`.
@@ -66,7 +62,7 @@ pub struct MetaIndex {
     pub ef_construction: usize,
 }
 
-/// What a Milvus-backed store is, as kept in [`META_PROPERTY`].
+/// What a Milvus-backed store is: its one metadata record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Meta {
     /// [`FORMAT`].
@@ -122,21 +118,19 @@ impl Meta {
         serde_json::to_string(self).expect("the metadata serialises")
     }
 
-    /// Reads and checks the metadata of the collection at `location` from its properties:
-    /// a missing, unparsable or inconsistent record is [`DatastoreError::BadManifest`] naming
-    /// the collection, as a bad manifest.json is for a directory.
-    pub fn from_properties(
-        location: &str,
-        properties: &HashMap<String, String>,
-    ) -> Result<Self, DatastoreError> {
+    /// Parses and checks the record of the store at `location` (`None`: there is none): a
+    /// missing, unparsable or inconsistent record is [`DatastoreError::BadManifest`] naming
+    /// the store, as a bad manifest.json is for a directory.
+    pub fn from_json(location: &str, raw: Option<&str>) -> Result<Self, DatastoreError> {
         let bad = |detail: String| DatastoreError::BadManifest {
             path: location.into(),
             detail,
         };
-        let raw = properties.get(META_PROPERTY).ok_or_else(|| {
-            bad(format!("the collection has no {META_PROPERTY} property: it was not made by `goodtriever datastore push` or a Milvus-backed `datastore import`"))
+        let raw = raw.ok_or_else(|| {
+            bad("the collection has no metadata record (its companion collection COLLECTION__gtmeta is missing or empty): it was not made by `goodtriever datastore push`".into())
         })?;
-        let meta: Meta = serde_json::from_str(raw).map_err(|e| bad(format!("{META_PROPERTY}: {e}")))?;
+        let meta: Meta =
+            serde_json::from_str(raw).map_err(|e| bad(format!("metadata record: {e}")))?;
         meta.check().map_err(bad)?;
         Ok(meta)
     }
@@ -241,35 +235,47 @@ mod tests {
             tokenizer_digest: None,
             weight_digest: None,
         };
-        let mut m = Meta::new(fp, KeyType::LastFfnInput, KeyDtype::F16, MetaIndex { m: 16, ef_construction: 100 });
+        let mut m = Meta::new(
+            fp,
+            KeyType::LastFfnInput,
+            KeyDtype::F16,
+            MetaIndex {
+                m: 16,
+                ef_construction: 100,
+            },
+        );
         for (id, rows) in [(0u64, 3u64), (2, 5)] {
-            m.segments.push(MetaSegment { id, rows, first_pk: m.rows, provenance: Provenance::new("t") });
+            m.segments.push(MetaSegment {
+                id,
+                rows,
+                first_pk: m.rows,
+                provenance: Provenance::new("t"),
+            });
             m.rows += rows;
         }
         m.next_segment_id = 3;
         m
     }
 
-    fn props(m: &Meta) -> HashMap<String, String> {
-        HashMap::from([(META_PROPERTY.to_string(), m.to_json())])
-    }
-
     #[test]
     fn round_trips_and_reports_segments() {
         let m = meta();
-        let back = Meta::from_properties("milvus://h:1/c", &props(&m)).unwrap();
+        let back = Meta::from_json("milvus://h:1/c", Some(&m.to_json())).unwrap();
         assert_eq!(back, m);
         let infos = back.infos();
         assert_eq!(infos.len(), 2);
-        assert_eq!((infos[1].id, infos[1].rows, infos[1].first_id), (2, 5, Some(3)));
+        assert_eq!(
+            (infos[1].id, infos[1].rows, infos[1].first_id),
+            (2, 5, Some(3))
+        );
         assert_eq!(infos[0].bytes, 3 * (4 * 4 + 16));
     }
 
     #[test]
     fn refuses_missing_and_inconsistent_records() {
-        let err = Meta::from_properties("milvus://h:1/c", &HashMap::new()).unwrap_err();
+        let err = Meta::from_json("milvus://h:1/c", None).unwrap_err();
         assert!(matches!(err, DatastoreError::BadManifest { .. }));
-        assert!(err.to_string().contains("milvus://h:1/c") && err.to_string().contains(META_PROPERTY));
+        assert!(err.to_string().contains("milvus://h:1/c") && err.to_string().contains("metadata"));
         let cases: [(&str, fn(&mut Meta)); 6] = [
             ("format", |m| m.format = "other".into()),
             ("format_version", |m| m.format_version = 9),
@@ -281,12 +287,12 @@ mod tests {
         for (what, change) in cases {
             let mut m = meta();
             change(&mut m);
-            let msg = Meta::from_properties("c", &props(&m)).unwrap_err().to_string();
+            let msg = Meta::from_json("c", Some(&m.to_json()))
+                .unwrap_err()
+                .to_string();
             assert!(msg.contains(what), "{what}: {msg}");
         }
-        let mut garbage = props(&meta());
-        garbage.insert(META_PROPERTY.into(), "{not json".into());
-        assert!(Meta::from_properties("c", &garbage).is_err());
+        assert!(Meta::from_json("c", Some("{not json")).is_err());
     }
 
     #[test]
@@ -294,10 +300,16 @@ mod tests {
         let m = meta();
         let mut other = m.clone();
         other.fingerprint.hidden_size = 8;
-        assert!(matches!(m.check_same_identity(&other), Err(DatastoreError::ModelMismatch(_))));
+        assert!(matches!(
+            m.check_same_identity(&other),
+            Err(DatastoreError::ModelMismatch(_))
+        ));
         let mut other = m.clone();
         other.key_type = KeyType::FinalHidden;
-        assert!(matches!(m.check_same_identity(&other), Err(DatastoreError::KeyTypeMismatch { .. })));
+        assert!(matches!(
+            m.check_same_identity(&other),
+            Err(DatastoreError::KeyTypeMismatch { .. })
+        ));
         let mut grown = m.clone();
         grown.rows += 1;
         assert!(m.check_same_identity(&grown).is_ok());

@@ -4,8 +4,8 @@
 //!
 //! One collection per datastore: `pk` (INT64, the row id), `value` (INT32, the next token),
 //! `segment` (INT32, the segment id) and `key` (FLOAT_VECTOR of the key dimension, HNSW, L2).
-//! The identity, segments and provenance are one JSON record in the collection's properties
-//! ([`meta`]). Searches return Milvus's own squared L2 distances, computed in f32 on the
+//! The identity, segments and provenance are one JSON record ([`meta`]) in a companion
+//! collection (`meta_store`). Searches return Milvus's own squared L2 distances, computed in f32 on the
 //! stored f32 keys; the tests measure their agreement with the exact scan (docs/scale-out.md
 //! says why this, not a re-rank from returned vectors).
 //!
@@ -16,6 +16,7 @@
 pub mod address;
 mod client;
 pub mod meta;
+mod meta_store;
 pub mod push;
 mod search;
 mod write;
@@ -31,14 +32,13 @@ use std::result::Result;
 pub use address::{is_milvus_address, MilvusAddress};
 use client::Conn;
 use meta::{fields, Meta, MetaIndex};
-pub use push::{push, verify_milvus, PushOptions, PushReport, MilvusVerifyReport};
+pub use push::{push, verify_milvus, MilvusVerifyReport, PushOptions, PushReport};
 
 use crate::datastore::{
     DatastoreError, KeyDtype, Keys, Neighbour, Provenance, SearchParams, SegmentInfo,
 };
 use crate::fingerprint::{KeyType, ModelFingerprint};
 use crate::store::Store;
-
 
 /// How long loading a collection into the query nodes may take.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
@@ -119,10 +119,17 @@ impl MilvusStore {
         let addr = MilvusAddress::parse(address)?;
         let conn = Conn::connect(&addr)?;
         let name = addr.collection.clone();
-        conn.call(move |c| async move {
-            c.drop_collection(DropCollectionRequest::builder().collection_name(name).build()?)
+        if has_collection(&conn)? {
+            conn.call(move |c| async move {
+                c.drop_collection(
+                    DropCollectionRequest::builder()
+                        .collection_name(name)
+                        .build()?,
+                )
                 .await
-        })
+            })?;
+        }
+        meta_store::drop(&conn)
     }
 }
 
@@ -130,9 +137,13 @@ impl MilvusStore {
 fn has_collection(conn: &Conn) -> Result<bool, DatastoreError> {
     let name = conn.addr.collection.clone();
     conn.call(move |c| async move {
-        c.has_collection(HasCollectionRequest::builder().collection_name(name).build()?)
-            .await
-            .map(|r| r.exists())
+        c.has_collection(
+            HasCollectionRequest::builder()
+                .collection_name(name)
+                .build()?,
+        )
+        .await
+        .map(|r| r.exists())
     })
 }
 
@@ -152,14 +163,18 @@ fn read_meta(conn: &Conn) -> Result<Meta, DatastoreError> {
     })?;
     let desc = desc.description();
     let location = conn.location();
-    let meta = Meta::from_properties(&location, desc.get_properties())?;
+    let meta = Meta::from_json(&location, meta_store::read(conn)?.as_deref())?;
     check_schema(&location, desc.get_schema(), meta.fingerprint.hidden_size)?;
     Ok(meta)
 }
 
 /// The collection must have exactly the fields a store writes, with the key dimension the
 /// metadata records.
-fn check_schema(location: &str, schema: &CollectionSchema, dim: usize) -> Result<(), DatastoreError> {
+fn check_schema(
+    location: &str,
+    schema: &CollectionSchema,
+    dim: usize,
+) -> Result<(), DatastoreError> {
     let bad = |detail: String| DatastoreError::BadManifest {
         path: location.into(),
         detail,
@@ -186,7 +201,10 @@ fn check_schema(location: &str, schema: &CollectionSchema, dim: usize) -> Result
             return Err(bad(format!("field {name:?} is not the primary key")));
         }
         if name == fields::KEY {
-            let d = f.get_type_params().get("dim").and_then(|d| d.parse::<usize>().ok());
+            let d = f
+                .get_type_params()
+                .get("dim")
+                .and_then(|d| d.parse::<usize>().ok());
             if d != Some(dim) {
                 return Err(bad(format!(
                     "field {name:?} has dimension {d:?}, but the metadata's hidden_size is {dim}"
@@ -212,19 +230,9 @@ fn load(conn: &Conn) -> Result<(), DatastoreError> {
     })
 }
 
-/// Writes `meta` into the collection's properties: the commit point of every change.
+/// Commits `meta` (see `meta_store`): the commit point of every change.
 fn write_meta(conn: &Conn, meta: &Meta) -> Result<(), DatastoreError> {
-    let name = conn.addr.collection.clone();
-    let json = meta.to_json();
-    conn.call(move |c| async move {
-        c.alter_collection_properties(
-            AlterCollectionPropertiesRequest::builder()
-                .collection_name(name)
-                .property(meta::META_PROPERTY, json)
-                .build()?,
-        )
-        .await
-    })
+    meta_store::write(conn, meta)
 }
 
 impl Store for MilvusStore {

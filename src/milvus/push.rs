@@ -16,11 +16,12 @@ use std::time::{Duration, Instant};
 
 use milvus::v2::prelude::*;
 // The prelude brings its own `Result`; ours is the standard one.
-use std::result::Result;
 use serde::Serialize;
+use std::result::Result;
 
 use super::client::Conn;
-use super::meta::{fields, Meta, MetaIndex, MetaSegment, PushState, META_PROPERTY};
+use super::meta::{fields, Meta, MetaIndex, MetaSegment, PushState};
+use super::meta_store;
 use super::write::{delete_uncommitted, flush, insert, INSERT_BATCH_ROWS};
 use super::{has_collection, load, read_meta, write_meta, MilvusAddress, MilvusStore};
 use crate::datastore::{Datastore, DatastoreError, DEFAULT_EF_CONSTRUCTION, DEFAULT_M};
@@ -86,7 +87,12 @@ pub fn push(
     opts: &PushOptions,
     progress: &dyn Fn(u64, u64),
 ) -> Result<PushReport, DatastoreError> {
-    if opts.batch_rows == 0 || opts.checkpoint_rows == 0 || opts.m == 0 || opts.ef_construction == 0 || opts.shards < 1 {
+    if opts.batch_rows == 0
+        || opts.checkpoint_rows == 0
+        || opts.m == 0
+        || opts.ef_construction == 0
+        || opts.shards < 1
+    {
         return Err(DatastoreError::InvalidOptions(format!(
             "push options must be positive: batch_rows {}, checkpoint_rows {}, m {}, ef_construction {}, shards {}",
             opts.batch_rows, opts.checkpoint_rows, opts.m, opts.ef_construction, opts.shards
@@ -135,7 +141,10 @@ pub fn push(
             since_checkpoint += n;
             if since_checkpoint >= opts.checkpoint_rows || done == total {
                 flush(&conn)?;
-                meta.push = Some(PushState { rows_done: done, ..state.clone() });
+                meta.push = Some(PushState {
+                    rows_done: done,
+                    ..state.clone()
+                });
                 meta.rows = done;
                 meta.generation += 1;
                 write_meta(&conn, &meta)?;
@@ -194,9 +203,19 @@ fn planned_meta(src: &Datastore, opts: &PushOptions) -> Meta {
 }
 
 /// A collection found at the target must hold (part of) this very source.
-fn check_same_source(conn: &Conn, found: &Meta, plan: &Meta, src: &Datastore) -> Result<(), DatastoreError> {
+fn check_same_source(
+    conn: &Conn,
+    found: &Meta,
+    plan: &Meta,
+    src: &Datastore,
+) -> Result<(), DatastoreError> {
     plan.check_same_identity(found)?;
-    let shape = |m: &Meta| m.segments.iter().map(|s| (s.id, s.rows, s.first_pk)).collect::<Vec<_>>();
+    let shape = |m: &Meta| {
+        m.segments
+            .iter()
+            .map(|s| (s.id, s.rows, s.first_pk))
+            .collect::<Vec<_>>()
+    };
     if shape(found) != shape(plan) || found.source_dtype != plan.source_dtype {
         return Err(DatastoreError::InvalidOptions(format!(
             "the collection at {} holds another store than the live segments of {}; push to a new collection, or drop this one",
@@ -217,8 +236,16 @@ fn schema(dim: usize) -> CollectionSchema {
                 .primary_key(true)
                 .auto_id(false),
         )
-        .add_field(FieldSchema::new().name(fields::VALUE).data_type(DataType::Int32))
-        .add_field(FieldSchema::new().name(fields::SEGMENT).data_type(DataType::Int32))
+        .add_field(
+            FieldSchema::new()
+                .name(fields::VALUE)
+                .data_type(DataType::Int32),
+        )
+        .add_field(
+            FieldSchema::new()
+                .name(fields::SEGMENT)
+                .data_type(DataType::Int32),
+        )
         .add_field(
             FieldSchema::new()
                 .name(fields::KEY)
@@ -227,12 +254,14 @@ fn schema(dim: usize) -> CollectionSchema {
         )
 }
 
-/// Creates the collection with the metadata record in its properties, in one request, so
-/// that a collection made by a push is never without its record.
+/// Creates the metadata record first (in a fresh companion collection), then the data
+/// collection, so that a data collection made by a push always has its record; a push that
+/// died in between left only the record, and the rerun starts here again.
 fn create(conn: &Conn, meta: &Meta, opts: &PushOptions) -> Result<(), DatastoreError> {
+    meta_store::create(conn)?;
+    write_meta(conn, meta)?;
     let name = conn.addr.collection.clone();
     let schema = schema(meta.fingerprint.hidden_size);
-    let props = HashMap::from([(META_PROPERTY.to_string(), meta.to_json())]);
     let shards = opts.shards;
     conn.call(move |c| async move {
         c.create_collection(
@@ -241,13 +270,10 @@ fn create(conn: &Conn, meta: &Meta, opts: &PushOptions) -> Result<(), DatastoreE
                 .schema(schema)
                 .num_shards(shards)
                 .consistency_level(ConsistencyLevel::Session)
-                .properties(props)
                 .build()?,
         )
         .await
-    })?;
-    // Some servers drop properties given at creation; write the record again to be sure.
-    write_meta(conn, meta)
+    })
 }
 
 /// Creates the HNSW index when the collection has none, and loads the collection (deletes
@@ -256,7 +282,11 @@ fn ensure_index_and_load(conn: &Conn, meta: &Meta) -> Result<(), DatastoreError>
     let name = conn.addr.collection.clone();
     let has_index = conn.call(move |c| async move {
         match c
-            .list_indexes(ListIndexesRequest::builder().collection_name(name).build()?)
+            .list_indexes(
+                ListIndexesRequest::builder()
+                    .collection_name(name)
+                    .build()?,
+            )
             .await
         {
             Ok(r) => Ok(!r.index_names().is_empty()),
@@ -280,7 +310,10 @@ fn ensure_index_and_load(conn: &Conn, meta: &Meta) -> Result<(), DatastoreError>
                             .metric_type(MetricType::L2)
                             .extra_params(HashMap::from([
                                 ("M".to_string(), index.m.to_string()),
-                                ("efConstruction".to_string(), index.ef_construction.to_string()),
+                                (
+                                    "efConstruction".to_string(),
+                                    index.ef_construction.to_string(),
+                                ),
                             ])),
                     )
                     .sync(false)
@@ -314,10 +347,13 @@ fn wait_indexed(conn: &Conn, rows: u64) -> Result<(), DatastoreError> {
             )
             .await
         })?;
-        let idx = desc.indexes().first().ok_or_else(|| DatastoreError::Backend {
-            location: conn.location(),
-            detail: "the collection has no index on its key field".into(),
-        })?;
+        let idx = desc
+            .indexes()
+            .first()
+            .ok_or_else(|| DatastoreError::Backend {
+                location: conn.location(),
+                detail: "the collection has no index on its key field".into(),
+            })?;
         if !idx.get_failure_reason().is_empty() {
             return Err(DatastoreError::IndexBuild(format!(
                 "Milvus could not build the index of {}: {}",
@@ -433,7 +469,10 @@ pub fn verify_milvus(
             ),
         )?;
         if n != s.rows {
-            problems.push(format!("segment {}: Milvus holds {n} of its {} rows", s.id, s.rows));
+            problems.push(format!(
+                "segment {}: Milvus holds {n} of its {} rows",
+                s.id, s.rows
+            ));
         }
     }
     if let Some(src) = source {
@@ -441,10 +480,18 @@ pub fn verify_milvus(
             problems.push(format!("the source's model differs: {why}"));
         }
         if src.key_type() != meta.key_type {
-            problems.push(format!("the source holds {} keys, the copy {}", src.key_type(), meta.key_type));
+            problems.push(format!(
+                "the source holds {} keys, the copy {}",
+                src.key_type(),
+                meta.key_type
+            ));
         }
         if src.len() as u64 != meta.rows {
-            problems.push(format!("the source has {} rows, the copy {}", src.len(), meta.rows));
+            problems.push(format!(
+                "the source has {} rows, the copy {}",
+                src.len(),
+                meta.rows
+            ));
         }
         let theirs: Vec<_> = src
             .segments()
@@ -452,20 +499,30 @@ pub fn verify_milvus(
             .filter(|s| !s.retired)
             .map(|s| (s.id, s.rows, s.first_id))
             .collect();
-        let ours: Vec<_> = meta.infos().into_iter().map(|s| (s.id, s.rows, s.first_id)).collect();
+        let ours: Vec<_> = meta
+            .infos()
+            .into_iter()
+            .map(|s| (s.id, s.rows, s.first_id))
+            .collect();
         if !ours.starts_with(&theirs) {
-            problems.push("the copy's segments do not start with the source's live segments".into());
+            problems
+                .push("the copy's segments do not start with the source's live segments".into());
         }
     }
     let n = sample.min(meta.rows as usize);
-    let ids: Vec<i64> = (0..n).map(|i| (i as u64 * meta.rows / n as u64) as i64).collect();
+    let ids: Vec<i64> = (0..n)
+        .map(|i| (i as u64 * meta.rows / n as u64) as i64)
+        .collect();
     if !ids.is_empty() {
         let name = conn.addr.collection.clone();
         // A literal list: the SDK's `get` sends a filter template, which 2.3 servers cannot parse.
         let filter = format!(
             "{} in [{}]",
             fields::PK,
-            ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+            ids.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         );
         let answer = conn.call(move |c| async move {
             c.query(
@@ -499,15 +556,27 @@ pub fn verify_milvus(
                 continue;
             };
             if segs[i] as u64 != segment_of(id as u64) {
-                problems.push(format!("row {id} is in segment {}, the metadata says {}", segs[i], segment_of(id as u64)));
+                problems.push(format!(
+                    "row {id} is in segment {}, the metadata says {}",
+                    segs[i],
+                    segment_of(id as u64)
+                ));
             }
             if let Some(src) = source {
-                let Ok(row) = src.row(id as u64) else { continue };
+                let Ok(row) = src.row(id as u64) else {
+                    continue;
+                };
                 if row.value as i64 != values[i] as i64 {
-                    problems.push(format!("row {id}: value {} here, {} in the source", values[i], row.value));
+                    problems.push(format!(
+                        "row {id}: value {} here, {} in the source",
+                        values[i], row.value
+                    ));
                 }
                 if row.segment as i64 != segs[i] as i64 {
-                    problems.push(format!("row {id}: segment {} here, {} in the source", segs[i], row.segment));
+                    problems.push(format!(
+                        "row {id}: segment {} here, {} in the source",
+                        segs[i], row.segment
+                    ));
                 }
                 if row.key != keys[i] {
                     problems.push(format!("row {id}: the key differs from the source's"));

@@ -100,7 +100,12 @@ pub(super) fn search_into(
         let values = res
             .get_output_field(fields::VALUE)
             .and_then(|f| f.as_int32())
-            .ok_or_else(|| bad(format!("query row {row}: no {:?} field in the answer", fields::VALUE)))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "query row {row}: no {:?} field in the answer",
+                    fields::VALUE
+                ))
+            })?;
         if ids.len() != scores.len() || ids.len() != values.len() || ids.len() > k {
             return Err(bad(format!(
                 "query row {row}: {} ids, {} distances and {} values for k = {k}",

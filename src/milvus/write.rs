@@ -14,9 +14,9 @@ use milvus::v2::prelude::*;
 // The prelude brings its own `Result`; ours is the standard one.
 use std::result::Result;
 
+use super::client::Conn;
 use super::meta::{fields, Meta, MetaSegment};
 use super::{read_meta, write_meta, MilvusStore};
-use super::client::Conn;
 use crate::datastore::{DatastoreError, Keys, Provenance, SegmentInfo};
 
 /// Rows per insert request: 4096 × 576 f32 keys is about 9.5 MB, well under Milvus's
@@ -85,7 +85,9 @@ pub(super) fn append(
     if fresh.push.is_some() {
         return Err(DatastoreError::BadManifest {
             path: store.conn.location().into(),
-            detail: "a push into the collection is running or unfinished; append after it completes".into(),
+            detail:
+                "a push into the collection is running or unfinished; append after it completes"
+                    .into(),
         });
     }
     let start = fresh.rows;

@@ -295,7 +295,10 @@ pub fn verify(a: VerifyArgs) -> Result<()> {
         return verify_remote(&a);
     }
     if a.against.is_some() {
-        bail!("--against compares a Milvus store with its source; {} is a directory", a.store);
+        bail!(
+            "--against compares a Milvus store with its source; {} is a directory",
+            a.store
+        );
     }
     verify_dir(Path::new(&a.store), a.json)
 }
