@@ -75,12 +75,15 @@ stop() {
     fi
     local pgid
     pgid="$(cat "$PIDFILE")"
-    kill -TERM -- "-$pgid" 2>/dev/null || true
-    for _ in $(seq 1 30); do
-        kill -0 -- "-$pgid" 2>/dev/null || break
-        sleep 1
+    # milvus-server shuts Milvus down cleanly on SIGINT (its Ctrl+C); TERM, then KILL, if not.
+    local sig
+    for sig in INT TERM KILL; do
+        kill -"$sig" -- "-$pgid" 2>/dev/null || true
+        for _ in $(seq 1 15); do
+            kill -0 -- "-$pgid" 2>/dev/null || break 2
+            sleep 1
+        done
     done
-    kill -KILL -- "-$pgid" 2>/dev/null || true
     rm -f "$PIDFILE"
     echo "milvus stopped (process group $pgid)"
 }

@@ -276,7 +276,8 @@ mod tests {
         let err = Meta::from_json("milvus://h:1/c", None).unwrap_err();
         assert!(matches!(err, DatastoreError::BadManifest { .. }));
         assert!(err.to_string().contains("milvus://h:1/c") && err.to_string().contains("metadata"));
-        let cases: [(&str, fn(&mut Meta)); 6] = [
+        type Change = fn(&mut Meta);
+        let cases: [(&str, Change); 6] = [
             ("format", |m| m.format = "other".into()),
             ("format_version", |m| m.format_version = 9),
             ("hidden_size", |m| m.fingerprint.hidden_size = 0),
