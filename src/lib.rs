@@ -75,6 +75,8 @@ pub mod hook;
 #[cfg(feature = "model")]
 pub mod ingest;
 pub mod limits;
+#[cfg(feature = "milvus")]
+pub mod milvus;
 #[cfg(feature = "model")]
 pub mod model;
 pub mod npy;
@@ -83,3 +85,4 @@ pub mod rule;
 pub mod server;
 pub mod steps;
 pub mod store;
+pub mod store_address;

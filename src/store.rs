@@ -81,18 +81,26 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         provenance: Provenance,
     ) -> Result<SegmentInfo, DatastoreError>;
 
-    /// [`append`](Self::append) that also records each row's place in its source text
-    /// (docs/architecture.md §3). A backend that keeps no source text refuses sources rather
-    /// than dropping them: the default does.
+    /// Whether [`append_with_sources`](Self::append_with_sources) keeps rows' source text
+    /// (a local store does; the default, for backends that keep only keys and values, does
+    /// not). Writers from text pass sources only where they are kept.
+    fn keeps_sources(&self) -> bool {
+        false
+    }
+
+    /// [`append_with_progress`](Self::append_with_progress) that also records each row's place
+    /// in its source text (docs/architecture.md §3). A backend that keeps no source text
+    /// refuses sources rather than dropping them: the default does.
     fn append_with_sources(
         &self,
         keys: Keys<'_>,
         values: &[u32],
         provenance: Provenance,
         sources: Option<RowSources>,
+        progress: &dyn Fn(usize),
     ) -> Result<SegmentInfo, DatastoreError> {
         match sources {
-            None => self.append(keys, values, provenance),
+            None => self.append_with_progress(keys, values, provenance, progress),
             Some(_) => Err(DatastoreError::BadSources(format!(
                 "the store at {} keeps no source text; append without sources",
                 self.location()
@@ -105,6 +113,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// stores without segments of their own). Used by `explain`, never on the decoding path.
     fn row_origin(&self, _id: u64, _context: usize) -> Result<Option<RowOrigin>, DatastoreError> {
         Ok(None)
+    }
+
+    /// [`append`](Self::append) that reports the rows written (or indexed) so far to
+    /// `progress`, for the progress bars of long appends; the default reports nothing.
+    fn append_with_progress(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+        progress: &dyn Fn(usize),
+    ) -> Result<SegmentInfo, DatastoreError> {
+        let _ = progress;
+        self.append(keys, values, provenance)
     }
 
     /// One step of keeping the segment count low as small appends accumulate: merges what
@@ -160,6 +181,15 @@ impl Store for Datastore {
     ) -> Result<SegmentInfo, DatastoreError> {
         Datastore::append(self, keys, values, provenance)
     }
+    fn append_with_progress(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+        progress: &dyn Fn(usize),
+    ) -> Result<SegmentInfo, DatastoreError> {
+        Datastore::append_with_progress(self, keys, values, provenance, progress)
+    }
     fn merge_small_segments(
         &self,
         policy: &MergePolicy,
@@ -172,8 +202,12 @@ impl Store for Datastore {
         values: &[u32],
         provenance: Provenance,
         sources: Option<RowSources>,
+        progress: &dyn Fn(usize),
     ) -> Result<SegmentInfo, DatastoreError> {
-        Datastore::append_with_sources(self, keys, values, provenance, sources, &|_| {})
+        Datastore::append_with_sources(self, keys, values, provenance, sources, progress)
+    }
+    fn keeps_sources(&self) -> bool {
+        true
     }
     fn row_origin(&self, id: u64, context: usize) -> Result<Option<RowOrigin>, DatastoreError> {
         Datastore::row_origin(self, id, context).map(Some)

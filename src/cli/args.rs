@@ -10,16 +10,17 @@
 //! ([`RuleArgs`]); the sampling commands flatten [`SamplingRuleArgs`], which drops that alias.
 
 use std::marker::PhantomData;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{ArgMatches, Args, Command, FromArgMatches};
-use goodtriever::datastore::{Datastore, SearchMode, SearchParams};
+use goodtriever::datastore::{SearchMode, SearchParams};
 use goodtriever::detox::{AdjustOptions, ControlHook, ControlStore, Detoxifier};
 use goodtriever::generate::SamplingParams;
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
 use goodtriever::rule::{Mode, RuleParams};
+use goodtriever::store::Store;
 
 /// How one command words `--model` and `--weights`, and which weight format it defaults to.
 ///
@@ -68,12 +69,13 @@ impl<F: ModelFlags> ModelArgs<F> {
 /// ([`StoreArgs::open`]); `serve` makes both required, since each request may pick its mode.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
-    /// The toxic datastore (anti-expert).
-    #[arg(long)]
-    pub toxic: Option<PathBuf>,
-    /// The non-toxic datastore (expert).
-    #[arg(long)]
-    pub nontoxic: Option<PathBuf>,
+    /// The toxic datastore (anti-expert): a directory, or a Milvus store
+    /// `milvus://HOST:PORT/COLLECTION` (`milvuss://` for TLS; see docs/usage.md for its options).
+    #[arg(long, value_name = "DIR|URL")]
+    pub toxic: Option<String>,
+    /// The non-toxic datastore (expert): a directory or a `milvus://` address, as --toxic.
+    #[arg(long, value_name = "DIR|URL")]
+    pub nontoxic: Option<String>,
 }
 
 impl StoreArgs {
@@ -97,7 +99,7 @@ impl StoreArgs {
             if let Some(p) = path {
                 stores.push(ControlStore {
                     name: name.into(),
-                    store: Arc::new(open_store(p, role)?),
+                    store: open_store(p, role)?,
                     weight,
                 });
             }
@@ -136,9 +138,9 @@ impl StoreArgs {
     }
 }
 
-fn open_store(path: &Path, role: &str) -> anyhow::Result<Datastore> {
-    Datastore::open(path)
-        .with_context(|| format!("opening the {role} datastore {}", path.display()))
+fn open_store(address: &str, role: &str) -> anyhow::Result<Arc<dyn Store>> {
+    goodtriever::store_address::open_store(address)
+        .with_context(|| format!("opening the {role} datastore {address}"))
 }
 
 /// The decoding rule's parameters (defaults: the paper's).

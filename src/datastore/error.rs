@@ -201,6 +201,30 @@ pub enum DatastoreError {
         reason: String,
     },
 
+    /// A store address (`milvus://HOST:PORT/COLLECTION`, see [`crate::store::open_store`])
+    /// that cannot be used: malformed, or of a backend this build does not include.
+    #[error("store address {address:?} cannot be used: {why}")]
+    BadAddress {
+        /// The address as given.
+        address: String,
+        /// What is wrong with it.
+        why: String,
+    },
+
+    /// A remote store's collection does not exist.
+    #[error("no datastore at {0}: the collection does not exist (copy a store there with `goodtriever datastore push DIR {0}`)")]
+    NoCollection(String),
+
+    /// A store behind a server answered, but with an error that is not about reaching it (a
+    /// refused request, an answer that does not decode).
+    #[error("the store at {location} failed: {detail}")]
+    Backend {
+        /// The store's address, as [`crate::store::Store::location`] gives it.
+        location: String,
+        /// The server's or the client's error.
+        detail: String,
+    },
+
     /// A store behind a server did not answer in time (see [`crate::store`]).
     #[error("the store at {location} did not answer within {after:?}")]
     TimedOut {

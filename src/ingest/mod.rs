@@ -48,6 +48,7 @@ use crate::datastore::{
 };
 use crate::fingerprint::KeyType;
 use crate::model::{Model, ModelError};
+use crate::store::Store;
 
 /// Default sliding window and stride, as in the paper.
 pub const DEFAULT_WINDOW: usize = 1024;
@@ -485,7 +486,7 @@ fn chunk_rows(
 
 /// Extracts chunks and appends each as one segment, timing both phases.
 struct SegmentWriter<'a> {
-    store: &'a Datastore,
+    store: &'a dyn Store,
     model: &'a Model,
     opts: &'a BuildOptions,
     window: usize,
@@ -499,7 +500,7 @@ struct SegmentWriter<'a> {
 
 impl<'a> SegmentWriter<'a> {
     fn new(
-        store: &'a Datastore,
+        store: &'a dyn Store,
         model: &'a Model,
         opts: &'a BuildOptions,
         (window, stride): (usize, usize),
@@ -558,7 +559,7 @@ impl<'a> SegmentWriter<'a> {
             keys.as_keys(),
             &values,
             provenance,
-            Some(sources),
+            self.store.keeps_sources().then_some(sources),
             &|n| progress.indexed(n as u64),
         )?;
         self.extract_seconds += (t1 - t0).as_secs_f64();
@@ -568,9 +569,9 @@ impl<'a> SegmentWriter<'a> {
     }
 }
 
-fn check_compatible(store: &Datastore, model: &Model, key_type: KeyType) -> Result<(), BuildError> {
+fn check_compatible(store: &dyn Store, model: &Model, key_type: KeyType) -> Result<(), BuildError> {
     let incompatible = |detail: String| BuildError::Incompatible {
-        dir: store.dir().to_path_buf(),
+        dir: PathBuf::from(store.location()),
         detail,
     };
     store
@@ -586,12 +587,12 @@ fn check_compatible(store: &Datastore, model: &Model, key_type: KeyType) -> Resu
     Ok(())
 }
 
-/// Appends the documents of `opts` to `store` as one new segment. All-or-nothing: on any
-/// error or crash the store is as it was. The new segment's keys stay in memory until it is
+/// Appends the documents of `opts` to `store` (a local directory or a remote store) as one new
+/// segment. All-or-nothing: on any error or crash the store is as it was. The new segment's keys stay in memory until it is
 /// committed (about 5 KB a token at D = 576 while it is indexed); for inputs of millions of
 /// tokens run several adds (each atomic on its own) or `build` a new store.
 pub fn add(
-    store: &Datastore,
+    store: &dyn Store,
     model: &Model,
     opts: &BuildOptions,
     progress: &dyn BuildProgress,
@@ -627,7 +628,7 @@ pub fn add(
     );
     let seg = writer.write(&corpus, eos, &whole, None)?;
     Ok(BuildReport {
-        dir: store.dir().to_path_buf(),
+        dir: PathBuf::from(store.location()),
         files,
         documents: corpus.docs.len(),
         tokens: corpus.tokens.len(),

@@ -188,7 +188,13 @@ impl Shared {
         let s = &self.engine.stores()[store];
         let info = s
             .store
-            .append_with_sources(keys, values, provenance, sources)
+            .append_with_sources(
+                keys,
+                values,
+                provenance,
+                sources.filter(|_| s.store.keeps_sources()),
+                &|_| {},
+            )
             .map_err(|e| status::from_datastore(&format!("appending to store {:?}", s.name), e))?;
         // The append swapped the store's snapshot already; refresh picks up anything other
         // processes committed meanwhile, so Info and searches agree with the disk.

@@ -18,7 +18,7 @@ use goodtriever::ingest::{
 use goodtriever::model::{Model, WeightFormat};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use super::{open, print_json};
+use super::{open_any, print_json};
 use crate::cli::args::{ModelArgs, ModelFlags};
 
 /// Where the text comes from and how it becomes rows (shared by `build` and `add`).
@@ -100,8 +100,10 @@ pub struct BuildArgs {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
-    /// The datastore to add to.
-    pub dir: PathBuf,
+    /// The datastore to add to: a directory, or a Milvus store `milvus://HOST:PORT/COLLECTION`
+    /// (acknowledged once Milvus has persisted the rows).
+    #[arg(value_name = "DIR|URL")]
+    pub dir: String,
     #[command(flatten)]
     pub text: TextArgs,
 }
@@ -151,11 +153,11 @@ pub fn build(a: BuildArgs) -> Result<()> {
 pub fn add(a: AddArgs) -> Result<()> {
     let opts = options(&a.text);
     opts.input.validate()?;
-    let store = open(&a.dir)?;
+    let store = open_any(&a.dir)?;
     let model = load_model(&a.text)?;
     let progress = Bars::new();
-    let report = ingest::add(&store, &model, &opts, &progress)
-        .with_context(|| format!("cannot add to {}", a.dir.display()))?;
+    let report = ingest::add(store.as_ref(), &model, &opts, &progress)
+        .with_context(|| format!("cannot add to {}", a.dir))?;
     progress.finish();
     print_report(&report, a.text.json, "added to")
 }

@@ -16,6 +16,8 @@ mod build;
 mod import;
 mod inspect;
 mod maintain;
+#[cfg(feature = "milvus")]
+mod push;
 mod search;
 
 #[derive(Debug, Args)]
@@ -30,14 +32,22 @@ pub enum DatastoreCommand {
     Build(Box<build::BuildArgs>),
     /// Add labelled text to a datastore as one new segment; open readers see it on refresh.
     Add(Box<build::AddArgs>),
-    /// List segments with their provenance (source, label filter, tag, time, rows).
-    Segments(DirArgs),
+    /// List segments with their provenance (source, label filter, tag, time, rows); a
+    /// directory or a `milvus://` address.
+    Segments(StoreArg),
     /// Import keys and values from .npy files as a new segment (creating the store if needed).
     Import(import::ImportArgs),
-    /// Show a datastore's model, key type, dtype, rows and segments.
-    Info(DirArgs),
-    /// Check every file's size and CRC-32 and every index; exit non-zero on any problem.
-    Verify(DirArgs),
+    /// Show a datastore's model, key type, dtype, rows and segments (a directory or a
+    /// `milvus://` address).
+    Info(StoreArg),
+    /// Check every file's size and CRC-32 and every index; for a `milvus://` store, its row
+    /// counts and metadata and a sample of rows (against --against DIR after a push). Exits
+    /// non-zero on any problem.
+    Verify(inspect::VerifyArgs),
+    /// Copy a local datastore into a new Milvus collection (`milvus://HOST:PORT/COLLECTION`),
+    /// with its segments and provenance; rerun to resume after an interruption.
+    #[cfg(feature = "milvus")]
+    Push(push::PushArgs),
     /// Batch k-nearest-neighbour search; writes ids and squared L2 distances as .npy.
     Search(search::BatchSearchArgs),
     /// Take a segment out of search (its files stay until `compact`).
@@ -49,6 +59,17 @@ pub enum DatastoreCommand {
     /// Read one row back: its segment, value (next token id) and key (summary, or all of it
     /// with --full). For checking what an import or build stored.
     Show(inspect::ShowArgs),
+}
+
+/// The arguments of the read-only subcommands that work on any store.
+#[derive(Debug, Args)]
+pub struct StoreArg {
+    /// The datastore: a directory, or a Milvus store `milvus://HOST:PORT/COLLECTION`.
+    #[arg(value_name = "DIR|URL")]
+    pub store: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The arguments of the subcommands that need nothing but the store.
@@ -67,8 +88,10 @@ pub fn run(args: DatastoreArgs) -> Result<()> {
         DatastoreCommand::Add(a) => build::add(*a),
         DatastoreCommand::Segments(a) => inspect::segments(a),
         DatastoreCommand::Import(a) => import::import(a),
-        DatastoreCommand::Info(a) => inspect::info(&a.dir, a.json),
-        DatastoreCommand::Verify(a) => inspect::verify(&a.dir, a.json),
+        DatastoreCommand::Info(a) => inspect::info(&a.store, a.json),
+        DatastoreCommand::Verify(a) => inspect::verify(a),
+        #[cfg(feature = "milvus")]
+        DatastoreCommand::Push(a) => push::push(a),
         DatastoreCommand::Search(a) => search::search(a),
         DatastoreCommand::Show(a) => inspect::show(a),
         DatastoreCommand::Retire(a) => maintain::retire(a),
@@ -80,6 +103,12 @@ pub fn run(args: DatastoreArgs) -> Result<()> {
 /// Opens an existing store, naming it in the error.
 fn open(dir: &Path) -> Result<Datastore> {
     Datastore::open(dir).with_context(|| format!("cannot open datastore {}", dir.display()))
+}
+
+/// Opens the store an address names (a directory or a `milvus://` URL), naming it in the error.
+fn open_any(address: &str) -> Result<std::sync::Arc<dyn goodtriever::store::Store>> {
+    goodtriever::store_address::open_store(address)
+        .with_context(|| format!("cannot open datastore {address}"))
 }
 
 fn print_json(value: &impl Serialize) -> Result<()> {
