@@ -10,6 +10,11 @@ cargo test --locked
 cargo check --locked --lib --no-default-features
 cargo test --locked --benches --no-run
 
+# The Milvus store backend (feature `milvus`) against a real Milvus server: the tests read its
+# address from GOODTRIEVER_MILVUS (`scripts/milvus.sh start` runs one locally) and skip, saying
+# so, when it is unset; with GOODTRIEVER_REQUIRE_MILVUS=1 (CI) they fail instead of skipping.
+cargo test --locked --features milvus --test milvus_store -- --test-threads 2
+
 # The Python client (clients/python) against a real `goodtriever serve`: the pytest fixtures
 # start the server built above on a free loopback port themselves. The venv lives under the
 # git-ignored .venv-client; torch/transformers are not installed, so the transformers test
