@@ -221,6 +221,40 @@ fn validate_finite(data: &[f32], dim: usize, what: &'static str) -> Result<()> {
     Ok(())
 }
 
+/// Checks a search's arguments, whatever the backend ([`crate::store::Store::search_into`]):
+/// `k` in 1..=[`MAX_K`], `ef` not 0, `queries` whole rows of `dim` finite values, one output
+/// vector per row. Returns the number of query rows.
+pub(crate) fn check_query_batch(
+    queries: &[f32],
+    dim: usize,
+    k: usize,
+    params: &SearchParams,
+    outputs: usize,
+) -> Result<usize> {
+    if k == 0 || k > MAX_K {
+        return Err(DatastoreError::BadK(k));
+    }
+    if params.ef == Some(0) {
+        return Err(DatastoreError::BadEf(0));
+    }
+    if !queries.len().is_multiple_of(dim) {
+        return Err(DatastoreError::DimMismatch {
+            expected: dim,
+            got: queries.len(),
+            what: "a query batch",
+        });
+    }
+    let n = queries.len() / dim;
+    if outputs != n {
+        return Err(DatastoreError::OutputMismatch {
+            expected: n,
+            got: outputs,
+        });
+    }
+    validate_finite(queries, dim, "query")?;
+    Ok(n)
+}
+
 impl Datastore {
     /// Creates an empty datastore in `dir` (created if missing). Fails if `dir` already holds
     /// a manifest.
@@ -596,27 +630,7 @@ impl Datastore {
     ) -> Result<()> {
         let snap = self.snap.load_full();
         let dim = snap.manifest.dim();
-        if k == 0 || k > MAX_K {
-            return Err(DatastoreError::BadK(k));
-        }
-        if params.ef == Some(0) {
-            return Err(DatastoreError::BadEf(0));
-        }
-        if !queries.len().is_multiple_of(dim) {
-            return Err(DatastoreError::DimMismatch {
-                expected: dim,
-                got: queries.len(),
-                what: "a query batch",
-            });
-        }
-        let n = queries.len() / dim;
-        if out.len() != n {
-            return Err(DatastoreError::OutputMismatch {
-                expected: n,
-                got: out.len(),
-            });
-        }
-        validate_finite(queries, dim, "query")?;
+        check_query_batch(queries, dim, k, params, out.len())?;
         if snap.rows == 0 {
             return Err(DatastoreError::EmptyStore(self.dir.clone()));
         }

@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use milvus::v2::error::Error as SdkError;
-use milvus::v2::prelude::{ClientV2, ConnectConfig, RetryConfig, TelemetryConfig};
+use milvus::v2::prelude::{
+    ClientV2, ConnectConfig, LoadCollectionRequest, RetryConfig, TelemetryConfig,
+};
 use tokio::runtime::Runtime;
 
 use super::address::MilvusAddress;
@@ -115,6 +117,25 @@ impl Conn {
         F: Future<Output = Result<T, SdkError>> + Send + 'static,
     {
         run(&self.location(), limit, make(self.client.clone()))
+    }
+
+    /// Loads `collection` into the query nodes, waiting at most `limit` (a no-op when it is
+    /// loaded; after a server restart it is not).
+    pub fn load_collection(
+        &self,
+        collection: String,
+        limit: Duration,
+    ) -> Result<(), DatastoreError> {
+        self.call_within(limit, move |c| async move {
+            c.load_collection(
+                LoadCollectionRequest::builder()
+                    .collection_name(collection)
+                    .sync(true)
+                    .timeout_ms(limit.as_millis() as i64)
+                    .build()?,
+            )
+            .await
+        })
     }
 }
 

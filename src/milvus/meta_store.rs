@@ -114,31 +114,13 @@ pub fn create(conn: &Conn) -> Result<(), DatastoreError> {
         )
         .await
     })?;
-    conn.call_within(LOAD_TIMEOUT, move |c| async move {
-        c.load_collection(
-            LoadCollectionRequest::builder()
-                .collection_name(coll)
-                .sync(true)
-                .timeout_ms(LOAD_TIMEOUT.as_millis() as i64)
-                .build()?,
-        )
-        .await
-    })
+    conn.load_collection(coll, LOAD_TIMEOUT)
 }
 
 /// Loads the companion collection (a no-op when loaded; after a server restart it is not).
 fn load(conn: &Conn) -> Result<(), DatastoreError> {
     let coll = name(conn);
-    conn.call_within(LOAD_TIMEOUT, move |c| async move {
-        c.load_collection(
-            LoadCollectionRequest::builder()
-                .collection_name(coll)
-                .sync(true)
-                .timeout_ms(LOAD_TIMEOUT.as_millis() as i64)
-                .build()?,
-        )
-        .await
-    })
+    conn.load_collection(coll, LOAD_TIMEOUT)
 }
 
 /// The newest record's JSON, or `None` when the companion collection does not exist or holds

@@ -218,16 +218,7 @@ fn check_schema(
 /// Loads the collection into the query nodes (a no-op when it is loaded).
 fn load(conn: &Conn) -> Result<(), DatastoreError> {
     let name = conn.addr.collection.clone();
-    conn.call_within(LOAD_TIMEOUT, move |c| async move {
-        c.load_collection(
-            LoadCollectionRequest::builder()
-                .collection_name(name)
-                .sync(true)
-                .timeout_ms(LOAD_TIMEOUT.as_millis() as i64)
-                .build()?,
-        )
-        .await
-    })
+    conn.load_collection(name, LOAD_TIMEOUT)
 }
 
 /// Commits `meta` (see `meta_store`): the commit point of every change.

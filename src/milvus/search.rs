@@ -14,8 +14,7 @@ use std::result::Result;
 
 use super::meta::fields;
 use super::MilvusStore;
-use crate::datastore::{DatastoreError, Neighbour, SearchParams};
-use crate::limits::MAX_K;
+use crate::datastore::{check_query_batch, DatastoreError, Neighbour, SearchParams};
 
 pub(super) fn search_into(
     store: &MilvusStore,
@@ -26,34 +25,7 @@ pub(super) fn search_into(
 ) -> Result<(), DatastoreError> {
     let meta = store.meta.load_full();
     let dim = meta.fingerprint.hidden_size;
-    if k == 0 || k > MAX_K {
-        return Err(DatastoreError::BadK(k));
-    }
-    if params.ef == Some(0) {
-        return Err(DatastoreError::BadEf(0));
-    }
-    if !queries.len().is_multiple_of(dim) {
-        return Err(DatastoreError::DimMismatch {
-            expected: dim,
-            got: queries.len(),
-            what: "a query batch",
-        });
-    }
-    let n = queries.len() / dim;
-    if out.len() != n {
-        return Err(DatastoreError::OutputMismatch {
-            expected: n,
-            got: out.len(),
-        });
-    }
-    if let Some(i) = queries.iter().position(|v| !v.is_finite()) {
-        return Err(DatastoreError::NonFinite {
-            what: "query",
-            row: i / dim,
-            col: i % dim,
-            value: queries[i],
-        });
-    }
+    let n = check_query_batch(queries, dim, k, params, out.len())?;
     if meta.rows == 0 {
         return Err(DatastoreError::EmptyStore(store.conn.location().into()));
     }

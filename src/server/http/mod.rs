@@ -469,15 +469,7 @@ async fn completions(
         Ok((plan, generation))
     }
     .await;
-    match result {
-        Ok((plan, generation)) => {
-            respond::answer(&st, respond::Kind::Completion, plan.checked, generation).await
-        }
-        Err(e) => {
-            st.metrics.http_request("completions", e.outcome());
-            e.into_response()
-        }
-    }
+    answer(&st, respond::Kind::Completion, "completions", result).await
 }
 
 async fn chat_completions(
@@ -530,12 +522,21 @@ async fn chat_completions(
         Ok((plan, generation))
     }
     .await;
+    answer(&st, respond::Kind::Chat, "chat", result).await
+}
+
+/// The answer of a checked and started request, or its error (counted under `endpoint`: a
+/// request refused before it started has no generation to record its outcome).
+async fn answer(
+    st: &Shared,
+    kind: respond::Kind,
+    endpoint: &'static str,
+    result: Result<(Plan, Generation), ApiError>,
+) -> Response {
     match result {
-        Ok((plan, generation)) => {
-            respond::answer(&st, respond::Kind::Chat, plan.checked, generation).await
-        }
+        Ok((plan, generation)) => respond::answer(st, kind, plan.checked, generation).await,
         Err(e) => {
-            st.metrics.http_request("chat", e.outcome());
+            st.metrics.http_request(endpoint, e.outcome());
             e.into_response()
         }
     }
