@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use milvus::v2::error::Error as SdkError;
 use milvus::v2::prelude::{
-    ClientV2, ConnectConfig, LoadCollectionRequest, RetryConfig, TelemetryConfig,
+    ClientV2, ConnectConfig, HasCollectionRequest, LoadCollectionRequest, RetryConfig,
+    TelemetryConfig,
 };
 use tokio::runtime::Runtime;
 
@@ -117,6 +118,19 @@ impl Conn {
         F: Future<Output = Result<T, SdkError>> + Send + 'static,
     {
         run(&self.location(), limit, make(self.client.clone()))
+    }
+
+    /// Whether `collection` exists.
+    pub fn has_collection(&self, collection: String) -> Result<bool, DatastoreError> {
+        self.call(move |c| async move {
+            c.has_collection(
+                HasCollectionRequest::builder()
+                    .collection_name(collection)
+                    .build()?,
+            )
+            .await
+            .map(|r| r.exists())
+        })
     }
 
     /// Loads `collection` into the query nodes, waiting at most `limit` (a no-op when it is

@@ -34,15 +34,7 @@ fn name(conn: &Conn) -> String {
 /// Whether the companion collection exists.
 pub fn exists(conn: &Conn) -> Result<bool, DatastoreError> {
     let name = name(conn);
-    conn.call(move |c| async move {
-        c.has_collection(
-            HasCollectionRequest::builder()
-                .collection_name(name)
-                .build()?,
-        )
-        .await
-        .map(|r| r.exists())
-    })
+    conn.has_collection(name)
 }
 
 /// Drops the companion collection if it exists.

@@ -136,15 +136,7 @@ impl MilvusStore {
 /// Whether the collection exists.
 fn has_collection(conn: &Conn) -> Result<bool, DatastoreError> {
     let name = conn.addr.collection.clone();
-    conn.call(move |c| async move {
-        c.has_collection(
-            HasCollectionRequest::builder()
-                .collection_name(name)
-                .build()?,
-        )
-        .await
-        .map(|r| r.exists())
-    })
+    conn.has_collection(name)
 }
 
 /// Reads the collection's metadata record and checks its schema against it.
