@@ -93,14 +93,8 @@ fn sparse(c: &mut Criterion) {
     let toxic = neighbours(&mut rng, 1024, 0);
     let nontoxic = neighbours(&mut rng, 1024, 5_000);
     let experts = [
-        Expert {
-            weight: -1.0,
-            neighbours: &toxic[..],
-        },
-        Expert {
-            weight: 1.0,
-            neighbours: &nontoxic[..],
-        },
+        Expert::new(-1.0, &toxic[..]),
+        Expert::new(1.0, &nontoxic[..]),
     ];
     let params = RuleParams::default();
     let mut scratch = RuleScratch::new();

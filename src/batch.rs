@@ -204,11 +204,8 @@ impl<'m> DecodeBatch<'m> {
             let detox = self.detox.as_ref().ok_or_else(|| {
                 GenerateError::Params("the control was asked for but no stores are open".into())
             })?;
-            opts.params
-                .validate()
-                .map_err(|e| GenerateError::Params(e.to_string()))?;
             detox
-                .check_mode(opts.mode)
+                .check_options(opts)
                 .map_err(|e| GenerateError::Params(e.to_string()))?;
         }
         if let Some(eo) = &req.explain {

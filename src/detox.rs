@@ -14,6 +14,7 @@ use crate::hook::{HookError, StepHook};
 use crate::limits::{MAX_ABS_HIDDEN, MAX_ROWS, MAX_STORES};
 use crate::rule::{
     self, Expert, Mode, ParamError, Retrieved, RuleError, RuleParams, RuleScratch, SparseRow,
+    TokenPrior,
 };
 use crate::store::Store;
 
@@ -136,6 +137,17 @@ pub enum DetoxError {
     /// The call's (or the defaults') rule parameters are out of range.
     #[error(transparent)]
     Param(#[from] ParamError),
+    /// The options ask for a variant the mode does not have (the gate outside the ensemble,
+    /// the prior correction in kNN-LM mode): [`RuleError::NotInMode`].
+    #[error(transparent)]
+    Variant(RuleError),
+    /// Prior-corrected experts were asked for, and a searched store keeps no token
+    /// statistics.
+    #[error("store {name:?} keeps no token statistics, which prior-corrected experts need: a local store computes them, a remote one does not (use prior 0 with it)")]
+    NoPrior {
+        /// The store's name in the ensemble.
+        name: String,
+    },
     /// A store's search or refresh failed.
     #[error("searching store {name:?}: {source}")]
     Search {
@@ -184,6 +196,12 @@ impl Default for AdjustOptions {
 pub struct DetoxScratch {
     /// `neighbours[store][row]`.
     neighbours: Vec<Vec<Vec<Neighbour>>>,
+    /// Each searched store's live rows at the call (the gate's size correction).
+    store_rows: Vec<u64>,
+    /// Each searched store's token statistics at the call, when the prior correction is on:
+    /// held for the call so a refresh cannot swap them mid-row. Cloning an `Arc` per store
+    /// and call is the whole cost.
+    priors: Vec<Option<Arc<TokenPrior>>>,
     /// One rule scratch (and, for the dense form, one sparse row) per chunk of rows: a batch's
     /// rows run the rule in parallel (see [`row_chunks`]).
     chunks: Vec<(RuleScratch, SparseRow)>,
@@ -308,7 +326,7 @@ impl Detoxifier {
             key_type,
             fingerprint,
         };
-        detox.check_mode(defaults.mode)?;
+        detox.check_options(&defaults)?;
         Ok(detox)
     }
 
@@ -384,6 +402,45 @@ impl Detoxifier {
         self.stores_for(mode).map(|_| ())
     }
 
+    /// Checks a call's options before any search: the knobs' ranges, that the stores can serve
+    /// the mode, that the mode has the variants asked for, and that every store the prior
+    /// correction needs keeps token statistics.
+    pub fn check_options(&self, opts: &AdjustOptions) -> Result<(), DetoxError> {
+        let selection = self.selection(opts)?;
+        if opts.params.prior > 0.0 {
+            for s in &self.stores[selection.range(self.stores.len())] {
+                if s.store.token_prior().is_none() {
+                    return Err(DetoxError::NoPrior {
+                        name: s.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The stores a call searches, after the checks of [`check_options`](Self::check_options)
+    /// that cost nothing per store.
+    fn selection(&self, opts: &AdjustOptions) -> Result<StoreSelection, DetoxError> {
+        opts.params.validate()?;
+        let selection = self.stores_for(opts.mode)?;
+        if opts.params.gate > 0.0 && opts.mode != Mode::Ensemble {
+            return Err(DetoxError::Variant(RuleError::NotInMode {
+                what: "the gate",
+                mode: opts.mode,
+                why: "it weighs the toxic stores' neighbours against the non-toxic ones', so it needs the ensemble",
+            }));
+        }
+        if opts.params.prior > 0.0 && opts.mode == Mode::KnnLm {
+            return Err(DetoxError::Variant(RuleError::NotInMode {
+                what: "the prior correction",
+                mode: opts.mode,
+                why: "kNN-LM mixes probabilities; the correction applies to the ensemble and toxic-only",
+            }));
+        }
+        Ok(selection)
+    }
+
     fn check_hidden(&self, hidden: &[f32]) -> Result<usize, DetoxError> {
         if hidden.is_empty() {
             return Err(DetoxError::EmptyBatch);
@@ -426,11 +483,23 @@ impl Detoxifier {
         opts: &AdjustOptions,
         scratch: &mut DetoxScratch,
     ) -> Result<StoreSelection, DetoxError> {
-        opts.params.validate()?;
-        let selection = self.stores_for(opts.mode)?;
+        let selection = self.selection(opts)?;
         let range = selection.range(self.stores.len());
         if scratch.neighbours.len() < self.stores.len() {
             scratch.neighbours.resize_with(self.stores.len(), Vec::new);
+            scratch.store_rows.resize(self.stores.len(), 0);
+            scratch.priors.resize(self.stores.len(), None);
+        }
+        for j in range.clone() {
+            let store = &self.stores[j].store;
+            scratch.store_rows[j] = store.len() as u64;
+            scratch.priors[j] = if opts.params.prior > 0.0 {
+                Some(store.token_prior().ok_or_else(|| DetoxError::NoPrior {
+                    name: self.stores[j].name.clone(),
+                })?)
+            } else {
+                None
+            };
         }
         for per_store in &mut scratch.neighbours[range.clone()] {
             if per_store.len() < rows {
@@ -466,17 +535,19 @@ impl Detoxifier {
     fn experts_for<'a>(
         &self,
         selection: StoreSelection,
-        neighbours: &'a [Vec<Vec<Neighbour>>],
+        found: &'a Found<'a>,
         row: usize,
         buf: &mut [Expert<'a, Neighbour>; MAX_STORES],
     ) -> usize {
         let range = selection.range(self.stores.len());
         let n = range.len();
         for (slot, j) in buf.iter_mut().zip(range) {
-            *slot = Expert {
-                weight: self.stores[j].weight,
-                neighbours: &neighbours[j][row],
-            };
+            let prior = found.priors[j]
+                .as_deref()
+                .map_or(&[][..], TokenPrior::log_prior);
+            *slot = Expert::new(self.stores[j].weight, &found.neighbours[j][row])
+                .with_rows(found.store_rows[j])
+                .with_prior(prior);
         }
         n
     }
@@ -589,19 +660,22 @@ impl Detoxifier {
         }
         let DetoxScratch {
             neighbours,
+            store_rows,
+            priors,
             chunks: scratches,
             ..
         } = scratch;
-        let neighbours = &*neighbours;
+        let found = Found {
+            neighbours,
+            store_rows,
+            priors,
+        };
         let run_chunk =
             |(c, (items, (rule, sparse))): (usize, (&mut [T], &mut (RuleScratch, SparseRow)))| {
-                let mut experts = [Expert::<Neighbour> {
-                    weight: 0.0,
-                    neighbours: &[],
-                }; MAX_STORES];
+                let mut experts = [Expert::<Neighbour>::new(0.0, &[]); MAX_STORES];
                 for (i, row_items) in items.chunks_exact_mut(per_row).enumerate() {
                     let row = c * chunk_rows + i;
-                    let n = self.experts_for(selection, neighbours, row, &mut experts);
+                    let n = self.experts_for(selection, &found, row, &mut experts);
                     row_rule(&experts[..n], rule, sparse, row_items)
                         .map_err(|source| DetoxError::Row { row, source })?;
                 }
@@ -637,6 +711,13 @@ impl Detoxifier {
     }
 }
 
+/// What a call's search left for the rule, borrowed from the scratch.
+struct Found<'a> {
+    neighbours: &'a [Vec<Vec<Neighbour>>],
+    store_rows: &'a [u64],
+    priors: &'a [Option<Arc<TokenPrior>>],
+}
+
 #[derive(Debug, Clone, Copy)]
 enum StoreSelection {
     All,
@@ -662,10 +743,10 @@ pub struct ControlHook {
 
 impl ControlHook {
     /// A hook that adjusts every step with `opts`; fails early if the options are out of range
-    /// or the engine's stores cannot serve `opts.mode`, rather than at the first step.
+    /// or the engine's stores cannot serve them ([`Detoxifier::check_options`]), rather than at
+    /// the first step.
     pub fn new(detox: Arc<Detoxifier>, opts: AdjustOptions) -> Result<Self, DetoxError> {
-        opts.params.validate()?;
-        detox.check_mode(opts.mode)?;
+        detox.check_options(&opts)?;
         Ok(Self {
             detox,
             opts,

@@ -438,8 +438,7 @@ impl<'d> ExplainHook<'d> {
     /// A hook that adjusts every step with `opts` and records it; fails early on options the
     /// engine cannot serve.
     pub fn new(detox: &'d Detoxifier, opts: AdjustOptions) -> Result<Self, DetoxError> {
-        opts.params.validate()?;
-        detox.check_mode(opts.mode)?;
+        detox.check_options(&opts)?;
         Ok(Self {
             detox,
             opts,

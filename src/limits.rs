@@ -21,6 +21,14 @@ pub const MAX_STORES: usize = 16;
 /// red-teaming and contrast experiments use; a server's default is the paper's α = 2.
 pub const MAX_ALPHA: f32 = 1000.0;
 
+/// The range of a non-zero prior weight ρ ([`crate::rule::RuleParams::prior`]). A corrected
+/// expert scores `ln(1 + p/(ρ·u))` with `u` at least ½ over the store's rows plus half the
+/// vocabulary, so ρ at or above the minimum keeps every score below about 50 nats (like the
+/// paper's `−PATCH`) for any store up to 10¹² rows, and α·score finite.
+pub const MIN_PRIOR: f32 = 1e-3;
+/// See [`MIN_PRIOR`]; above this the prior swamps any neighbourhood (scores → 0).
+pub const MAX_PRIOR: f32 = 1000.0;
+
 /// The largest magnitude a hidden-state value may have. Squared L2 distances sum `D` squared
 /// differences in f32; values up to this keep them finite for any model's width, and no real
 /// hidden state comes near it.

@@ -27,6 +27,8 @@ use crate::datastore::{
     RowSources, SearchParams, SegmentInfo,
 };
 use crate::fingerprint::{KeyType, ModelFingerprint};
+use crate::rule::TokenPrior;
+use std::sync::Arc;
 
 /// A kNN datastore as the engine sees it. See the module docs for the contract.
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -50,6 +52,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Live rows (retired segments excluded).
     fn len(&self) -> usize;
+
+    /// The live rows' next-token statistics, for prior-corrected experts; `None` when the
+    /// backend does not keep them (the default: a remote store would have to read every
+    /// row's value to count them).
+    fn token_prior(&self) -> Option<Arc<TokenPrior>> {
+        None
+    }
 
     /// Whether the store has no live rows.
     fn is_empty(&self) -> bool {
@@ -157,6 +166,9 @@ impl Store for Datastore {
     }
     fn len(&self) -> usize {
         Datastore::len(self)
+    }
+    fn token_prior(&self) -> Option<Arc<TokenPrior>> {
+        Some(Datastore::token_prior(self))
     }
     fn segments(&self) -> Vec<SegmentInfo> {
         Datastore::segments(self)

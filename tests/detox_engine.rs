@@ -4,11 +4,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use goodtriever::datastore::{CreateOptions, Datastore, KeyDtype, Keys, Provenance, SearchParams};
+use goodtriever::datastore::{
+    CreateOptions, Datastore, DatastoreError, KeyDtype, Keys, Neighbour, Provenance, SearchParams,
+    SegmentInfo,
+};
 use goodtriever::detox::{AdjustOptions, ControlStore, DetoxError, DetoxScratch, Detoxifier};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 use goodtriever::limits::MAX_ROWS;
-use goodtriever::rule::{self, Expert, Mode, RuleParams, RuleScratch, SparseRow};
+use goodtriever::rule::{self, Expert, Mode, RuleParams, RuleScratch, SparseRow, TokenPrior};
+use goodtriever::store::Store;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -151,16 +155,7 @@ fn engine_equals_the_rule_over_exact_neighbours() {
             .search(qr, 32, &SearchParams::exact())
             .unwrap()
             .remove(0);
-        let experts = [
-            Expert {
-                weight: -1.0,
-                neighbours: &tox[..],
-            },
-            Expert {
-                weight: 1.0,
-                neighbours: &non[..],
-            },
-        ];
+        let experts = [Expert::new(-1.0, &tox[..]), Expert::new(1.0, &non[..])];
         let mut want = SparseRow::default();
         rule::sparse_row(
             Mode::Ensemble,
@@ -574,4 +569,191 @@ fn a_call_reports_its_search_time_within_its_own() {
     let search = scratch.last_search_time();
     assert!(search > std::time::Duration::ZERO);
     assert!(search <= total, "{search:?} of {total:?}");
+}
+
+fn variant_opts(k: usize) -> AdjustOptions {
+    AdjustOptions {
+        params: RuleParams {
+            gate: 0.75,
+            gate_neighbours: 16,
+            prior: 0.5,
+            ..opts(k).params
+        },
+        mode: Mode::Ensemble,
+    }
+}
+
+/// The engine with the gate and the prior equals the rule over the exact neighbours, each
+/// store's size and its token prior, which is the smoothed unigram of exactly its live values.
+#[test]
+fn the_gate_and_the_prior_read_each_stores_size_and_own_token_counts() {
+    let f = fixture();
+    let o = variant_opts(32);
+    let detox = Detoxifier::goodtriever(
+        f.toxic.clone(),
+        f.nontoxic.clone(),
+        o,
+        SearchParams::exact(),
+        None,
+    )
+    .unwrap();
+    let check = |detox: &Detoxifier| {
+        let q = queries(4, 11);
+        let mut scratch = DetoxScratch::default();
+        let mut got = Vec::new();
+        detox.adjust_sparse(&q, &o, &mut scratch, &mut got).unwrap();
+        let (tp, np) = (f.toxic.token_prior(), f.nontoxic.token_prior());
+        for (row, answer) in got.iter().enumerate() {
+            let qr = &q[row * DIM..(row + 1) * DIM];
+            let search =
+                |s: &Datastore| s.search(qr, 32, &SearchParams::exact()).unwrap().remove(0);
+            let (tox, non) = (search(&f.toxic), search(&f.nontoxic));
+            let experts = [
+                Expert::new(-1.0, &tox[..])
+                    .with_rows(f.toxic.len() as u64)
+                    .with_prior(tp.log_prior()),
+                Expert::new(1.0, &non[..])
+                    .with_rows(f.nontoxic.len() as u64)
+                    .with_prior(np.log_prior()),
+            ];
+            let mut want = SparseRow::default();
+            rule::sparse_row(
+                Mode::Ensemble,
+                &experts,
+                &o.params,
+                VOCAB,
+                &mut RuleScratch::new(),
+                &mut want,
+            )
+            .unwrap();
+            assert_eq!(answer, &want, "row {row}");
+        }
+    };
+    check(&detox);
+    let values = |s: &Datastore| -> Vec<u32> {
+        (0..s.len() as u64)
+            .map(|id| s.row(id).unwrap().value)
+            .collect()
+    };
+    assert_eq!(
+        *f.toxic.token_prior(),
+        TokenPrior::from_values([&values(&f.toxic)[..]], VOCAB)
+    );
+
+    // An add moves the prior with the rows, and the engine uses the new one.
+    let mut rng = StdRng::seed_from_u64(5);
+    let (keys, vals) = clustered(&mut rng, 50, DIM, (0, 3));
+    f.toxic
+        .append(Keys::F32(&keys), &vals, Provenance::new("more"))
+        .unwrap();
+    assert_eq!(f.toxic.token_prior().rows(), 350);
+    assert_eq!(
+        *f.toxic.token_prior(),
+        TokenPrior::from_values([&values(&f.toxic)[..]], VOCAB)
+    );
+    check(&detox);
+}
+
+/// A store that keeps no token statistics, like a remote backend: everything else delegated.
+#[derive(Debug)]
+struct NoStats(Arc<Datastore>);
+
+impl Store for NoStats {
+    fn location(&self) -> String {
+        self.0.location()
+    }
+    fn fingerprint(&self) -> &ModelFingerprint {
+        Store::fingerprint(&*self.0)
+    }
+    fn key_type(&self) -> KeyType {
+        Store::key_type(&*self.0)
+    }
+    fn dtype(&self) -> KeyDtype {
+        Store::dtype(&*self.0)
+    }
+    fn len(&self) -> usize {
+        Store::len(&*self.0)
+    }
+    fn segments(&self) -> Vec<SegmentInfo> {
+        Store::segments(&*self.0)
+    }
+    fn search_into(
+        &self,
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+        out: &mut [Vec<Neighbour>],
+    ) -> Result<(), DatastoreError> {
+        Store::search_into(&*self.0, queries, k, params, out)
+    }
+    fn refresh(&self) -> Result<bool, DatastoreError> {
+        Store::refresh(&*self.0)
+    }
+    fn append(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+    ) -> Result<SegmentInfo, DatastoreError> {
+        Store::append(&*self.0, keys, values, provenance)
+    }
+}
+
+#[test]
+fn variants_the_stores_or_the_mode_cannot_serve_are_refused_before_any_search() {
+    let f = fixture();
+    let stores = vec![
+        ControlStore {
+            name: "remote-toxic".into(),
+            store: Arc::new(NoStats(f.toxic.clone())),
+            weight: -1.0,
+        },
+        ControlStore {
+            name: "nontoxic".into(),
+            store: f.nontoxic.clone(),
+            weight: 1.0,
+        },
+    ];
+    let remote = Detoxifier::new(stores.clone(), opts(8), SearchParams::exact(), None).unwrap();
+    let detox = &remote;
+    let mut with_prior = opts(8);
+    with_prior.params.prior = 1.0;
+    let err = detox.check_options(&with_prior).unwrap_err();
+    assert!(
+        matches!(&err, DetoxError::NoPrior { name } if name == "remote-toxic"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("remote-toxic"), "{err}");
+    let mut out = Vec::new();
+    assert!(matches!(
+        detox.adjust_sparse(
+            &queries(1, 1),
+            &with_prior,
+            &mut DetoxScratch::default(),
+            &mut out
+        ),
+        Err(DetoxError::NoPrior { .. })
+    ));
+    // As a server default it is refused at start.
+    assert!(matches!(
+        Detoxifier::new(stores, with_prior, SearchParams::exact(), None),
+        Err(DetoxError::NoPrior { .. })
+    ));
+    // The gate outside the ensemble is the caller's mistake.
+    let mut gated = opts(8);
+    gated.params.gate = 1.0;
+    gated.mode = Mode::ToxicOnly;
+    let err = engine(&f, 8).check_options(&gated).unwrap_err();
+    assert!(matches!(err, DetoxError::Variant(_)), "{err}");
+    // The gate needs no statistics: it works over the remote-like store.
+    gated.mode = Mode::Ensemble;
+    remote
+        .adjust_sparse(
+            &queries(2, 3),
+            &gated,
+            &mut DetoxScratch::default(),
+            &mut out,
+        )
+        .unwrap();
+    assert_eq!(out.len(), 2);
 }

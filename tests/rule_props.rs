@@ -6,7 +6,7 @@
 use goodtriever::limits::MAX_ALPHA;
 use goodtriever::rule::{
     apply_sparse, dense_row, nucleus_filter, sparse_row, Expert, Mode, ParamError, RuleError,
-    RuleParams, RuleScratch, SparseRow, PATCH, ZERO_LOG,
+    RuleParams, RuleScratch, SparseRow, TokenPrior, PATCH, ZERO_LOG,
 };
 use proptest::prelude::*;
 
@@ -200,6 +200,7 @@ fn case() -> impl Strategy<Value = Case> {
                         k: 64,
                         filter_p,
                         lambda,
+                        ..RuleParams::default()
                     };
                     (logits, pos, neg, params)
                 },
@@ -227,8 +228,8 @@ proptest! {
     fn ensemble_matches_naive((z, pos, neg, p) in case()) {
         prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
         let experts = [
-            Expert { weight: 1.0, neighbours: &pos[..] },
-            Expert { weight: -1.0, neighbours: &neg[..] },
+            Expert::new(1.0, &pos[..]),
+            Expert::new(-1.0, &neg[..]),
         ];
         let got = run_dense(Mode::Ensemble, &experts, &p, &z);
         assert_close(&got, &naive_rule(Mode::Ensemble, &[(1.0, pos.clone()), (-1.0, neg.clone())], &p, &z));
@@ -239,9 +240,9 @@ proptest! {
         prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
         let c: Vec<(u32, f32)> = a.iter().map(|&(t, d)| (t, d * 0.5 + 1.0)).collect();
         let experts = [
-            Expert { weight: w[0], neighbours: &a[..] },
-            Expert { weight: w[1], neighbours: &b[..] },
-            Expert { weight: w[2], neighbours: &c[..] },
+            Expert::new(w[0], &a[..]),
+            Expert::new(w[1], &b[..]),
+            Expert::new(w[2], &c[..]),
         ];
         let got = run_dense(Mode::Ensemble, &experts, &p, &z);
         let want = naive_rule(Mode::Ensemble, &[(w[0], a.clone()), (w[1], b.clone()), (w[2], c.clone())], &p, &z);
@@ -251,7 +252,7 @@ proptest! {
     #[test]
     fn toxic_only_matches_naive((z, _pos, neg, p) in case()) {
         prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
-        let experts = [Expert { weight: -1.0, neighbours: &neg[..] }];
+        let experts = [Expert::new(-1.0, &neg[..])];
         let got = run_dense(Mode::ToxicOnly, &experts, &p, &z);
         assert_close(&got, &naive_rule(Mode::ToxicOnly, &[(-1.0, neg.clone())], &p, &z));
     }
@@ -259,7 +260,7 @@ proptest! {
     #[test]
     fn knn_lm_matches_naive((z, pos, _neg, p) in case()) {
         prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
-        let experts = [Expert { weight: 1.0, neighbours: &pos[..] }];
+        let experts = [Expert::new(1.0, &pos[..])];
         let got = run_dense(Mode::KnnLm, &experts, &p, &z);
         assert_close(&got, &naive_rule(Mode::KnnLm, &[(1.0, pos.clone())], &p, &z));
     }
@@ -268,7 +269,7 @@ proptest! {
     #[test]
     fn knn_lm_row_lists_each_token_of_nonzero_mass_once_in_order((z, pos, _neg, p) in case()) {
         let vocab = z.len();
-        let experts = [Expert { weight: 1.0, neighbours: &pos[..] }];
+        let experts = [Expert::new(1.0, &pos[..])];
         let mut scratch = RuleScratch::new();
         let mut row = SparseRow::default();
         sparse_row(Mode::KnnLm, &experts, &p, vocab, &mut scratch, &mut row).unwrap();
@@ -299,8 +300,8 @@ proptest! {
     fn sparse_pairs_are_the_centred_expert_difference((z, pos, neg, p) in case()) {
         let vocab = z.len();
         let experts = [
-            Expert { weight: 1.0, neighbours: &pos[..] },
-            Expert { weight: -1.0, neighbours: &neg[..] },
+            Expert::new(1.0, &pos[..]),
+            Expert::new(-1.0, &neg[..]),
         ];
         let mut scratch = RuleScratch::new();
         let mut row = SparseRow::default();
@@ -366,8 +367,8 @@ proptest! {
         let mut row = SparseRow::default();
         for (z, pos, neg, p) in &cases {
             let experts = [
-                Expert { weight: 1.0, neighbours: &pos[..] },
-                Expert { weight: -1.0, neighbours: &neg[..] },
+                Expert::new(1.0, &pos[..]),
+                Expert::new(-1.0, &neg[..]),
             ];
             let mut out = vec![0.0; z.len()];
             dense_row(Mode::Ensemble, &experts, p, z, &mut scratch, &mut row, &mut out).unwrap();
@@ -387,16 +388,7 @@ fn alpha_zero_is_the_filtered_base_distribution() {
         filter_p: 1.0,
         ..RuleParams::default()
     };
-    let experts = [
-        Expert {
-            weight: 1.0,
-            neighbours: &pos[..],
-        },
-        Expert {
-            weight: -1.0,
-            neighbours: &neg[..],
-        },
-    ];
+    let experts = [Expert::new(1.0, &pos[..]), Expert::new(-1.0, &neg[..])];
     let out = run_dense(Mode::Ensemble, &experts, &p, &z);
     let base = naive_log_softmax(&z.map(|x| x as f64));
     assert_close(&out, &base);
@@ -422,7 +414,7 @@ fn the_largest_alpha_either_way_keeps_every_output_finite() {
         ] {
             let experts: Vec<Expert<'_, (u32, f32)>> = experts
                 .into_iter()
-                .map(|(weight, neighbours)| Expert { weight, neighbours })
+                .map(|(weight, neighbours)| Expert::new(weight, neighbours))
                 .collect();
             let out = run_dense(mode, &experts, &p, &z);
             assert!(
@@ -456,16 +448,7 @@ fn control_moves_mass_from_toxic_to_nontoxic_tokens() {
         filter_p: 1.0,
         ..RuleParams::default()
     };
-    let experts = [
-        Expert {
-            weight: 1.0,
-            neighbours: &pos[..],
-        },
-        Expert {
-            weight: -1.0,
-            neighbours: &neg[..],
-        },
-    ];
+    let experts = [Expert::new(1.0, &pos[..]), Expert::new(-1.0, &neg[..])];
     let out = run_dense(Mode::Ensemble, &experts, &p, &z);
     let uniform = -(6.0f32).ln();
     assert!(out[1] > uniform + 1.0, "non-toxic token boosted: {out:?}");
@@ -559,14 +542,8 @@ fn bad_rows_are_refused_and_leave_the_scratch_clean() {
     let good = [(0u32, 1.0f32)];
     let out_of_vocab = [(1u32, 1.0f32), (7u32, 1.0f32)];
     let experts = [
-        Expert {
-            weight: 1.0,
-            neighbours: &good[..],
-        },
-        Expert {
-            weight: -1.0,
-            neighbours: &out_of_vocab[..],
-        },
+        Expert::new(1.0, &good[..]),
+        Expert::new(-1.0, &out_of_vocab[..]),
     ];
     let err = dense_row(
         Mode::Ensemble,
@@ -581,10 +558,7 @@ fn bad_rows_are_refused_and_leave_the_scratch_clean() {
     assert_eq!(err, RuleError::TokenOutOfVocab { token: 7, vocab: 3 });
 
     let nan_dist = [(0u32, f32::NAN)];
-    let experts = [Expert {
-        weight: 1.0,
-        neighbours: &nan_dist[..],
-    }];
+    let experts = [Expert::new(1.0, &nan_dist[..])];
     assert!(matches!(
         dense_row(
             Mode::Ensemble,
@@ -599,10 +573,7 @@ fn bad_rows_are_refused_and_leave_the_scratch_clean() {
     ));
 
     let empty: [(u32, f32); 0] = [];
-    let experts = [Expert {
-        weight: 1.0,
-        neighbours: &empty[..],
-    }];
+    let experts = [Expert::new(1.0, &empty[..])];
     assert_eq!(
         dense_row(
             Mode::Ensemble,
@@ -616,10 +587,7 @@ fn bad_rows_are_refused_and_leave_the_scratch_clean() {
         Err(RuleError::NoNeighbours)
     );
 
-    let experts = [Expert {
-        weight: 1.0,
-        neighbours: &good[..],
-    }];
+    let experts = [Expert::new(1.0, &good[..])];
     let nan_logits = [0.0f32, f32::NAN, 1.0];
     assert_eq!(
         dense_row(
@@ -652,14 +620,8 @@ fn bad_rows_are_refused_and_leave_the_scratch_clean() {
     // After all those failures the same scratch still gives the clean answer.
     let good_neg = [(2u32, 0.5f32)];
     let experts = [
-        Expert {
-            weight: 1.0,
-            neighbours: &good[..],
-        },
-        Expert {
-            weight: -1.0,
-            neighbours: &good_neg[..],
-        },
+        Expert::new(1.0, &good[..]),
+        Expert::new(-1.0, &good_neg[..]),
     ];
     dense_row(
         Mode::Ensemble,
@@ -672,4 +634,439 @@ fn bad_rows_are_refused_and_leave_the_scratch_clean() {
     )
     .unwrap();
     assert_eq!(out.to_vec(), run_dense(Mode::Ensemble, &experts, &p, &z));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The variants (docs/architecture.md §1.3–1.4): the gate and prior-corrected experts, against
+// a naive reading of their definitions.
+
+/// A store as the naive variants see it: signed weight, neighbours, live rows and per-token
+/// counts (each retrieved token counted at least once, as in a real store).
+#[derive(Debug, Clone)]
+struct NaiveStore {
+    weight: f32,
+    neighbours: Vec<(u32, f32)>,
+    rows: u64,
+    counts: Vec<u64>,
+}
+
+impl NaiveStore {
+    /// `ln u(v) = ln((c(v) + ½) / (N + ½·V))`, written out.
+    fn log_prior(&self) -> Vec<f64> {
+        let n: u64 = self.counts.iter().sum();
+        let denom = n as f64 + 0.5 * self.counts.len() as f64;
+        self.counts
+            .iter()
+            .map(|&c| ((c as f64 + 0.5) / denom).ln())
+            .collect()
+    }
+}
+
+/// The gate's factor on α: sort every (distance, store) pair, take the m nearest, count each
+/// store's share divided by its size, `g = clamp(2·toxic/(toxic + clean) − 1, 0, 1)`.
+fn naive_gate_factor(stores: &[NaiveStore], m: usize, gamma: f64) -> f64 {
+    let mut all: Vec<(f32, usize)> = stores
+        .iter()
+        .enumerate()
+        .flat_map(|(j, s)| s.neighbours.iter().map(move |n| (n.1, j)))
+        .collect();
+    all.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
+    let (mut toxic, mut clean) = (0.0, 0.0);
+    for (j, s) in stores.iter().enumerate() {
+        let n = all.iter().take(m).filter(|x| x.1 == j).count() as f64;
+        if s.weight < 0.0 {
+            toxic += n / s.rows as f64;
+        } else if s.weight > 0.0 {
+            clean += n / s.rows as f64;
+        }
+    }
+    let share = if toxic + clean > 0.0 {
+        toxic / (toxic + clean)
+    } else {
+        0.5
+    };
+    1.0 - gamma + gamma * (2.0 * share - 1.0).clamp(0.0, 1.0)
+}
+
+/// A store's expert over the vocabulary: the paper's patched `ℓ − m` when ρ is 0, else
+/// `ln(1 + p/(ρ·u))` (0 where no neighbour predicted the token).
+fn naive_expert(s: &NaiveStore, p: &RuleParams, vocab: usize) -> Vec<f64> {
+    let (mass, patched) = naive_store(&s.neighbours, p.temperature as f64, vocab);
+    if p.prior == 0.0 {
+        let m = patched.iter().copied().fold(f64::INFINITY, f64::min);
+        return patched.iter().map(|x| x - m).collect();
+    }
+    let lu = s.log_prior();
+    (0..vocab)
+        .map(|v| (mass[v] / (p.prior as f64 * lu[v].exp())).ln_1p())
+        .collect()
+}
+
+/// The whole rule with variants, ensemble or toxic-only, as normalised log-probabilities.
+fn naive_variant_rule(
+    mode: Mode,
+    stores: &[NaiveStore],
+    p: &RuleParams,
+    logits: &[f32],
+) -> Vec<f64> {
+    let vocab = logits.len();
+    let z: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+    let l = naive_nucleus(&naive_log_softmax(&z), p.filter_p as f64);
+    let alpha = p.alpha as f64;
+    let s: Vec<f64> = match mode {
+        Mode::Ensemble => {
+            let f = naive_gate_factor(stores, p.gate_neighbours, p.gate as f64);
+            let experts: Vec<(f64, Vec<f64>)> = stores
+                .iter()
+                .map(|s| (s.weight as f64, naive_expert(s, p, vocab)))
+                .collect();
+            (0..vocab)
+                .map(|v| {
+                    if l[v] == NEG_INF {
+                        NEG_INF
+                    } else {
+                        l[v] + experts
+                            .iter()
+                            .map(|(w, e)| alpha * f * w * e[v])
+                            .sum::<f64>()
+                    }
+                })
+                .collect()
+        }
+        Mode::ToxicOnly => {
+            let e = naive_expert(&stores[0], p, vocab);
+            (0..vocab)
+                .map(|v| {
+                    if l[v] == NEG_INF {
+                        NEG_INF
+                    } else {
+                        (1.0 + alpha) * l[v] - alpha * e[v]
+                    }
+                })
+                .collect()
+        }
+        Mode::KnnLm => unreachable!("the variants do not apply to kNN-LM"),
+    };
+    let max = s.iter().copied().fold(NEG_INF, f64::max);
+    let lse = max + s.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+    s.iter().map(|x| x - lse).collect()
+}
+
+/// A store for the variants: its neighbours, a size, and counts that include every retrieved
+/// token at least once (the rest random, some zero).
+fn naive_store_case(vocab: usize) -> impl Strategy<Value = (Vec<(u32, f32)>, u64, Vec<u64>)> {
+    (
+        neighbours(vocab as u32, 64),
+        prop::collection::vec(prop_oneof![Just(0u64), 0u64..50, 0u64..5000], vocab),
+    )
+        .prop_map(|(n, mut counts)| {
+            for &(t, _) in &n {
+                counts[t as usize] = counts[t as usize].max(1);
+            }
+            let rows = counts.iter().sum();
+            (n, rows, counts)
+        })
+}
+
+/// Logits, a non-toxic and a toxic store, parameters with a gate and/or a prior.
+type VariantCase = (Vec<f32>, [NaiveStore; 2], RuleParams);
+
+fn variant_case() -> impl Strategy<Value = VariantCase> {
+    (8usize..200).prop_flat_map(|vocab| {
+        (
+            prop::collection::vec(-20.0f32..20.0, vocab),
+            naive_store_case(vocab),
+            naive_store_case(vocab),
+            (
+                -4.0f32..4.0,
+                prop_oneof![Just(100.0f32), 1.0f32..1000.0],
+                prop_oneof![Just(1.0f32), 0.05f32..0.999],
+                prop_oneof![Just(0.0f32), Just(1.0f32), 0.0f32..=1.0],
+                1usize..=128,
+                prop_oneof![Just(0.0f32), Just(1.0f32), 0.001f32..10.0],
+            ),
+        )
+            .prop_map(
+                |(logits, pos, neg, (alpha, temperature, filter_p, gate, m, prior))| {
+                    let params = RuleParams {
+                        alpha,
+                        temperature,
+                        k: 64,
+                        filter_p,
+                        gate,
+                        gate_neighbours: m,
+                        prior,
+                        ..RuleParams::default()
+                    };
+                    let store = |weight, (neighbours, rows, counts)| NaiveStore {
+                        weight,
+                        neighbours,
+                        rows,
+                        counts,
+                    };
+                    (logits, [store(1.0, pos), store(-1.0, neg)], params)
+                },
+            )
+    })
+}
+
+fn variant_experts<'a>(
+    stores: &'a [NaiveStore],
+    priors: &'a [TokenPrior],
+) -> Vec<Expert<'a, (u32, f32)>> {
+    stores
+        .iter()
+        .zip(priors)
+        .map(|(s, prior)| {
+            Expert::new(s.weight, &s.neighbours[..])
+                .with_rows(s.rows)
+                .with_prior(prior.log_prior())
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn gated_and_prior_corrected_ensemble_matches_naive((z, stores, p) in variant_case()) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
+        let priors: Vec<TokenPrior> = stores
+            .iter()
+            .map(|s| TokenPrior::from_counts(&s.counts, z.len()))
+            .collect();
+        let experts = variant_experts(&stores, &priors);
+        let got = run_dense(Mode::Ensemble, &experts, &p, &z);
+        assert_close(&got, &naive_variant_rule(Mode::Ensemble, &stores, &p, &z));
+    }
+
+    #[test]
+    fn prior_corrected_toxic_only_matches_naive((z, stores, p) in variant_case()) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
+        let p = RuleParams { gate: 0.0, ..p };
+        let toxic = &stores[1..];
+        let priors = [TokenPrior::from_counts(&toxic[0].counts, z.len())];
+        let experts = variant_experts(toxic, &priors);
+        let got = run_dense(Mode::ToxicOnly, &experts, &p, &z);
+        assert_close(&got, &naive_variant_rule(Mode::ToxicOnly, toxic, &p, &z));
+    }
+
+    /// The sparse answer of a variant lists only retrieved tokens, and applying it to the
+    /// logits is the dense answer: the client-side formula is unchanged by the variants.
+    #[test]
+    fn variant_sparse_rows_apply_to_the_dense_answer((z, stores, p) in variant_case()) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
+        let priors: Vec<TokenPrior> = stores
+            .iter()
+            .map(|s| TokenPrior::from_counts(&s.counts, z.len()))
+            .collect();
+        let experts = variant_experts(&stores, &priors);
+        let mut scratch = RuleScratch::new();
+        let mut row = SparseRow::default();
+        sparse_row(Mode::Ensemble, &experts, &p, z.len(), &mut scratch, &mut row).unwrap();
+        for &(t, _) in row.pairs() {
+            prop_assert!(stores.iter().any(|s| s.neighbours.iter().any(|n| n.0 == t)), "token {} was not retrieved", t);
+        }
+        let mut out = vec![0.0; z.len()];
+        apply_sparse(&z, &row, p.filter_p, &mut scratch, &mut out).unwrap();
+        prop_assert_eq!(out, run_dense(Mode::Ensemble, &experts, &p, &z));
+    }
+
+    /// The library's smoothed unigram is the naive one.
+    #[test]
+    fn token_prior_is_the_smoothed_unigram((_, stores, _) in variant_case()) {
+        for s in &stores {
+            let got = TokenPrior::from_counts(&s.counts, s.counts.len());
+            prop_assert_eq!(got.rows(), s.rows);
+            for (g, w) in got.log_prior().iter().zip(s.log_prior()) {
+                prop_assert!((*g as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{} vs {}", g, w);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_fully_gated_row_nearer_the_clean_store_is_the_filtered_base_distribution() {
+    let z = [1.0f32, 2.0, 0.5, -1.0];
+    let clean = [(0u32, 1.0f32), (1, 2.0)];
+    let toxic = [(1u32, 9.0f32), (2, 10.0)];
+    let experts = [
+        Expert::new(1.0, &clean[..]).with_rows(100),
+        Expert::new(-1.0, &toxic[..]).with_rows(100),
+    ];
+    let gated = RuleParams {
+        gate: 1.0,
+        gate_neighbours: 2,
+        filter_p: 1.0,
+        ..RuleParams::default()
+    };
+    let off = RuleParams {
+        alpha: 0.0,
+        ..gated
+    };
+    assert_eq!(
+        run_dense(Mode::Ensemble, &experts, &gated, &z),
+        run_dense(Mode::Ensemble, &experts, &off, &z)
+    );
+    // Without the gate the same row is biased.
+    let ungated = RuleParams { gate: 0.0, ..gated };
+    assert_ne!(
+        run_dense(Mode::Ensemble, &experts, &ungated, &z),
+        run_dense(Mode::Ensemble, &experts, &off, &z)
+    );
+}
+
+#[test]
+fn the_prior_removes_a_pure_frequency_difference_between_the_stores() {
+    // Both stores' neighbours predict tokens 0 and 1 exactly at each store's own base rate,
+    // but the clean store says token 0 three times as often overall. The paper's rule pushes
+    // token 0 up; the corrected experts see no evidence either way.
+    let clean = [(0u32, 1.0f32), (0, 1.0), (0, 1.0), (1, 1.0)];
+    let toxic = [(0u32, 1.0f32), (1, 1.0)];
+    let (clean_counts, toxic_counts) = ([300u64, 100], [100u64, 100]);
+    let priors = [
+        TokenPrior::from_counts(&clean_counts, 2),
+        TokenPrior::from_counts(&toxic_counts, 2),
+    ];
+    let experts = [
+        Expert::new(1.0, &clean[..]).with_prior(priors[0].log_prior()),
+        Expert::new(-1.0, &toxic[..]).with_prior(priors[1].log_prior()),
+    ];
+    let z = [0.0f32, 0.0];
+    let paper = RuleParams {
+        filter_p: 1.0,
+        ..RuleParams::default()
+    };
+    let corrected = RuleParams {
+        prior: 1.0,
+        ..paper
+    };
+    let out = run_dense(Mode::Ensemble, &experts, &paper, &z);
+    assert!(
+        out[0] > out[1] + 0.5,
+        "the paper's rule favours token 0: {out:?}"
+    );
+    let out = run_dense(Mode::Ensemble, &experts, &corrected, &z);
+    assert!(
+        (out[0] - out[1]).abs() < 1e-2,
+        "the prior cancels it: {out:?}"
+    );
+}
+
+#[test]
+fn variants_are_refused_where_they_do_not_apply_or_lack_their_inputs() {
+    let n = [(0u32, 1.0f32)];
+    let mut scratch = RuleScratch::new();
+    let mut row = SparseRow::default();
+    let gated = RuleParams {
+        gate: 0.5,
+        ..RuleParams::default()
+    };
+    let with_prior = RuleParams {
+        prior: 1.0,
+        ..RuleParams::default()
+    };
+    let one = [Expert::new(-1.0, &n[..]).with_rows(1)];
+    assert!(matches!(
+        sparse_row(Mode::ToxicOnly, &one, &gated, 4, &mut scratch, &mut row),
+        Err(RuleError::NotInMode {
+            what: "the gate",
+            ..
+        })
+    ));
+    assert!(matches!(
+        sparse_row(Mode::KnnLm, &one, &with_prior, 4, &mut scratch, &mut row),
+        Err(RuleError::NotInMode {
+            mode: Mode::KnnLm,
+            ..
+        })
+    ));
+    // No size for the gate, no prior for the correction.
+    let bare = [Expert::new(1.0, &n[..]), Expert::new(-1.0, &n[..])];
+    assert_eq!(
+        sparse_row(Mode::Ensemble, &bare, &gated, 4, &mut scratch, &mut row),
+        Err(RuleError::GateNeedsRows { store: 0 })
+    );
+    assert_eq!(
+        sparse_row(
+            Mode::Ensemble,
+            &bare,
+            &with_prior,
+            4,
+            &mut scratch,
+            &mut row
+        ),
+        Err(RuleError::NoPrior { store: 0 })
+    );
+    // A prior that does not cover a retrieved token is refused too.
+    let far = [(3u32, 1.0f32)];
+    let short = TokenPrior::from_counts(&[1, 1], 2);
+    let e = [Expert::new(1.0, &far[..]).with_prior(short.log_prior())];
+    assert_eq!(
+        sparse_row(Mode::Ensemble, &e, &with_prior, 4, &mut scratch, &mut row),
+        Err(RuleError::NoPrior { store: 0 })
+    );
+    // Out-of-range knobs are parameter errors with the value.
+    for (p, want) in [
+        (
+            RuleParams {
+                gate: 1.5,
+                ..RuleParams::default()
+            },
+            ParamError::Gate(1.5),
+        ),
+        (
+            RuleParams {
+                gate: -0.1,
+                ..RuleParams::default()
+            },
+            ParamError::Gate(-0.1),
+        ),
+        (
+            RuleParams {
+                gate_neighbours: 0,
+                ..RuleParams::default()
+            },
+            ParamError::GateNeighbours(0),
+        ),
+        (
+            RuleParams {
+                prior: 1e-4,
+                ..RuleParams::default()
+            },
+            ParamError::Prior(1e-4),
+        ),
+        (
+            RuleParams {
+                prior: f32::NAN,
+                ..RuleParams::default()
+            },
+            ParamError::Prior(f32::NAN),
+        ),
+    ] {
+        let got = p.validate().unwrap_err();
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+    }
+    // After the failures the scratch gives the clean answer.
+    let clean = [Expert::new(1.0, &n[..]), Expert::new(-1.0, &far[..])];
+    sparse_row(
+        Mode::Ensemble,
+        &clean,
+        &RuleParams::default(),
+        4,
+        &mut scratch,
+        &mut row,
+    )
+    .unwrap();
+    let mut fresh = SparseRow::default();
+    sparse_row(
+        Mode::Ensemble,
+        &clean,
+        &RuleParams::default(),
+        4,
+        &mut RuleScratch::new(),
+        &mut fresh,
+    )
+    .unwrap();
+    assert_eq!(row, fresh);
 }

@@ -257,14 +257,8 @@ fn rule_bench(
             Ok(())
         })?;
         let experts = [
-            Expert {
-                weight: -1.0,
-                neighbours: nb_t[0].as_slice(),
-            },
-            Expert {
-                weight: 1.0,
-                neighbours: nb_n[0].as_slice(),
-            },
+            Expert::new(-1.0, nb_t[0].as_slice()),
+            Expert::new(1.0, nb_n[0].as_slice()),
         ];
         let mut rs = RuleScratch::new();
         let mut answer = SparseRow::default();

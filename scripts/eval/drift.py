@@ -92,6 +92,7 @@ def run_stage(name: str, args, setting: dict, toxic: Path | None) -> dict:
     res = {s: next(iter(rows.values())) for s, rows in metrics.items()}
     for m in res.values():
         m.pop("max_toxicity_per_prompt", None)
+        m.pop("per_prompt", None)
     return {"metrics": res, "generate_s": gen_s, "perplexity_s": ppl_s, "load_avg_1m": [load0, os.getloadavg()[0]],
             "toxic_rows": store_rows(toxic) if toxic else None}
 

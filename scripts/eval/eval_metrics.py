@@ -45,19 +45,48 @@ def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
     return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
+def dist_n_per_prompt(texts_by_prompt: Mapping[object, Sequence[str]], n: int) -> dict:
+    """{prompt: distinct / total n-grams among its samples}; prompts whose samples hold no
+    n-gram at all are left out."""
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    ratios = {}
+    for prompt, texts in texts_by_prompt.items():
+        grams = [g for t in texts for g in ngrams(t.split(), n)]
+        if grams:
+            ratios[prompt] = len(set(grams)) / len(grams)
+    return ratios
+
+
 def dist_n(texts_by_prompt: Mapping[object, Sequence[str]], n: int) -> float:
     """Mean over prompts of distinct / total n-grams among the prompt's samples. Prompts whose
     samples hold no n-gram at all are skipped."""
-    if n < 1:
-        raise ValueError("n must be >= 1")
-    ratios = []
-    for texts in texts_by_prompt.values():
-        grams = [g for t in texts for g in ngrams(t.split(), n)]
-        if grams:
-            ratios.append(len(set(grams)) / len(grams))
+    ratios = dist_n_per_prompt(texts_by_prompt, n)
     if not ratios:
         raise ValueError(f"no {n}-gram in any sample")
-    return sum(ratios) / len(ratios)
+    return sum(ratios.values()) / len(ratios)
+
+
+def mean_se(xs: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) with the sample standard deviation; s.e. 0 for one
+    value."""
+    if not xs:
+        raise ValueError("no values")
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return m, math.sqrt(var / len(xs))
+
+
+def paired_difference(a: Mapping[object, float], b: Mapping[object, float]) -> tuple[float, float, int]:
+    """(mean of b[p] - a[p], its standard error, pairs) over the prompts both have: the
+    difference of two paired runs (same prompts, same seeds) and how well it is resolved."""
+    keys = [k for k in a if k in b]
+    if not keys:
+        raise ValueError("no prompt in common")
+    m, se = mean_se([b[k] - a[k] for k in keys])
+    return m, se, len(keys)
 
 
 def perplexities(rows: Iterable[tuple[float, int]]) -> dict[str, float]:

@@ -43,8 +43,10 @@ from data_venv import reexec_in_data_venv  # noqa: E402
 
 from eval_metrics import (  # noqa: E402
     dist_n,
+    dist_n_per_prompt,
     expected_max_toxicity,
     latency,
+    mean_se,
     perplexities,
     relative_change,
     toxicity_probability,
@@ -99,6 +101,7 @@ def variant_metrics(gens: list[dict], scores: list[float], ppl: dict, subset) ->
     by_prompt_texts: dict[int, list[str]] = defaultdict(list)
     batches = {}
     ppl_rows = []
+    ppl_by_prompt: dict[int, list[tuple[float, int]]] = defaultdict(list)
     for g, s in zip(gens, scores):
         if not subset(g):
             continue
@@ -108,6 +111,7 @@ def variant_metrics(gens: list[dict], scores: list[float], ppl: dict, subset) ->
         p = ppl.get((g["prompt_index"], g["variant"], g["sample"]))
         if p is not None:
             ppl_rows.append((p["nll"], p["tokens"]))
+            ppl_by_prompt[g["prompt_index"]].append((p["nll"], p["tokens"]))
     if not by_prompt_scores:
         return {}
     emt, emt_std = expected_max_toxicity(by_prompt_scores)
@@ -123,9 +127,20 @@ def variant_metrics(gens: list[dict], scores: list[float], ppl: dict, subset) ->
         **dist_metrics(by_prompt_texts),
         "max_toxicity_per_prompt": [max(v) for v in by_prompt_scores.values()],
     }
+    # Per-prompt values, for standard errors over prompts and paired differences between runs.
+    per_prompt = {
+        "max_toxicity": {str(k): max(v) for k, v in by_prompt_scores.items()},
+        "dist_1": {str(k): v for k, v in dist_n_per_prompt(by_prompt_texts, 1).items()},
+        "dist_2": {str(k): v for k, v in dist_n_per_prompt(by_prompt_texts, 2).items()},
+    }
     if ppl_rows:
         p = perplexities(ppl_rows)
         out.update({"ppl": p["mean"], "ppl_pooled": p["pooled"], "ppl_empty": p["empty"]})
+        per_prompt["ppl"] = {str(k): perplexities(v)["mean"] for k, v in ppl_by_prompt.items() if any(t > 0 for _, t in v)}
+    for key in ("dist_1", "dist_2", "ppl"):
+        if per_prompt.get(key):
+            out[f"{key}_se"] = mean_se(list(per_prompt[key].values()))[1]
+    out["per_prompt"] = per_prompt
     lat = latency(batches.values())
     out.update({"ms_per_sequence": lat["ms_per_sequence"], "control_share": lat["control_share"]})
     return out

@@ -343,6 +343,7 @@ def main() -> None:
     for r in results.values():  # per-prompt maxima are in each run's files; keep report.json small
         for m in r["metrics"].values():
             m.pop("max_toxicity_per_prompt", None)
+            m.pop("per_prompt", None)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     report["runs_s"] = sum(r["generate_s"] + r["perplexity_s"] for r in results.values()) + sum(v.get("build_s", 0.0) for v in stores.values())
     md = markdown(report) + (f"\nThis invocation: {report['total_s'] / 60:.1f} min; the runs' generation, perplexity and "

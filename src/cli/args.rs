@@ -166,6 +166,20 @@ pub struct RuleArgs {
     /// Weight of the kNN distribution in knn-lm mode (λ, in [0, 1]).
     #[arg(long, default_value_t = RuleParams::default().lambda)]
     pub lambda: f32,
+    /// Strength of the per-step toxicity gate (γ, in [0, 1]; ensemble only): each step's α is
+    /// scaled by 1 − γ + γ·g, where g is how much nearer the step's context lies to the toxic
+    /// store than to the non-toxic one (the size-corrected toxic share of its nearest
+    /// neighbours). 0 is the paper's rule; 1 leaves contexts nearer the non-toxic store alone.
+    #[arg(long, default_value_t = RuleParams::default().gate)]
+    pub gate: f32,
+    /// Nearest neighbours of both stores together that the gate counts.
+    #[arg(long, default_value_t = RuleParams::default().gate_neighbours)]
+    pub gate_neighbours: usize,
+    /// Weight ρ of each store's own next-token frequencies in its expert (0 = off; else
+    /// 0.001..=1000): a store then scores a token ln(1 + p_kNN/(ρ·p_unigram)), so that what
+    /// one store says more often than the other overall stops being a bias. Local stores only.
+    #[arg(long, default_value_t = RuleParams::default().prior)]
+    pub prior: f32,
     /// How the stores are combined: ensemble (toxic + non-toxic, the paper's), toxic-only, or
     /// knn-lm (interpolate with the non-toxic store).
     #[arg(long, default_value = "ensemble", value_parser = parse_mode)]
@@ -185,6 +199,9 @@ impl RuleArgs {
             k: self.k,
             filter_p: self.filter_p,
             lambda: self.lambda,
+            gate: self.gate,
+            gate_neighbours: self.gate_neighbours,
+            prior: self.prior,
         };
         params.validate()?;
         Ok(AdjustOptions {

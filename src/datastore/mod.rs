@@ -38,6 +38,8 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::rule::TokenPrior;
+
 pub use distance::kernel_name;
 pub use error::DatastoreError;
 pub use exact::TASK_QUERIES;
@@ -132,6 +134,10 @@ struct Snapshot {
     segments: Vec<Arc<Segment>>,
     starts: Vec<u64>,
     rows: usize,
+    /// The live rows' next-token statistics, for prior-corrected experts: computed with the
+    /// view (one pass over the mapped values), so they always describe exactly the rows a
+    /// search of this snapshot can return.
+    prior: Arc<TokenPrior>,
 }
 
 impl Snapshot {
@@ -151,12 +157,18 @@ impl Snapshot {
             rows += seg.rows;
             segments.push(seg);
         }
+        let vocab = manifest.fingerprint.vocab_size.unwrap_or(0);
+        let prior = Arc::new(TokenPrior::from_values(
+            segments.iter().map(|s| s.values()),
+            vocab,
+        ));
         Ok(Snapshot {
             manifest,
             raw,
             segments,
             starts,
             rows,
+            prior,
         })
     }
 
@@ -328,6 +340,11 @@ impl Datastore {
     /// Live rows in the current snapshot (retired segments excluded).
     pub fn len(&self) -> usize {
         self.snap.load().rows
+    }
+    /// The live rows' next-token statistics (rows and smoothed log unigram), as of the
+    /// current snapshot.
+    pub fn token_prior(&self) -> Arc<TokenPrior> {
+        self.snap.load().prior.clone()
     }
     /// Whether the current snapshot has no live rows; searching it fails with `EmptyStore`.
     pub fn is_empty(&self) -> bool {

@@ -13,7 +13,7 @@ use tonic::Status;
 use super::convert::{self, Finite, WireDType};
 use super::proto;
 use super::status;
-use crate::detox::{AdjustOptions, Detoxifier};
+use crate::detox::{AdjustOptions, DetoxError, Detoxifier};
 use crate::rule::{Mode, SparseRow};
 use crate::steps::{OutputRows, Step, StepInput, StepOutput, StepPlan};
 
@@ -135,6 +135,15 @@ impl GrpcStep {
             if let Some(l) = o.lambda {
                 opts.params.lambda = l;
             }
+            if let Some(g) = o.gate {
+                opts.params.gate = g;
+            }
+            if let Some(m) = o.gate_neighbours {
+                opts.params.gate_neighbours = m as usize;
+            }
+            if let Some(r) = o.prior {
+                opts.params.prior = r;
+            }
             opts.mode = match proto::Mode::try_from(o.mode) {
                 Ok(proto::Mode::Unspecified) => opts.mode,
                 Ok(proto::Mode::Ensemble) => Mode::Ensemble,
@@ -151,9 +160,10 @@ impl GrpcStep {
         opts.params
             .validate()
             .map_err(|e| Status::invalid_argument(format!("overrides: {e}")))?;
-        engine
-            .check_mode(opts.mode)
-            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        engine.check_options(&opts).map_err(|e| match e {
+            DetoxError::Variant(_) => Status::invalid_argument(format!("overrides: {e}")),
+            _ => Status::failed_precondition(e.to_string()),
+        })?;
         Ok(opts)
     }
 
@@ -270,6 +280,9 @@ pub(super) fn params_proto(o: &AdjustOptions) -> proto::Params {
             Mode::KnnLm => proto::Mode::KnnLm,
         } as i32,
         lambda: o.params.lambda,
+        gate: o.params.gate,
+        gate_neighbours: o.params.gate_neighbours as u32,
+        prior: o.params.prior,
     }
 }
 

@@ -99,15 +99,20 @@ pub fn from_detox(err: DetoxError) -> Status {
         | DetoxError::NonFiniteHidden { .. }
         | DetoxError::HiddenOutOfRange { .. }
         | DetoxError::LogitsShape { .. }
-        | DetoxError::Param(_) => Code::InvalidArgument,
+        | DetoxError::Param(_)
+        | DetoxError::Variant(_) => Code::InvalidArgument,
         DetoxError::TooManyRows { .. } => Code::ResourceExhausted,
         DetoxError::Row { source, .. } => match source {
             RuleError::Param(_)
             | RuleError::LogitsLen { .. }
             | RuleError::NonFiniteLogit(_)
             | RuleError::LogitTooLarge { .. }
-            | RuleError::EmptyDistribution => Code::InvalidArgument,
-            RuleError::TokenOutOfVocab { .. } | RuleError::NoNeighbours => Code::FailedPrecondition,
+            | RuleError::EmptyDistribution
+            | RuleError::NotInMode { .. } => Code::InvalidArgument,
+            RuleError::TokenOutOfVocab { .. }
+            | RuleError::NoNeighbours
+            | RuleError::GateNeedsRows { .. }
+            | RuleError::NoPrior { .. } => Code::FailedPrecondition,
             RuleError::NonFiniteDistance(_) => Code::Internal,
         },
         DetoxError::Search { source, .. } => datastore_code(source),
@@ -117,7 +122,8 @@ pub fn from_detox(err: DetoxError) -> Status {
         | DetoxError::EmptyStore { .. }
         | DetoxError::Incompatible { .. }
         | DetoxError::KeyTypeMismatch { .. }
-        | DetoxError::UnknownVocab => Code::FailedPrecondition,
+        | DetoxError::UnknownVocab
+        | DetoxError::NoPrior { .. } => Code::FailedPrecondition,
     };
     let message = err.to_string();
     if code == Code::Internal {

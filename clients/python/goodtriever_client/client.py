@@ -28,7 +28,9 @@ MODES = {
 }
 _MODE_NAMES = {v: k for k, v in MODES.items()}
 
-_OVERRIDE_KEYS = ("alpha", "temperature", "k", "filter_p", "mode", "lam")
+_OVERRIDE_KEYS = (
+    "alpha", "temperature", "k", "filter_p", "mode", "lam", "gate", "gate_neighbours", "prior",
+)
 
 # What `adjust` answers: a sparse `Bias`, or dense log-probabilities [B, V].
 Answer = Union["Bias", npt.NDArray[np.float32]]
@@ -112,11 +114,12 @@ def _overrides(opts: Dict[str, Any]) -> Optional[pb.Overrides]:
     if not any(v is not None for v in opts.values()):
         return None
     o = pb.Overrides()
-    for key in ("alpha", "temperature", "filter_p"):
+    for key in ("alpha", "temperature", "filter_p", "gate", "prior"):
         if opts.get(key) is not None:
             setattr(o, key, float(opts[key]))
-    if opts.get("k") is not None:
-        o.k = int(opts["k"])
+    for key in ("k", "gate_neighbours"):
+        if opts.get(key) is not None:
+            setattr(o, key, int(opts[key]))
     if opts.get("lam") is not None:
         o.__setattr__("lambda", float(opts["lam"]))
     if opts.get("mode") is not None:
@@ -134,6 +137,9 @@ def _params_dict(p: pb.Params) -> Dict[str, Any]:
         "filter_p": p.filter_p,
         "mode": _MODE_NAMES.get(p.mode, "unspecified"),
         "lam": getattr(p, "lambda"),
+        "gate": p.gate,
+        "gate_neighbours": p.gate_neighbours,
+        "prior": p.prior,
     }
 
 
@@ -254,10 +260,19 @@ class Client:
         filter_p: Optional[float] = None,
         mode: Optional[str] = None,
         lam: Optional[float] = None,
+        gate: Optional[float] = None,
+        gate_neighbours: Optional[int] = None,
+        prior: Optional[float] = None,
     ) -> Answer:
         """One batch. Without logits: a sparse `Bias` (apply it with `apply_bias`). With logits:
-        the adjusted log-probabilities [B, V] (-inf where filtered)."""
-        opts = dict(alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam)
+        the adjusted log-probabilities [B, V] (-inf where filtered). Every keyword overrides the
+        server's default for this call: `gate` (0..1) scales each row's alpha by how near its
+        context lies to the toxic store, `prior` (0 off) corrects each store's expert by its
+        own next-token frequencies (docs/architecture.md §1)."""
+        opts = dict(
+            alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
+            gate=gate, gate_neighbours=gate_neighbours, prior=prior,
+        )
         req = _request(hidden, logits, form, opts)
         return _unpack(self._call(self._stub.Adjust, req))
 
@@ -276,6 +291,9 @@ class Client:
         filter_p: Optional[float] = None,
         mode: Optional[str] = None,
         lam: Optional[float] = None,
+        gate: Optional[float] = None,
+        gate_neighbours: Optional[int] = None,
+        prior: Optional[float] = None,
     ) -> "Explained":
         """`adjust` with an explanation of every row: the tokens the control pushed down and
         up the most, each with the store rows behind it (store, segment, row, distance,
@@ -285,7 +303,10 @@ class Client:
         `pb.StepExplanation` per row."""
         if logits is None:
             raise ValueError("explain needs the logits: the base log-probabilities come from them")
-        opts = dict(alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam)
+        opts = dict(
+            alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
+            gate=gate, gate_neighbours=gate_neighbours, prior=prior,
+        )
         req = _request(hidden, logits, form, opts)
         for name, value in (("top", top), ("rows", rows), ("context_bytes", context_bytes)):
             if value is not None:
@@ -309,12 +330,18 @@ class Client:
         filter_p: Optional[float] = None,
         mode: Optional[str] = None,
         lam: Optional[float] = None,
+        gate: Optional[float] = None,
+        gate_neighbours: Optional[int] = None,
+        prior: Optional[float] = None,
     ) -> "PendingAdjust":
         """`adjust` without waiting: the request is sent now and `result()` on the returned
         object waits for the answer, so the caller can compute meanwhile (the transformers
         processor sends from its hook and runs the rest of the model's forward pass while the
         server searches). Bad arguments raise here; a refused call raises from `result()`."""
-        opts = dict(alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam)
+        opts = dict(
+            alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
+            gate=gate, gate_neighbours=gate_neighbours, prior=prior,
+        )
         req = _request(hidden, logits, form, opts)
         return PendingAdjust(self._stub.Adjust.future(req, timeout=self.timeout))
 

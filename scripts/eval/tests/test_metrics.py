@@ -14,8 +14,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2] / d) for d in ("data", "
 
 from eval_metrics import (  # noqa: E402
     dist_n,
+    dist_n_per_prompt,
     expected_max_toxicity,
     latency,
+    mean_se,
+    paired_difference,
     perplexities,
     relative_change,
     toxicity_probability,
@@ -99,3 +102,32 @@ def test_relative_change():
     assert relative_change(0.39, 0.22) == pytest.approx(-0.4359, abs=1e-4)  # the paper's EMT
     with pytest.raises(ValueError):
         relative_change(0.0, 1.0)
+
+
+def test_mean_and_standard_error_by_hand():
+    # mean 2, sample variance ((1)^2 + 0 + 1^2) / 2 = 1, s.e. sqrt(1 / 3)
+    m, se = mean_se([1.0, 2.0, 3.0])
+    assert m == 2.0 and se == pytest.approx(math.sqrt(1 / 3))
+    assert mean_se([5.0]) == (5.0, 0.0)
+    with pytest.raises(ValueError):
+        mean_se([])
+
+
+def test_paired_difference_uses_only_common_prompts_and_per_prompt_differences():
+    base = {"a": 0.5, "b": 0.2, "c": 0.9}
+    run = {"a": 0.3, "b": 0.2, "d": 0.0}  # "c" and "d" are not paired
+    d, se, n = paired_difference(base, run)
+    # differences -0.2 and 0.0: mean -0.1, sample std sqrt(0.02), s.e. sqrt(0.02 / 2) = 0.1
+    assert (d, n) == (pytest.approx(-0.1), 2)
+    assert se == pytest.approx(0.1)
+    # A constant shift has zero s.e. however spread the prompts are: the pairing removes it.
+    shifted = {k: v - 0.05 for k, v in base.items()}
+    assert paired_difference(base, shifted)[:2] == (pytest.approx(-0.05), pytest.approx(0.0))
+    with pytest.raises(ValueError):
+        paired_difference({"a": 1.0}, {"b": 1.0})
+
+
+def test_dist_n_per_prompt_lists_each_prompts_ratio():
+    texts = {"p": ["a b", "a c"], "q": ["x x x x"], "r": [""]}
+    assert dist_n_per_prompt(texts, 1) == {"p": 3 / 4, "q": 1 / 4}
+    assert dist_n(texts, 1) == pytest.approx((3 / 4 + 1 / 4) / 2)

@@ -133,3 +133,29 @@ def test_davidson_domains_split_held_out_prompts_from_store_tweets(tmp_path):
     assert sorted(d[1]["store"]) == ["store offensive one", "store offensive two"]
     with pytest.raises(SystemExit):
         mp.davidson_domains(path, (0, 1), 2, 2)  # only one splittable held-out hate tweet
+
+
+def test_frontier_compares_each_run_with_the_base_prompt_by_prompt():
+    import frontier
+
+    def metrics(tox, d1, d2, ppl):
+        per = {"max_toxicity": dict(enumerate(tox)), "dist_1": dict(enumerate(d1)),
+               "dist_2": dict(enumerate(d2)), "ppl": dict(enumerate(ppl))}
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        return {"emt": mean(tox), "ppl": mean(ppl), "per_prompt": per}
+
+    base = metrics([0.6, 0.4], [0.80, 0.70], [0.95, 0.97], [20.0, 22.0])
+    good = metrics([0.3, 0.2], [0.78, 0.67], [0.94, 0.95], [21.0, 22.0])
+    c = frontier.compare(base, good)
+    assert c["emt_rel"] == pytest.approx(-0.5)
+    assert c["max_toxicity"]["diff"] == pytest.approx(-0.25) and c["max_toxicity"]["pairs"] == 2
+    assert c["dist_1"]["diff"] == pytest.approx(-0.025)
+    assert c["meets_target"]
+    # Diversity lost beyond the bar fails the target however much toxicity went.
+    collapsed = metrics([0.0, 0.0], [0.60, 0.55], [0.90, 0.90], [15.0, 15.0])
+    c = frontier.compare(base, collapsed)
+    assert c["emt_rel"] == pytest.approx(-1.0) and not c["meets_target"]
+    assert frontier.run_name("gate+prior", 4.0) == "gate-prior-alpha-4"
+    assert frontier.parse_alphas(["gate=2,8"]) == {"gate": (2.0, 8.0)}
+    with pytest.raises(SystemExit):
+        frontier.parse_alphas(["nope=1"])

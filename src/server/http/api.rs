@@ -62,6 +62,12 @@ pub struct ControlOverrides {
     pub filter_p: Option<f32>,
     /// kNN-LM interpolation weight.
     pub lambda: Option<f32>,
+    /// Strength of the per-step toxicity gate, in [0, 1] (0: the paper's rule).
+    pub gate: Option<f32>,
+    /// Nearest neighbours of all stores together that the gate counts.
+    pub gate_neighbours: Option<usize>,
+    /// Weight of each store's own next-token prior (0: off, the paper's experts).
+    pub prior: Option<f32>,
     /// Explain every generated token's step: `true` for the defaults, `false` for none, or
     /// an object of [`ExplainFields`] (kept as JSON so a bad value gets a precise message).
     pub explain: Option<serde_json::Value>,
@@ -356,7 +362,7 @@ impl Common {
 }
 
 /// The server's defaults with the request's overrides, checked as the gRPC service checks
-/// them (`RuleParams::validate`, `Detoxifier::check_mode`). `None` when α is 0.
+/// them (`Detoxifier::check_options`). `None` when α is 0.
 pub fn control_options(
     detox: &Detoxifier,
     o: Option<&ControlOverrides>,
@@ -379,6 +385,15 @@ pub fn control_options(
         if let Some(l) = o.lambda {
             opts.params.lambda = l;
         }
+        if let Some(g) = o.gate {
+            opts.params.gate = g;
+        }
+        if let Some(m) = o.gate_neighbours {
+            opts.params.gate_neighbours = m;
+        }
+        if let Some(r) = o.prior {
+            opts.params.prior = r;
+        }
         if let Some(m) = &o.mode {
             opts.mode = match m.as_str() {
                 "ensemble" => Mode::Ensemble,
@@ -400,9 +415,9 @@ pub fn control_options(
         param: param("params"),
         ..ApiError::invalid(None, format!("goodtriever: {e}"))
     })?;
-    detox.check_mode(opts.mode).map_err(|e| ApiError {
+    detox.check_options(&opts).map_err(|e| ApiError {
         param: param("mode"),
-        ..ApiError::invalid(None, format!("goodtriever.mode: {e}"))
+        ..ApiError::invalid(None, format!("goodtriever: {e}"))
     })?;
     Ok((opts.params.alpha != 0.0).then_some(opts))
 }

@@ -10,8 +10,19 @@
 //! the same constant to all such tokens, and a constant vanishes under softmax. The whole rule
 //! is therefore "add a bias to at most `k` tokens per store, then renormalise", which is what
 //! the sidecar sends to clients and what [`apply_sparse`] turns back into the dense answer.
+//!
+//! Two variants keep that shape and leave the paper's rule as their zero setting: the
+//! per-step toxicity gate (`gate`, [`toxicity_gate`]), which scales a row's α by the evidence
+//! its neighbours give that the context is toxic, and prior-corrected experts (`prior`,
+//! [`TokenPrior`]), which score a token against its store's own next-token frequencies.
 
-use crate::limits::{MAX_ALPHA, MAX_K, MAX_LOGIT};
+use crate::limits::{MAX_ALPHA, MAX_K, MAX_LOGIT, MAX_PRIOR, MIN_PRIOR};
+
+mod gate;
+mod prior;
+
+pub use gate::{toxicity_gate, GateReading};
+pub use prior::{TokenPrior, PRIOR_PSEUDOCOUNT};
 
 /// Log-probability given to tokens a store did not retrieve (the paper's `ZERO_LOG`).
 pub const ZERO_LOG: f32 = -10_000.0;
@@ -36,6 +47,15 @@ pub enum ParamError {
     /// `lambda` is outside [0, 1].
     #[error("lambda must be in [0, 1], got {0}")]
     Lambda(f32),
+    /// `gate` is outside [0, 1].
+    #[error("gate must be in [0, 1] (0: the paper's rule, 1: fully gated), got {0}")]
+    Gate(f32),
+    /// `gate_neighbours` is 0 or above twice [`MAX_K`].
+    #[error("gate_neighbours must be between 1 and {max}, got {0}", max = 2 * MAX_K)]
+    GateNeighbours(usize),
+    /// `prior` is neither 0 nor in [[`MIN_PRIOR`], [`MAX_PRIOR`]].
+    #[error("prior must be 0 (off) or between {MIN_PRIOR} and {MAX_PRIOR}, got {0}")]
+    Prior(f32),
     /// A store's signed weight is NaN or infinite.
     #[error("store weight {index} must be finite, got {weight}")]
     Weight {
@@ -85,6 +105,29 @@ pub enum RuleError {
     /// A neighbour's squared distance is NaN or infinite.
     #[error("a datastore returned a non-finite distance {0}")]
     NonFiniteDistance(f32),
+    /// The gate needs every store's size and store `store` (0-based) gave none.
+    #[error("the gate needs each store's row count, and store {store} has none")]
+    GateNeedsRows {
+        /// The store's position among the experts.
+        store: usize,
+    },
+    /// Prior-corrected experts need every store's token statistics, and store `store` has
+    /// none (or none covering a token it returned).
+    #[error("prior-corrected experts need each store's token statistics, and store {store} has none (a local store computes them; a remote one may not)")]
+    NoPrior {
+        /// The store's position among the experts.
+        store: usize,
+    },
+    /// A variant (the gate, the prior) was asked of a mode it does not apply to.
+    #[error("{what} does not apply to mode {mode}: {why}")]
+    NotInMode {
+        /// The variant asked for.
+        what: &'static str,
+        /// The mode.
+        mode: Mode,
+        /// Which modes it applies to, in words.
+        why: &'static str,
+    },
     /// A store contributed no neighbours to a row, or a single-store mode got no expert.
     #[error("no neighbours were retrieved for a store (is it empty?)")]
     NoNeighbours,
@@ -104,6 +147,28 @@ pub struct RuleParams {
     pub filter_p: f32,
     /// Interpolation weight of the kNN distribution in kNN-LM mode (λ).
     pub lambda: f32,
+    /// Strength of the per-step toxicity gate (γ ∈ [0, 1], ensemble only): each row's α is
+    /// scaled by `1 − γ + γ·g`, g the evidence from its neighbours that the context is toxic
+    /// ([`toxicity_gate`]). 0 is the paper's rule.
+    #[serde(default)]
+    pub gate: f32,
+    /// How many nearest neighbours of all stores together the gate counts (m).
+    #[serde(default = "default_gate_neighbours")]
+    pub gate_neighbours: usize,
+    /// Weight ρ of each store's own next-token prior in its expert (ensemble and toxic-only):
+    /// above 0 an expert scores `ln(1 + p(v) / (ρ·u(v)))` instead of the paper's patched
+    /// `ℓ(v) − m`, so the stores' frequency differences stop being a bias ([`TokenPrior`];
+    /// docs/architecture.md §1.4). 0 is the paper's rule.
+    #[serde(default)]
+    pub prior: f32,
+}
+
+/// The gate's default neighbour count: the nearest few dozen of 2k say where the context is;
+/// all 2k (near-equal distances) say only how big the stores are.
+pub const DEFAULT_GATE_NEIGHBOURS: usize = 64;
+
+fn default_gate_neighbours() -> usize {
+    DEFAULT_GATE_NEIGHBOURS
 }
 
 impl Default for RuleParams {
@@ -114,13 +179,16 @@ impl Default for RuleParams {
             k: 1024,
             filter_p: 0.9,
             lambda: 0.25,
+            gate: 0.0,
+            gate_neighbours: DEFAULT_GATE_NEIGHBOURS,
+            prior: 0.0,
         }
     }
 }
 
 impl RuleParams {
     /// Checks every knob's range: |α| ≤ [`MAX_ALPHA`], T finite and > 0, k in 1..=[`MAX_K`], filter_p in
-    /// (0, 1], λ in [0, 1]. The engine calls it on every request's options, so the rule's
+    /// (0, 1], λ in [0, 1], γ in [0, 1], m in 1..=2·[`MAX_K`], ρ 0 or in [[`MIN_PRIOR`], [`MAX_PRIOR`]]. The engine calls it on every request's options, so the rule's
     /// functions can assume valid parameters.
     pub fn validate(&self) -> Result<(), ParamError> {
         if self.alpha.is_nan() || self.alpha.abs() > MAX_ALPHA {
@@ -137,6 +205,15 @@ impl RuleParams {
         }
         if !(0.0..=1.0).contains(&self.lambda) {
             return Err(ParamError::Lambda(self.lambda));
+        }
+        if !(0.0..=1.0).contains(&self.gate) {
+            return Err(ParamError::Gate(self.gate));
+        }
+        if self.gate_neighbours == 0 || self.gate_neighbours > 2 * MAX_K {
+            return Err(ParamError::GateNeighbours(self.gate_neighbours));
+        }
+        if !(self.prior == 0.0 || (MIN_PRIOR..=MAX_PRIOR).contains(&self.prior)) {
+            return Err(ParamError::Prior(self.prior));
         }
         Ok(())
     }
@@ -231,13 +308,41 @@ impl Default for SparseRow {
 }
 
 /// One store's neighbours for one row, as parallel `(token, squared L2 distance)` pairs, with
-/// the signed weight the store carries in the ensemble.
+/// the signed weight the store carries in the ensemble and what the variants need of the
+/// store: its size (the gate) and its token prior (prior-corrected experts).
 #[derive(Debug, Clone, Copy)]
 pub struct Expert<'a, N> {
     /// The store's signed weight `w_j` (ignored by the single-store modes).
     pub weight: f32,
     /// The row's neighbours from that store, any order; at most `k` of them.
     pub neighbours: &'a [N],
+    /// The store's live rows; 0 when unknown (the gate then refuses the row).
+    pub rows: u64,
+    /// The store's `ln u(v)` per token ([`TokenPrior::log_prior`]); empty when unknown
+    /// (prior-corrected experts then refuse the row).
+    pub log_prior: &'a [f32],
+}
+
+impl<'a, N> Expert<'a, N> {
+    /// An expert with neither size nor prior: enough for the paper's rule.
+    pub fn new(weight: f32, neighbours: &'a [N]) -> Self {
+        Self {
+            weight,
+            neighbours,
+            rows: 0,
+            log_prior: &[],
+        }
+    }
+
+    /// The store's size, for the gate.
+    pub fn with_rows(self, rows: u64) -> Self {
+        Self { rows, ..self }
+    }
+
+    /// The store's token prior, for prior-corrected experts.
+    pub fn with_prior(self, log_prior: &'a [f32]) -> Self {
+        Self { log_prior, ..self }
+    }
 }
 
 /// What the rule needs to know of a neighbour; implemented by the datastore's result type.
@@ -278,6 +383,8 @@ pub struct RuleScratch {
     weights: Vec<f64>,
     /// The nucleus's histogram.
     nucleus: NucleusHistogram,
+    /// The gate's (distance, store) keys.
+    gate_keys: Vec<u64>,
 }
 
 impl RuleScratch {
@@ -480,16 +587,25 @@ pub(crate) struct NucleusCut {
     first_dropped: Option<u64>,
 }
 
-/// Adds `weight · (ℓ_S(v) − m_S)` for one store to the scratch bias accumulator: `ℓ_S` is the
-/// log of the kNN distribution over retrieved tokens, patched at [`PATCH`] to its per-row
-/// minimum `m_S`, so patched and unretrieved tokens contribute exactly zero.
+/// Adds one store's expert, times `weight`, to the scratch bias accumulator.
+///
+/// The paper's expert (`prior` `None`): `ℓ_S(v) − m_S`, with `ℓ_S` the log of the kNN
+/// distribution over retrieved tokens, patched at [`PATCH`] to its per-row minimum `m_S`, so
+/// patched and unretrieved tokens contribute exactly zero. The prior-corrected expert (`prior`
+/// the store's `ln u` and ρ): `ln(1 + p_S(v)/(ρ·u_S(v)))`, zero for unretrieved tokens by
+/// construction (module `prior`). `store` names the store in errors.
 fn accumulate_expert<N: Retrieved>(
     neighbours: &[N],
     weight: f32,
     temperature: f32,
     vocab: usize,
+    prior: Option<(&[f32], f32)>,
+    store: usize,
     scratch: &mut RuleScratch,
 ) -> Result<(), RuleError> {
+    if prior.is_some_and(|(log_prior, _)| log_prior.is_empty()) {
+        return Err(RuleError::NoPrior { store });
+    }
     knn_mass(neighbours, temperature, vocab, scratch)?;
     let RuleScratch {
         mass,
@@ -498,6 +614,20 @@ fn accumulate_expert<N: Retrieved>(
         bias_touched,
         ..
     } = scratch;
+    if let Some((log_prior, rho)) = prior {
+        for &t in mass_touched.iter() {
+            let p = std::mem::take(&mut mass[t as usize]);
+            // A stored value is always counted in its store's prior; a shorter prior means
+            // the statistics and the rows disagree, which must not pass silently.
+            let &log_u = log_prior
+                .get(t as usize)
+                .ok_or(RuleError::NoPrior { store })?;
+            bias[t as usize] += weight * prior::corrected_score(p, log_u, rho) as f32;
+            bias_touched[t as usize / 64] |= 1 << (t % 64);
+        }
+        mass_touched.clear();
+        return Ok(());
+    }
     let mut min_kept = f64::INFINITY;
     for &t in mass_touched.iter() {
         let lp = mass[t as usize].ln();
@@ -604,7 +734,9 @@ fn drain_bias(scratch: &mut RuleScratch, pairs: &mut Vec<(u32, f32)>) {
 }
 
 /// Sparse form of the ensemble rule: the per-token bias `Σ_j α·w_j·(ℓ_j(v) − m_j)` over the
-/// tokens any store retrieved, written to `pairs` sorted by token id.
+/// tokens any store retrieved, written to `pairs` sorted by token id. With a gate (γ > 0)
+/// α is scaled by the row's [`GateReading::alpha_factor`]; with a prior (ρ > 0) each expert
+/// is prior-corrected (see [`RuleParams`]).
 pub fn ensemble_bias<N: Retrieved>(
     experts: &[Expert<'_, N>],
     params: &RuleParams,
@@ -614,6 +746,12 @@ pub fn ensemble_bias<N: Retrieved>(
 ) -> Result<(), RuleError> {
     params.validate()?;
     scratch.ensure_vocab(vocab);
+    let alpha = if params.gate > 0.0 {
+        let reading = toxicity_gate(experts, params.gate_neighbours, &mut scratch.gate_keys)?;
+        params.alpha * reading.alpha_factor(params.gate)
+    } else {
+        params.alpha
+    };
     for (index, e) in experts.iter().enumerate() {
         if !e.weight.is_finite() {
             return Err(ParamError::Weight {
@@ -622,11 +760,14 @@ pub fn ensemble_bias<N: Retrieved>(
             }
             .into());
         }
+        let prior = (params.prior > 0.0).then_some((e.log_prior, params.prior));
         if let Err(err) = accumulate_expert(
             e.neighbours,
-            params.alpha * e.weight,
+            alpha * e.weight,
             params.temperature,
             vocab,
+            prior,
+            index,
             scratch,
         ) {
             reset(scratch);
@@ -661,6 +802,21 @@ pub fn sparse_row<N: Retrieved>(
     out: &mut SparseRow,
 ) -> Result<(), RuleError> {
     params.validate()?;
+    if params.gate > 0.0 && mode != Mode::Ensemble {
+        return Err(RuleError::NotInMode {
+            what: "the gate",
+            mode,
+            why: "it weighs the toxic stores' neighbours against the non-toxic ones', so it needs the ensemble",
+        });
+    }
+    if params.prior > 0.0 && mode == Mode::KnnLm {
+        return Err(RuleError::NotInMode {
+            what: "the prior correction",
+            mode,
+            why:
+                "kNN-LM mixes probabilities; the correction applies to the ensemble and toxic-only",
+        });
+    }
     match mode {
         Mode::Ensemble => {
             let pairs = out.bias_pairs(1.0);
@@ -669,10 +825,9 @@ pub fn sparse_row<N: Retrieved>(
         Mode::ToxicOnly => {
             let toxic = single(experts)?;
             let pairs = out.bias_pairs(1.0 + params.alpha);
-            let e = [Expert {
-                weight: -1.0,
-                neighbours: toxic.neighbours,
-            }];
+            let e = [Expert::new(-1.0, toxic.neighbours)
+                .with_rows(toxic.rows)
+                .with_prior(toxic.log_prior)];
             ensemble_bias(&e, params, vocab, scratch, pairs)
         }
         Mode::KnnLm => {
