@@ -971,15 +971,29 @@ mod server {
             prop::option::of(float()),
             enum_value(3),
             prop::option::of(float()),
+            // The variants: the gate's strength and neighbour count, the prior's weight.
+            prop::option::of(float()),
+            prop::option::of(prop_oneof![
+                2 => 1u32..64,
+                1 => Just(0u32),
+                1 => Just(8193),
+                1 => any::<u32>()
+            ]),
+            prop::option::of(float()),
         )
             .prop_map(
-                |(alpha, temperature, k, filter_p, mode, lambda)| proto::Overrides {
-                    alpha,
-                    temperature,
-                    k,
-                    filter_p,
-                    mode,
-                    lambda,
+                |(alpha, temperature, k, filter_p, mode, lambda, gate, gate_neighbours, prior)| {
+                    proto::Overrides {
+                        alpha,
+                        temperature,
+                        k,
+                        filter_p,
+                        mode,
+                        lambda,
+                        gate,
+                        gate_neighbours,
+                        prior,
+                    }
                 },
             )
     }

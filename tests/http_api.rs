@@ -371,6 +371,18 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
             None,
         ),
         (with("goodtriever", json!({"alhpa": 1})), 400, "", None),
+        (
+            with("goodtriever", json!({"gate": 2})),
+            400,
+            "goodtriever.params",
+            None,
+        ),
+        (
+            with("goodtriever", json!({"gate": 0.5, "mode": "toxic-only"})),
+            400,
+            "goodtriever.mode",
+            None,
+        ),
     ];
     for (body, status, param, code) in cases {
         let r = post(s.http, "/v1/completions", &body);
@@ -384,6 +396,16 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
         }
         assert_eq!(e["type"], "invalid_request_error", "{body}: {e}");
     }
+    // The variants in range are served.
+    let r = post(
+        s.http,
+        "/v1/completions",
+        &with(
+            "goodtriever",
+            json!({"gate": 1, "gate_neighbours": 8, "prior": 0.5}),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     // Malformed JSON and a body over the limit (64 KiB in the tests).
     let r = request(
         s.http,

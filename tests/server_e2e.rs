@@ -132,7 +132,8 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
         .zip(&dense)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
 
-    // Overrides, f16 hidden and bf16 logits: equal to the engine on the same rounded values.
+    // Overrides (the prior correction among them), f16 hidden and bf16 logits: equal to the
+    // engine on the same rounded values.
     let hidden16: Vec<f16> = hidden.iter().map(|&x| f16::from_f32(x)).collect();
     let logits16: Vec<bf16> = logits.iter().map(|&x| bf16::from_f32(x)).collect();
     let overrides = proto::Overrides {
@@ -142,6 +143,9 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
         filter_p: Some(0.8),
         mode: proto::Mode::ToxicOnly as i32,
         lambda: None,
+        gate: None,
+        gate_neighbours: None,
+        prior: Some(0.5),
     };
     let resp = client
         .adjust(proto::AdjustRequest {
@@ -169,6 +173,7 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
     opts.params.temperature = 5.0;
     opts.params.k = 8;
     opts.params.filter_p = 0.8;
+    opts.params.prior = 0.5;
     let h: Vec<f32> = hidden16.iter().map(|x| x.to_f32()).collect();
     let l: Vec<f32> = logits16.iter().map(|x| x.to_f32()).collect();
     engine

@@ -71,6 +71,28 @@ def test_other_modes_and_overrides(client, mode):
     assert_same_log_probs(apply_bias(logits, bias), dense)
 
 
+def test_the_gate_and_the_prior_are_per_call_options(client):
+    hidden = queries(3, 13)
+    logits = np.random.default_rng(5).normal(0, 3, size=(3, VOCAB)).astype(np.float32)
+    plain = client.adjust(hidden, alpha=2.0)
+    both = client.adjust(hidden, alpha=2.0, gate=1.0, gate_neighbours=8, prior=0.5)
+    assert both.params["gate"] == pytest.approx(1.0)
+    assert both.params["gate_neighbours"] == 8 and both.params["prior"] == pytest.approx(0.5)
+    assert plain.params["gate"] == 0.0 and plain.params["prior"] == 0.0
+    # The variants change the answer but not its shape: the client applies it the same way.
+    assert any(not np.array_equal(a.values, b.values) or not np.array_equal(a.tokens, b.tokens)
+               for a, b in zip(plain.rows, both.rows))
+    dense = client.adjust(hidden, logits, alpha=2.0, gate=1.0, gate_neighbours=8, prior=0.5)
+    assert_same_log_probs(apply_bias(logits, both), dense)
+    # Out of range, or outside the ensemble, is the caller's error, with the knob named.
+    with pytest.raises(GoodtrieverError) as e:
+        client.adjust(hidden, gate=1.5)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "gate" in e.value.details
+    with pytest.raises(GoodtrieverError) as e:
+        client.adjust(hidden, gate=0.5, mode="toxic-only")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "ensemble" in e.value.details
+
+
 def test_a_session_answers_100_steps_in_order(client):
     steps = [queries(1, 100 + i) for i in range(100)]
     with client.session(k=16) as s:
