@@ -4,7 +4,7 @@
 #
 #   scripts/milvus.sh start   install milvus==2.3.5 into .venv-milvus (once), start
 #                             `milvus-server` in its own process group on 127.0.0.1:19530,
-#                             wait until the port answers, print the address
+#                             wait until it serves (its own /healthz check), print the address
 #   scripts/milvus.sh stop    stop that process group and wait until it is gone
 #   scripts/milvus.sh kill    SIGKILL that process group at once (the restart tests: a crash)
 #   scripts/milvus.sh status  say whether it runs (exit 0) or not (exit 1)
@@ -13,6 +13,12 @@
 # traffic between them stays on loopback. Environment: MILVUS_DATA (default
 # .milvus-data/ in the repository, wiped by `start` unless MILVUS_KEEP_DATA=1),
 # MILVUS_START_TIMEOUT seconds (default 180).
+#
+# Restarting on kept data after a crash (`kill`, then `start` with MILVUS_KEEP_DATA=1): the
+# dead instance's sessions stay in the embedded etcd until their lease expires, and until
+# then the new coordinators cannot register ("CompareAndSwap error for compare is false for
+# key: rootcoord") and the others find "no available rootcoord". With the server's default
+# lease of 30 s that was 56-61 s from start to serving; SESSION_TTL below shortens it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv-milvus"
@@ -21,6 +27,12 @@ PIDFILE="$DATA.pgid"
 LOG="$DATA.log"
 PORT=19530
 COMPONENTS=(rootCoord proxy queryCoord queryNode indexNode dataCoord dataNode)
+# etcd lease of every component's session, in seconds (server default 30): how long a killed
+# instance's sessions block a restart on its data. Kept alive every third of it.
+SESSION_TTL=10
+# milvus-server prints this once its own wait on /healthz succeeded (every component healthy);
+# the port alone opens seconds after start, long before a restarted server serves.
+READY_LINE='Ctrl+C to exit'
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
@@ -43,14 +55,16 @@ start() {
     mkdir -p "$DATA"
     local args=(--data "$DATA")
     for c in "${COMPONENTS[@]}"; do args+=(--extra-config "$c.ip=127.0.0.1"); done
+    args+=(--extra-config "common.session.ttl=$SESSION_TTL")
     # setsid: its own process group (and session), so `stop` ends the server with every
     # process it started and nothing else.
+    local started=$SECONDS
     setsid "$VENV/bin/milvus-server" "${args[@]}" >"$LOG" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
     # setsid makes the child a group leader only once it runs; until then the group is empty.
     sleep 1
     local deadline=$((SECONDS + ${MILVUS_START_TIMEOUT:-180}))
-    until port_open; do
+    until port_open && grep -qF "$READY_LINE" "$LOG"; do
         if ! running; then
             echo "error: milvus-server exited during start; its log:" >&2
             tail -30 "$LOG" >&2
@@ -58,13 +72,13 @@ start() {
             return 1
         fi
         if ((SECONDS > deadline)); then
-            echo "error: milvus-server did not open 127.0.0.1:$PORT in time; see $LOG" >&2
+            echo "error: milvus-server did not serve on 127.0.0.1:$PORT in time; see $LOG" >&2
             stop
             return 1
         fi
         sleep 1
     done
-    echo "milvus running on 127.0.0.1:$PORT (process group $(cat "$PIDFILE"), log $LOG)"
+    echo "milvus serving on 127.0.0.1:$PORT after $((SECONDS - started)) s (process group $(cat "$PIDFILE"), log $LOG)"
 }
 
 stop() {
