@@ -33,7 +33,7 @@ stride 192 and keeping their sources, so `explain` shows the tweets behind a row
 manifest.json exists is skipped; an interrupted build resumes (the builder's own staging).
 
 Usage: python3 scripts/data/davidson_stores.py [--bin target/release/goodtriever]
-           [--toxic-tokens 150000] [--no-build]
+           [--toxic-tokens 150000] [--no-build | --only toxic|nontoxic]
 """
 
 from __future__ import annotations
@@ -231,6 +231,7 @@ def main() -> None:
     ap.add_argument("--toxic-tokens", type=int, default=TOXIC_TOKENS)
     ap.add_argument("--nontoxic-ratio", type=float, default=NONTOXIC_RATIO)
     ap.add_argument("--no-build", action="store_true", help="write the jsonl only")
+    ap.add_argument("--only", choices=STORES, help="build this store only (the jsonl are written either way)")
     args = ap.parse_args()
     if not args.csv.exists():
         sys.exit(f"{args.csv} is missing")
@@ -261,9 +262,10 @@ def main() -> None:
         return
     if not args.bin.exists():
         sys.exit(f"{args.bin} is missing: cargo build --release, or pass --bin")
-    for name in STORES:
+    names = [args.only] if args.only else STORES
+    for name in names:
         build(args.bin, name, args.work / f"{name}.jsonl", args.stores / f"davidson-{name}", args.work)
-    for name in STORES:
+    for name in names:
         log(f"datastores/davidson-{name}: {store_counts(args.stores / f'davidson-{name}')}")
 
 
