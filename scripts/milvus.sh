@@ -38,6 +38,9 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
 running() { [[ -f "$PIDFILE" ]] && kill -0 -- "-$(cat "$PIDFILE")" 2>/dev/null; }
 
+# Any socket on the port, TIME_WAIT included (without ss: assume none).
+port_busy() { command -v ss >/dev/null && [[ -n "$(ss -Htan "( sport = :$PORT )" 2>/dev/null)" ]]; }
+
 start() {
     if running; then
         echo "milvus already running (process group $(cat "$PIDFILE")) on 127.0.0.1:$PORT"
@@ -51,6 +54,21 @@ start() {
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install --quiet --disable-pip-version-check 'milvus==2.3.5'
     fi
+    # milvus-server checks each default port by binding it without SO_REUSEADDR and takes the
+    # next free one when that fails: after a kill, the dead server's connections stay in
+    # TIME_WAIT on $PORT for up to 60 s, and it would listen on $((PORT + 1)), where no client
+    # looks. Wait them out.
+    local waited=0
+    while port_busy; do
+        ((waited == 0)) && echo "waiting for the old server's connections on port $PORT to close (TIME_WAIT)"
+        if ((waited >= 90)); then
+            echo "error: port $PORT is still in use:" >&2
+            ss -tan "( sport = :$PORT )" >&2
+            return 1
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
     [[ "${MILVUS_KEEP_DATA:-0}" == 1 ]] || rm -rf "$DATA"
     mkdir -p "$DATA"
     local args=(--data "$DATA")
@@ -59,12 +77,18 @@ start() {
     # setsid: its own process group (and session), so `stop` ends the server with every
     # process it started and nothing else.
     local started=$SECONDS
-    setsid "$VENV/bin/milvus-server" "${args[@]}" >"$LOG" 2>&1 </dev/null &
+    # Unbuffered: its "ready" line must reach the log when printed, not when it exits.
+    PYTHONUNBUFFERED=1 setsid "$VENV/bin/milvus-server" "${args[@]}" >"$LOG" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
     # setsid makes the child a group leader only once it runs; until then the group is empty.
     sleep 1
     local deadline=$((SECONDS + ${MILVUS_START_TIMEOUT:-180}))
     until port_open && grep -qF "$READY_LINE" "$LOG"; do
+        if grep -qF "$READY_LINE" "$LOG" && ! port_open; then
+            echo "error: milvus-server serves, but not on $PORT (it was busy); see $LOG" >&2
+            stop
+            return 1
+        fi
         if ! running; then
             echo "error: milvus-server exited during start; its log:" >&2
             tail -30 "$LOG" >&2
@@ -78,7 +102,9 @@ start() {
         fi
         sleep 1
     done
-    echo "milvus serving on 127.0.0.1:$PORT after $((SECONDS - started)) s (process group $(cat "$PIDFILE"), log $LOG)"
+    local note=""
+    ((waited == 0)) || note=", after $waited s waiting for the port"
+    echo "milvus serving on 127.0.0.1:$PORT after $((SECONDS - started)) s$note (process group $(cat "$PIDFILE"), log $LOG)"
 }
 
 stop() {
