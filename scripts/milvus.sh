@@ -4,7 +4,7 @@
 #
 #   scripts/milvus.sh start   install milvus==2.3.5 into .venv-milvus (once), start
 #                             `milvus-server` in its own process group on 127.0.0.1:19530,
-#                             wait until the port answers, print the address
+#                             wait until it serves (its own /healthz check), print the address
 #   scripts/milvus.sh stop    stop that process group and wait until it is gone
 #   scripts/milvus.sh kill    SIGKILL that process group at once (the restart tests: a crash)
 #   scripts/milvus.sh status  say whether it runs (exit 0) or not (exit 1)
@@ -13,6 +13,12 @@
 # traffic between them stays on loopback. Environment: MILVUS_DATA (default
 # .milvus-data/ in the repository, wiped by `start` unless MILVUS_KEEP_DATA=1),
 # MILVUS_START_TIMEOUT seconds (default 180).
+#
+# Restarting on kept data after a crash (`kill`, then `start` with MILVUS_KEEP_DATA=1): the
+# dead instance's sessions stay in the embedded etcd until their lease expires, and until
+# then the new coordinators cannot register ("CompareAndSwap error for compare is false for
+# key: rootcoord") and the others find "no available rootcoord". With the server's default
+# lease of 30 s that was 56-61 s from start to serving; SESSION_TTL below shortens it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv-milvus"
@@ -21,10 +27,19 @@ PIDFILE="$DATA.pgid"
 LOG="$DATA.log"
 PORT=19530
 COMPONENTS=(rootCoord proxy queryCoord queryNode indexNode dataCoord dataNode)
+# etcd lease of every component's session, in seconds (server default 30): how long a killed
+# instance's sessions block a restart on its data. Kept alive every third of it.
+SESSION_TTL=10
+# milvus-server prints this once its own wait on /healthz succeeded (every component healthy);
+# the port alone opens seconds after start, long before a restarted server serves.
+READY_LINE='Ctrl+C to exit'
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
 running() { [[ -f "$PIDFILE" ]] && kill -0 -- "-$(cat "$PIDFILE")" 2>/dev/null; }
+
+# Any socket on the port, TIME_WAIT included (without ss: assume none).
+port_busy() { command -v ss >/dev/null && [[ -n "$(ss -Htan "( sport = :$PORT )" 2>/dev/null)" ]]; }
 
 start() {
     if running; then
@@ -39,18 +54,41 @@ start() {
         python3 -m venv "$VENV"
         "$VENV/bin/pip" install --quiet --disable-pip-version-check 'milvus==2.3.5'
     fi
+    # milvus-server checks each default port by binding it without SO_REUSEADDR and takes the
+    # next free one when that fails: after a kill, the dead server's connections stay in
+    # TIME_WAIT on $PORT for up to 60 s, and it would listen on $((PORT + 1)), where no client
+    # looks. Wait them out.
+    local waited=0
+    while port_busy; do
+        ((waited == 0)) && echo "waiting for the old server's connections on port $PORT to close (TIME_WAIT)"
+        if ((waited >= 90)); then
+            echo "error: port $PORT is still in use:" >&2
+            ss -tan "( sport = :$PORT )" >&2
+            return 1
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
     [[ "${MILVUS_KEEP_DATA:-0}" == 1 ]] || rm -rf "$DATA"
     mkdir -p "$DATA"
     local args=(--data "$DATA")
     for c in "${COMPONENTS[@]}"; do args+=(--extra-config "$c.ip=127.0.0.1"); done
+    args+=(--extra-config "common.session.ttl=$SESSION_TTL")
     # setsid: its own process group (and session), so `stop` ends the server with every
     # process it started and nothing else.
-    setsid "$VENV/bin/milvus-server" "${args[@]}" >"$LOG" 2>&1 </dev/null &
+    local started=$SECONDS
+    # Unbuffered: its "ready" line must reach the log when printed, not when it exits.
+    PYTHONUNBUFFERED=1 setsid "$VENV/bin/milvus-server" "${args[@]}" >"$LOG" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
     # setsid makes the child a group leader only once it runs; until then the group is empty.
     sleep 1
     local deadline=$((SECONDS + ${MILVUS_START_TIMEOUT:-180}))
-    until port_open; do
+    until port_open && grep -qF "$READY_LINE" "$LOG"; do
+        if grep -qF "$READY_LINE" "$LOG" && ! port_open; then
+            echo "error: milvus-server serves, but not on $PORT (it was busy); see $LOG" >&2
+            stop
+            return 1
+        fi
         if ! running; then
             echo "error: milvus-server exited during start; its log:" >&2
             tail -30 "$LOG" >&2
@@ -58,13 +96,15 @@ start() {
             return 1
         fi
         if ((SECONDS > deadline)); then
-            echo "error: milvus-server did not open 127.0.0.1:$PORT in time; see $LOG" >&2
+            echo "error: milvus-server did not serve on 127.0.0.1:$PORT in time; see $LOG" >&2
             stop
             return 1
         fi
         sleep 1
     done
-    echo "milvus running on 127.0.0.1:$PORT (process group $(cat "$PIDFILE"), log $LOG)"
+    local note=""
+    ((waited == 0)) || note=", after $waited s waiting for the port"
+    echo "milvus serving on 127.0.0.1:$PORT after $((SECONDS - started)) s$note (process group $(cat "$PIDFILE"), log $LOG)"
 }
 
 stop() {
