@@ -424,20 +424,7 @@ impl Detoxifier {
     fn selection(&self, opts: &AdjustOptions) -> Result<StoreSelection, DetoxError> {
         opts.params.validate()?;
         let selection = self.stores_for(opts.mode)?;
-        if opts.params.gate > 0.0 && opts.mode != Mode::Ensemble {
-            return Err(DetoxError::Variant(RuleError::NotInMode {
-                what: "the gate",
-                mode: opts.mode,
-                why: "it weighs the toxic stores' neighbours against the non-toxic ones', so it needs the ensemble",
-            }));
-        }
-        if opts.params.prior > 0.0 && opts.mode == Mode::KnnLm {
-            return Err(DetoxError::Variant(RuleError::NotInMode {
-                what: "the prior correction",
-                mode: opts.mode,
-                why: "kNN-LM mixes probabilities; the correction applies to the ensemble and toxic-only",
-            }));
-        }
+        rule::check_variants(opts.mode, &opts.params).map_err(DetoxError::Variant)?;
         Ok(selection)
     }
 

@@ -802,21 +802,7 @@ pub fn sparse_row<N: Retrieved>(
     out: &mut SparseRow,
 ) -> Result<(), RuleError> {
     params.validate()?;
-    if params.gate > 0.0 && mode != Mode::Ensemble {
-        return Err(RuleError::NotInMode {
-            what: "the gate",
-            mode,
-            why: "it weighs the toxic stores' neighbours against the non-toxic ones', so it needs the ensemble",
-        });
-    }
-    if params.prior > 0.0 && mode == Mode::KnnLm {
-        return Err(RuleError::NotInMode {
-            what: "the prior correction",
-            mode,
-            why:
-                "kNN-LM mixes probabilities; the correction applies to the ensemble and toxic-only",
-        });
-    }
+    check_variants(mode, params)?;
     match mode {
         Mode::Ensemble => {
             let pairs = out.bias_pairs(1.0);
@@ -845,6 +831,28 @@ pub fn sparse_row<N: Retrieved>(
             Ok(())
         }
     }
+}
+
+/// Refuses a variant the mode does not have: the gate outside the ensemble (it weighs one
+/// side's neighbours against the other's), the prior correction in kNN-LM mode (which mixes
+/// probabilities rather than adding experts).
+pub fn check_variants(mode: Mode, params: &RuleParams) -> Result<(), RuleError> {
+    if params.gate > 0.0 && mode != Mode::Ensemble {
+        return Err(RuleError::NotInMode {
+            what: "the gate",
+            mode,
+            why: "it weighs the toxic stores' neighbours against the non-toxic ones', so it needs the ensemble",
+        });
+    }
+    if params.prior > 0.0 && mode == Mode::KnnLm {
+        return Err(RuleError::NotInMode {
+            what: "the prior correction",
+            mode,
+            why:
+                "kNN-LM mixes probabilities; the correction applies to the ensemble and toxic-only",
+        });
+    }
+    Ok(())
 }
 
 fn single<'e, 'a, N>(experts: &'e [Expert<'a, N>]) -> Result<&'e Expert<'a, N>, RuleError> {
