@@ -14,7 +14,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use goodtriever::generate::{Sampler, SamplingParams};
 use goodtriever::rule::{
     apply_sparse, log_softmax_in_place, nucleus_filter, sparse_row, Expert, Mode, RuleParams,
-    RuleScratch, SparseRow,
+    RuleScratch, SparseRow, TokenPrior,
 };
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -92,11 +92,24 @@ fn sparse(c: &mut Criterion) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let toxic = neighbours(&mut rng, 1024, 0);
     let nontoxic = neighbours(&mut rng, 1024, 5_000);
+    // Each store's prior from its own neighbours' tokens (every retrieved token is counted,
+    // as in a real store) plus a flat background; the gate needs the stores' sizes.
+    let prior_of = |n: &[(u32, f32)]| {
+        let mut counts = vec![1u64; VOCAB];
+        for &(t, _) in n {
+            counts[t as usize] += 3;
+        }
+        TokenPrior::from_counts(&counts, VOCAB)
+    };
+    let (toxic_prior, nontoxic_prior) = (prior_of(&toxic), prior_of(&nontoxic));
     let experts = [
-        Expert::new(-1.0, &toxic[..]),
-        Expert::new(1.0, &nontoxic[..]),
+        Expert::new(-1.0, &toxic[..])
+            .with_rows(150_000)
+            .with_prior(toxic_prior.log_prior()),
+        Expert::new(1.0, &nontoxic[..])
+            .with_rows(300_000)
+            .with_prior(nontoxic_prior.log_prior()),
     ];
-    let params = RuleParams::default();
     let mut scratch = RuleScratch::new();
     let mut out = SparseRow::default();
     let mut group = c.benchmark_group("sparse_row");
@@ -104,19 +117,42 @@ fn sparse(c: &mut Criterion) {
         .sample_size(50)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    group.bench_function("ensemble_2x1024", |b| {
-        b.iter(|| {
-            sparse_row(
-                Mode::Ensemble,
-                &experts,
-                &params,
-                VOCAB,
-                &mut scratch,
-                &mut out,
-            )
-            .expect("a valid row")
-        })
-    });
+    // The paper's rule, then each variant: what the gate and the prior add to a row.
+    let paper = RuleParams::default();
+    let variants = [
+        ("ensemble_2x1024", paper),
+        ("gated_2x1024", RuleParams { gate: 1.0, ..paper }),
+        (
+            "prior_2x1024",
+            RuleParams {
+                prior: 1.0,
+                ..paper
+            },
+        ),
+        (
+            "gated_prior_2x1024",
+            RuleParams {
+                gate: 1.0,
+                prior: 1.0,
+                ..paper
+            },
+        ),
+    ];
+    for (name, params) in variants {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                sparse_row(
+                    Mode::Ensemble,
+                    &experts,
+                    &params,
+                    VOCAB,
+                    &mut scratch,
+                    &mut out,
+                )
+                .expect("a valid row")
+            })
+        });
+    }
     group.finish();
 }
 
