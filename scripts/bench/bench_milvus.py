@@ -34,12 +34,16 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--profile", default="bench", choices=["bench", "dev", "release"])
+    ap.add_argument("--reuse", action="store_true",
+                    help="measure the finished copy already at --address instead of pushing again: Milvus "
+                         "compacts a fresh push and rebuilds its indexes for minutes afterwards, which "
+                         "the searches of a run started at once compete with")
     ap.add_argument("--out", help="also write the JSON report here")
     a = ap.parse_args()
     cmd = ["cargo", "bench", "--quiet", "--features", "milvus", "--profile", a.profile,
            "--bench", "bench_milvus", "--", "--store", a.store, "--address", a.address,
            "--k", str(a.k), "--ef", str(a.ef), "--queries", str(a.queries),
-           "--concurrency", a.concurrency]
+           "--concurrency", a.concurrency] + (["--reuse"] if a.reuse else [])
     out = subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True).stdout
     report = json.loads(out)
     report["profile"] = a.profile
