@@ -514,6 +514,34 @@ fn bad_parameters_are_refused_with_the_value() {
             },
             ParamError::Lambda(1.5),
         ),
+        (
+            RuleParams {
+                gate: 1.5,
+                ..RuleParams::default()
+            },
+            ParamError::Gate(1.5),
+        ),
+        (
+            RuleParams {
+                gate: -0.1,
+                ..RuleParams::default()
+            },
+            ParamError::Gate(-0.1),
+        ),
+        (
+            RuleParams {
+                gate_neighbours: 0,
+                ..RuleParams::default()
+            },
+            ParamError::GateNeighbours(0),
+        ),
+        (
+            RuleParams {
+                prior: 1e-4,
+                ..RuleParams::default()
+            },
+            ParamError::Prior(1e-4),
+        ),
     ];
     for (params, want) in bad {
         assert_eq!(params.validate(), Err(want.clone()));
@@ -525,6 +553,11 @@ fn bad_parameters_are_refused_with_the_value() {
         ..RuleParams::default()
     };
     assert!(matches!(nan.validate(), Err(ParamError::Alpha(a)) if a.is_nan()));
+    let nan = RuleParams {
+        prior: f32::NAN,
+        ..RuleParams::default()
+    };
+    assert!(matches!(nan.validate(), Err(ParamError::Prior(r)) if r.is_nan()));
     assert_eq!(RuleParams::default().validate(), Ok(()));
 }
 
@@ -1006,47 +1039,6 @@ fn variants_are_refused_where_they_do_not_apply_or_lack_their_inputs() {
         sparse_row(Mode::Ensemble, &e, &with_prior, 4, &mut scratch, &mut row),
         Err(RuleError::NoPrior { store: 0 })
     );
-    // Out-of-range knobs are parameter errors with the value.
-    for (p, want) in [
-        (
-            RuleParams {
-                gate: 1.5,
-                ..RuleParams::default()
-            },
-            ParamError::Gate(1.5),
-        ),
-        (
-            RuleParams {
-                gate: -0.1,
-                ..RuleParams::default()
-            },
-            ParamError::Gate(-0.1),
-        ),
-        (
-            RuleParams {
-                gate_neighbours: 0,
-                ..RuleParams::default()
-            },
-            ParamError::GateNeighbours(0),
-        ),
-        (
-            RuleParams {
-                prior: 1e-4,
-                ..RuleParams::default()
-            },
-            ParamError::Prior(1e-4),
-        ),
-        (
-            RuleParams {
-                prior: f32::NAN,
-                ..RuleParams::default()
-            },
-            ParamError::Prior(f32::NAN),
-        ),
-    ] {
-        let got = p.validate().unwrap_err();
-        assert_eq!(format!("{got:?}"), format!("{want:?}"));
-    }
     // After the failures the scratch gives the clean answer.
     let clean = [Expert::new(1.0, &n[..]), Expert::new(-1.0, &far[..])];
     sparse_row(
