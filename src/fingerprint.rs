@@ -95,6 +95,19 @@ impl ModelFingerprint {
         }
     }
 
+    /// A sentence saying why the vocabulary size cannot be a store's, if it cannot: 0 tokens,
+    /// or more than [`crate::limits::MAX_VOCAB`].
+    pub fn vocab_problem(&self) -> Option<String> {
+        match self.vocab_size {
+            Some(0) => Some("vocabulary size is 0".into()),
+            Some(v) if v > crate::limits::MAX_VOCAB => Some(format!(
+                "vocabulary size {v} is above the largest supported, {}",
+                crate::limits::MAX_VOCAB
+            )),
+            _ => None,
+        }
+    }
+
     /// Checks that keys described by `other` may be mixed with or searched against keys
     /// described by `self`. Returns a sentence naming the first field that differs.
     pub fn check_compatible(&self, other: &ModelFingerprint) -> Result<(), String> {

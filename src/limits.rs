@@ -7,6 +7,11 @@
 /// The most neighbours a search (and so the rule) may retrieve per store and row.
 pub const MAX_K: usize = 4096;
 
+/// The largest vocabulary a store may declare. Real models stay below 300k tokens; the bound
+/// keeps what a damaged or hostile manifest can make an open allocate (the store's
+/// next-token statistics are one entry per token) to tens of megabytes.
+pub const MAX_VOCAB: usize = 1 << 22;
+
 /// The most rows one engine call may carry; bounds the memory a single request can claim.
 pub const MAX_ROWS: usize = 1024;
 

@@ -716,16 +716,37 @@ mod manifest {
         }
     }
 
-    /// Findings, kept as explicit cases: row counts and hidden sizes whose byte sizes overflow.
+    /// Findings, kept as explicit cases: row counts and hidden sizes whose byte sizes overflow,
+    /// and vocabulary sizes an open would have allocated a per-token table for (an abort on
+    /// out-of-memory, not a panic, in CI).
     #[test]
     fn overflowing_rows_and_hidden_sizes_are_refused() {
         for (p, v) in [
+            ("/fingerprint/vocab_size", serde_json::json!(u64::MAX)),
+            ("/fingerprint/vocab_size", serde_json::json!(1u64 << 56)),
+            ("/fingerprint/vocab_size", serde_json::json!(0)),
             ("/segments/0/rows", serde_json::json!(u64::MAX)),
             ("/segments/0/rows", serde_json::json!(1u64 << 62)),
             ("/fingerprint/hidden_size", serde_json::json!(u64::MAX)),
             ("/fingerprint/hidden_size", serde_json::json!(1u64 << 62)),
         ] {
             run(&Input::Set(p, v)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_vocabulary_beyond_the_limit_is_refused_at_open_with_the_reason() {
+        let b = base();
+        for v in [serde_json::json!(0), serde_json::json!(u64::MAX)] {
+            let dir = case_dir(b._root.path());
+            copy_dir(&b.dir, &dir);
+            let mpath = dir.join("manifest.json");
+            let mut m = unchecked(&std::fs::read(&mpath).unwrap());
+            *m.pointer_mut("/fingerprint/vocab_size").unwrap() = v.clone();
+            replace_file(&mpath, &serde_json::to_vec(&m).unwrap());
+            let err = goodtriever::datastore::Datastore::open(&dir).unwrap_err();
+            assert!(err.to_string().contains("vocabulary size"), "{v}: {err}");
+            let _ = std::fs::remove_dir_all(&dir);
         }
     }
 }

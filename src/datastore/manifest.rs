@@ -433,6 +433,9 @@ impl Manifest {
         if m.dim() == 0 {
             return Err(bad("hidden size is 0".into()));
         }
+        if let Some(why) = m.fingerprint.vocab_problem() {
+            return Err(bad(why));
+        }
         let mut ids = std::collections::HashSet::new();
         let mut total = 0usize;
         for s in &m.segments {

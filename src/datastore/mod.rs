@@ -276,6 +276,9 @@ impl Datastore {
                 "hidden size (key dimension) must be at least 1".into(),
             ));
         }
+        if let Some(why) = opts.fingerprint.vocab_problem() {
+            return Err(DatastoreError::InvalidOptions(why));
+        }
         if dir.join(MANIFEST_FILE).exists() {
             return Err(DatastoreError::AlreadyExists(dir.to_path_buf()));
         }

@@ -15,6 +15,8 @@
 //! value), `ln 2` for one predicted at exactly the store's base rate, and grows with the
 //! ratio. ρ is the prior's weight relative to the `k` neighbours.
 
+use crate::limits::MAX_VOCAB;
+
 /// Pseudo-count added to every token's count before the unigram is normalised (Jeffreys'
 /// ½): a retrieved token always has a count of at least one (it is a stored value), so the
 /// smoothing only keeps the logarithm finite for tokens a store lost to retirement.
@@ -45,19 +47,33 @@ impl TokenPrior {
         Self { rows, log_prior }
     }
 
-    /// From the stored values themselves, one slice per segment.
+    /// From the stored values themselves, one slice per segment, over a vocabulary of `vocab`
+    /// tokens (0 when the store does not know it: then the largest stored value decides).
+    ///
+    /// The table never grows past [`MAX_VOCAB`] entries, so a damaged values file cannot make
+    /// an open allocate without bound. Values outside the table are left uncounted: the rule
+    /// refuses them at the step that retrieves them (they are outside the logits, and for a
+    /// store of unknown vocabulary outside the prior), and `verify` reports them.
     pub fn from_values<'a>(segments: impl IntoIterator<Item = &'a [u32]>, vocab: usize) -> Self {
-        let mut counts = vec![0u64; vocab];
+        let cap = if vocab > 0 {
+            vocab.min(MAX_VOCAB)
+        } else {
+            MAX_VOCAB
+        };
+        let mut counts = vec![0u64; vocab.min(MAX_VOCAB)];
         for values in segments {
             for &v in values {
                 let v = v as usize;
                 if v >= counts.len() {
+                    if v >= cap {
+                        continue;
+                    }
                     counts.resize(v + 1, 0);
                 }
                 counts[v] += 1;
             }
         }
-        Self::from_counts(&counts, vocab)
+        Self::from_counts(&counts, vocab.min(MAX_VOCAB))
     }
 
     /// Rows counted.
@@ -93,11 +109,26 @@ mod tests {
             assert!((got - want).abs() < 1e-6, "{u:?}");
         }
         assert!((u.iter().sum::<f64>() - 1.0).abs() < 1e-6);
-        // A value beyond the given vocabulary widens it rather than being dropped.
+        // Without a known vocabulary the largest value decides the table's length.
         assert_eq!(
-            TokenPrior::from_values([&[7u32][..]], 4).log_prior().len(),
+            TokenPrior::from_values([&[7u32][..]], 0).log_prior().len(),
             8
         );
+    }
+
+    #[test]
+    fn values_outside_the_table_are_not_counted_and_never_grow_it_without_bound() {
+        // A known vocabulary bounds the table; the stray value is the rule's to refuse.
+        let p = TokenPrior::from_values([&[1u32, 9][..]], 4);
+        assert_eq!(p.log_prior().len(), 4);
+        assert_eq!(p.rows(), 1);
+        // Unknown vocabulary: a damaged value near u32::MAX is dropped, not allocated for.
+        let p = TokenPrior::from_values([&[2u32, u32::MAX][..]], 0);
+        assert_eq!(p.log_prior().len(), 3);
+        assert_eq!(p.rows(), 1);
+        // A declared vocabulary above the limit is clamped to it.
+        let p = TokenPrior::from_values([&[0u32][..]], usize::MAX);
+        assert_eq!(p.log_prior().len(), MAX_VOCAB);
     }
 
     #[test]
