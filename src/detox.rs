@@ -148,6 +148,10 @@ pub enum DetoxError {
         /// The store's name in the ensemble.
         name: String,
     },
+    /// Skipping was asked for in a call without the base logits (the sparse form): the
+    /// decision reads the base distribution.
+    #[error("skip needs the base logits: send them and ask for the dense form, or use skip 0")]
+    SkipNeedsLogits,
     /// A store's search or refresh failed.
     #[error("searching store {name:?}: {source}")]
     Search {
@@ -207,6 +211,17 @@ pub struct DetoxScratch {
     chunks: Vec<(RuleScratch, SparseRow)>,
     /// How long the last call searched the stores.
     search_time: Duration,
+    /// Per row of the last call: left unsearched by `skip`.
+    skipped: Vec<bool>,
+    /// The last call's rows, and how many of them `skip` left unsearched.
+    last_rows: usize,
+    last_skipped: usize,
+    /// The tokens that lean toxic for the statistics and ratio in `leaning_key`: recomputed
+    /// only when a store's view or the ratio changes, not per call.
+    leaning: Vec<u32>,
+    leaning_key: Option<(Vec<Arc<TokenPrior>>, f32)>,
+    /// The searched rows' hidden states, gathered when some rows of a batch are skipped.
+    gathered: Vec<f32>,
 }
 
 impl DetoxScratch {
@@ -214,6 +229,11 @@ impl DetoxScratch {
     /// time went to the rule (a server reports the two as separate phases).
     pub fn last_search_time(&self) -> Duration {
         self.search_time
+    }
+
+    /// The last call's rows and how many of them `skip` left unsearched (and unbiased).
+    pub fn last_skipped(&self) -> (usize, usize) {
+        (self.last_rows, self.last_skipped)
     }
 }
 
@@ -404,10 +424,10 @@ impl Detoxifier {
 
     /// Checks a call's options before any search: the knobs' ranges, that the stores can serve
     /// the mode, that the mode has the variants asked for, and that every store the prior
-    /// correction needs keeps token statistics.
+    /// correction or skipping needs keeps token statistics.
     pub fn check_options(&self, opts: &AdjustOptions) -> Result<(), DetoxError> {
         let selection = self.selection(opts)?;
-        if opts.params.prior > 0.0 {
+        if opts.params.prior > 0.0 || opts.params.skip > 0.0 {
             for s in &self.stores[selection.range(self.stores.len())] {
                 if s.store.token_prior().is_none() {
                     return Err(DetoxError::NoPrior {
@@ -462,10 +482,13 @@ impl Detoxifier {
     }
 
     /// Searches the stores `mode` needs for every row into `scratch.neighbours`; the stores are
-    /// searched concurrently.
+    /// searched concurrently. With `skip` on, `logits` (the rows' raw logits) decide first
+    /// which rows need no search; only the others are searched, and a skipped row's neighbour
+    /// lists are left empty.
     fn retrieve(
         &self,
         hidden: &[f32],
+        logits: Option<&[f32]>,
         rows: usize,
         opts: &AdjustOptions,
         scratch: &mut DetoxScratch,
@@ -477,10 +500,11 @@ impl Detoxifier {
             scratch.store_rows.resize(self.stores.len(), 0);
             scratch.priors.resize(self.stores.len(), None);
         }
+        let needs_stats = opts.params.prior > 0.0 || opts.params.skip > 0.0;
         for j in range.clone() {
             let store = &self.stores[j].store;
             scratch.store_rows[j] = store.len() as u64;
-            scratch.priors[j] = if opts.params.prior > 0.0 {
+            scratch.priors[j] = if needs_stats {
                 Some(store.token_prior().ok_or_else(|| DetoxError::NoPrior {
                     name: self.stores[j].name.clone(),
                 })?)
@@ -493,11 +517,34 @@ impl Detoxifier {
                 per_store.resize_with(rows, Vec::new);
             }
         }
+        scratch.skipped.clear();
+        scratch.skipped.resize(rows, false);
+        if opts.params.skip > 0.0 {
+            let logits = logits.ok_or(DetoxError::SkipNeedsLogits)?;
+            self.decide_skips(logits, range.clone(), &opts.params, scratch);
+        }
+        let skipped = scratch.skipped.iter().filter(|&&s| s).count();
+        (scratch.last_rows, scratch.last_skipped) = (rows, skipped);
+        let searched = rows - skipped;
+        let queries = if skipped == 0 {
+            hidden
+        } else {
+            scratch.gathered.clear();
+            for (row, _) in scratch.skipped.iter().enumerate().filter(|(_, &s)| !s) {
+                scratch
+                    .gathered
+                    .extend_from_slice(&hidden[row * self.dim..(row + 1) * self.dim]);
+            }
+            &scratch.gathered[..]
+        };
         let k = opts.params.k;
         let started = Instant::now();
         let search = |(s, out): (&ControlStore, &mut Vec<Vec<Neighbour>>)| {
+            if searched == 0 {
+                return Ok(());
+            }
             s.store
-                .search_into(hidden, k, &self.search, &mut out[..rows])
+                .search_into(queries, k, &self.search, &mut out[..searched])
                 .map_err(|source| DetoxError::Search {
                     name: s.name.clone(),
                     source,
@@ -515,7 +562,73 @@ impl Detoxifier {
                 .try_for_each(search)?;
         }
         scratch.search_time = started.elapsed();
+        if skipped > 0 {
+            // The searched rows' answers sit at the front, in row order: move each to its
+            // row (positions only grow, so walking back never overwrites a placed answer), and
+            // leave the skipped rows' lists empty.
+            for per_store in outs.iter_mut() {
+                let mut next = searched;
+                for row in (0..rows).rev() {
+                    if scratch.skipped[row] {
+                        per_store[row].clear();
+                    } else {
+                        next -= 1;
+                        per_store.swap(next, row);
+                    }
+                }
+            }
+        }
         Ok(selection)
+    }
+
+    /// Marks in `scratch.skipped` the rows whose base distribution gives less than `skip` to
+    /// the tokens that lean toxic (docs/architecture.md §1.5). The leaning set is computed
+    /// again only when a store's statistics or the ratio changed since the last call.
+    fn decide_skips(
+        &self,
+        logits: &[f32],
+        range: std::ops::Range<usize>,
+        params: &RuleParams,
+        scratch: &mut DetoxScratch,
+    ) {
+        let current = |key: &(Vec<Arc<TokenPrior>>, f32)| {
+            key.1 == params.skip_ratio
+                && key.0.len() == range.len()
+                && key
+                    .0
+                    .iter()
+                    .zip(&scratch.priors[range.clone()])
+                    .all(|(a, b)| b.as_ref().is_some_and(|b| Arc::ptr_eq(a, b)))
+        };
+        if !scratch.leaning_key.as_ref().is_some_and(current) {
+            let priors: Vec<Arc<TokenPrior>> = scratch.priors[range.clone()]
+                .iter()
+                .map(|p| p.clone().expect("statistics loaded for skip"))
+                .collect();
+            let stores: Vec<(f32, &TokenPrior)> = self.stores[range.clone()]
+                .iter()
+                .zip(&priors)
+                .map(|(s, p)| (s.weight, &**p))
+                .collect();
+            rule::leaning_tokens(&stores, self.vocab, params.skip_ratio, &mut scratch.leaning);
+            scratch.leaning_key = Some((priors, params.skip_ratio));
+        }
+        let leaning = &scratch.leaning;
+        let decide = |(z, skip): (&[f32], &mut bool)| {
+            *skip = rule::leaning_mass(z, leaning) < params.skip as f64;
+        };
+        if scratch.skipped.len() >= SPARSE_MIN_CHUNK {
+            use rayon::prelude::*;
+            logits
+                .par_chunks_exact(self.vocab)
+                .zip(scratch.skipped.par_iter_mut())
+                .for_each(decide);
+        } else {
+            logits
+                .chunks_exact(self.vocab)
+                .zip(scratch.skipped.iter_mut())
+                .for_each(decide);
+        }
     }
 
     /// Fills the stack array of experts for one row.
@@ -548,7 +661,7 @@ impl Detoxifier {
         out: &mut Vec<SparseRow>,
     ) -> Result<(), DetoxError> {
         let rows = self.check_hidden(hidden)?;
-        let selection = self.retrieve(hidden, rows, opts, scratch)?;
+        let selection = self.retrieve(hidden, None, rows, opts, scratch)?;
         out.resize_with(rows, SparseRow::default);
         out.truncate(rows);
         let (mode, params, vocab) = (opts.mode, &opts.params, self.vocab);
@@ -558,7 +671,7 @@ impl Detoxifier {
             out,
             1,
             SPARSE_MIN_CHUNK,
-            |experts, rule, _, answer| {
+            |experts, rule, _, answer, _| {
                 rule::sparse_row(mode, experts, params, vocab, rule, &mut answer[0])
             },
         )
@@ -606,7 +719,7 @@ impl Detoxifier {
         for (row, z) in logits.chunks_exact(self.vocab).enumerate() {
             rule::check_logits(z, self.vocab).map_err(|source| DetoxError::Row { row, source })?;
         }
-        let selection = self.retrieve(hidden, rows, opts, scratch)?;
+        let selection = self.retrieve(hidden, Some(logits), rows, opts, scratch)?;
         let (mode, params, vocab) = (opts.mode, &opts.params, self.vocab);
         self.rule_rows(
             selection,
@@ -614,15 +727,20 @@ impl Detoxifier {
             logits,
             vocab,
             DENSE_MIN_CHUNK,
-            |experts, rule, sparse, z| {
-                rule::sparse_row(mode, experts, params, vocab, rule, sparse)
-                    .and_then(|()| rule::apply_sparse_in_place(z, sparse, params.filter_p, rule))
+            |experts, rule, sparse, z, skipped| {
+                if skipped {
+                    sparse.set_unchanged();
+                } else {
+                    rule::sparse_row(mode, experts, params, vocab, rule, sparse)?;
+                }
+                rule::apply_sparse_in_place(z, sparse, params.filter_p, rule)
             },
         )
     }
 
     /// Runs `row_rule` for every row of a batch whose neighbours `retrieve` found: the row's
-    /// experts, a rule scratch, a sparse-row buffer and the row's `per_row` items of `out`.
+    /// experts, a rule scratch, a sparse-row buffer, the row's `per_row` items of `out`, and
+    /// whether `skip` left the row unsearched.
     /// Contiguous chunks of rows run in parallel, each with its own scratch (see
     /// [`row_chunks`]).
     fn rule_rows<T: Send>(
@@ -637,6 +755,7 @@ impl Detoxifier {
                 &mut RuleScratch,
                 &mut SparseRow,
                 &mut [T],
+                bool,
             ) -> Result<(), RuleError>
             + Sync,
     ) -> Result<(), DetoxError> {
@@ -650,8 +769,10 @@ impl Detoxifier {
             store_rows,
             priors,
             chunks: scratches,
+            skipped,
             ..
         } = scratch;
+        let skipped = &skipped[..];
         let found = Found {
             neighbours,
             store_rows,
@@ -663,7 +784,8 @@ impl Detoxifier {
                 for (i, row_items) in items.chunks_exact_mut(per_row).enumerate() {
                     let row = c * chunk_rows + i;
                     let n = self.experts_for(selection, &found, row, &mut experts);
-                    row_rule(&experts[..n], rule, sparse, row_items)
+                    let skip = skipped.get(row).copied().unwrap_or(false);
+                    row_rule(&experts[..n], rule, sparse, row_items, skip)
                         .map_err(|source| DetoxError::Row { row, source })?;
                 }
                 Ok(())
@@ -726,6 +848,8 @@ pub struct ControlHook {
     detox: Arc<Detoxifier>,
     opts: AdjustOptions,
     scratch: DetoxScratch,
+    rows: u64,
+    skipped: u64,
 }
 
 impl ControlHook {
@@ -738,6 +862,8 @@ impl ControlHook {
             detox,
             opts,
             scratch: DetoxScratch::default(),
+            rows: 0,
+            skipped: 0,
         })
     }
 }
@@ -751,6 +877,15 @@ impl StepHook for ControlHook {
         debug_assert_eq!(keys.len(), rows * self.detox.dim());
         self.detox
             .adjust_dense_in_place(keys, logits, &self.opts, &mut self.scratch)
-            .map_err(HookError::new)
+            .map_err(HookError::new)?;
+        let (rows, skipped) = self.scratch.last_skipped();
+        self.rows += rows as u64;
+        self.skipped += skipped as u64;
+        Ok(())
+    }
+
+    /// Rows adjusted so far, and how many of them `skip` left unsearched.
+    fn skip_counts(&self) -> (u64, u64) {
+        (self.rows, self.skipped)
     }
 }

@@ -16,6 +16,13 @@ pub trait StepHook {
     /// rewrite `logits`, e.g. with normalised log-probabilities (`-inf` allowed for tokens that
     /// must not be sampled).
     fn adjust(&mut self, keys: &[f32], logits: &mut [f32], rows: usize) -> Result<(), HookError>;
+
+    /// Rows adjusted so far, and how many of them the hook passed over without its costly
+    /// work (a control that skips the search where it cannot act). `(0, 0)` when the hook
+    /// does not count.
+    fn skip_counts(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// A failure inside a [`StepHook`], with its cause.

@@ -757,3 +757,233 @@ fn variants_the_stores_or_the_mode_cannot_serve_are_refused_before_any_search() 
         .unwrap();
     assert_eq!(out.len(), 2);
 }
+
+/// A store that counts the query rows it is asked to search.
+#[derive(Debug)]
+struct Counting(Arc<Datastore>, std::sync::atomic::AtomicUsize);
+
+impl Counting {
+    fn searched(&self) -> usize {
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Store for Counting {
+    fn location(&self) -> String {
+        self.0.location()
+    }
+    fn fingerprint(&self) -> &ModelFingerprint {
+        Store::fingerprint(&*self.0)
+    }
+    fn key_type(&self) -> KeyType {
+        Store::key_type(&*self.0)
+    }
+    fn dtype(&self) -> KeyDtype {
+        Store::dtype(&*self.0)
+    }
+    fn len(&self) -> usize {
+        Store::len(&*self.0)
+    }
+    fn token_prior(&self) -> Option<Arc<TokenPrior>> {
+        Store::token_prior(&*self.0)
+    }
+    fn segments(&self) -> Vec<SegmentInfo> {
+        Store::segments(&*self.0)
+    }
+    fn search_into(
+        &self,
+        queries: &[f32],
+        k: usize,
+        params: &SearchParams,
+        out: &mut [Vec<Neighbour>],
+    ) -> Result<(), DatastoreError> {
+        self.1
+            .fetch_add(queries.len() / DIM, std::sync::atomic::Ordering::SeqCst);
+        Store::search_into(&*self.0, queries, k, params, out)
+    }
+    fn refresh(&self) -> Result<bool, DatastoreError> {
+        Store::refresh(&*self.0)
+    }
+    fn append(
+        &self,
+        keys: Keys<'_>,
+        values: &[u32],
+        provenance: Provenance,
+    ) -> Result<SegmentInfo, DatastoreError> {
+        Store::append(&*self.0, keys, values, provenance)
+    }
+}
+
+/// Logits that put nearly all the mass on `token`.
+fn peaked(token: u32) -> Vec<f32> {
+    let mut z = vec![0.0; VOCAB];
+    z[token as usize] = 10.0;
+    z
+}
+
+/// The fixture's toxic store holds tokens 0..20 and the non-toxic one 15..40, so 0..15 lean
+/// toxic: a row peaked on token 3 must be searched, one peaked on token 30 need not be.
+#[test]
+fn skipped_rows_are_not_searched_and_get_exactly_the_uncontrolled_answer() {
+    let f = fixture();
+    let counting = [
+        Arc::new(Counting(f.toxic.clone(), Default::default())),
+        Arc::new(Counting(f.nontoxic.clone(), Default::default())),
+    ];
+    let stores = vec![
+        ControlStore {
+            name: "toxic".into(),
+            store: counting[0].clone(),
+            weight: -1.0,
+        },
+        ControlStore {
+            name: "nontoxic".into(),
+            store: counting[1].clone(),
+            weight: 1.0,
+        },
+    ];
+    let detox = Detoxifier::new(stores, opts(16), SearchParams::exact(), None).unwrap();
+    let rows = [3u32, 30, 5, 31, 30];
+    let q = queries(rows.len(), 21);
+    let z: Vec<f32> = rows.iter().flat_map(|&t| peaked(t)).collect();
+    let mut skipping = opts(16);
+    skipping.params.skip = 0.01;
+    let mut off = opts(16);
+    off.params.alpha = 0.0;
+    let run = |o: &AdjustOptions, scratch: &mut DetoxScratch| {
+        let mut out = vec![0.0; z.len()];
+        detox.adjust_dense(&q, &z, o, scratch, &mut out).unwrap();
+        out
+    };
+    let full = run(&opts(16), &mut DetoxScratch::default());
+    let uncontrolled = run(&off, &mut DetoxScratch::default());
+    let before = counting[0].searched();
+    let mut scratch = DetoxScratch::default();
+    let skipped = run(&skipping, &mut scratch);
+    assert_eq!(scratch.last_skipped(), (5, 3));
+    // Only the two rows that give mass to toxic-leaning tokens reached each store.
+    assert_eq!(counting[0].searched() - before, 2);
+    for (row, &t) in rows.iter().enumerate() {
+        let got = &skipped[row * VOCAB..(row + 1) * VOCAB];
+        let (want, what) = if t < 15 {
+            (&full[row * VOCAB..(row + 1) * VOCAB], "the full control")
+        } else {
+            (&uncontrolled[row * VOCAB..(row + 1) * VOCAB], "alpha 0")
+        };
+        assert_eq!(got, want, "row {row} (token {t}) should equal {what}");
+        let neighbours = detox.last_neighbours(&scratch, 0, row).unwrap();
+        assert_eq!(neighbours.is_empty(), t >= 15, "row {row}");
+    }
+    // The searched rows kept their own neighbours (moved back to their rows, not shuffled).
+    let mut alone = DetoxScratch::default();
+    let mut out = vec![0.0; VOCAB];
+    detox
+        .adjust_dense(
+            &q[2 * DIM..3 * DIM],
+            &z[2 * VOCAB..3 * VOCAB],
+            &opts(16),
+            &mut alone,
+            &mut out,
+        )
+        .unwrap();
+    assert_eq!(
+        detox.last_neighbours(&scratch, 1, 2),
+        detox.last_neighbours(&alone, 1, 0)
+    );
+    // Nothing leans toxic enough at a huge ratio: every row is left alone, with no search.
+    let before = counting[1].searched();
+    let mut never = skipping;
+    never.params.skip_ratio = 1e30;
+    let all = run(&never, &mut scratch);
+    assert_eq!(scratch.last_skipped(), (5, 5));
+    assert_eq!(counting[1].searched(), before);
+    assert_eq!(all, uncontrolled);
+    // Off (skip 0) is the full control, whatever the ratio.
+    let mut zero = never;
+    zero.params.skip = 0.0;
+    assert_eq!(run(&zero, &mut scratch), full);
+    assert_eq!(scratch.last_skipped(), (5, 0));
+}
+
+#[test]
+fn what_leans_toxic_follows_the_stores_as_they_grow() {
+    let f = fixture();
+    let detox = engine(&f, 16);
+    let mut skipping = opts(16);
+    skipping.params.skip = 0.01;
+    let q = queries(1, 5);
+    let z = peaked(30);
+    let mut scratch = DetoxScratch::default();
+    let mut out = vec![0.0; VOCAB];
+    detox
+        .adjust_dense(&q, &z, &skipping, &mut scratch, &mut out)
+        .unwrap();
+    assert_eq!(scratch.last_skipped(), (1, 1));
+    // The toxic store learns token 30 (many rows of it): the same scratch must see it.
+    let mut rng = StdRng::seed_from_u64(9);
+    let (keys, _) = clustered(&mut rng, 400, DIM, (0, 20));
+    f.toxic
+        .append(Keys::F32(&keys), &[30; 400], Provenance::new("new slur"))
+        .unwrap();
+    detox.refresh().unwrap();
+    detox
+        .adjust_dense(&q, &z, &skipping, &mut scratch, &mut out)
+        .unwrap();
+    assert_eq!(scratch.last_skipped(), (1, 0));
+}
+
+#[test]
+fn skipping_is_refused_where_it_cannot_decide() {
+    let f = fixture();
+    let detox = engine(&f, 8);
+    let mut skipping = opts(8);
+    skipping.params.skip = 0.05;
+    // The sparse form carries no logits to decide from.
+    let err = detox
+        .adjust_sparse(
+            &queries(1, 1),
+            &skipping,
+            &mut DetoxScratch::default(),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, DetoxError::SkipNeedsLogits), "{err}");
+    // Only the ensemble weighs the toxic stores against the non-toxic ones.
+    let mut toxic_only = skipping;
+    toxic_only.mode = Mode::ToxicOnly;
+    let err = detox.check_options(&toxic_only).unwrap_err();
+    assert!(matches!(err, DetoxError::Variant(_)), "{err}");
+    // A store without token statistics cannot say which tokens lean toxic.
+    let stores = vec![
+        ControlStore {
+            name: "remote-toxic".into(),
+            store: Arc::new(NoStats(f.toxic.clone())),
+            weight: -1.0,
+        },
+        ControlStore {
+            name: "nontoxic".into(),
+            store: f.nontoxic.clone(),
+            weight: 1.0,
+        },
+    ];
+    let remote = Detoxifier::new(stores, opts(8), SearchParams::exact(), None).unwrap();
+    assert!(matches!(
+        remote.check_options(&skipping),
+        Err(DetoxError::NoPrior { .. })
+    ));
+    // Out-of-range knobs.
+    for (skip, ratio) in [
+        (1.0, 4.0),
+        (-0.1, 4.0),
+        (f32::NAN, 4.0),
+        (0.1, 0.5),
+        (0.1, f32::INFINITY),
+    ] {
+        let mut bad = skipping;
+        (bad.params.skip, bad.params.skip_ratio) = (skip, ratio);
+        assert!(
+            matches!(detox.check_options(&bad), Err(DetoxError::Param(_))),
+            "skip {skip}, ratio {ratio}"
+        );
+    }
+}

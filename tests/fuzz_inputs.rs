@@ -1001,9 +1001,24 @@ mod server {
                 1 => any::<u32>()
             ]),
             prop::option::of(float()),
+            // Skipping: the threshold and the ratio.
+            prop::option::of(float()),
+            prop::option::of(float()),
         )
             .prop_map(
-                |(alpha, temperature, k, filter_p, mode, lambda, gate, gate_neighbours, prior)| {
+                |(
+                    alpha,
+                    temperature,
+                    k,
+                    filter_p,
+                    mode,
+                    lambda,
+                    gate,
+                    gate_neighbours,
+                    prior,
+                    skip,
+                    skip_ratio,
+                )| {
                     proto::Overrides {
                         alpha,
                         temperature,
@@ -1014,6 +1029,8 @@ mod server {
                         gate,
                         gate_neighbours,
                         prior,
+                        skip,
+                        skip_ratio,
                     }
                 },
             )

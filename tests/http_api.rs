@@ -378,6 +378,12 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
             None,
         ),
         (
+            with("goodtriever", json!({"skip": 1.5})),
+            400,
+            "goodtriever.params",
+            None,
+        ),
+        (
             with("goodtriever", json!({"gate": 0.5, "mode": "toxic-only"})),
             400,
             "goodtriever.mode",
@@ -453,7 +459,7 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
         "/v1/completions",
         &with(
             "goodtriever",
-            json!({"gate": 1, "gate_neighbours": 8, "prior": 0.5}),
+            json!({"gate": 1, "gate_neighbours": 8, "prior": 0.5, "skip": 0.05, "skip_ratio": 2}),
         ),
     );
     assert_eq!(r.status, 200, "{}", r.body);

@@ -5,8 +5,8 @@
 
 use goodtriever::limits::MAX_ALPHA;
 use goodtriever::rule::{
-    apply_sparse, dense_row, nucleus_filter, sparse_row, Expert, Mode, ParamError, RuleError,
-    RuleParams, RuleScratch, SparseRow, TokenPrior, PATCH, ZERO_LOG,
+    apply_sparse, dense_row, leaning_mass, leaning_tokens, nucleus_filter, sparse_row, Expert,
+    Mode, ParamError, RuleError, RuleParams, RuleScratch, SparseRow, TokenPrior, PATCH, ZERO_LOG,
 };
 use proptest::prelude::*;
 
@@ -542,6 +542,27 @@ fn bad_parameters_are_refused_with_the_value() {
             },
             ParamError::Prior(1e-4),
         ),
+        (
+            RuleParams {
+                skip: 1.0,
+                ..RuleParams::default()
+            },
+            ParamError::Skip(1.0),
+        ),
+        (
+            RuleParams {
+                skip: -0.5,
+                ..RuleParams::default()
+            },
+            ParamError::Skip(-0.5),
+        ),
+        (
+            RuleParams {
+                skip_ratio: 0.5,
+                ..RuleParams::default()
+            },
+            ParamError::SkipRatio(0.5),
+        ),
     ];
     for (params, want) in bad {
         assert_eq!(params.validate(), Err(want.clone()));
@@ -903,6 +924,38 @@ proptest! {
         let mut out = vec![0.0; z.len()];
         apply_sparse(&z, &row, p.filter_p, &mut scratch, &mut out).unwrap();
         prop_assert_eq!(out, run_dense(Mode::Ensemble, &experts, &p, &z));
+    }
+
+    /// The tokens that lean toxic are those whose naive toxic-over-clean unigram ratio
+    /// exceeds the threshold, and the mass on them is the naive softmax's (skip, §1.5).
+    #[test]
+    fn leaning_tokens_and_their_mass_match_naive(
+        (z, stores, _) in variant_case(),
+        ratio in prop_oneof![Just(1.0f32), 1.0f32..50.0],
+    ) {
+        let priors: Vec<TokenPrior> = stores
+            .iter()
+            .map(|s| TokenPrior::from_counts(&s.counts, z.len()))
+            .collect();
+        let weighted: Vec<(f32, &TokenPrior)> =
+            stores.iter().zip(&priors).map(|(s, p)| (s.weight, p)).collect();
+        let mut got = Vec::new();
+        leaning_tokens(&weighted, z.len(), ratio, &mut got);
+        let (clean, toxic) = (stores[0].log_prior(), stores[1].log_prior());
+        let threshold = (ratio as f64).ln();
+        for v in 0..z.len() {
+            let r = toxic[v] - clean[v];
+            // Within float error of the threshold either answer is right.
+            if (r - threshold).abs() > 1e-4 {
+                prop_assert_eq!(got.contains(&(v as u32)), r > threshold, "token {} r {}", v, r);
+            }
+        }
+        prop_assert!(got.windows(2).all(|w| w[0] < w[1]), "ascending, no repeats");
+        let zf: Vec<f64> = z.iter().map(|&x| x as f64).collect();
+        let l = naive_log_softmax(&zf);
+        let want: f64 = got.iter().map(|&t| l[t as usize].exp()).sum();
+        let mass = leaning_mass(&z, &got);
+        prop_assert!((mass - want).abs() <= 1e-5, "{} vs {}", mass, want);
     }
 
     /// The library's smoothed unigram is the naive one.

@@ -146,6 +146,8 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
         gate: None,
         gate_neighbours: None,
         prior: Some(0.5),
+        skip: None,
+        skip_ratio: None,
     };
     let resp = client
         .adjust(proto::AdjustRequest {
@@ -197,6 +199,32 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
         .unwrap();
     assert_same_sparse(&resp.rows, &want);
     assert_eq!(resp.rows[0].scale, 1.7);
+
+    // Skipping (dense form): the server decides per row as the engine does, and echoes it.
+    let skipping = proto::Overrides {
+        skip: Some(0.5),
+        skip_ratio: Some(2.0),
+        ..Default::default()
+    };
+    let resp = client
+        .adjust(proto::AdjustRequest {
+            hidden: hidden_tensor(&h),
+            logits: logits_tensor(&l),
+            form: proto::ResponseForm::Dense as i32,
+            overrides: Some(skipping),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut opts = *engine.defaults();
+    (opts.params.skip, opts.params.skip_ratio) = (0.5, 2.0);
+    engine
+        .adjust_dense(&h, &l, &opts, &mut scratch, &mut dense)
+        .unwrap();
+    assert_eq!(bytes_f32(&resp.log_probs), dense);
+    let echoed = resp.params.unwrap();
+    assert_eq!((echoed.skip, echoed.skip_ratio), (0.5, 2.0));
     server.stop().await;
 }
 
@@ -731,6 +759,30 @@ async fn every_bad_input_gets_the_right_code_and_the_server_keeps_serving() {
             }),
             Code::InvalidArgument,
             "k must be between",
+        ),
+        (
+            "skip in the sparse form",
+            with(&|r| {
+                r.overrides = Some(proto::Overrides {
+                    skip: Some(0.05),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "skip needs the base logits",
+        ),
+        (
+            "skip out of range",
+            with(&|r| {
+                r.logits = logits_tensor(&logits);
+                r.form = proto::ResponseForm::Dense as i32;
+                r.overrides = Some(proto::Overrides {
+                    skip: Some(1.0),
+                    ..Default::default()
+                })
+            }),
+            Code::InvalidArgument,
+            "skip must be in",
         ),
         (
             "filter_p out of range",

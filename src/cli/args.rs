@@ -180,6 +180,15 @@ pub struct RuleArgs {
     /// one store says more often than the other overall stops being a bias. Local stores only.
     #[arg(long, default_value_t = RuleParams::default().prior)]
     pub prior: f32,
+    /// Skip the search on steps where it cannot matter (ε in [0, 1); ensemble, local stores):
+    /// a step whose base distribution gives less than ε to the tokens that lean toxic (the
+    /// toxic store predicts them more than --skip-ratio times as often as the non-toxic one)
+    /// is not searched and not biased. 0 searches every step, as the paper does.
+    #[arg(long, default_value_t = RuleParams::default().skip)]
+    pub skip: f32,
+    /// The toxic-over-non-toxic frequency ratio above which a token leans toxic for --skip.
+    #[arg(long, default_value_t = RuleParams::default().skip_ratio)]
+    pub skip_ratio: f32,
     /// How the stores are combined: ensemble (toxic + non-toxic, the paper's), toxic-only, or
     /// knn-lm (interpolate with the non-toxic store).
     #[arg(long, default_value = "ensemble", value_parser = parse_mode)]
@@ -202,6 +211,8 @@ impl RuleArgs {
             gate: self.gate,
             gate_neighbours: self.gate_neighbours,
             prior: self.prior,
+            skip: self.skip,
+            skip_ratio: self.skip_ratio,
         };
         params.validate()?;
         Ok(AdjustOptions {

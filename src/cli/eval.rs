@@ -158,6 +158,7 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
     let mut out = create(&args.out)?;
     let started = Instant::now();
     let (mut sequences, mut step_ms, mut hook_ms) = (0usize, BTreeMap::new(), 0.0);
+    let (mut rows_total, mut skipped_total) = (0u64, 0u64);
     for (pi, prompt) in prompts.iter().enumerate() {
         let params = args
             .sampling
@@ -171,11 +172,22 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
         if let Some(h) = hook.as_mut() {
             variants.push((args.variant.as_str(), Some(h as &mut dyn StepHook)));
         }
-        for (variant, h) in variants {
+        for (variant, mut h) in variants {
+            let skips_before = h.as_ref().map_or((0, 0), |h| h.skip_counts());
             let t0 = Instant::now();
             let samples = generator
-                .generate(&prompt_tokens, h)
+                .generate(
+                    &prompt_tokens,
+                    h.as_mut().map(|h| &mut **h as &mut dyn StepHook),
+                )
                 .with_context(|| format!("prompt {} ({variant})", pi + 1))?;
+            let skips_after = h.as_ref().map_or((0, 0), |h| h.skip_counts());
+            let (batch_rows, batch_skipped) = (
+                skips_after.0 - skips_before.0,
+                skips_after.1 - skips_before.1,
+            );
+            rows_total += batch_rows;
+            skipped_total += batch_skipped;
             let batch_ms = t0.elapsed().as_secs_f64() * 1e3;
             let longest = samples
                 .iter()
@@ -200,6 +212,8 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
                     "batch_prefill_ms": longest.timing.prefill_ms,
                     "batch_hook_ms": batch_hook_ms,
                     "batch_steps": longest.timing.step_ms.len(),
+                    "batch_rows_controlled": batch_rows,
+                    "batch_rows_skipped": batch_skipped,
                     "seed": args.sampling.seed,
                 });
                 if variant != "base" {
@@ -232,8 +246,9 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
         .filter(|_| hook.is_some())
     {
         eprintln!(
-            "[eval generate] control: {:.0}% of the controlled variant's time",
-            100.0 * hook_ms / ms.max(1e-9)
+            "[eval generate] control: {:.0}% of the controlled variant's time; {skipped_total} of {rows_total} rows not searched ({:.1}%)",
+            100.0 * hook_ms / ms.max(1e-9),
+            100.0 * skipped_total as f64 / rows_total.max(1) as f64
         );
     }
     Ok(())

@@ -124,9 +124,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         }
     }
     if steps > 0 {
-        let control = if hook.is_some() {
+        let control = if let Some(h) = &hook {
+            let (rows, skipped) = h.skip_counts();
+            let skips = if skipped > 0 {
+                format!(
+                    ", {skipped} of {rows} rows not searched ({:.0}%)",
+                    100.0 * skipped as f64 / rows.max(1) as f64
+                )
+            } else {
+                String::new()
+            };
             format!(
-                ", control {:.1} ms ({:.0}%)",
+                ", control {:.1} ms ({:.0}%){skips}",
                 hook_ms,
                 100.0 * hook_ms / step_ms.max(1e-9)
             )

@@ -15,14 +15,18 @@
 //! per-step toxicity gate (`gate`, [`toxicity_gate`]), which scales a row's α by the evidence
 //! its neighbours give that the context is toxic, and prior-corrected experts (`prior`,
 //! [`TokenPrior`]), which score a token against its store's own next-token frequencies.
+//! A third knob, `skip`, lets the engine leave a row unsearched (and unbiased) when its base
+//! distribution gives almost nothing to tokens that lean toxic ([`leaning_tokens`]).
 
 use crate::limits::{MAX_ALPHA, MAX_K, MAX_LOGIT, MAX_PRIOR, MIN_PRIOR};
 
 mod gate;
 mod prior;
+mod skip;
 
 pub use gate::{toxicity_gate, GateReading};
 pub use prior::{TokenPrior, PRIOR_PSEUDOCOUNT};
+pub use skip::{leaning_mass, leaning_tokens, DEFAULT_SKIP_RATIO};
 
 /// Log-probability given to tokens a store did not retrieve (the paper's `ZERO_LOG`).
 pub const ZERO_LOG: f32 = -10_000.0;
@@ -56,6 +60,12 @@ pub enum ParamError {
     /// `prior` is neither 0 nor in [[`MIN_PRIOR`], [`MAX_PRIOR`]].
     #[error("prior must be 0 (off) or between {MIN_PRIOR} and {MAX_PRIOR}, got {0}")]
     Prior(f32),
+    /// `skip` is outside [0, 1).
+    #[error("skip must be in [0, 1) (0: search every row), got {0}")]
+    Skip(f32),
+    /// `skip_ratio` is not a finite number ≥ 1.
+    #[error("skip_ratio must be a finite number >= 1, got {0}")]
+    SkipRatio(f32),
     /// A store's signed weight is NaN or infinite.
     #[error("store weight {index} must be finite, got {weight}")]
     Weight {
@@ -161,6 +171,19 @@ pub struct RuleParams {
     /// docs/architecture.md §1.4). 0 is the paper's rule.
     #[serde(default)]
     pub prior: f32,
+    /// Skip threshold ε ∈ [0, 1) (ensemble, dense form): a row whose base distribution gives
+    /// less than ε to the tokens that lean toxic by more than `skip_ratio` is not searched and
+    /// gets no bias ([`leaning_tokens`]). 0 searches every row, as the paper does.
+    #[serde(default)]
+    pub skip: f32,
+    /// How much more often (toxic over non-toxic store frequency) a token must be predicted
+    /// to count as leaning toxic for `skip`.
+    #[serde(default = "default_skip_ratio")]
+    pub skip_ratio: f32,
+}
+
+fn default_skip_ratio() -> f32 {
+    DEFAULT_SKIP_RATIO
 }
 
 /// The gate's default neighbour count: the nearest few dozen of 2k say where the context is;
@@ -182,13 +205,15 @@ impl Default for RuleParams {
             gate: 0.0,
             gate_neighbours: DEFAULT_GATE_NEIGHBOURS,
             prior: 0.0,
+            skip: 0.0,
+            skip_ratio: DEFAULT_SKIP_RATIO,
         }
     }
 }
 
 impl RuleParams {
     /// Checks every knob's range: |α| ≤ [`MAX_ALPHA`], T finite and > 0, k in 1..=[`MAX_K`], filter_p in
-    /// (0, 1], λ in [0, 1], γ in [0, 1], m in 1..=2·[`MAX_K`], ρ 0 or in [[`MIN_PRIOR`], [`MAX_PRIOR`]]. The engine calls it on every request's options, so the rule's
+    /// (0, 1], λ in [0, 1], γ in [0, 1], m in 1..=2·[`MAX_K`], ρ 0 or in [[`MIN_PRIOR`], [`MAX_PRIOR`]], skip in [0, 1), skip_ratio finite and ≥ 1. The engine calls it on every request's options, so the rule's
     /// functions can assume valid parameters.
     pub fn validate(&self) -> Result<(), ParamError> {
         if self.alpha.is_nan() || self.alpha.abs() > MAX_ALPHA {
@@ -214,6 +239,12 @@ impl RuleParams {
         }
         if !(self.prior == 0.0 || (MIN_PRIOR..=MAX_PRIOR).contains(&self.prior)) {
             return Err(ParamError::Prior(self.prior));
+        }
+        if !(0.0..1.0).contains(&self.skip) {
+            return Err(ParamError::Skip(self.skip));
+        }
+        if !(self.skip_ratio.is_finite() && self.skip_ratio >= 1.0) {
+            return Err(ParamError::SkipRatio(self.skip_ratio));
         }
         Ok(())
     }
@@ -844,6 +875,13 @@ pub fn check_variants(mode: Mode, params: &RuleParams) -> Result<(), RuleError> 
             why: "it weighs the toxic stores' neighbours against the non-toxic ones', so it needs the ensemble",
         });
     }
+    if params.skip > 0.0 && mode != Mode::Ensemble {
+        return Err(RuleError::NotInMode {
+            what: "skipping",
+            mode,
+            why: "a token leans toxic by the toxic stores' frequencies against the non-toxic ones', so it needs the ensemble",
+        });
+    }
     if params.prior > 0.0 && mode == Mode::KnnLm {
         return Err(RuleError::NotInMode {
             what: "the prior correction",
@@ -860,6 +898,12 @@ fn single<'e, 'a, N>(experts: &'e [Expert<'a, N>]) -> Result<&'e Expert<'a, N>, 
 }
 
 impl SparseRow {
+    /// Makes `self` the row that changes nothing (no bias, scale 1): what a skipped row gets.
+    /// Keeps the allocation when it already was a `Bias` row.
+    pub fn set_unchanged(&mut self) {
+        self.bias_pairs(1.0).clear();
+    }
+
     /// Turns `self` into a `Bias` row with the given scale and hands out its pair buffer,
     /// keeping the allocation when it already was one.
     fn bias_pairs(&mut self, new_scale: f32) -> &mut Vec<(u32, f32)> {

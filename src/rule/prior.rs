@@ -29,6 +29,8 @@ pub const PRIOR_PSEUDOCOUNT: f64 = 0.5;
 pub struct TokenPrior {
     rows: u64,
     log_prior: Vec<f32>,
+    /// `ln u` of a token never stored: the smoothing's floor, also for ids past the table.
+    log_unseen: f32,
 }
 
 impl TokenPrior {
@@ -38,13 +40,18 @@ impl TokenPrior {
         let vocab = vocab.max(counts.len()).max(1);
         let rows: u64 = counts.iter().sum();
         let denom = rows as f64 + PRIOR_PSEUDOCOUNT * vocab as f64;
-        let mut log_prior = vec![(PRIOR_PSEUDOCOUNT / denom).ln() as f32; vocab];
+        let log_unseen = (PRIOR_PSEUDOCOUNT / denom).ln() as f32;
+        let mut log_prior = vec![log_unseen; vocab];
         for (slot, &c) in log_prior.iter_mut().zip(counts) {
             if c > 0 {
                 *slot = ((c as f64 + PRIOR_PSEUDOCOUNT) / denom).ln() as f32;
             }
         }
-        Self { rows, log_prior }
+        Self {
+            rows,
+            log_prior,
+            log_unseen,
+        }
     }
 
     /// From the stored values themselves, one slice per segment, over a vocabulary of `vocab`
@@ -84,6 +91,15 @@ impl TokenPrior {
     /// `ln u(v)` per token id.
     pub fn log_prior(&self) -> &[f32] {
         &self.log_prior
+    }
+
+    /// `ln u(v)` of one token; a token past the table was never stored, so it has the
+    /// smoothing's floor.
+    pub fn log_prob(&self, token: u32) -> f32 {
+        self.log_prior
+            .get(token as usize)
+            .copied()
+            .unwrap_or(self.log_unseen)
     }
 }
 

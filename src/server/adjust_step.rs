@@ -144,6 +144,12 @@ impl GrpcStep {
             if let Some(r) = o.prior {
                 opts.params.prior = r;
             }
+            if let Some(e) = o.skip {
+                opts.params.skip = e;
+            }
+            if let Some(r) = o.skip_ratio {
+                opts.params.skip_ratio = r;
+            }
             opts.mode = match proto::Mode::try_from(o.mode) {
                 Ok(proto::Mode::Unspecified) => opts.mode,
                 Ok(proto::Mode::Ensemble) => Mode::Ensemble,
@@ -193,6 +199,9 @@ impl GrpcStep {
                 )))
             }
         };
+        if opts.params.skip > 0.0 && !dense {
+            return Err(status::from_detox(DetoxError::SkipNeedsLogits));
+        }
         let (dim, vocab) = (engine.dim(), engine.vocab_size());
         let hidden = req.hidden.as_ref().ok_or_else(|| {
             Status::invalid_argument(format!(
@@ -283,6 +292,8 @@ pub(super) fn params_proto(o: &AdjustOptions) -> proto::Params {
         gate: o.params.gate,
         gate_neighbours: o.params.gate_neighbours as u32,
         prior: o.params.prior,
+        skip: o.params.skip,
+        skip_ratio: o.params.skip_ratio,
     }
 }
 

@@ -100,7 +100,8 @@ pub fn from_detox(err: DetoxError) -> Status {
         | DetoxError::HiddenOutOfRange { .. }
         | DetoxError::LogitsShape { .. }
         | DetoxError::Param(_)
-        | DetoxError::Variant(_) => Code::InvalidArgument,
+        | DetoxError::Variant(_)
+        | DetoxError::SkipNeedsLogits => Code::InvalidArgument,
         DetoxError::TooManyRows { .. } => Code::ResourceExhausted,
         DetoxError::Row { source, .. } => match source {
             RuleError::Param(_)

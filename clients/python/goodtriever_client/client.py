@@ -30,6 +30,7 @@ _MODE_NAMES = {v: k for k, v in MODES.items()}
 
 _OVERRIDE_KEYS = (
     "alpha", "temperature", "k", "filter_p", "mode", "lam", "gate", "gate_neighbours", "prior",
+    "skip", "skip_ratio",
 )
 
 # What `adjust` answers: a sparse `Bias`, or dense log-probabilities [B, V].
@@ -114,7 +115,7 @@ def _overrides(opts: Dict[str, Any]) -> Optional[pb.Overrides]:
     if not any(v is not None for v in opts.values()):
         return None
     o = pb.Overrides()
-    for key in ("alpha", "temperature", "filter_p", "gate", "prior"):
+    for key in ("alpha", "temperature", "filter_p", "gate", "prior", "skip", "skip_ratio"):
         if opts.get(key) is not None:
             setattr(o, key, float(opts[key]))
     for key in ("k", "gate_neighbours"):
@@ -140,6 +141,8 @@ def _params_dict(p: pb.Params) -> Dict[str, Any]:
         "gate": p.gate,
         "gate_neighbours": p.gate_neighbours,
         "prior": p.prior,
+        "skip": p.skip,
+        "skip_ratio": p.skip_ratio,
     }
 
 
@@ -263,15 +266,20 @@ class Client:
         gate: Optional[float] = None,
         gate_neighbours: Optional[int] = None,
         prior: Optional[float] = None,
+        skip: Optional[float] = None,
+        skip_ratio: Optional[float] = None,
     ) -> Answer:
         """One batch. Without logits: a sparse `Bias` (apply it with `apply_bias`). With logits:
         the adjusted log-probabilities [B, V] (-inf where filtered). Every keyword overrides the
         server's default for this call: `gate` (0..1) scales each row's alpha by how near its
         context lies to the toxic store, `prior` (0 off) corrects each store's expert by its
-        own next-token frequencies (docs/architecture.md §1)."""
+        own next-token frequencies, `skip` (0 off; needs logits) leaves rows unsearched and
+        unbiased where the base distribution gives less than `skip` to tokens that lean toxic
+        by more than `skip_ratio` (docs/architecture.md §1)."""
         opts = dict(
             alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
-            gate=gate, gate_neighbours=gate_neighbours, prior=prior,
+            gate=gate, gate_neighbours=gate_neighbours, prior=prior, skip=skip,
+            skip_ratio=skip_ratio,
         )
         req = _request(hidden, logits, form, opts)
         return _unpack(self._call(self._stub.Adjust, req))
@@ -294,6 +302,8 @@ class Client:
         gate: Optional[float] = None,
         gate_neighbours: Optional[int] = None,
         prior: Optional[float] = None,
+        skip: Optional[float] = None,
+        skip_ratio: Optional[float] = None,
     ) -> "Explained":
         """`adjust` with an explanation of every row: the tokens the control pushed down and
         up the most, each with the store rows behind it (store, segment, row, distance,
@@ -305,7 +315,8 @@ class Client:
             raise ValueError("explain needs the logits: the base log-probabilities come from them")
         opts = dict(
             alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
-            gate=gate, gate_neighbours=gate_neighbours, prior=prior,
+            gate=gate, gate_neighbours=gate_neighbours, prior=prior, skip=skip,
+            skip_ratio=skip_ratio,
         )
         req = _request(hidden, logits, form, opts)
         for name, value in (("top", top), ("rows", rows), ("context_bytes", context_bytes)):
@@ -333,6 +344,8 @@ class Client:
         gate: Optional[float] = None,
         gate_neighbours: Optional[int] = None,
         prior: Optional[float] = None,
+        skip: Optional[float] = None,
+        skip_ratio: Optional[float] = None,
     ) -> "PendingAdjust":
         """`adjust` without waiting: the request is sent now and `result()` on the returned
         object waits for the answer, so the caller can compute meanwhile (the transformers
@@ -340,7 +353,8 @@ class Client:
         server searches). Bad arguments raise here; a refused call raises from `result()`."""
         opts = dict(
             alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
-            gate=gate, gate_neighbours=gate_neighbours, prior=prior,
+            gate=gate, gate_neighbours=gate_neighbours, prior=prior, skip=skip,
+            skip_ratio=skip_ratio,
         )
         req = _request(hidden, logits, form, opts)
         return PendingAdjust(self._stub.Adjust.future(req, timeout=self.timeout))

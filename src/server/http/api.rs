@@ -68,6 +68,11 @@ pub struct ControlOverrides {
     pub gate_neighbours: Option<usize>,
     /// Weight of each store's own next-token prior (0: off, the paper's experts).
     pub prior: Option<f32>,
+    /// Skip threshold in [0, 1): rows whose base distribution gives less than this to the
+    /// tokens that lean toxic are not searched (0: search every row).
+    pub skip: Option<f32>,
+    /// The toxic-over-non-toxic frequency ratio above which a token leans toxic (≥ 1).
+    pub skip_ratio: Option<f32>,
     /// Explain every generated token's step: `true` for the defaults, `false` for none, or
     /// an object of [`ExplainFields`] (kept as JSON so a bad value gets a precise message).
     pub explain: Option<serde_json::Value>,
@@ -393,6 +398,12 @@ pub fn control_options(
         }
         if let Some(r) = o.prior {
             opts.params.prior = r;
+        }
+        if let Some(e) = o.skip {
+            opts.params.skip = e;
+        }
+        if let Some(r) = o.skip_ratio {
+            opts.params.skip_ratio = r;
         }
         if let Some(m) = &o.mode {
             opts.mode = match m.as_str() {

@@ -1,0 +1,50 @@
+//! Skipping the search where the control would not act (docs/architecture.md §1.5).
+//!
+//! A step can only be made less toxic if the base model gives some chance to a token that the
+//! toxic stores predict more often than the non-toxic ones. Each store's next-token statistics
+//! ([`TokenPrior`]) say which tokens those are, before any search: with `w_j` the stores'
+//! signed weights and `u_j` their smoothed unigram distributions, a token *leans toxic* when
+//!
+//! `r(v) = Σ_j −w_j · ln u_j(v) > ln ratio`
+//!
+//! (for the usual pair, `u_toxic(v) / u_nontoxic(v) > ratio`: the direction in which the
+//! paper's rule with near-uniform experts would push it). A row whose base distribution puts
+//! less than `skip` probability on the leaning tokens is not searched and gets no bias. The
+//! leaning set depends only on the stores' statistics, so the engine computes it once per
+//! store view, and the per-row test is one log-sum-exp over the logits plus a sum over the set.
+
+use super::TokenPrior;
+
+/// The default toxic-to-non-toxic frequency ratio above which a token leans toxic.
+pub const DEFAULT_SKIP_RATIO: f32 = 4.0;
+
+/// The tokens of a `vocab`-sized vocabulary that lean toxic by more than `ratio` (see the
+/// module docs), ascending, into `out` (cleared first). `stores` holds each searched store's
+/// signed weight and statistics.
+pub fn leaning_tokens(stores: &[(f32, &TokenPrior)], vocab: usize, ratio: f32, out: &mut Vec<u32>) {
+    out.clear();
+    let threshold = (ratio as f64).ln();
+    for v in 0..vocab {
+        let r: f64 = stores
+            .iter()
+            .map(|&(w, p)| -(w as f64) * p.log_prob(v as u32) as f64)
+            .sum();
+        if r > threshold {
+            out.push(v as u32);
+        }
+    }
+}
+
+/// The probability that `softmax(logits)` gives to `tokens` (ids below `logits.len()`;
+/// `-inf` logits are masked tokens). The logits are finite or `-inf`, with at least one finite
+/// ([`super::check_logits`]).
+pub fn leaning_mass(logits: &[f32], tokens: &[u32]) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f32 = logits.iter().map(|&z| (z - max).exp()).sum();
+    let leaning: f64 = tokens
+        .iter()
+        .filter_map(|&t| logits.get(t as usize))
+        .map(|&z| ((z - max) as f64).exp())
+        .sum();
+    leaning / total as f64
+}
