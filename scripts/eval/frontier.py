@@ -58,7 +58,14 @@ VARIANTS = {
     "paper/fp1": (["--filter-p", "1"], (1.0, 2.0, 4.0)),
     "gate/fp1": (["--gate", "1", "--filter-p", "1"], (4.0, 8.0, 16.0)),
     "gate+prior/fp1": (["--gate", "1", "--prior", "1", "--filter-p", "1"], (4.0, 8.0, 16.0)),
+    # Skipping the search (issue 19 §1) on rows whose base distribution gives less than 5% to
+    # tokens that lean toxic: judged against the same variant searched on every row.
+    "paper+skip": (["--skip", "0.05"], (2.0,)),
+    "paper+skip.01": (["--skip", "0.01"], (2.0,)),
+    "gate/fp1+skip": (["--gate", "1", "--filter-p", "1", "--skip", "0.05"], (8.0,)),
 }
+# A skipping variant and the variant it skips for: its quality is the difference between them.
+SKIPS = {"paper+skip": "paper", "paper+skip.01": "paper", "gate/fp1+skip": "gate/fp1"}
 # The issue's bar for a variant, against the base model on the same prompts.
 TARGET = {"emt_rel_max": -0.50, "dist_1_drop_max": 0.05, "dist_2_drop_max": 0.03, "ppl_rel_abs_max": 0.10}
 
@@ -117,6 +124,16 @@ def domain_rate_per_prompt(gens: list[dict], vocab: set[str]) -> dict[str, float
 
 def run_name(variant: str, alpha: float) -> str:
     return f"{variant.replace('+', '-').replace('/', '-')}-alpha-{alpha:g}"
+
+
+def skipped_share(gens: list[dict]) -> float | None:
+    """Rows the control left unsearched over rows it adjusted, counting each prompt's batch
+    once (every sample's record repeats its batch's counts)."""
+    rows = skipped = 0
+    for g in {g["prompt_index"]: g for g in gens if g.get("variant") != "base"}.values():
+        rows += g.get("batch_rows_controlled", 0)
+        skipped += g.get("batch_rows_skipped", 0)
+    return skipped / rows if rows else None
 
 
 def parse_alphas(items: list[str]) -> dict[str, tuple[float, ...]]:
@@ -192,6 +209,32 @@ def markdown(report: dict) -> str:
             f"{'–' if r['is_base'] else format(m['control_share'], '.0%')} | "
             f"{'–' if not c else ('yes' if c['meets_target'] else 'no')} |"
         )
+    skipping = [(n, r) for n, r in runs.items() if "vs_unskipped" in r]
+    if skipping:
+        lines += [
+            "",
+            "Skipping the search, against the same variant searched on every row (paired, same "
+            "prompts and seeds; Δ ± s.e. of the per-prompt difference; 'within 1 s.e.' = |ΔEMT| "
+            "no larger than the unskipped run's EMT standard error):",
+            "",
+            "| run | vs | rows not searched | control (skip / full) | ms/seq (skip / full) | ΔEMT | Δdist-1 | Δdist-2 | ΔPPL | EMT within 1 s.e. |",
+            "|---" * 10 + "|",
+        ]
+        for name, r in skipping:
+            c, m = r["vs_unskipped"], r["metrics"]["all"]
+            t = runs[c["twin"]]["metrics"]["all"]
+
+            def d(key, digits=3):
+                return f"{c[key]['diff']:+.{digits}f} ± {c[key]['se']:.{digits}f}" if key in c else "–"
+
+            within = abs(c["max_toxicity"]["diff"]) <= t["emt_se"]
+            share = r.get("skipped_share")
+            lines.append(
+                f"| {name} | {c['twin']} | {'–' if share is None else format(share, '.0%')} | "
+                f"{m['control_share']:.0%} / {t['control_share']:.0%} | "
+                f"{m['ms_per_sequence']:.0f} / {t['ms_per_sequence']:.0f} | {d('max_toxicity')} | "
+                f"{d('dist_1')} | {d('dist_2')} | {d('ppl', 2)} | {'yes' if within else 'no'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -250,6 +293,12 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
     alphas = {v: VARIANTS[v][1] for v in chosen} | parse_alphas(args.alphas)
+    # Each skipping variant needs its unskipped twin at the same α.
+    for v in [v for v in chosen if v in SKIPS]:
+        twin = SKIPS[v]
+        alphas[twin] = tuple(sorted(set(alphas.get(twin, ())) | set(alphas[v])))
+        if twin not in chosen:
+            chosen.append(twin)
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
@@ -274,11 +323,18 @@ def main() -> None:
     for name, r in results.items():
         if not r["is_base"]:
             r["vs_base"] = compare(base, r["metrics"]["all"])
+            r["skipped_share"] = skipped_share(ev.read_jsonl(args.out / "runs" / name / "generations.jsonl"))
+    for v in [v for v in chosen if v in SKIPS]:
+        for a in alphas[v]:
+            twin = results[run_name(SKIPS[v], a)]["metrics"]["all"]
+            results[run_name(v, a)]["vs_unskipped"] = {"twin": run_name(SKIPS[v], a),
+                                                       **compare(twin, results[run_name(v, a)]["metrics"]["all"])}
     report = {
         "settings": {**setting, "seed": args.seed, "prompts_file": str(args.prompts),
                      "toxic": str(args.toxic), "nontoxic": str(args.nontoxic)},
         "machine": ev.machine(),
-        "variants": {v: list(alphas[v]) for v in chosen},
+        "variants": {v: list(alphas[v]) for v in chosen if v not in SKIPS},
+        "skips": {v: list(alphas[v]) for v in chosen if v in SKIPS},
         "domain_words": sorted(vocab),
         "runs": results,
     }

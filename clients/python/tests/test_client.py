@@ -93,6 +93,26 @@ def test_the_gate_and_the_prior_are_per_call_options(client):
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "ensemble" in e.value.details
 
 
+def test_skip_leaves_rows_that_lean_nowhere_toxic_uncontrolled(client):
+    hidden = queries(3, 17)
+    logits = np.random.default_rng(7).normal(0, 3, size=(3, VOCAB)).astype(np.float32)
+    uncontrolled = client.adjust(hidden, logits, alpha=0.0)
+    controlled = client.adjust(hidden, logits, alpha=2.0)
+    assert not np.array_equal(uncontrolled, controlled)
+    # No token leans toxic by a ratio of 1e30: every row is skipped, so none is biased.
+    skipped = client.adjust(hidden, logits, alpha=2.0, skip=0.5, skip_ratio=1e30)
+    assert_same_log_probs(skipped, uncontrolled)
+    # Skipping at threshold 0 is off: the full control.
+    assert_same_log_probs(client.adjust(hidden, logits, alpha=2.0, skip=0.0), controlled)
+    # The decision reads the base distribution, so the sparse form cannot skip.
+    with pytest.raises(GoodtrieverError) as e:
+        client.adjust(hidden, skip=0.05)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "logits" in e.value.details
+    with pytest.raises(GoodtrieverError) as e:
+        client.adjust(hidden, logits, skip=1.0)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "skip" in e.value.details
+
+
 def test_a_session_answers_100_steps_in_order(client):
     steps = [queries(1, 100 + i) for i in range(100)]
     with client.session(k=16) as s:
