@@ -26,7 +26,7 @@ fn spawn(args: &[String]) -> Child {
         .expect("spawn goodtriever")
 }
 
-fn build_args(input: &Path, out: &Path, model: &Path) -> Vec<String> {
+fn build_args(input: &Path, out: &Path, model: &Path, keep_segments: bool) -> Vec<String> {
     [
         "datastore",
         "build",
@@ -42,6 +42,7 @@ fn build_args(input: &Path, out: &Path, model: &Path) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(keep_segments.then(|| "--keep-segments".to_string()))
     .chain(["--input".into(), input.display().to_string()])
     .chain(["--out".into(), out.display().to_string()])
     .chain(["--model".into(), model.display().to_string()])
@@ -60,6 +61,17 @@ fn rows(raw: &[RawSegment]) -> (Vec<f32>, Vec<u32>) {
 
 #[test]
 fn a_killed_build_never_publishes_a_partial_store_and_a_rerun_completes_it() {
+    killed_build(true);
+}
+
+/// The default build merges its chunks into one segment at the end: a kill during the merge
+/// or after it must resume just as well.
+#[test]
+fn a_killed_merged_build_never_publishes_a_partial_store_and_a_rerun_completes_it() {
+    killed_build(false);
+}
+
+fn killed_build(keep_segments: bool) {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), 64);
     let input = dir.path().join("in.jsonl");
@@ -67,17 +79,21 @@ fn a_killed_build_never_publishes_a_partial_store_and_a_rerun_completes_it() {
 
     let reference = dir.path().join("reference");
     let t = Instant::now();
-    let out = spawn(&build_args(&input, &reference, &model))
+    let out = spawn(&build_args(&input, &reference, &model, keep_segments))
         .wait_with_output()
         .unwrap();
     let full = t.elapsed();
     assert!(out.status.success());
     let want = rows(&raw_segments(&reference));
     let n_segments = raw_segments(&reference).len();
-    assert!(
-        n_segments >= 4,
-        "only {n_segments} segments; the test needs several"
-    );
+    if keep_segments {
+        assert!(
+            n_segments >= 4,
+            "only {n_segments} segments; the test needs several"
+        );
+    } else {
+        assert_eq!(n_segments, 1, "the chunks were not merged");
+    }
 
     let target = dir.path().join("store");
     let staging = dir.path().join(".store.partial");
@@ -85,7 +101,7 @@ fn a_killed_build_never_publishes_a_partial_store_and_a_rerun_completes_it() {
     let mut finished = false;
     let mut finished_by_kill = false;
     for f in FRACTIONS {
-        let mut child = spawn(&build_args(&input, &target, &model));
+        let mut child = spawn(&build_args(&input, &target, &model, keep_segments));
         std::thread::sleep(full.mul_f64(f));
         let _ = child.kill(); // SIGKILL
         let status = child.wait().unwrap();
@@ -125,7 +141,7 @@ fn a_killed_build_never_publishes_a_partial_store_and_a_rerun_completes_it() {
         }
     }
     if !finished {
-        let out = spawn(&build_args(&input, &target, &model))
+        let out = spawn(&build_args(&input, &target, &model, keep_segments))
             .wait_with_output()
             .unwrap();
         assert!(out.status.success());

@@ -135,6 +135,7 @@ fn label_filter_selects_documents_and_multi_segment_builds_cover_all_rows() {
     });
     // Small segments: several chunks, each its own segment.
     opts.segment_tokens = 60;
+    opts.merge = false;
     let out = dir.path().join("toxic");
     let report = ingest::build(&out, &model, &opts, &NoProgress).unwrap();
     assert_eq!(report.documents, toxic.len());
@@ -194,6 +195,34 @@ fn label_filter_selects_documents_and_multi_segment_builds_cover_all_rows() {
     assert!(
         v_chunked.iter().all(|v| it.any(|w| w == v)),
         "the chunked build's values are not a subsequence of the whole build's"
+    );
+
+    // The default merges the same chunks into one segment with one full index: the same rows
+    // in the same order, every chunk's provenance kept, and the same neighbours.
+    opts.merge = true;
+    let merged = dir.path().join("merged");
+    let r2 = ingest::build(&merged, &model, &opts, &NoProgress).unwrap();
+    assert_eq!(r2.segments.len(), 1);
+    assert_eq!(live_rows(&merged), live_rows(&out));
+    let store = Datastore::open(&merged).unwrap();
+    let seg = &store.segments()[0];
+    assert_eq!(seg.provenance.merged_from.len(), report.segments.len());
+    assert!(seg.sources);
+    assert!(store.verify().unwrap().is_ok());
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(merged.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        m["segments"][0]["index"],
+        serde_json::json!({"m": 16, "ef_construction": 100}),
+        "the merged segment has the full index, not the staging one"
+    );
+    let chunked = Datastore::open(&out).unwrap();
+    let (keys, _) = live_rows(&out);
+    let q = &keys[..keys.len() / report.rows];
+    let exact = goodtriever::datastore::SearchParams::exact();
+    assert_eq!(
+        store.search(q, 8, &exact).unwrap(),
+        chunked.search(q, 8, &exact).unwrap()
     );
 }
 

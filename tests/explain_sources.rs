@@ -31,7 +31,19 @@ fn documents(n: usize, seed: u64) -> Vec<String> {
     t
 }
 
+/// A store of `docs` whose chunks of `segment_tokens` stay separate segments.
 fn build(dir: &Path, model: &Model, name: &str, docs: &[String], segment_tokens: usize) -> PathBuf {
+    build_with(dir, model, name, docs, segment_tokens, false)
+}
+
+fn build_with(
+    dir: &Path,
+    model: &Model,
+    name: &str,
+    docs: &[String],
+    segment_tokens: usize,
+    merge: bool,
+) -> PathBuf {
     let input = dir.join(format!("{name}.jsonl"));
     write_jsonl(&input, docs);
     let mut o = BuildOptions::new(vec![input]);
@@ -39,6 +51,7 @@ fn build(dir: &Path, model: &Model, name: &str, docs: &[String], segment_tokens:
     o.stride = Some(16);
     o.dtype = KeyDtype::F32;
     o.segment_tokens = segment_tokens;
+    o.merge = merge;
     let out = dir.join(name);
     ingest::build(&out, model, &o, &NoProgress).unwrap();
     out
@@ -59,6 +72,30 @@ fn every_row_of_a_store_built_from_text_maps_back_to_the_token_it_was_made_at() 
     assert!(segments.len() > 2, "{} segments", segments.len());
     assert!(segments.iter().all(|s| s.sources));
     assert!(store.verify().unwrap().is_ok());
+    // Merged into one segment (the default), every row keeps its origin.
+    let merged = Datastore::open(&build_with(dir.path(), &model, "m", &docs, 40, true)).unwrap();
+    assert_eq!(merged.segments().len(), 1);
+    assert_eq!(merged.len(), store.len());
+    for id in 0..store.len() as u64 {
+        let (a, b) = (
+            store.row_origin(id, 10_000).unwrap(),
+            merged.row_origin(id, 10_000).unwrap(),
+        );
+        // The same text around the same token; the document's number may differ (a merged
+        // segment numbers all its chunks' documents in one list).
+        let text = |o: &goodtriever::datastore::RowOrigin| {
+            o.source.as_ref().map(|s| {
+                (
+                    s.start,
+                    s.end,
+                    s.before.clone(),
+                    s.token.clone(),
+                    s.after.clone(),
+                )
+            })
+        };
+        assert_eq!((a.value, text(&a)), (b.value, text(&b)), "row {id}");
+    }
     let tok = model.tokenizer();
     let eos = tok.eos_token_id().unwrap();
     let mut cut_chars = 0;

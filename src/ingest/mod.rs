@@ -10,7 +10,9 @@
 //! [`stream`] tokenizes them, joins them with EOS separators and cuts them into chunks;
 //! [`extract_rows`] runs each chunk through the model in batches of sliding windows
 //! ([`Model::encode_pairs`]) and collects one row per keyed position; each chunk is appended
-//! as one segment.
+//! as one segment, and a build of several chunks then compacts them into one segment with one
+//! index over all its rows ([`BuildOptions::merge`]), since every segment costs a search a
+//! graph walk of its own.
 //!
 //! Never lose or corrupt data:
 //! - Bad input (unreadable file, missing field, non-numeric label, a model that does not match
@@ -22,7 +24,9 @@
 //!   directory next to the output (`.NAME.partial/`) and renames the finished store into
 //!   place: the output path either does not exist or holds the complete store. The staging
 //!   directory records what is being built; a rerun with the same inputs, options and model
-//!   resumes after the last committed segment, and anything else starts over. A kill after
+//!   resumes after the last committed segment, and anything else starts over. The merge of a
+//!   finished build's chunks commits like any compaction (one manifest switch), so a kill
+//!   during it resumes into the merge, and one after it into publishing. A kill after
 //!   the publishing rename but before the staging directory is removed leaves that
 //!   directory holding only the lock and journal: the published store is complete, and
 //!   nothing reads the leftovers (they may be deleted).
@@ -44,7 +48,7 @@ pub use stream::{plan_chunks, row_positions, ChunkPlan, Corpus, Piece};
 
 use crate::datastore::{
     CreateOptions, Datastore, DatastoreError, KeyDtype, Keys, LabelRange, Part, Provenance,
-    SegmentInfo, SourceFile, TextProvenance,
+    SegmentInfo, SourceFile, TextProvenance, DEFAULT_EF_CONSTRUCTION, DEFAULT_M,
 };
 use crate::fingerprint::KeyType;
 use crate::model::{Model, ModelError};
@@ -59,6 +63,12 @@ pub const DEFAULT_BATCH: usize = 4;
 /// indexed (~5 KB a token in all) a build needs about 0.7 GB besides the model, whatever the
 /// input size.
 pub const DEFAULT_SEGMENT_TOKENS: usize = 131_072;
+
+/// HNSW parameters of a merged build's staged chunks: their graphs are only kept so that a
+/// resumed build can open the staging store, never searched, so they are made as cheaply as
+/// the index allows.
+const STAGING_M: usize = 2;
+const STAGING_EF_CONSTRUCTION: usize = 4;
 
 /// Errors of the datastore builder. Every variant about input names the file and line.
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +172,15 @@ pub struct BuildOptions {
     pub stride: Option<usize>,
     /// Windows per forward pass.
     pub batch: usize,
-    /// Chunk size of `build` (one segment each); `add` always writes one segment.
+    /// Chunk size of `build`: the model's keys are extracted and committed one chunk at a time,
+    /// which bounds extraction memory and lets an interrupted build resume; `add` always
+    /// writes one segment.
     pub segment_tokens: usize,
+    /// One index over the whole build (`build` only; default): with several chunks, they are
+    /// staged with a light index and compacted into one segment with the full index before
+    /// the store is published, so a search walks one graph instead of one per chunk. Off,
+    /// each chunk stays its own segment (indexing memory bounded by one chunk).
+    pub merge: bool,
     /// Key storage of a new store (`add` keeps the store's).
     pub dtype: KeyDtype,
     /// Provenance label; default: the label filter, e.g. `toxicity >= 0.5`.
@@ -187,6 +204,7 @@ impl BuildOptions {
             stride: None,
             batch: DEFAULT_BATCH,
             segment_tokens: DEFAULT_SEGMENT_TOKENS,
+            merge: true,
             dtype: KeyDtype::F16,
             label: None,
             tag: None,
@@ -670,6 +688,7 @@ struct Journal<'a> {
     window: usize,
     stride: usize,
     segment_tokens: usize,
+    merge: bool,
     dtype: KeyDtype,
     label: &'a Option<String>,
     tag: &'a Option<String>,
@@ -780,6 +799,7 @@ pub fn build(
         window,
         stride,
         segment_tokens: opts.segment_tokens,
+        merge: opts.merge,
         dtype: opts.dtype,
         label: &opts.label,
         tag: &opts.tag,
@@ -811,16 +831,24 @@ pub fn build(
     let journal_path = staging.join(JOURNAL_FILE);
     let store_dir = staging.join(STAGING_STORE);
     let resumable = fs::read(&journal_path).is_ok_and(|j| j == journal);
+    let total_rows: usize = rows_per_chunk.iter().sum();
+    let merge = opts.merge && chunks.len() > 1;
+    // A merged build committed its one segment (every chunk has rows, so with several chunks
+    // no single chunk holds them all): only publishing was left.
+    let merged = |segs: &[SegmentInfo]| {
+        merge && segs.len() == 1 && !segs[0].retired && segs[0].rows == total_rows
+    };
     let mut store = None;
     if resumable {
         match Datastore::open(&store_dir) {
             Ok(s) => {
                 let segs = s.segments();
-                let consistent = segs.len() <= chunks.len()
-                    && segs
-                        .iter()
-                        .zip(&rows_per_chunk)
-                        .all(|(seg, &rows)| !seg.retired && seg.rows == rows);
+                let consistent = merged(&segs)
+                    || segs.len() <= chunks.len()
+                        && segs
+                            .iter()
+                            .zip(&rows_per_chunk)
+                            .all(|(seg, &rows)| !seg.retired && seg.rows == rows);
                 if consistent {
                     store = Some(s);
                 } else {
@@ -841,7 +869,7 @@ pub fn build(
             staging.display()
         );
     }
-    let store = match store {
+    let mut store = match store {
         Some(s) => s,
         None => {
             remove_if_exists(&store_dir)?;
@@ -858,10 +886,18 @@ pub fn build(
         }
     };
 
-    let done = store.segments().len();
+    let merged_already = merged(&store.segments());
+    let done = if merged_already {
+        chunks.len()
+    } else {
+        store.segments().len()
+    };
     let done_rows: usize = rows_per_chunk[..done].iter().sum();
-    let total_rows: usize = rows_per_chunk.iter().sum();
     progress.start(total_rows as u64, done_rows as u64);
+    if merge {
+        // The chunks' own graphs are never searched: the merge rebuilds one over all rows.
+        store.set_index_params(STAGING_M, STAGING_EF_CONSTRUCTION)?;
+    }
     let mut writer = SegmentWriter::new(
         &store,
         model,
@@ -874,7 +910,15 @@ pub fn build(
     for (i, chunk) in chunks.iter().enumerate().skip(done) {
         writer.write(&corpus, eos, chunk, Some((i, chunks.len())))?;
     }
-    let timing = (writer.extract_seconds, writer.index_seconds);
+    let mut timing = (writer.extract_seconds, writer.index_seconds);
+    drop(writer);
+    if merge && !merged_already {
+        store.set_index_params(DEFAULT_M, DEFAULT_EF_CONSTRUCTION)?;
+        let t0 = Instant::now();
+        progress.indexing(total_rows as u64);
+        store.compact_with_progress(&|n| progress.indexed(n as u64))?;
+        timing.1 += t0.elapsed().as_secs_f64();
+    }
     let segments = store.segments();
     drop(store);
 
