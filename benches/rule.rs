@@ -4,7 +4,8 @@
 //! flat distribution (uniform logits in ±2: the nucleus keeps about half the vocabulary, the
 //! worst case) and a peaked one (Gaussian logits, σ = 4). And the sparse form's rule for one
 //! row (`sparse_row`, ensemble of two stores with k = 1024 neighbours each): what a sparse
-//! decoding step costs beyond its search.
+//! decoding step costs beyond its search. And `skip_decision`, the per-row test that lets the
+//! engine leave a row unsearched (`rule::leaning_mass`).
 //!
 //! `cargo bench --bench rule`
 
@@ -13,8 +14,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use goodtriever::generate::{Sampler, SamplingParams};
 use goodtriever::rule::{
-    apply_sparse, log_softmax_in_place, nucleus_filter, sparse_row, Expert, Mode, RuleParams,
-    RuleScratch, SparseRow, TokenPrior,
+    apply_sparse, leaning_mass, log_softmax_in_place, nucleus_filter, sparse_row, Expert, Mode,
+    RuleParams, RuleScratch, SparseRow, TokenPrior,
 };
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -63,6 +64,12 @@ fn rule(c: &mut Criterion) {
         });
         group.bench_function(BenchmarkId::new("apply_sparse_p0.9", name), |b| {
             b.iter(|| apply_sparse(logits, &bias, 0.9, &mut scratch, &mut work).expect("apply"))
+        });
+        // The skip decision per row: the base probability of the tokens that lean toxic
+        // (a few thousand on the default stores).
+        let leaning: Vec<u32> = (0..3000u32).map(|i| i * 16 % VOCAB as u32).collect();
+        group.bench_function(BenchmarkId::new("skip_decision", name), |b| {
+            b.iter(|| leaning_mass(logits, &leaning))
         });
         let mut sampler = Sampler::default();
         let params = SamplingParams::default();
