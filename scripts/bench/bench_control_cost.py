@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""What the control costs a decoding step (issue 19): base vs controlled generation with the
+real model, at batch 1 and batch 25, for each store pair and control setting, in one run on
+one box.
+
+For every (store pair, batch, setting) it runs `goodtriever eval generate` over the same
+prompts and seeds, base and controlled interleaved prompt by prompt in one process (so both
+see the same load), and reads the per-batch timings the records carry:
+
+* ms per step: (batch wall time − prefill) / decoding steps, for base and controlled;
+* the control's share of a controlled step: the hook's time / the step time;
+* rows not searched: rows the control skipped (`--skip`) / rows it adjusted.
+
+Batch B means B samples of each prompt decoded together (`--num-samples B`), as a serving
+batch of B sequences would be. Settings are named `NAME=FLAGS` (`eval generate` flags), e.g.
+`full=` (the paper's rule) and `skip=--skip 0.05`. Stores are named `NAME=TOXIC,NONTOXIC`.
+
+Nothing is written into the repository: work files go to target/bench-control/.
+Prints one table and writes target/bench-control/results.json.
+
+Usage: python3 scripts/bench/bench_control_cost.py
+           [--stores default=datastores/toxic,datastores/nontoxic ...]
+           [--settings full= "skip=--skip 0.05" ...] [--batches 1,25]
+           [--prompts-batch1 12] [--prompts-batch25 2] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = REPO / "target" / "release" / "goodtriever"
+WORK = REPO / "target" / "bench-control"
+
+
+def log(msg: str) -> None:
+    print(f"[bench_control] {msg}", file=sys.stderr, flush=True)
+
+
+def named(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            sys.exit(f"{what} {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per variant: ms per step, the hook's share, rows skipped; one record per batch."""
+    out: dict[str, dict] = {}
+    batches: dict[tuple, dict] = {}
+    for r in records:
+        batches.setdefault((r["variant"], r["prompt_index"]), r)
+    for (variant, _), r in batches.items():
+        s = out.setdefault(variant, {"steps": 0, "step_ms": 0.0, "hook_ms": 0.0, "rows": 0, "skipped": 0})
+        s["steps"] += r["batch_steps"]
+        s["step_ms"] += r["batch_ms"] - r["batch_prefill_ms"]
+        s["hook_ms"] += r["batch_hook_ms"]
+        s["rows"] += r.get("batch_rows_controlled", 0)
+        s["skipped"] += r.get("batch_rows_skipped", 0)
+    for s in out.values():
+        s["ms_per_step"] = s["step_ms"] / max(s["steps"], 1)
+        s["control_share"] = s["hook_ms"] / s["step_ms"] if s["step_ms"] else 0.0
+        s["skipped_share"] = s["skipped"] / s["rows"] if s["rows"] else 0.0
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stores", nargs="+", default=["default=datastores/toxic,datastores/nontoxic"])
+    ap.add_argument("--settings", nargs="+", default=["full=", "skip=--skip 0.05"])
+    ap.add_argument("--batches", default="1,25")
+    ap.add_argument("--prompts", type=Path, default=REPO / "data" / "prompts.jsonl")
+    ap.add_argument("--prompts-batch1", type=int, default=12, help="prompts decoded at batch 1")
+    ap.add_argument("--prompts-batch25", type=int, default=2, help="prompts decoded at batch 25")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--bin", type=Path, default=BIN)
+    args = ap.parse_args()
+    if not args.bin.exists():
+        sys.exit(f"{args.bin} is missing: cargo build --release --bin goodtriever")
+    if not args.prompts.exists():
+        sys.exit(f"{args.prompts} is missing: python3 scripts/data/make_prompts.py")
+    stores = {n: v.split(",") for n, v in named(args.stores, "--stores").items()}
+    for name, pair in stores.items():
+        if len(pair) != 2 or not all((REPO / p / "manifest.json").exists() or (Path(p) / "manifest.json").exists() for p in pair):
+            sys.exit(f"--stores {name}: expected two datastore directories TOXIC,NONTOXIC, got {pair}")
+    settings = named(args.settings, "--settings")
+    batches = [int(b) for b in args.batches.split(",")]
+    WORK.mkdir(parents=True, exist_ok=True)
+    results = []
+    started = time.monotonic()
+    for sname, (toxic, nontoxic) in stores.items():
+        for batch in batches:
+            n_prompts = args.prompts_batch1 if batch == 1 else args.prompts_batch25
+            for setting, flags in settings.items():
+                out = WORK / f"{sname}-b{batch}-{setting}.jsonl"
+                cmd = [str(args.bin), "eval", "generate", "--prompts", str(args.prompts),
+                       "--limit", str(n_prompts), "--num-samples", str(batch),
+                       "--max-new-tokens", str(args.tokens), "--seed", str(args.seed),
+                       "--toxic", toxic, "--nontoxic", nontoxic, "--out", str(out),
+                       *shlex.split(flags)]
+                log(f"{sname} batch {batch} {setting}: {shlex.join(cmd)}")
+                subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL)
+                per = summarise([json.loads(line) for line in out.read_text().splitlines()])
+                base, ctrl = per["base"], per["goodtriever"]
+                results.append({
+                    "stores": sname, "batch": batch, "setting": setting, "flags": flags,
+                    "prompts": n_prompts, "base_ms_per_step": base["ms_per_step"],
+                    "controlled_ms_per_step": ctrl["ms_per_step"],
+                    "added": ctrl["ms_per_step"] / base["ms_per_step"] - 1,
+                    "control_share": ctrl["control_share"], "rows_not_searched": ctrl["skipped_share"],
+                })
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "load_avg_1m_end": os.getloadavg()[0]},
+        "tokens": args.tokens, "seed": args.seed, "results": results,
+        "total_s": time.monotonic() - started,
+    }
+    (WORK / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{args.tokens} new tokens per sequence, seed {args.seed}; base and controlled interleaved per prompt.")
+    print("| stores | batch | setting | base ms/step | controlled ms/step | added | control share | rows not searched |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['stores']} | {r['batch']} | {r['setting']} | {r['base_ms_per_step']:.1f} | "
+              f"{r['controlled_ms_per_step']:.1f} | {r['added']:+.0%} | {r['control_share']:.0%} | "
+              f"{r['rows_not_searched']:.0%} |")
+    print(f"\nTotal {report['total_s'] / 60:.1f} min; {report['machine']}")
+
+
+if __name__ == "__main__":
+    main()
