@@ -729,12 +729,10 @@ impl Detoxifier {
             DENSE_MIN_CHUNK,
             |experts, rule, sparse, z, skipped| {
                 if skipped {
-                    // Left alone entirely: no bias and none of the rule's own nucleus either
-                    // (the sampler's top-p is the only cut, as without the control).
                     sparse.set_unchanged();
-                    return rule::apply_sparse_in_place(z, sparse, 1.0, rule);
+                } else {
+                    rule::sparse_row(mode, experts, params, vocab, rule, sparse)?;
                 }
-                rule::sparse_row(mode, experts, params, vocab, rule, sparse)?;
                 rule::apply_sparse_in_place(z, sparse, params.filter_p, rule)
             },
         )

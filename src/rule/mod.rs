@@ -173,8 +173,7 @@ pub struct RuleParams {
     pub prior: f32,
     /// Skip threshold ε ∈ [0, 1) (ensemble, dense form): a row whose base distribution gives
     /// less than ε to the tokens that lean toxic by more than `skip_ratio` is not searched and
-    /// is left as the base model gave it: no bias, no `filter_p` cut ([`leaning_tokens`]). 0
-    /// searches every row, as the paper does.
+    /// gets no bias ([`leaning_tokens`]). 0 searches every row, as the paper does.
     #[serde(default)]
     pub skip: f32,
     /// How much more often (toxic over non-toxic store frequency) a token must be predicted

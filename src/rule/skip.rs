@@ -9,10 +9,9 @@
 //!
 //! (for the usual pair, `u_toxic(v) / u_nontoxic(v) > ratio`: the direction in which the
 //! paper's rule with near-uniform experts would push it). A row whose base distribution puts
-//! less than `skip` probability on the leaning tokens is not searched and is left as the base
-//! model gave it (no bias, no nucleus of the rule's own). The leaning set depends only on the
-//! stores' statistics, so the engine computes it once per store view, and the per-row test is
-//! one log-sum-exp over the logits plus a sum over the set.
+//! less than `skip` probability on the leaning tokens is not searched and gets no bias. The
+//! leaning set depends only on the stores' statistics, so the engine computes it once per
+//! store view, and the per-row test is one log-sum-exp over the logits plus a sum over the set.
 
 use super::TokenPrior;
 

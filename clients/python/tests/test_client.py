@@ -96,11 +96,10 @@ def test_the_gate_and_the_prior_are_per_call_options(client):
 def test_skip_leaves_rows_that_lean_nowhere_toxic_uncontrolled(client):
     hidden = queries(3, 17)
     logits = np.random.default_rng(7).normal(0, 3, size=(3, VOCAB)).astype(np.float32)
-    uncontrolled = client.adjust(hidden, logits, alpha=0.0, filter_p=1.0)
+    uncontrolled = client.adjust(hidden, logits, alpha=0.0)
     controlled = client.adjust(hidden, logits, alpha=2.0)
     assert not np.array_equal(uncontrolled, controlled)
-    # No token leans toxic by a ratio of 1e30: every row is skipped, so none is biased or cut
-    # by the rule's own nucleus.
+    # No token leans toxic by a ratio of 1e30: every row is skipped, so none is biased.
     skipped = client.adjust(hidden, logits, alpha=2.0, skip=0.5, skip_ratio=1e30)
     assert_same_log_probs(skipped, uncontrolled)
     # Skipping at threshold 0 is off: the full control.
