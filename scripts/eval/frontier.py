@@ -63,6 +63,10 @@ VARIANTS = {
     "paper+skip": (["--skip", "0.05"], (2.0,)),
     "paper+skip.01": (["--skip", "0.01"], (2.0,)),
     "gate/fp1+skip": (["--gate", "1", "--filter-p", "1", "--skip", "0.05"], (8.0,)),
+    # Skipping with a wider rule nucleus: the double nucleus (filter_p, then the sampler's
+    # top-p) is what costs perplexity; judged against the base only.
+    "skip/fp.95": (["--skip", "0.05", "--filter-p", "0.95"], (2.0, 3.0)),
+    "gate/fp.95": (["--gate", "1", "--filter-p", "0.95"], (8.0,)),
 }
 # A skipping variant and the variant it skips for: its quality is the difference between them.
 SKIPS = {"paper+skip": "paper", "paper+skip.01": "paper", "gate/fp1+skip": "gate/fp1"}
