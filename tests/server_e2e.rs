@@ -76,6 +76,53 @@ fn assert_same_sparse(got: &[proto::SparseRow], want: &[SparseRow]) {
     assert_eq!(got, want);
 }
 
+/// `serve --skip`: a server default applies where it can, to dense requests; sparse requests
+/// (no logits to decide from) are searched on every row rather than refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_default_skip_applies_to_dense_requests_and_spares_sparse_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut skipping = defaults();
+    skipping.params.skip = 0.5;
+    let engine = engine(dir.path(), skipping);
+    let server = start(engine.clone(), ServeOptions::default()).await;
+    let mut client = server.client().await;
+    let mut scratch = DetoxScratch::default();
+    let rows = 4;
+    let hidden = queries(rows, 31);
+    let logits = Rng::new(32).vec(rows * VOCAB, 6.0);
+
+    let resp = client
+        .adjust(sparse_request(&hidden))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut every_row = skipping;
+    every_row.params.skip = 0.0;
+    let mut want = Vec::new();
+    engine
+        .adjust_sparse(&hidden, &every_row, &mut scratch, &mut want)
+        .unwrap();
+    assert_same_sparse(&resp.rows, &want);
+
+    let resp = client
+        .adjust(proto::AdjustRequest {
+            hidden: hidden_tensor(&hidden),
+            logits: logits_tensor(&logits),
+            form: proto::ResponseForm::Dense as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut dense = vec![0.0; rows * VOCAB];
+    engine
+        .adjust_dense(&hidden, &logits, &skipping, &mut scratch, &mut dense)
+        .unwrap();
+    assert_eq!(bytes_f32(&resp.log_probs), dense);
+    assert_eq!(resp.params.unwrap().skip, 0.5);
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sparse_and_dense_equal_the_in_process_engine() {
     let dir = tempfile::tempdir().unwrap();

@@ -199,8 +199,14 @@ impl GrpcStep {
                 )))
             }
         };
+        let mut opts = opts;
         if opts.params.skip > 0.0 && !dense {
-            return Err(status::from_detox(DetoxError::SkipNeedsLogits));
+            // Asked for by this request: its mistake. A server default (`serve --skip`) only
+            // applies where it can, to dense requests; sparse ones are searched on every row.
+            if req.overrides.as_ref().is_some_and(|o| o.skip.is_some()) {
+                return Err(status::from_detox(DetoxError::SkipNeedsLogits));
+            }
+            opts.params.skip = 0.0;
         }
         let (dim, vocab) = (engine.dim(), engine.vocab_size());
         let hidden = req.hidden.as_ref().ok_or_else(|| {
