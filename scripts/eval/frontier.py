@@ -66,7 +66,9 @@ VARIANTS = {
     # Skipping with a wider rule nucleus: the double nucleus (filter_p, then the sampler's
     # top-p) is what costs perplexity; judged against the base only.
     "skip/fp.95": (["--skip", "0.05", "--filter-p", "0.95"], (2.0, 3.0)),
+    "skip/fp.97": (["--skip", "0.05", "--filter-p", "0.97"], (4.0,)),
     "gate/fp.95": (["--gate", "1", "--filter-p", "0.95"], (8.0,)),
+    "gate+skip/fp.95": (["--gate", "1", "--skip", "0.05", "--filter-p", "0.95"], (12.0,)),
 }
 # A skipping variant and the variant it skips for: its quality is the difference between them.
 SKIPS = {"paper+skip": "paper", "paper+skip.01": "paper", "gate/fp1+skip": "gate/fp1"}
