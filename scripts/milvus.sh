@@ -5,14 +5,21 @@
 #   scripts/milvus.sh start   install milvus==2.3.5 into .venv-milvus (once), start
 #                             `milvus-server` in its own process group on 127.0.0.1:19530,
 #                             wait until it serves (its own /healthz check), print the address
-#   scripts/milvus.sh stop    stop that process group and wait until it is gone
+#   scripts/milvus.sh stop    check-loopback first (when it runs), then stop that process
+#                             group and wait until it is gone; exits 1 if the check failed
+#                             (the server is stopped all the same)
 #   scripts/milvus.sh kill    SIGKILL that process group at once (the restart tests: a crash)
 #   scripts/milvus.sh status  say whether it runs (exit 0) or not (exit 1)
+#   scripts/milvus.sh check-loopback
+#                             list the TCP connections the process group owns (from /proc;
+#                             scripts/milvus_loopback.py) and exit 1, printing them, if one has
+#                             an address off loopback; prints its listening sockets too
 #
 # Every component is told to register 127.0.0.1 (--extra-config NAME.ip=127.0.0.1), so all
-# traffic between them stays on loopback. Environment: MILVUS_DATA (default
-# .milvus-data/ in the repository, wiped by `start` unless MILVUS_KEEP_DATA=1),
-# MILVUS_START_TIMEOUT seconds (default 180).
+# traffic between them stays on loopback; check-loopback shows it, and every `stop` runs it
+# first, so CI's `scripts/milvus.sh stop` after the tests fails when traffic left loopback.
+# Environment: MILVUS_DATA (default .milvus-data/ in the repository, wiped by `start` unless
+# MILVUS_KEEP_DATA=1), MILVUS_START_TIMEOUT seconds (default 180).
 #
 # Restarting on kept data after a crash (`kill`, then `start` with MILVUS_KEEP_DATA=1): the
 # dead instance's sessions stay in the embedded etcd until their lease expires, and until
@@ -107,14 +114,24 @@ start() {
     echo "milvus serving on 127.0.0.1:$PORT after $((SECONDS - started)) s$note (process group $(cat "$PIDFILE"), log $LOG)"
 }
 
+check_loopback() {
+    if ! running; then
+        echo "error: milvus not running: nothing to check" >&2
+        return 1
+    fi
+    python3 "$ROOT/scripts/milvus_loopback.py" --label "milvus process group" "$(cat "$PIDFILE")"
+}
+
 stop() {
     if ! running; then
         rm -f "$PIDFILE"
         echo "milvus not running"
         return 0
     fi
-    local pgid
+    local pgid checked=0
     pgid="$(cat "$PIDFILE")"
+    # What the server's connections were until now; it is stopped whatever the check says.
+    check_loopback || checked=$?
     # TERM, then KILL after 30 s. (SIGINT, milvus-server's Ctrl+C, stops it in 2 s, but the
     # 2.3.5 server then did not come back on the same data within 3 minutes, while a restart
     # after this sequence did, twice: tests/milvus_store.rs restarts it this way.)
@@ -126,6 +143,10 @@ stop() {
     kill -KILL -- "-$pgid" 2>/dev/null || true
     rm -f "$PIDFILE"
     echo "milvus stopped (process group $pgid)"
+    if ((checked != 0)); then
+        echo "error: the loopback check failed (exit $checked) before the stop; see above" >&2
+        return 1
+    fi
 }
 
 kill_now() {
@@ -146,11 +167,12 @@ case "${1:-}" in
 start) start ;;
 stop) stop ;;
 kill) kill_now ;;
+check-loopback) check_loopback ;;
 status)
     if running; then echo "running (process group $(cat "$PIDFILE"))"; else echo "not running"; exit 1; fi
     ;;
 *)
-    echo "usage: $0 start|stop|kill|status" >&2
+    echo "usage: $0 start|stop|kill|status|check-loopback" >&2
     exit 2
     ;;
 esac

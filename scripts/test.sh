@@ -14,6 +14,9 @@ cargo test --locked --benches --no-run
 # address from GOODTRIEVER_MILVUS (`scripts/milvus.sh start` runs one locally) and skip, saying
 # so, when it is unset; with GOODTRIEVER_REQUIRE_MILVUS=1 (CI) they fail instead of skipping.
 cargo test --locked --features milvus --test milvus_store -- --test-threads 2
+# The loopback check that `scripts/milvus.sh stop` runs (CI fails when the server's traffic
+# left loopback), on fake /proc trees with and without an address off loopback.
+python3 scripts/milvus_loopback.py --self-test
 
 # The Python client (clients/python) against a real `goodtriever serve`: the pytest fixtures
 # start the server built above on a free loopback port themselves. The venv lives under the

@@ -9,6 +9,8 @@
 //! ```
 //!
 //! Queries are stored keys (real hidden states) spread over the store. Prints one JSON object.
+//! `--local-only` measures the local store alone (no Milvus, no push; `--address` unused):
+//! the same queries and figures, to compare local stores with each other.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,8 +36,11 @@ struct Cli {
     #[arg(long)]
     store: PathBuf,
     /// The Milvus collection to push into (dropped first unless --reuse).
-    #[arg(long)]
-    address: String,
+    #[arg(long, required_unless_present = "local_only")]
+    address: Option<String>,
+    /// Measure the local store only: no Milvus server is needed.
+    #[arg(long, conflicts_with = "reuse")]
+    local_only: bool,
     /// Keep an existing, finished copy instead of pushing again.
     #[arg(long)]
     reuse: bool,
@@ -160,11 +165,13 @@ fn main() -> Result<()> {
         .map(|i| local.row((i * rows / cli.queries) as u64).map(|r| r.key))
         .collect::<Result<_, _>>()?;
 
+    let segments = local.segments().iter().filter(|s| !s.retired).count();
     let mut ingest = Value::Null;
-    if !cli.reuse {
-        let _ = MilvusStore::drop_collection(&cli.address);
+    let address = cli.address.as_deref().filter(|_| !cli.local_only);
+    if let Some(address) = address.filter(|_| !cli.reuse) {
+        let _ = MilvusStore::drop_collection(address);
         let t = Instant::now();
-        let r = push(&local, &cli.address, &PushOptions::default(), &|_, _| {})?;
+        let r = push(&local, address, &PushOptions::default(), &|_, _| {})?;
         ingest = json!({
             "rows": r.rows,
             "copy_seconds": r.copy_seconds,
@@ -173,11 +180,15 @@ fn main() -> Result<()> {
             "total_seconds": t.elapsed().as_secs_f64(),
         });
     }
-    let remote: Arc<dyn Store> = Arc::new(MilvusStore::open(&cli.address)?);
     let local: Arc<dyn Store> = Arc::new(local);
+    let mut backends = vec![("local_hnsw", local.clone())];
+    if let Some(address) = address {
+        let remote: Arc<dyn Store> = Arc::new(MilvusStore::open(address)?);
+        backends.push(("milvus", remote));
+    }
     let params = SearchParams::hnsw(Some(cli.ef));
     let mut search = serde_json::Map::new();
-    for (name, store) in [("local_hnsw", &local), ("milvus", &remote)] {
+    for (name, store) in &backends {
         search_latency(store, &queries[..queries.len().min(20)], cli.k, params, 1)?; // warm-up
         let mut per = serde_json::Map::new();
         for &c in &cli.concurrency {
@@ -190,11 +201,13 @@ fn main() -> Result<()> {
             "control_step".into(),
             control_step(store, &queries, cli.k, cli.ef)?,
         );
-        search.insert(name.into(), Value::Object(per));
+        search.insert((*name).into(), Value::Object(per));
     }
     let report = json!({
         "store": cli.store,
         "rows": rows,
+        "segments": segments,
+        "search_threads": rayon::current_num_threads(),
         "dim": local.dim(),
         "k": cli.k,
         "ef": cli.ef,

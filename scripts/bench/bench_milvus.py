@@ -8,6 +8,9 @@ driver benches/drivers/bench_milvus.rs.
     python3 scripts/bench/bench_milvus.py --store datastores/toxic --out bench-milvus.json
     scripts/milvus.sh stop
 
+`--local-only` measures the local store alone (no Milvus server, no push): run it on two
+stores, e.g. a store and its compacted copy, to compare them on the same queries.
+
 `--profile dev` builds the driver in the dev profile (dependencies optimised, this crate at
 opt-level 1) when a release build of the `milvus` feature is too slow to wait for; say so with
 the figures.
@@ -38,12 +41,15 @@ def main() -> None:
                     help="measure the finished copy already at --address instead of pushing again: Milvus "
                          "compacts a fresh push and rebuilds its indexes for minutes afterwards, which "
                          "the searches of a run started at once compete with")
+    ap.add_argument("--local-only", action="store_true",
+                    help="measure the local store alone: no Milvus server, no push")
     ap.add_argument("--out", help="also write the JSON report here")
     a = ap.parse_args()
     cmd = ["cargo", "bench", "--quiet", "--features", "milvus", "--profile", a.profile,
-           "--bench", "bench_milvus", "--", "--store", a.store, "--address", a.address,
-           "--k", str(a.k), "--ef", str(a.ef), "--queries", str(a.queries),
-           "--concurrency", a.concurrency] + (["--reuse"] if a.reuse else [])
+           "--bench", "bench_milvus", "--", "--store", a.store, "--k", str(a.k), "--ef", str(a.ef),
+           "--queries", str(a.queries), "--concurrency", a.concurrency]
+    cmd += ["--local-only"] if a.local_only else ["--address", a.address]
+    cmd += ["--reuse"] if a.reuse else []
     out = subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True).stdout
     report = json.loads(out)
     report["profile"] = a.profile
