@@ -215,6 +215,31 @@ def markdown(report: dict) -> str:
             f"{'–' if r['is_base'] else format(m['control_share'], '.0%')} | "
             f"{'–' if not c else ('yes' if c['meets_target'] else 'no')} |"
         )
+    held = [(n, r) for n, r in runs.items() if "held-out" in r["metrics"]]
+    if report.get("held_out_from") is not None and held:
+        lines += [
+            "",
+            f"The same runs on the held-out prompts only (0-based index ≥ {report['held_out_from']}: "
+            "prompts no setting was chosen on); Δ against the base on the same prompts:",
+            "",
+            "| run | prompts | EMT | ΔEMT (rel.) | dist-1 | Δdist-1 | dist-2 | Δdist-2 | PPL | ΔPPL (rel.) | target |",
+            "|---" * 11 + "|",
+        ]
+        for name, r in held:
+            m, c = r["metrics"]["held-out"], r.get("vs_base_held_out")
+
+            def dh(key, digits=3, rel=None):
+                if not c or key not in c:
+                    return "–"
+                tail = f" ({c[rel]:+.0%})" if rel and rel in c else ""
+                return f"{c[key]['diff']:+.{digits}f} ± {c[key]['se']:.{digits}f}{tail}"
+
+            lines.append(
+                f"| {name} | {m['prompts']} | {fmt_se(m, 'emt')} | {dh('max_toxicity', rel='emt_rel')} | "
+                f"{fmt_se(m, 'dist_1')} | {dh('dist_1')} | {fmt_se(m, 'dist_2')} | {dh('dist_2')} | "
+                f"{fmt_se(m, 'ppl', 2)} | {dh('ppl', 2, rel='ppl_rel')} | "
+                f"{'–' if not c else ('yes' if c['meets_target'] else 'no')} |"
+            )
     skipping = [(n, r) for n, r in runs.items() if "vs_unskipped" in r]
     if skipping:
         lines += [
@@ -285,6 +310,9 @@ def main() -> None:
     ap.add_argument("--contrast-texts", type=Path, default=ev.REPO / "data" / "corpora" / "toxic.jsonl",
                     help="what the domain words are contrasted with")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--held-out-from", type=int, metavar="K",
+                    help="also report every run on prompts K+1.. only (0-based index >= K): the prompts "
+                         "a setting chosen on the first K was not chosen on")
     args = ap.parse_args()
     ev.reexec_in_data_venv(__file__)
     setting = ev.run_setting(args, QUICK, FULL)
@@ -312,6 +340,9 @@ def main() -> None:
     for v in chosen:
         for a in alphas[v]:
             specs[run_name(v, a)] = {"extra": [*VARIANTS[v][0], "--alpha", f"{a:g}"]}
+    if args.held_out_from is not None:
+        k = args.held_out_from
+        ev.SUBSETS["held-out"] = lambda g, k=k: g["prompt_index"] >= k
     results = {}
     for i, (name, spec) in enumerate(specs.items()):
         log(f"run {i + 1}/{len(specs)}: {name} {' '.join(spec['extra'])}")
@@ -326,9 +357,12 @@ def main() -> None:
             m["per_prompt"]["domain_rate"] = rates
             m["domain_rate"], m["domain_rate_se"] = mean_se(list(rates.values()))
     base = results["base"]["metrics"]["all"]
+    held_base = results["base"]["metrics"].get("held-out")
     for name, r in results.items():
         if not r["is_base"]:
             r["vs_base"] = compare(base, r["metrics"]["all"])
+            if held_base and "held-out" in r["metrics"]:
+                r["vs_base_held_out"] = compare(held_base, r["metrics"]["held-out"])
             r["skipped_share"] = skipped_share(ev.read_jsonl(args.out / "runs" / name / "generations.jsonl"))
     for v in [v for v in chosen if v in SKIPS]:
         for a in alphas[v]:
@@ -336,6 +370,7 @@ def main() -> None:
             results[run_name(v, a)]["vs_unskipped"] = {"twin": run_name(SKIPS[v], a),
                                                        **compare(twin, results[run_name(v, a)]["metrics"]["all"])}
     report = {
+        "held_out_from": args.held_out_from,
         "settings": {**setting, "seed": args.seed, "prompts_file": str(args.prompts),
                      "toxic": str(args.toxic), "nontoxic": str(args.nontoxic)},
         "machine": ev.machine(),
