@@ -654,28 +654,57 @@ fn the_gate_and_the_prior_read_each_stores_size_and_own_token_counts() {
     check(&detox);
 }
 
-/// A store that keeps no token statistics, like a remote backend: everything else delegated.
+/// A local store behind the store interface, counting the query rows it is asked to search,
+/// and optionally keeping no token statistics (as a remote backend): everything else delegated.
 #[derive(Debug)]
-struct NoStats(Arc<Datastore>);
+struct Wrapped {
+    inner: Arc<Datastore>,
+    keeps_stats: bool,
+    searched: std::sync::atomic::AtomicUsize,
+}
 
-impl Store for NoStats {
+impl Wrapped {
+    fn new(inner: Arc<Datastore>, keeps_stats: bool) -> Self {
+        Self {
+            inner,
+            keeps_stats,
+            searched: Default::default(),
+        }
+    }
+
+    /// Like a remote backend: no token statistics.
+    fn no_stats(inner: Arc<Datastore>) -> Self {
+        Self::new(inner, false)
+    }
+
+    fn searched(&self) -> usize {
+        self.searched.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Store for Wrapped {
     fn location(&self) -> String {
-        self.0.location()
+        self.inner.location()
     }
     fn fingerprint(&self) -> &ModelFingerprint {
-        Store::fingerprint(&*self.0)
+        Store::fingerprint(&*self.inner)
     }
     fn key_type(&self) -> KeyType {
-        Store::key_type(&*self.0)
+        Store::key_type(&*self.inner)
     }
     fn dtype(&self) -> KeyDtype {
-        Store::dtype(&*self.0)
+        Store::dtype(&*self.inner)
     }
     fn len(&self) -> usize {
-        Store::len(&*self.0)
+        Store::len(&*self.inner)
+    }
+    fn token_prior(&self) -> Option<Arc<TokenPrior>> {
+        self.keeps_stats
+            .then(|| Store::token_prior(&*self.inner))
+            .flatten()
     }
     fn segments(&self) -> Vec<SegmentInfo> {
-        Store::segments(&*self.0)
+        Store::segments(&*self.inner)
     }
     fn search_into(
         &self,
@@ -684,10 +713,12 @@ impl Store for NoStats {
         params: &SearchParams,
         out: &mut [Vec<Neighbour>],
     ) -> Result<(), DatastoreError> {
-        Store::search_into(&*self.0, queries, k, params, out)
+        self.searched
+            .fetch_add(queries.len() / DIM, std::sync::atomic::Ordering::SeqCst);
+        Store::search_into(&*self.inner, queries, k, params, out)
     }
     fn refresh(&self) -> Result<bool, DatastoreError> {
-        Store::refresh(&*self.0)
+        Store::refresh(&*self.inner)
     }
     fn append(
         &self,
@@ -695,7 +726,7 @@ impl Store for NoStats {
         values: &[u32],
         provenance: Provenance,
     ) -> Result<SegmentInfo, DatastoreError> {
-        Store::append(&*self.0, keys, values, provenance)
+        Store::append(&*self.inner, keys, values, provenance)
     }
 }
 
@@ -705,7 +736,7 @@ fn variants_the_stores_or_the_mode_cannot_serve_are_refused_before_any_search() 
     let stores = vec![
         ControlStore {
             name: "remote-toxic".into(),
-            store: Arc::new(NoStats(f.toxic.clone())),
+            store: Arc::new(Wrapped::no_stats(f.toxic.clone())),
             weight: -1.0,
         },
         ControlStore {
@@ -758,62 +789,6 @@ fn variants_the_stores_or_the_mode_cannot_serve_are_refused_before_any_search() 
     assert_eq!(out.len(), 2);
 }
 
-/// A store that counts the query rows it is asked to search.
-#[derive(Debug)]
-struct Counting(Arc<Datastore>, std::sync::atomic::AtomicUsize);
-
-impl Counting {
-    fn searched(&self) -> usize {
-        self.1.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Store for Counting {
-    fn location(&self) -> String {
-        self.0.location()
-    }
-    fn fingerprint(&self) -> &ModelFingerprint {
-        Store::fingerprint(&*self.0)
-    }
-    fn key_type(&self) -> KeyType {
-        Store::key_type(&*self.0)
-    }
-    fn dtype(&self) -> KeyDtype {
-        Store::dtype(&*self.0)
-    }
-    fn len(&self) -> usize {
-        Store::len(&*self.0)
-    }
-    fn token_prior(&self) -> Option<Arc<TokenPrior>> {
-        Store::token_prior(&*self.0)
-    }
-    fn segments(&self) -> Vec<SegmentInfo> {
-        Store::segments(&*self.0)
-    }
-    fn search_into(
-        &self,
-        queries: &[f32],
-        k: usize,
-        params: &SearchParams,
-        out: &mut [Vec<Neighbour>],
-    ) -> Result<(), DatastoreError> {
-        self.1
-            .fetch_add(queries.len() / DIM, std::sync::atomic::Ordering::SeqCst);
-        Store::search_into(&*self.0, queries, k, params, out)
-    }
-    fn refresh(&self) -> Result<bool, DatastoreError> {
-        Store::refresh(&*self.0)
-    }
-    fn append(
-        &self,
-        keys: Keys<'_>,
-        values: &[u32],
-        provenance: Provenance,
-    ) -> Result<SegmentInfo, DatastoreError> {
-        Store::append(&*self.0, keys, values, provenance)
-    }
-}
-
 /// Logits that put nearly all the mass on `token`.
 fn peaked(token: u32) -> Vec<f32> {
     let mut z = vec![0.0; VOCAB];
@@ -827,8 +802,8 @@ fn peaked(token: u32) -> Vec<f32> {
 fn skipped_rows_are_not_searched_and_get_exactly_the_uncontrolled_answer() {
     let f = fixture();
     let counting = [
-        Arc::new(Counting(f.toxic.clone(), Default::default())),
-        Arc::new(Counting(f.nontoxic.clone(), Default::default())),
+        Arc::new(Wrapped::new(f.toxic.clone(), true)),
+        Arc::new(Wrapped::new(f.nontoxic.clone(), true)),
     ];
     let stores = vec![
         ControlStore {
@@ -957,7 +932,7 @@ fn skipping_is_refused_where_it_cannot_decide() {
     let stores = vec![
         ControlStore {
             name: "remote-toxic".into(),
-            store: Arc::new(NoStats(f.toxic.clone())),
+            store: Arc::new(Wrapped::no_stats(f.toxic.clone())),
             weight: -1.0,
         },
         ControlStore {

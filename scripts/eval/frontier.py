@@ -179,6 +179,14 @@ def fmt_se(m: dict, key: str, digits: int = 3) -> str:
     return f"{v:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{v:.{digits}f}"
 
 
+def fmt_delta(c: dict | None, key: str, digits: int = 3, rel: str | None = None) -> str:
+    """A paired change from `compare`: Δ ± s.e., with the relative change when asked for."""
+    if not c or key not in c:
+        return "–"
+    tail = f" ({c[rel]:+.0%})" if rel and rel in c else ""
+    return f"{c[key]['diff']:+.{digits}f} ± {c[key]['se']:.{digits}f}{tail}"
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
@@ -200,12 +208,8 @@ def markdown(report: dict) -> str:
         m = r["metrics"]["all"]
         c = r.get("vs_base")
 
-        def delta(key, digits=3, rel=None):
-            if not c or key not in c:
-                return "–"
-            d = c[key]
-            tail = f" ({c[rel]:+.0%})" if rel and rel in c else ""
-            return f"{d['diff']:+.{digits}f} ± {d['se']:.{digits}f}{tail}"
+        def delta(key, digits=3, rel=None, c=c):
+            return fmt_delta(c, key, digits, rel)
 
         lines.append(
             f"| {name} | {fmt_se(m, 'emt')} | {delta('max_toxicity', rel='emt_rel')} | {fmt_se(m, 'dist_1')} | "
@@ -228,11 +232,8 @@ def markdown(report: dict) -> str:
         for name, r in held:
             m, c = r["metrics"]["held-out"], r.get("vs_base_held_out")
 
-            def dh(key, digits=3, rel=None):
-                if not c or key not in c:
-                    return "–"
-                tail = f" ({c[rel]:+.0%})" if rel and rel in c else ""
-                return f"{c[key]['diff']:+.{digits}f} ± {c[key]['se']:.{digits}f}{tail}"
+            def dh(key, digits=3, rel=None, c=c):
+                return fmt_delta(c, key, digits, rel)
 
             lines.append(
                 f"| {name} | {m['prompts']} | {fmt_se(m, 'emt')} | {dh('max_toxicity', rel='emt_rel')} | "
@@ -255,8 +256,8 @@ def markdown(report: dict) -> str:
             c, m = r["vs_unskipped"], r["metrics"]["all"]
             t = runs[c["twin"]]["metrics"]["all"]
 
-            def d(key, digits=3):
-                return f"{c[key]['diff']:+.{digits}f} ± {c[key]['se']:.{digits}f}" if key in c else "–"
+            def d(key, digits=3, c=c):
+                return fmt_delta(c, key, digits)
 
             within = abs(c["max_toxicity"]["diff"]) <= t["emt_se"]
             share = r.get("skipped_share")
