@@ -730,10 +730,9 @@ impl Store for Wrapped {
     }
 }
 
-#[test]
-fn variants_the_stores_or_the_mode_cannot_serve_are_refused_before_any_search() {
-    let f = fixture();
-    let stores = vec![
+/// The fixture's stores with the toxic one behind a backend that keeps no token statistics.
+fn remote_toxic_pair(f: &Fixture) -> Vec<ControlStore> {
+    vec![
         ControlStore {
             name: "remote-toxic".into(),
             store: Arc::new(Wrapped::no_stats(f.toxic.clone())),
@@ -744,7 +743,13 @@ fn variants_the_stores_or_the_mode_cannot_serve_are_refused_before_any_search() 
             store: f.nontoxic.clone(),
             weight: 1.0,
         },
-    ];
+    ]
+}
+
+#[test]
+fn variants_the_stores_or_the_mode_cannot_serve_are_refused_before_any_search() {
+    let f = fixture();
+    let stores = remote_toxic_pair(&f);
     let remote = Detoxifier::new(stores.clone(), opts(8), SearchParams::exact(), None).unwrap();
     let detox = &remote;
     let mut with_prior = opts(8);
@@ -929,18 +934,7 @@ fn skipping_is_refused_where_it_cannot_decide() {
     let err = detox.check_options(&toxic_only).unwrap_err();
     assert!(matches!(err, DetoxError::Variant(_)), "{err}");
     // A store without token statistics cannot say which tokens lean toxic.
-    let stores = vec![
-        ControlStore {
-            name: "remote-toxic".into(),
-            store: Arc::new(Wrapped::no_stats(f.toxic.clone())),
-            weight: -1.0,
-        },
-        ControlStore {
-            name: "nontoxic".into(),
-            store: f.nontoxic.clone(),
-            weight: 1.0,
-        },
-    ];
+    let stores = remote_toxic_pair(&f);
     let remote = Detoxifier::new(stores, opts(8), SearchParams::exact(), None).unwrap();
     assert!(matches!(
         remote.check_options(&skipping),

@@ -31,6 +31,7 @@ Usage: python3 scripts/eval/frontier.py [--quick | --n-prompts N --samples S --t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import re
@@ -207,10 +208,7 @@ def markdown(report: dict) -> str:
     for name, r in runs.items():
         m = r["metrics"]["all"]
         c = r.get("vs_base")
-
-        def delta(key, digits=3, rel=None, c=c):
-            return fmt_delta(c, key, digits, rel)
-
+        delta = functools.partial(fmt_delta, c)
         lines.append(
             f"| {name} | {fmt_se(m, 'emt')} | {delta('max_toxicity', rel='emt_rel')} | {fmt_se(m, 'dist_1')} | "
             f"{delta('dist_1')} | {fmt_se(m, 'dist_2')} | {delta('dist_2')} | {fmt_se(m, 'ppl', 2)} | "
@@ -231,10 +229,7 @@ def markdown(report: dict) -> str:
         ]
         for name, r in held:
             m, c = r["metrics"]["held-out"], r.get("vs_base_held_out")
-
-            def dh(key, digits=3, rel=None, c=c):
-                return fmt_delta(c, key, digits, rel)
-
+            dh = functools.partial(fmt_delta, c)
             lines.append(
                 f"| {name} | {m['prompts']} | {fmt_se(m, 'emt')} | {dh('max_toxicity', rel='emt_rel')} | "
                 f"{fmt_se(m, 'dist_1')} | {dh('dist_1')} | {fmt_se(m, 'dist_2')} | {dh('dist_2')} | "
@@ -256,8 +251,7 @@ def markdown(report: dict) -> str:
             c, m = r["vs_unskipped"], r["metrics"]["all"]
             t = runs[c["twin"]]["metrics"]["all"]
 
-            def d(key, digits=3, c=c):
-                return fmt_delta(c, key, digits)
+            d = functools.partial(fmt_delta, c)
 
             within = abs(c["max_toxicity"]["diff"]) <= t["emt_se"]
             share = r.get("skipped_share")
