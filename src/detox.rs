@@ -12,6 +12,7 @@ use crate::datastore::{DatastoreError, Neighbour, SearchParams};
 use crate::fingerprint::{KeyType, ModelFingerprint};
 use crate::hook::{HookError, StepHook};
 use crate::limits::{MAX_ABS_HIDDEN, MAX_ROWS, MAX_STORES};
+use crate::reuse::{self, ReuseMemory, ReuseParamError, ReuseParams, ReuseStats};
 use crate::rule::{
     self, Expert, Mode, ParamError, Retrieved, RuleError, RuleParams, RuleScratch, SparseRow,
     TokenPrior,
@@ -148,6 +149,9 @@ pub enum DetoxError {
         /// The store's name in the ensemble.
         name: String,
     },
+    /// A reuse setting is out of range.
+    #[error(transparent)]
+    Reuse(#[from] ReuseParamError),
     /// Skipping was asked for in a call without the base logits (the sparse form): the
     /// decision reads the base distribution.
     #[error("skip needs the base logits: send them and ask for the dense form, or use skip 0")]
@@ -220,8 +224,14 @@ pub struct DetoxScratch {
     /// only when a store's view or the ratio changes, not per call.
     leaning: Vec<u32>,
     leaning_key: Option<(Vec<Arc<TokenPrior>>, f32)>,
-    /// The searched rows' hidden states, gathered when some rows of a batch are skipped.
+    /// The searched rows' hidden states, gathered when some rows of a batch are not searched.
     gathered: Vec<f32>,
+    /// The rows searched when not all are, and `found[store][i]` the search's answer for the
+    /// i-th of them before it is swapped into the row's list.
+    searched: Vec<usize>,
+    found: Vec<Vec<Vec<Neighbour>>>,
+    /// Reusing the last call's neighbours (off unless [`set_reuse`](Self::set_reuse)).
+    reuse: ReuseMemory,
 }
 
 impl DetoxScratch {
@@ -234,6 +244,67 @@ impl DetoxScratch {
     /// The last call's rows and how many of them `skip` left unsearched (and unbiased).
     pub fn last_skipped(&self) -> (usize, usize) {
         (self.last_rows, self.last_skipped)
+    }
+
+    /// Turns reusing neighbours from one call to the next on (`Some`) or off for the
+    /// sequences this scratch serves (docs/architecture.md §1.7). The caller then reports
+    /// after each call the token every row emitted ([`advance`](Self::advance)) and which rows
+    /// go on ([`keep_rows`](Self::keep_rows)); rows of a call with no report are searched.
+    pub fn set_reuse(&mut self, params: Option<ReuseParams>) -> Result<(), ReuseParamError> {
+        if let Some(p) = &params {
+            p.validate()?;
+        }
+        self.reuse.params = params;
+        self.reuse.pending = false;
+        Ok(())
+    }
+
+    /// The token each row of the last call emitted, in row order (after
+    /// [`keep_rows`](Self::keep_rows)): the next call's rows continue these sequences. A
+    /// count that does not match the last call's rows reports nothing.
+    pub fn advance(&mut self, tokens: &[u32]) {
+        if self.reuse.params.is_none() {
+            return;
+        }
+        self.reuse.tokens.clear();
+        self.reuse.tokens.extend_from_slice(tokens);
+        self.reuse.pending = tokens.len() == self.reuse.rows;
+    }
+
+    /// Only rows `keep` (ascending, in range) of the last call go on, in that order (the
+    /// generator drops finished sequences; empty: new sequences start).
+    pub fn keep_rows(&mut self, keep: &[usize]) {
+        self.reuse.pending = false;
+        if self.reuse.params.is_none() {
+            return;
+        }
+        let rows = self.reuse.rows;
+        if keep.iter().any(|&r| r >= rows) || keep.windows(2).any(|w| w[0] >= w[1]) {
+            self.reuse.rows = 0;
+            return;
+        }
+        for per_store in &mut self.neighbours {
+            reuse::keep_in_place(per_store, keep);
+        }
+        for per_store in &mut self.reuse.radius {
+            reuse::keep_in_place(per_store, keep);
+        }
+        self.reuse.rows = keep.len();
+    }
+
+    /// What reuse did over this scratch's calls so far.
+    pub fn reuse_stats(&self) -> ReuseStats {
+        self.reuse.stats
+    }
+
+    /// How many rows of the last call were answered from reused neighbours.
+    pub fn last_reused(&self) -> usize {
+        self.reuse
+            .reused
+            .iter()
+            .take(self.last_rows)
+            .filter(|&&r| r)
+            .count()
     }
 }
 
@@ -525,19 +596,40 @@ impl Detoxifier {
         }
         let skipped = scratch.skipped.iter().filter(|&&s| s).count();
         (scratch.last_rows, scratch.last_skipped) = (rows, skipped);
-        let searched = rows - skipped;
-        let queries = if skipped == 0 {
-            hidden
-        } else {
-            scratch.gathered.clear();
-            for (row, _) in scratch.skipped.iter().enumerate().filter(|(_, &s)| !s) {
-                scratch
-                    .gathered
-                    .extend_from_slice(&hidden[row * self.dim..(row + 1) * self.dim]);
-            }
-            &scratch.gathered[..]
-        };
         let k = opts.params.k;
+        let reused = self.reuse_successors(hidden, rows, range.clone(), k, scratch);
+        let audit = scratch.reuse.params.is_some_and(|p| p.audit);
+
+        // Rows a store search must answer: all, or (when some are skipped or reused) the
+        // others, gathered into one batch whose answers are swapped into place afterwards.
+        // An audit searches the reused rows too, to compare.
+        let all = skipped == 0 && reused == 0;
+        scratch.searched.clear();
+        if !all {
+            scratch.gathered.clear();
+            for row in 0..rows {
+                if !scratch.skipped[row] && (audit || !scratch.reuse.reused[row]) {
+                    scratch.searched.push(row);
+                    scratch
+                        .gathered
+                        .extend_from_slice(&hidden[row * self.dim..(row + 1) * self.dim]);
+                }
+            }
+            if scratch.found.len() < self.stores.len() {
+                scratch.found.resize_with(self.stores.len(), Vec::new);
+            }
+            let searched = scratch.searched.len();
+            for per_store in &mut scratch.found[range.clone()] {
+                if per_store.len() < searched {
+                    per_store.resize_with(searched, Vec::new);
+                }
+            }
+        }
+        let (queries, searched) = if all {
+            (hidden, rows)
+        } else {
+            (&scratch.gathered[..], scratch.searched.len())
+        };
         let started = Instant::now();
         let search = |(s, out): (&ControlStore, &mut Vec<Vec<Neighbour>>)| {
             if searched == 0 {
@@ -551,7 +643,11 @@ impl Detoxifier {
                 })
         };
         let stores = &self.stores[range.clone()];
-        let outs = &mut scratch.neighbours[range];
+        let outs = if all {
+            &mut scratch.neighbours[range.clone()]
+        } else {
+            &mut scratch.found[range.clone()]
+        };
         if stores.len() == 1 {
             search((&stores[0], &mut outs[0]))?;
         } else {
@@ -562,23 +658,89 @@ impl Detoxifier {
                 .try_for_each(search)?;
         }
         scratch.search_time = started.elapsed();
-        if skipped > 0 {
-            // The searched rows' answers sit at the front, in row order: move each to its
-            // row (positions only grow, so walking back never overwrites a placed answer), and
-            // leave the skipped rows' lists empty.
-            for per_store in outs.iter_mut() {
-                let mut next = searched;
-                for row in (0..rows).rev() {
-                    if scratch.skipped[row] {
-                        per_store[row].clear();
-                    } else {
-                        next -= 1;
-                        per_store.swap(next, row);
-                    }
-                }
-            }
+        if !all {
+            place_found(rows, range.clone(), scratch);
+        }
+        if scratch.reuse.params.is_some() {
+            note_radii(rows, range, scratch);
+            scratch.reuse.rows = rows;
         }
         Ok(selection)
+    }
+
+    /// Fills the lists of rows that may reuse their neighbours (the caller reported the token
+    /// each row emitted) from the successors of their last neighbours, and marks in
+    /// `scratch.reuse.reused` the rows whose every store kept enough of them; returns how many.
+    fn reuse_successors(
+        &self,
+        hidden: &[f32],
+        rows: usize,
+        range: std::ops::Range<usize>,
+        k: usize,
+        scratch: &mut DetoxScratch,
+    ) -> usize {
+        let memory = &mut scratch.reuse;
+        memory.reused.clear();
+        memory.reused.resize(rows, false);
+        let pending = std::mem::take(&mut memory.pending) && memory.tokens.len() == rows;
+        let Some(params) = memory.params else {
+            return 0;
+        };
+        if memory.prev.len() < self.stores.len() {
+            memory.prev.resize_with(self.stores.len(), Vec::new);
+            memory.radius.resize_with(self.stores.len(), Vec::new);
+            memory.ok.resize_with(self.stores.len(), Vec::new);
+        }
+        let searchable = (rows - scratch.skipped.iter().filter(|&&s| s).count()) * range.len();
+        memory.stats.row_searches += searchable as u64;
+        if !pending {
+            return 0;
+        }
+        let needed = params.needed(k);
+        let factor = params.radius * params.radius;
+        let (dim, skipped, tokens) = (self.dim, &scratch.skipped, &memory.tokens);
+        let follow = |(((s, lists), prev), (radius, ok)): FollowItem<'_>| {
+            if prev.len() < rows {
+                prev.resize_with(rows, Vec::new);
+            }
+            radius.resize(rows.max(radius.len()), 0.0);
+            ok.clear();
+            ok.resize(rows, false);
+            for row in 0..rows {
+                // The last call's list becomes the memory; its buffer takes this call's.
+                std::mem::swap(&mut lists[row], &mut prev[row]);
+                if skipped[row] || radius[row] <= 0.0 || prev[row].is_empty() {
+                    continue;
+                }
+                let out = &mut lists[row];
+                out.clear();
+                let q = &hidden[row * dim..(row + 1) * dim];
+                ok[row] = s.store.successors_into(&prev[row], tokens[row], q, out)
+                    && reuse::accept_successors(out, radius[row] * factor, k, needed);
+            }
+        };
+        let stores = &self.stores[range.clone()];
+        let lists = &mut scratch.neighbours[range.clone()];
+        let prev = &mut memory.prev[range.clone()];
+        let radius = &mut memory.radius[range.clone()];
+        let ok = &mut memory.ok[range.clone()];
+        {
+            use rayon::prelude::*;
+            stores
+                .par_iter()
+                .zip(lists.par_iter_mut())
+                .zip(prev.par_iter_mut())
+                .zip(radius.par_iter_mut().zip(ok.par_iter_mut()))
+                .for_each(follow);
+        }
+        let mut reused = 0;
+        for row in 0..rows {
+            let every = memory.ok[range.clone()].iter().all(|ok| ok[row]);
+            memory.reused[row] = every;
+            reused += every as usize;
+        }
+        memory.stats.reused += (reused * range.len()) as u64;
+        reused
     }
 
     /// Marks in `scratch.skipped` the rows whose base distribution gives less than `skip` to
@@ -820,6 +982,64 @@ impl Detoxifier {
     }
 }
 
+/// Moves a gathered search's answers (`scratch.found`) into their rows' lists and leaves
+/// skipped rows' lists empty; when auditing, compares each reused row's successors with its
+/// full search instead of replacing them.
+fn place_found(rows: usize, range: std::ops::Range<usize>, scratch: &mut DetoxScratch) {
+    let DetoxScratch {
+        neighbours,
+        found,
+        searched,
+        skipped,
+        reuse: memory,
+        ..
+    } = scratch;
+    for j in range {
+        for (i, &row) in searched.iter().enumerate() {
+            if memory.reused[row] {
+                let (recall, in_top_k) =
+                    reuse::audit(&neighbours[j][row], &found[j][i], &mut memory.ids);
+                memory.stats.audited += 1;
+                memory.stats.recall_sum += recall;
+                memory.stats.in_top_k_sum += in_top_k;
+            } else {
+                std::mem::swap(&mut neighbours[j][row], &mut found[j][i]);
+            }
+        }
+        for row in (0..rows).filter(|&r| skipped[r]) {
+            neighbours[j][row].clear();
+        }
+    }
+}
+
+/// Remembers, per store, each searched row's k-th distance: the neighbourhood a later call's
+/// successors must fall in. Reused rows keep the radius of their last full search, so reuse
+/// cannot drift away from what a search found; skipped rows have none.
+fn note_radii(rows: usize, range: std::ops::Range<usize>, scratch: &mut DetoxScratch) {
+    let memory = &mut scratch.reuse;
+    for j in range {
+        let radius = &mut memory.radius[j];
+        radius.resize(rows.max(radius.len()), 0.0);
+        for (row, r) in radius.iter_mut().enumerate().take(rows) {
+            if scratch.skipped[row] {
+                *r = 0.0;
+            } else if !memory.reused[row] {
+                *r = scratch.neighbours[j][row].last().map_or(0.0, |n| n.dist);
+            }
+        }
+    }
+}
+
+/// Per-row neighbour lists of one store.
+type Lists = Vec<Vec<Neighbour>>;
+
+/// One store's part in following successors: the store, this call's lists, the last call's,
+/// the radii and the per-row verdicts.
+type FollowItem<'a> = (
+    ((&'a ControlStore, &'a mut Lists), &'a mut Lists),
+    (&'a mut Vec<f32>, &'a mut Vec<bool>),
+);
+
 /// What a call's search left for the rule, borrowed from the scratch.
 struct Found<'a> {
     neighbours: &'a [Vec<Vec<Neighbour>>],
@@ -866,6 +1086,13 @@ impl ControlHook {
             skipped: 0,
         })
     }
+
+    /// The same hook reusing each sequence's neighbours from one step to the next where
+    /// `reuse` allows (docs/architecture.md §1.7).
+    pub fn with_reuse(mut self, reuse: ReuseParams) -> Result<Self, DetoxError> {
+        self.scratch.set_reuse(Some(reuse))?;
+        Ok(self)
+    }
 }
 
 impl StepHook for ControlHook {
@@ -887,5 +1114,21 @@ impl StepHook for ControlHook {
     /// Rows adjusted so far, and how many of them `skip` left unsearched.
     fn skip_counts(&self) -> (u64, u64) {
         (self.rows, self.skipped)
+    }
+
+    fn advance(&mut self, tokens: &[u32]) {
+        self.scratch.advance(tokens);
+    }
+
+    fn keep_rows(&mut self, keep: &[usize]) {
+        self.scratch.keep_rows(keep);
+    }
+
+    fn reuse_stats(&self) -> Option<ReuseStats> {
+        self.scratch
+            .reuse
+            .params
+            .is_some()
+            .then(|| self.scratch.reuse_stats())
     }
 }

@@ -374,6 +374,10 @@ impl<'m> Generator<'m> {
             .map(|i| sample_rng(self.params.seed, i))
             .collect();
 
+        if let Some(h) = hook.as_deref_mut() {
+            // A new generation: no row of the hook's last step goes on.
+            h.keep_rows(&[]);
+        }
         let t0 = Instant::now();
         let mut cache = self.model.new_cache(1);
         self.model
@@ -435,8 +439,14 @@ impl<'m> Generator<'m> {
                     break;
                 }
                 cache.select_rows(&keep)?;
+                if let Some(h) = hook.as_deref_mut() {
+                    h.keep_rows(&keep);
+                }
                 self.next = keep.iter().map(|&r| self.next[r]).collect();
                 active = keep.iter().map(|&r| active[r]).collect();
+            }
+            if let Some(h) = hook.as_deref_mut() {
+                h.advance(&self.next);
             }
             self.model.forward_into(
                 &self.next,

@@ -23,6 +23,21 @@ pub trait StepHook {
     fn skip_counts(&self) -> (u64, u64) {
         (0, 0)
     }
+
+    /// Before the next step: the token each row going on emitted at the last
+    /// [`adjust`](Self::adjust), in row order (after [`keep_rows`](Self::keep_rows)). A hook
+    /// that keeps per-sequence state (reusing a step's neighbours at the next) follows its
+    /// sequences with it; the default ignores it.
+    fn advance(&mut self, _tokens: &[u32]) {}
+
+    /// Only rows `keep` (ascending) of the last step go on, in that order: finished sequences
+    /// left the batch, or (empty) a new generation starts. The default ignores it.
+    fn keep_rows(&mut self, _keep: &[usize]) {}
+
+    /// What reusing neighbours did so far, for hooks that reuse; `None` otherwise.
+    fn reuse_stats(&self) -> Option<crate::reuse::ReuseStats> {
+        None
+    }
 }
 
 /// A failure inside a [`StepHook`], with its cause.

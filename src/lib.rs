@@ -80,6 +80,7 @@ pub mod milvus;
 #[cfg(feature = "model")]
 pub mod model;
 pub mod npy;
+pub mod reuse;
 pub mod rule;
 #[cfg(feature = "server")]
 pub mod server;

@@ -79,6 +79,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         out: &mut [Vec<Neighbour>],
     ) -> Result<(), DatastoreError>;
 
+    /// Appends to `out` the row after each neighbour in `prev` (from the last search) whose
+    /// value is `token`, in the same source document, with its exact squared L2 distance to
+    /// `query`: the candidates for reusing a step's neighbours at the next one
+    /// (docs/architecture.md §1.7). Returns `false`, leaving `out` alone, when the backend
+    /// cannot say which row follows which (the default: a remote engine's ids carry no order).
+    fn successors_into(
+        &self,
+        _prev: &[Neighbour],
+        _token: u32,
+        _query: &[f32],
+        _out: &mut Vec<Neighbour>,
+    ) -> bool {
+        false
+    }
+
     /// Picks up changes other writers committed; `true` when something changed.
     fn refresh(&self) -> Result<bool, DatastoreError>;
 
@@ -184,6 +199,16 @@ impl Store for Datastore {
     }
     fn refresh(&self) -> Result<bool, DatastoreError> {
         Datastore::refresh(self)
+    }
+    fn successors_into(
+        &self,
+        prev: &[Neighbour],
+        token: u32,
+        query: &[f32],
+        out: &mut Vec<Neighbour>,
+    ) -> bool {
+        Datastore::successors_into(self, prev, token, query, out);
+        true
     }
     fn append(
         &self,

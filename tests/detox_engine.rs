@@ -4,17 +4,16 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use goodtriever::datastore::{
-    CreateOptions, Datastore, DatastoreError, KeyDtype, Keys, Neighbour, Provenance, SearchParams,
-    SegmentInfo,
-};
+use goodtriever::datastore::{CreateOptions, Datastore, KeyDtype, Keys, Provenance, SearchParams};
 use goodtriever::detox::{AdjustOptions, ControlStore, DetoxError, DetoxScratch, Detoxifier};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 use goodtriever::limits::MAX_ROWS;
 use goodtriever::rule::{self, Expert, Mode, RuleParams, RuleScratch, SparseRow, TokenPrior};
-use goodtriever::store::Store;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+
+mod wrapped_store;
+use wrapped_store::Wrapped;
 
 const DIM: usize = 16;
 const VOCAB: usize = 40;
@@ -652,82 +651,6 @@ fn the_gate_and_the_prior_read_each_stores_size_and_own_token_counts() {
         TokenPrior::from_values([&values(&f.toxic)[..]], VOCAB)
     );
     check(&detox);
-}
-
-/// A local store behind the store interface, counting the query rows it is asked to search,
-/// and optionally keeping no token statistics (as a remote backend): everything else delegated.
-#[derive(Debug)]
-struct Wrapped {
-    inner: Arc<Datastore>,
-    keeps_stats: bool,
-    searched: std::sync::atomic::AtomicUsize,
-}
-
-impl Wrapped {
-    fn new(inner: Arc<Datastore>, keeps_stats: bool) -> Self {
-        Self {
-            inner,
-            keeps_stats,
-            searched: Default::default(),
-        }
-    }
-
-    /// Like a remote backend: no token statistics.
-    fn no_stats(inner: Arc<Datastore>) -> Self {
-        Self::new(inner, false)
-    }
-
-    fn searched(&self) -> usize {
-        self.searched.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Store for Wrapped {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-    fn fingerprint(&self) -> &ModelFingerprint {
-        Store::fingerprint(&*self.inner)
-    }
-    fn key_type(&self) -> KeyType {
-        Store::key_type(&*self.inner)
-    }
-    fn dtype(&self) -> KeyDtype {
-        Store::dtype(&*self.inner)
-    }
-    fn len(&self) -> usize {
-        Store::len(&*self.inner)
-    }
-    fn token_prior(&self) -> Option<Arc<TokenPrior>> {
-        self.keeps_stats
-            .then(|| Store::token_prior(&*self.inner))
-            .flatten()
-    }
-    fn segments(&self) -> Vec<SegmentInfo> {
-        Store::segments(&*self.inner)
-    }
-    fn search_into(
-        &self,
-        queries: &[f32],
-        k: usize,
-        params: &SearchParams,
-        out: &mut [Vec<Neighbour>],
-    ) -> Result<(), DatastoreError> {
-        self.searched
-            .fetch_add(queries.len() / DIM, std::sync::atomic::Ordering::SeqCst);
-        Store::search_into(&*self.inner, queries, k, params, out)
-    }
-    fn refresh(&self) -> Result<bool, DatastoreError> {
-        Store::refresh(&*self.inner)
-    }
-    fn append(
-        &self,
-        keys: Keys<'_>,
-        values: &[u32],
-        provenance: Provenance,
-    ) -> Result<SegmentInfo, DatastoreError> {
-        Store::append(&*self.inner, keys, values, provenance)
-    }
 }
 
 /// The fixture's stores with the toxic one behind a backend that keeps no token statistics.

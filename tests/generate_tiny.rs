@@ -167,6 +167,14 @@ struct EosAfter {
     vocab: usize,
     step: usize,
     rows_seen: Vec<usize>,
+    /// What the generator told the hook between steps, in order.
+    calls: Vec<Between>,
+}
+
+#[derive(Debug, PartialEq)]
+enum Between {
+    Keep(Vec<usize>),
+    Advance(Vec<u32>),
 }
 
 impl StepHook for EosAfter {
@@ -188,6 +196,14 @@ impl StepHook for EosAfter {
         self.step += 1;
         Ok(())
     }
+
+    fn advance(&mut self, tokens: &[u32]) {
+        self.calls.push(Between::Advance(tokens.to_vec()));
+    }
+
+    fn keep_rows(&mut self, keep: &[usize]) {
+        self.calls.push(Between::Keep(keep.to_vec()));
+    }
 }
 
 #[test]
@@ -199,6 +215,7 @@ fn rows_stop_at_eos_and_leave_the_batch() {
         vocab: m.config().vocab_size,
         step: 0,
         rows_seen: vec![],
+        calls: vec![],
     };
     let mut g = Generator::new(&m, params(3, 1.0, 9)).unwrap();
     g.set_stop_tokens(vec![eos as u32]);
@@ -213,6 +230,19 @@ fn rows_stop_at_eos_and_leave_the_batch() {
         assert!(!s.tokens.contains(&(eos as u32)));
     }
     assert_eq!(&hook.rows_seen[..4], &[3, 3, 3, 2]);
+    // A per-sequence hook is told that a new generation starts, which rows go on, and the
+    // token each continuing row emitted, in row order, before every step but the first.
+    let step_tokens = |step: usize, rows: &[usize]| -> Vec<u32> {
+        rows.iter().map(|&r| samples[r].tokens[step]).collect()
+    };
+    let mut expected = vec![
+        Between::Keep(vec![]),
+        Between::Advance(step_tokens(0, &[0, 1, 2])),
+        Between::Advance(step_tokens(1, &[0, 1, 2])),
+        Between::Keep(vec![1, 2]),
+    ];
+    expected.extend((2..11).map(|step| Between::Advance(step_tokens(step, &[1, 2]))));
+    assert_eq!(hook.calls, expected);
 }
 
 #[derive(Debug, thiserror::Error)]

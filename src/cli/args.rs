@@ -19,6 +19,7 @@ use goodtriever::datastore::{SearchMode, SearchParams};
 use goodtriever::detox::{AdjustOptions, ControlHook, ControlStore, Detoxifier};
 use goodtriever::generate::SamplingParams;
 use goodtriever::model::{resolve_model_path, Model, WeightFormat};
+use goodtriever::reuse::{ReuseParams, ReuseStats};
 use goodtriever::rule::{Mode, RuleParams};
 use goodtriever::store::Store;
 
@@ -318,5 +319,76 @@ impl SearchArgs {
             },
             ef: self.ef,
         }
+    }
+}
+
+/// Reusing each sequence's neighbours from one step to the next (docs/architecture.md §1.7),
+/// for the commands that generate sequences themselves.
+#[derive(Debug, Clone, Args)]
+pub struct ReuseArgs {
+    /// Reuse a step's neighbours at the next: after a sequence emits a token, the rows that
+    /// follow its neighbours which predicted that token (one position on in their source
+    /// documents) answer the step instead of a search, when at least this share of k of them
+    /// per store lies within --reuse-radius of the last full search (in (0, 1]; 0 = off,
+    /// every step is searched).
+    #[arg(long, default_value_t = 0.0)]
+    pub reuse: f32,
+    /// A reused neighbour must lie within this many times the k-th distance of the row's last
+    /// full search (in (0, 4]).
+    #[arg(long, default_value_t = ReuseParams::default().radius)]
+    pub reuse_radius: f32,
+    /// Also search the rows answered by reuse, and report how many of the nearest rows the
+    /// reused ones are (recall); the reused neighbours are still the ones used.
+    #[arg(long)]
+    pub reuse_audit: bool,
+}
+
+impl ReuseArgs {
+    /// The flags as the engine takes them: `None` when reuse is off; checked.
+    pub fn params(&self) -> anyhow::Result<Option<ReuseParams>> {
+        if self.reuse == 0.0 {
+            if self.reuse_audit {
+                bail!("--reuse-audit needs --reuse");
+            }
+            return Ok(None);
+        }
+        let p = ReuseParams {
+            min: self.reuse,
+            radius: self.reuse_radius,
+            audit: self.reuse_audit,
+        };
+        p.validate()?;
+        Ok(Some(p))
+    }
+
+    /// `hook` reusing neighbours as the flags say.
+    pub fn apply(&self, hook: Option<ControlHook>) -> anyhow::Result<Option<ControlHook>> {
+        match (self.params()?, hook) {
+            (Some(p), Some(h)) => Ok(Some(h.with_reuse(p)?)),
+            (Some(_), None) => bail!("--reuse needs the control's stores (--toxic/--nontoxic)"),
+            (None, h) => Ok(h),
+        }
+    }
+
+    /// What reuse did, in words for the summary line (empty when off).
+    pub fn summary(stats: Option<ReuseStats>) -> String {
+        let Some(s) = stats else {
+            return String::new();
+        };
+        let mut line = format!(
+            ", {} of {} store searches reused ({:.0}%)",
+            s.reused,
+            s.row_searches,
+            100.0 * s.saved()
+        );
+        if s.audited > 0 {
+            line.push_str(&format!(
+                ", recall {:.3} (in top k {:.3}) over {} audited",
+                s.recall(),
+                s.in_top_k(),
+                s.audited
+            ));
+        }
+        line
     }
 }

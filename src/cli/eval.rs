@@ -24,7 +24,9 @@ use goodtriever::hook::StepHook;
 use goodtriever::model::WeightFormat;
 use serde_json::{json, Value};
 
-use super::args::{ModelArgs, ModelFlags, SamplingArgs, SamplingRuleArgs, SearchArgs, StoreArgs};
+use super::args::{
+    ModelArgs, ModelFlags, ReuseArgs, SamplingArgs, SamplingRuleArgs, SearchArgs, StoreArgs,
+};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -76,6 +78,8 @@ pub struct EvalGenerateArgs {
     pub rule: SamplingRuleArgs,
     #[command(flatten)]
     pub search: SearchArgs,
+    #[command(flatten)]
+    pub reuse: ReuseArgs,
 }
 
 /// Conditional perplexity: for each record of `eval generate`'s output, the log-likelihood of
@@ -148,9 +152,10 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
         bail!("{} holds no prompt", args.prompts.display());
     }
     let model = args.model.load()?;
-    let mut hook = args
+    let hook = args
         .stores
         .control_hook(args.rule.options()?, args.search.params(), &model)?;
+    let mut hook = args.reuse.apply(hook)?;
     if hook.is_none() && args.skip_base {
         bail!("--skip-base leaves nothing to generate without --toxic/--nontoxic");
     }
@@ -174,6 +179,7 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
         }
         for (variant, mut h) in variants {
             let skips_before = h.as_ref().map_or((0, 0), |h| h.skip_counts());
+            let reuse_before = h.as_ref().and_then(|h| h.reuse_stats()).unwrap_or_default();
             let t0 = Instant::now();
             let samples = generator
                 .generate(
@@ -182,6 +188,9 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
                 )
                 .with_context(|| format!("prompt {} ({variant})", pi + 1))?;
             let skips_after = h.as_ref().map_or((0, 0), |h| h.skip_counts());
+            let reuse_after = h.as_ref().and_then(|h| h.reuse_stats()).unwrap_or_default();
+            let batch_reused = reuse_after.reused - reuse_before.reused;
+            let batch_store_searches = reuse_after.row_searches - reuse_before.row_searches;
             let (batch_rows, batch_skipped) = (
                 skips_after.0 - skips_before.0,
                 skips_after.1 - skips_before.1,
@@ -214,6 +223,8 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
                     "batch_steps": longest.timing.step_ms.len(),
                     "batch_rows_controlled": batch_rows,
                     "batch_rows_skipped": batch_skipped,
+                    "batch_store_searches": batch_store_searches,
+                    "batch_store_searches_reused": batch_reused,
                     "seed": args.sampling.seed,
                 });
                 if variant != "base" {
@@ -246,9 +257,10 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
         .filter(|_| hook.is_some())
     {
         eprintln!(
-            "[eval generate] control: {:.0}% of the controlled variant's time; {skipped_total} of {rows_total} rows not searched ({:.1}%)",
+            "[eval generate] control: {:.0}% of the controlled variant's time; {skipped_total} of {rows_total} rows not searched ({:.1}%){}",
             100.0 * hook_ms / ms.max(1e-9),
-            100.0 * skipped_total as f64 / rows_total.max(1) as f64
+            100.0 * skipped_total as f64 / rows_total.max(1) as f64,
+            ReuseArgs::summary(hook.as_ref().and_then(|h| h.reuse_stats()))
         );
     }
     Ok(())

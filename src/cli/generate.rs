@@ -10,7 +10,9 @@ use goodtriever::hook::StepHook;
 use goodtriever::model::WeightFormat;
 use serde_json::json;
 
-use super::args::{ModelArgs, ModelFlags, SamplingArgs, SamplingRuleArgs, SearchArgs, StoreArgs};
+use super::args::{
+    ModelArgs, ModelFlags, ReuseArgs, SamplingArgs, SamplingRuleArgs, SearchArgs, StoreArgs,
+};
 
 /// Sample continuations of prompts; with --toxic/--nontoxic datastores, every step is steered
 /// by the Goodtriever rule.
@@ -39,6 +41,8 @@ pub struct GenerateArgs {
     pub rule: SamplingRuleArgs,
     #[command(flatten)]
     pub search: SearchArgs,
+    #[command(flatten)]
+    pub reuse: ReuseArgs,
 }
 
 /// `generate` decodes a few rows at a time: the file's own kernels are the fastest.
@@ -92,9 +96,10 @@ fn read_prompts(args: &GenerateArgs) -> anyhow::Result<Vec<String>> {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prompts = read_prompts(&args)?;
     let model = args.model.load()?;
-    let mut hook = args
+    let hook = args
         .stores
         .control_hook(args.rule.options()?, args.search.params(), &model)?;
+    let mut hook = args.reuse.apply(hook)?;
     let params = args.sampling.params(args.num_samples, args.sampling.seed);
     let mut generator = Generator::new(&model, params)?;
     let stdout = std::io::stdout();
@@ -135,9 +140,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 String::new()
             };
             format!(
-                ", control {:.1} ms ({:.0}%){skips}",
+                ", control {:.1} ms ({:.0}%){skips}{}",
                 hook_ms,
-                100.0 * hook_ms / step_ms.max(1e-9)
+                100.0 * hook_ms / step_ms.max(1e-9),
+                ReuseArgs::summary(h.reuse_stats())
             )
         } else {
             String::new()

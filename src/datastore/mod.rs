@@ -14,7 +14,8 @@
 //! L2), `scored` (the distance-ordered (distance, row) pair), `exact` (flat scan + top-k),
 //! `hnsw` (graph build, file, walk), `hnsw_layers` (the graph in memory), `hnsw_repair`
 //! (level-0 repair before writing), `search` (per-segment choice, merge, de-duplication),
-//! `sources` (rows' positions in their source text), `verify` (checksums), `error`.
+//! `sources` (rows' positions in their source text), `successors` (the rows after earlier
+//! neighbours, for reuse), `verify` (checksums), `error`.
 
 mod distance;
 mod durable;
@@ -29,6 +30,7 @@ mod scored;
 mod search;
 mod segment;
 mod sources;
+mod successors;
 mod verify;
 
 use std::collections::HashMap;

@@ -101,7 +101,8 @@ pub fn from_detox(err: DetoxError) -> Status {
         | DetoxError::LogitsShape { .. }
         | DetoxError::Param(_)
         | DetoxError::Variant(_)
-        | DetoxError::SkipNeedsLogits => Code::InvalidArgument,
+        | DetoxError::SkipNeedsLogits
+        | DetoxError::Reuse(_) => Code::InvalidArgument,
         DetoxError::TooManyRows { .. } => Code::ResourceExhausted,
         DetoxError::Row { source, .. } => match source {
             RuleError::Param(_)
