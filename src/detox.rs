@@ -247,7 +247,7 @@ impl DetoxScratch {
     }
 
     /// Turns reusing neighbours from one call to the next on (`Some`) or off for the
-    /// sequences this scratch serves (docs/architecture.md §1.7). The caller then reports
+    /// sequences this scratch serves (docs/architecture.md §1.6). The caller then reports
     /// after each call the token every row emitted ([`advance`](Self::advance)) and which rows
     /// go on ([`keep_rows`](Self::keep_rows)); rows of a call with no report are searched.
     pub fn set_reuse(&mut self, params: Option<ReuseParams>) -> Result<(), ReuseParamError> {
@@ -1088,7 +1088,7 @@ impl ControlHook {
     }
 
     /// The same hook reusing each sequence's neighbours from one step to the next where
-    /// `reuse` allows (docs/architecture.md §1.7).
+    /// `reuse` allows (docs/architecture.md §1.6).
     pub fn with_reuse(mut self, reuse: ReuseParams) -> Result<Self, DetoxError> {
         self.scratch.set_reuse(Some(reuse))?;
         Ok(self)

@@ -1,5 +1,5 @@
 //! Reusing one decoding step's neighbours at the next (RetoMaton-style pointers;
-//! docs/architecture.md §1.7).
+//! docs/architecture.md §1.6).
 //!
 //! After a sequence emits token `y`, the neighbours of its last step that predicted `y` point,
 //! one row on in their documents, at contexts that have just continued the same way

@@ -82,7 +82,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Appends to `out` the row after each neighbour in `prev` (from the last search) whose
     /// value is `token`, in the same source document, with its exact squared L2 distance to
     /// `query`: the candidates for reusing a step's neighbours at the next one
-    /// (docs/architecture.md §1.7). Returns `false`, leaving `out` alone, when the backend
+    /// (docs/architecture.md §1.6). Returns `false`, leaving `out` alone, when the backend
     /// cannot say which row follows which (the default: a remote engine's ids carry no order).
     fn successors_into(
         &self,

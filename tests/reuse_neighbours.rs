@@ -1,4 +1,4 @@
-//! Reusing a step's neighbours at the next (docs/architecture.md §1.7): the rows that follow
+//! Reusing a step's neighbours at the next (docs/architecture.md §1.6): the rows that follow
 //! the neighbours which predicted the emitted token answer the step instead of a search, only
 //! within the last search's neighbourhood, per sequence, and never across a document's end.
 //!

@@ -13,6 +13,8 @@ Variants (docs/architecture.md §1.3–1.4):
 * gate+prior  both
 * .../fp1     each of those with the rule's own nucleus off (--filter-p 1), the sampler's
               top-p then being the only cut
+* ...+skip, ...+reuse  skipping the search (--skip) or reusing the last step's neighbours
+              (--reuse), each judged against the same variant searched on every row
 
 Every run is paired with one shared base run (same prompts, same seeds; `eval generate
 --skip-base` for the controlled ones, as scripts/eval/sweep.py does), so each figure comes with
@@ -70,9 +72,14 @@ VARIANTS = {
     "skip/fp.97": (["--skip", "0.05", "--filter-p", "0.97"], (4.0,)),
     "gate/fp.95": (["--gate", "1", "--filter-p", "0.95"], (8.0,)),
     "gate+skip/fp.95": (["--gate", "1", "--skip", "0.05", "--filter-p", "0.95"], (12.0,)),
+    # Reusing a step's neighbours at the next (issue 19 §2) where at least 2% of k successors
+    # stay within the last search's neighbourhood: judged against the same variant searched.
+    "paper+reuse": (["--reuse", "0.02"], (2.0,)),
 }
-# A skipping variant and the variant it skips for: its quality is the difference between them.
-SKIPS = {"paper+skip": "paper", "paper+skip.01": "paper", "gate/fp1+skip": "gate/fp1"}
+# A variant that searches less and the variant it searches less for: its quality is the
+# difference between them.
+SKIPS = {"paper+skip": "paper", "paper+skip.01": "paper", "gate/fp1+skip": "gate/fp1",
+         "paper+reuse": "paper"}
 # The issue's bar for a variant, against the base model on the same prompts.
 TARGET = {"emt_rel_max": -0.50, "dist_1_drop_max": 0.05, "dist_2_drop_max": 0.03, "ppl_rel_abs_max": 0.10}
 
@@ -134,13 +141,21 @@ def run_name(variant: str, alpha: float) -> str:
 
 
 def skipped_share(gens: list[dict]) -> float | None:
-    """Rows the control left unsearched over rows it adjusted, counting each prompt's batch
-    once (every sample's record repeats its batch's counts)."""
-    rows = skipped = 0
+    """The share of the store searches a full run makes that a run left out: rows `skip` did
+    not search, and of the others the store searches answered by reuse; each prompt's batch
+    counted once (every sample's record repeats its batch's counts)."""
+    rows = skipped = searches = reused = 0
     for g in {g["prompt_index"]: g for g in gens if g.get("variant") != "base"}.values():
         rows += g.get("batch_rows_controlled", 0)
         skipped += g.get("batch_rows_skipped", 0)
-    return skipped / rows if rows else None
+        searches += g.get("batch_store_searches", 0)
+        reused += g.get("batch_store_searches_reused", 0)
+    if not rows:
+        return None
+    searched = (rows - skipped) / rows
+    if searches:
+        searched *= 1 - reused / searches
+    return 1 - searched
 
 
 def parse_alphas(items: list[str]) -> dict[str, tuple[float, ...]]:
@@ -240,11 +255,11 @@ def markdown(report: dict) -> str:
     if skipping:
         lines += [
             "",
-            "Skipping the search, against the same variant searched on every row (paired, same "
+            "Skipping or reusing the search, against the same variant searched on every row (paired, same "
             "prompts and seeds; Δ ± s.e. of the per-prompt difference; 'within 1 s.e.' = |ΔEMT| "
             "no larger than the unskipped run's EMT standard error):",
             "",
-            "| run | vs | rows not searched | control (skip / full) | ms/seq (skip / full) | ΔEMT | Δdist-1 | Δdist-2 | ΔPPL | EMT within 1 s.e. |",
+            "| run | vs | store searches saved | control (skip / full) | ms/seq (skip / full) | ΔEMT | Δdist-1 | Δdist-2 | ΔPPL | EMT within 1 s.e. |",
             "|---" * 10 + "|",
         ]
         for name, r in skipping:

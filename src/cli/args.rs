@@ -322,7 +322,7 @@ impl SearchArgs {
     }
 }
 
-/// Reusing each sequence's neighbours from one step to the next (docs/architecture.md §1.7),
+/// Reusing each sequence's neighbours from one step to the next (docs/architecture.md §1.6),
 /// for the commands that generate sequences themselves.
 #[derive(Debug, Clone, Args)]
 pub struct ReuseArgs {

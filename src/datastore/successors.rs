@@ -1,5 +1,5 @@
 //! The rows that follow earlier neighbours in their source text, for reusing one decoding
-//! step's neighbours at the next (docs/architecture.md §1.7).
+//! step's neighbours at the next (docs/architecture.md §1.6).
 //!
 //! Row `r` of a segment built from text pairs the hidden state at some position of a document
 //! with the token after it, and the builder writes a document's positions as consecutive rows.
