@@ -22,6 +22,7 @@ use goodtriever::detox::{AdjustOptions, DetoxScratch, Detoxifier};
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
 use goodtriever::model::testing::{write_tiny_llama, TinySpec};
 use goodtriever::model::{ForwardOutput, Model, Outputs, WeightFormat};
+use goodtriever::reuse::ReuseParams;
 use goodtriever::rule::{Mode, RuleParams};
 
 struct Counting;
@@ -226,6 +227,34 @@ fn engine_steps() -> Report {
                             .unwrap();
                     });
                     report.push((format!("dense, {case}"), fans_out, n));
+                    // Reusing neighbours: each step follows the successors of the last one's
+                    // (a generous setting, so that both reused and searched rows occur).
+                    let mut reusing = DetoxScratch::default();
+                    reusing
+                        .set_reuse(Some(ReuseParams {
+                            min: 0.01,
+                            radius: 4.0,
+                            audit: false,
+                        }))
+                        .unwrap();
+                    detox
+                        .adjust_dense(&hidden, &logits, &o, &mut reusing, &mut dense)
+                        .unwrap();
+                    let first = detox.searched_stores(mode).unwrap().start;
+                    let tokens: Vec<u32> = (0..rows)
+                        .map(|r| detox.last_neighbours(&reusing, first, r).unwrap()[0].value)
+                        .collect();
+                    let n = allocations(steps, || {
+                        reusing.advance(&tokens);
+                        detox
+                            .adjust_dense(&hidden, &logits, &o, &mut reusing, &mut dense)
+                            .unwrap();
+                    });
+                    assert!(
+                        reusing.reuse_stats().reused > 0,
+                        "{case}: the reuse case never reused"
+                    );
+                    report.push((format!("dense with reuse, {case}"), true, n));
                 }
             }
         }
