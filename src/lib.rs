@@ -84,6 +84,7 @@ pub mod reuse;
 pub mod rule;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod simd;
 pub mod steps;
 pub mod store;
 pub mod store_address;

@@ -802,7 +802,7 @@ impl AttnTask<'_> {
     /// `scores` holds at least `start + seq` values.
     unsafe fn direct(&self, scores: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::quant::has_avx2() {
+        if crate::simd::active() >= crate::simd::Simd::Avx2 {
             // SAFETY: the CPU has AVX2 and FMA; the caller upholds the output contract.
             return unsafe { self.direct_avx2(scores) };
         }

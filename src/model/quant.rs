@@ -1,5 +1,5 @@
 //! Quantised linear layers for decoding: Q8_0 and Q4_1 weights times Q8 activations, with AVX2
-//! kernels chosen at run time and portable fallbacks.
+//! and AVX-512 (VNNI) kernels chosen at run time ([`crate::simd`]) and portable fallbacks.
 //!
 //! candle's Q4_1 CPU kernel is scalar and its Q8_0 kernel converts both f16 block scales on
 //! every block of every dot product. Decoding one token reads every weight once, so it is bound
@@ -12,6 +12,8 @@
 
 use half::f16;
 use rayon::prelude::*;
+
+use crate::simd::{self, Simd};
 
 /// Elements per quantisation block.
 pub const BLOCK: usize = 32;
@@ -259,33 +261,50 @@ unsafe impl Sync for SendPtr {}
 type DotQ8 = fn(&[i8], &[f32], &[i8], &[f32]) -> f32;
 type DotQ4_1 = fn(&[u8], &[f32], &[f32], &[i8], &[f32], &[f32]) -> f32;
 
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static AVX2: OnceLock<bool> = OnceLock::new();
-        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
 fn kernel_q8() -> DotQ8 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return |w, ws, x, xs| unsafe { avx2::dot(w, ws, x, xs) };
-    }
-    dot_scalar
+    kernel_q8_at(simd::active())
 }
 
 fn kernel_q4_1() -> DotQ4_1 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked above).
-        return |w, d, mn, x, xs, xsum| unsafe { avx2::dot_q4_1(w, d, mn, x, xs, xsum) };
+    kernel_q4_1_at(simd::active())
+}
+
+/// The Q8 · Q8 dot product of build `s`, which the CPU must run.
+fn kernel_q8_at(s: Simd) -> DotQ8 {
+    debug_assert!(s.supported());
+    match s {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `simd` hands out only builds the CPU runs.
+        Simd::Avx512 => |w, ws, x, xs| unsafe { avx512::dot(w, ws, x, xs) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Simd::Avx2 => |w, ws, x, xs| unsafe { avx2::dot(w, ws, x, xs) },
+        _ => dot_scalar,
     }
-    dot_q4_1_scalar
+}
+
+/// The Q4_1 · Q8 dot product of build `s`, which the CPU must run.
+fn kernel_q4_1_at(s: Simd) -> DotQ4_1 {
+    debug_assert!(s.supported());
+    match s {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `simd` hands out only builds the CPU runs.
+        Simd::Avx512 => |w, d, mn, x, xs, xsum| unsafe { avx512::dot_q4_1(w, d, mn, x, xs, xsum) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Simd::Avx2 => |w, d, mn, x, xs, xsum| unsafe { avx2::dot_q4_1(w, d, mn, x, xs, xsum) },
+        _ => dot_q4_1_scalar,
+    }
+}
+
+/// Whether the arguments of a Q4_1 · Q8 dot product describe the same `nb` blocks.
+#[cfg(target_arch = "x86_64")]
+fn q4_1_lengths_agree(w: &[u8], mn: &[f32], x: &[i8], xs: &[f32], xsum: &[f32], nb: usize) -> bool {
+    w.len() == nb * 16
+        && x.len() == nb * BLOCK
+        && xs.len() == nb
+        && mn.len() == nb
+        && xsum.len() == nb
 }
 
 /// Portable reference for Q4_1 · Q8: Σ_blocks d·xs·Σ q·x + min·(xs·Σ x).
@@ -316,9 +335,13 @@ pub fn dot_scalar(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
     acc
 }
 
+/// Blocks of a Q4_1 row whose scale products are computed together before their dot products.
+#[cfg(target_arch = "x86_64")]
+const CHUNK: usize = 64;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::BLOCK;
+    use super::{BLOCK, CHUNK};
     use std::arch::x86_64::*;
 
     /// One Q8·Q8 dot product. ggml's sign trick makes `maddubs` (unsigned × signed) exact:
@@ -370,7 +393,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn hsum(acc: __m256) -> f32 {
+    pub(super) fn hsum(acc: __m256) -> f32 {
         let hi = _mm256_extractf128_ps(acc, 1);
         let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -399,6 +422,45 @@ mod avx2 {
         }
     }
 
+    /// Per block of `c0..c0 + len`: `ds[t] = d · xs` (the scale products), and the minimum
+    /// term Σ min · xsum added to `min_acc` eight blocks at a time and to `min_tail` for the
+    /// rest. Shared by the AVX-512 kernel, so that both sum alike.
+    ///
+    /// # Safety
+    /// AVX2 + FMA; `c0 + len` within every array, `ds` holds `len` values.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn chunk_scales(
+        d: &[f32],
+        mn: &[f32],
+        xs: &[f32],
+        xsum: &[f32],
+        c0: usize,
+        len: usize,
+        ds: *mut f32,
+        min_acc: &mut __m256,
+        min_tail: &mut f32,
+    ) {
+        let mut t = 0;
+        while t + 8 <= len {
+            let at = c0 + t;
+            unsafe {
+                let dv = _mm256_loadu_ps(d.as_ptr().add(at));
+                let sv = _mm256_loadu_ps(xs.as_ptr().add(at));
+                _mm256_storeu_ps(ds.add(t), _mm256_mul_ps(dv, sv));
+                let mv = _mm256_loadu_ps(mn.as_ptr().add(at));
+                let uv = _mm256_loadu_ps(xsum.as_ptr().add(at));
+                *min_acc = _mm256_fmadd_ps(mv, uv, *min_acc);
+            }
+            t += 8;
+        }
+        for t in t..len {
+            // SAFETY: t < len, inside `ds` and the arrays (caller's contract).
+            unsafe { *ds.add(t) = d[c0 + t] * xs[c0 + t] };
+            *min_tail += mn[c0 + t] * xsum[c0 + t];
+        }
+    }
+
     /// One Q4_1 · Q8 dot product. The 4-bit quants are unsigned, so `maddubs` takes them
     /// directly (|q·x| pairs ≤ 2·15·127, no overflow). Decoding runs this once per weight row,
     /// so it is written for throughput: the per-block scale products and the minimum term
@@ -414,14 +476,7 @@ mod avx2 {
         xsum: &[f32],
     ) -> f32 {
         let nb = d.len();
-        debug_assert!(
-            w.len() == nb * 16
-                && x.len() == nb * BLOCK
-                && xs.len() == nb
-                && mn.len() == nb
-                && xsum.len() == nb
-        );
-        const CHUNK: usize = 64;
+        debug_assert!(super::q4_1_lengths_agree(w, mn, x, xs, xsum, nb));
         let ones = _mm256_set1_epi16(1);
         let low = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); 4];
@@ -435,24 +490,8 @@ mod avx2 {
         let mut c0 = 0;
         while c0 < nb {
             let len = CHUNK.min(nb - c0);
-            let mut t = 0;
-            while t + 8 <= len {
-                let at = c0 + t;
-                unsafe {
-                    let dv = _mm256_loadu_ps(d.as_ptr().add(at));
-                    let sv = _mm256_loadu_ps(xs.as_ptr().add(at));
-                    _mm256_storeu_ps(ds.add(t), _mm256_mul_ps(dv, sv));
-                    let mv = _mm256_loadu_ps(mn.as_ptr().add(at));
-                    let uv = _mm256_loadu_ps(xsum.as_ptr().add(at));
-                    min_acc = _mm256_fmadd_ps(mv, uv, min_acc);
-                }
-                t += 8;
-            }
-            for t in t..len {
-                // SAFETY: t < len ≤ CHUNK.
-                unsafe { *ds.add(t) = d[c0 + t] * xs[c0 + t] };
-                min_tail += mn[c0 + t] * xsum[c0 + t];
-            }
+            // SAFETY: c0 + len ≤ nb, the length of every per-block array; ds holds CHUNK.
+            unsafe { chunk_scales(d, mn, xs, xsum, c0, len, ds, &mut min_acc, &mut min_tail) };
             let mut t = 0;
             while t + 4 <= len {
                 for (lane, a) in acc.iter_mut().enumerate() {
@@ -473,6 +512,177 @@ mod avx2 {
     }
 }
 
+/// The AVX-512 (VNNI) builds of the two dot products. Each 512-bit accumulator holds two of the
+/// AVX2 kernel's 256-bit ones (lanes 0–7 the first, 8–15 the second), every block's integer dot
+/// is exact in both, and each lane sees the same fused multiply-adds in the same order, so the
+/// results are bit-identical to the AVX2 kernel's (the tests check it) with half the
+/// instructions: `vpdpbusd` replaces `maddubs` + `madd`, and two blocks go through each.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::avx2::{chunk_scales, hsum};
+    use super::{BLOCK, CHUNK};
+    use std::arch::x86_64::*;
+
+    /// `[a; 8]` in the low half, `[b; 8]` in the high half.
+    #[inline(always)]
+    unsafe fn pair(a: f32, b: f32) -> __m512 {
+        _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_set1_ps(a)), _mm256_set1_ps(b))
+    }
+
+    /// The four 8-lane accumulators two 16-lane ones stand for, added as the AVX2 kernel adds
+    /// its own.
+    #[inline(always)]
+    unsafe fn lo(z: __m512) -> __m256 {
+        _mm512_castps512_ps256(z)
+    }
+
+    #[inline(always)]
+    unsafe fn hi(z: __m512) -> __m256 {
+        _mm512_extractf32x8_ps::<1>(z)
+    }
+
+    /// One Q8 · Q8 dot product (as [`super::avx2::dot`]: the sign trick, then unsigned × signed
+    /// bytes summed four at a time into i32 lanes).
+    ///
+    /// # Safety
+    /// AVX-512 F, BW, VL, DQ, VNNI and AVX2, FMA; the lengths of [`super::avx2::dot`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")]
+    pub unsafe fn dot(w: &[i8], ws: &[f32], x: &[i8], xs: &[f32]) -> f32 {
+        let nb = ws.len();
+        debug_assert!(w.len() == nb * BLOCK && x.len() == nb * BLOCK && xs.len() == nb);
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        // Even blocks in the low half, odd in the high: the AVX2 kernel's acc0 and acc1.
+        let mut acc = _mm512_setzero_ps();
+        let mut b = 0;
+        while b + 1 < nb {
+            unsafe {
+                let w2 = _mm512_loadu_si512(wp.add(b * BLOCK) as *const _);
+                let x2 = _mm512_loadu_si512(xp.add(b * BLOCK) as *const _);
+                // x with w's sign (where w < 0, −x; where w = 0 the product is 0 anyway).
+                let neg = _mm512_movepi8_mask(w2);
+                let sx = _mm512_mask_sub_epi8(x2, neg, _mm512_setzero_si512(), x2);
+                let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w2), sx);
+                let sc = pair(ws[b] * xs[b], ws[b + 1] * xs[b + 1]);
+                acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
+            }
+            b += 2;
+        }
+        let (mut acc0, acc1) = unsafe { (lo(acc), hi(acc)) };
+        if b < nb {
+            unsafe {
+                let w0 = _mm256_loadu_si256(wp.add(b * BLOCK) as *const __m256i);
+                let x0 = _mm256_loadu_si256(xp.add(b * BLOCK) as *const __m256i);
+                let p = _mm256_dpbusd_epi32(
+                    _mm256_setzero_si256(),
+                    _mm256_sign_epi8(w0, w0),
+                    _mm256_sign_epi8(x0, w0),
+                );
+                acc0 = _mm256_fmadd_ps(_mm256_set1_ps(ws[b] * xs[b]), _mm256_cvtepi32_ps(p), acc0);
+            }
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    /// Blocks `b` and `b + 1` of a Q4_1 row as 64 unsigned quants, in the activations' order.
+    #[inline(always)]
+    unsafe fn nibbles2(wp: *const u8, b: usize, low: __m512i) -> __m512i {
+        unsafe {
+            let v = _mm256_loadu_si256(wp.add(b * 16) as *const __m256i);
+            // 128-bit lanes [v_b, v_b+1, v_b >> 4, v_b+1 >> 4], then reordered to
+            // [v_b, v_b >> 4, v_b+1, v_b+1 >> 4]: each block's low nibbles, then its high ones.
+            let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4));
+            _mm512_and_si512(_mm512_shuffle_i64x2::<0b11_01_10_00>(z, z), low)
+        }
+    }
+
+    /// One Q4_1 · Q8 dot product, in [`super::avx2::dot_q4_1`]'s order: four accumulators over
+    /// blocks t, t + 1, t + 2, t + 3 (here the first two in one register, the last two in the
+    /// other), the chunk's remaining blocks into the first.
+    ///
+    /// # Safety
+    /// AVX-512 F, BW, VL, DQ, VNNI and AVX2, FMA; the lengths of [`super::avx2::dot_q4_1`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma")]
+    pub unsafe fn dot_q4_1(
+        w: &[u8],
+        d: &[f32],
+        mn: &[f32],
+        x: &[i8],
+        xs: &[f32],
+        xsum: &[f32],
+    ) -> f32 {
+        let nb = d.len();
+        debug_assert!(super::q4_1_lengths_agree(w, mn, x, xs, xsum, nb));
+        let low = _mm512_set1_epi8(0x0F);
+        // Lane i takes element i / 8 (blocks t, t + 1), or 2 + i / 8 (blocks t + 2, t + 3).
+        let halves01 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let halves23 = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+        let (mut z01, mut z23) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut min_acc = _mm256_setzero_ps();
+        let mut min_tail = 0f32;
+        let mut ds = std::mem::MaybeUninit::<[f32; CHUNK]>::uninit();
+        let ds = ds.as_mut_ptr() as *mut f32;
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut c0 = 0;
+        while c0 < nb {
+            let len = CHUNK.min(nb - c0);
+            // SAFETY: c0 + len ≤ nb, the length of every per-block array; ds holds CHUNK.
+            unsafe { chunk_scales(d, mn, xs, xsum, c0, len, ds, &mut min_acc, &mut min_tail) };
+            let mut t = 0;
+            while t + 4 <= len {
+                let b = c0 + t;
+                unsafe {
+                    let p01 = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        nibbles2(wp, b, low),
+                        _mm512_loadu_si512(xp.add(b * BLOCK) as *const _),
+                    );
+                    let p23 = _mm512_dpbusd_epi32(
+                        _mm512_setzero_si512(),
+                        nibbles2(wp, b + 2, low),
+                        _mm512_loadu_si512(xp.add((b + 2) * BLOCK) as *const _),
+                    );
+                    // The four scale products, each broadcast over its block's 8 lanes.
+                    let sc = _mm512_castps128_ps512(_mm_loadu_ps(ds.add(t)));
+                    let sc01 = _mm512_permutexvar_ps(halves01, sc);
+                    let sc23 = _mm512_permutexvar_ps(halves23, sc);
+                    z01 = _mm512_fmadd_ps(sc01, _mm512_cvtepi32_ps(p01), z01);
+                    z23 = _mm512_fmadd_ps(sc23, _mm512_cvtepi32_ps(p23), z23);
+                }
+                t += 4;
+            }
+            if t < len {
+                unsafe {
+                    let mut acc0 = lo(z01);
+                    for t in t..len {
+                        let b = c0 + t;
+                        let v = _mm_loadu_si128(wp.add(b * 16) as *const __m128i);
+                        let q = _mm256_and_si256(
+                            _mm256_set_m128i(_mm_srli_epi16(v, 4), v),
+                            _mm256_set1_epi8(0x0F),
+                        );
+                        let xv = _mm256_loadu_si256(xp.add(b * BLOCK) as *const __m256i);
+                        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
+                        acc0 = _mm256_fmadd_ps(
+                            _mm256_broadcast_ss(&*ds.add(t)),
+                            _mm256_cvtepi32_ps(p),
+                            acc0,
+                        );
+                    }
+                    z01 = _mm512_insertf32x8::<0>(z01, acc0);
+                }
+            }
+            c0 += len;
+        }
+        let sum = unsafe {
+            _mm256_add_ps(
+                _mm256_add_ps(lo(z01), hi(z01)),
+                _mm256_add_ps(lo(z23), hi(z23)),
+            )
+        };
+        hsum(sum) + hsum(min_acc) + min_tail
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,24 +694,73 @@ mod tests {
     }
 
     #[test]
-    fn the_kernel_equals_the_scalar_reference() {
-        for nb in [1, 2, 3, 18, 48] {
-            let k = nb * BLOCK;
-            let w = Q8Linear::from_f32(&data(k, 1), 1, k);
-            let x = Q8Linear::from_f32(&data(k, 2), 1, k);
-            let want = dot_scalar(&w.qs, &w.scales, &x.qs, &x.scales);
-            let got = kernel_q8()(&w.qs, &w.scales, &x.qs, &x.scales);
-            assert!(
-                (want - got).abs() <= 1e-4 * want.abs().max(1.0),
-                "{nb}: {want} vs {got}"
-            );
+    fn every_build_equals_the_scalar_reference() {
+        for s in simd::supported() {
+            for nb in [1, 2, 3, 5, 18, 48] {
+                let k = nb * BLOCK;
+                let w = Q8Linear::from_f32(&data(k, 1), 1, k);
+                let x = Q8Linear::from_f32(&data(k, 2), 1, k);
+                let want = dot_scalar(&w.qs, &w.scales, &x.qs, &x.scales);
+                let got = kernel_q8_at(s)(&w.qs, &w.scales, &x.qs, &x.scales);
+                assert!(
+                    (want - got).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{s} {nb}: {want} vs {got}"
+                );
+            }
+            // Extreme values: |q| = 127 everywhere must not overflow the pairwise i16 sums.
+            let k = 96;
+            let w = Q8Linear::from_f32(&vec![-1.0; k], 1, k);
+            let x = Q8Linear::from_f32(&vec![-1.0; k], 1, k);
+            let got = kernel_q8_at(s)(&w.qs, &w.scales, &x.qs, &x.scales);
+            // (The scale is rounded to f16: ~1.2e-4 relative.)
+            assert!((got - k as f32).abs() < 2e-4 * k as f32, "{s}: {got}");
         }
-        // Extreme values: |q| = 127 everywhere must not overflow the pairwise i16 sums.
-        let k = 64;
-        let w = Q8Linear::from_f32(&vec![-1.0; k], 1, k);
-        let x = Q8Linear::from_f32(&vec![-1.0; k], 1, k);
-        let got = kernel_q8()(&w.qs, &w.scales, &x.qs, &x.scales);
-        assert!((got - k as f32).abs() < 1e-2, "{got}");
+    }
+
+    #[test]
+    fn the_avx512_kernels_return_the_avx2_kernels_bits() {
+        if !Simd::Avx512.supported() {
+            eprintln!("skipped: this CPU has no AVX-512 ({})", simd::detected());
+            return;
+        }
+        let (q8_2, q8_5) = (kernel_q8_at(Simd::Avx2), kernel_q8_at(Simd::Avx512));
+        let (q4_2, q4_5) = (kernel_q4_1_at(Simd::Avx2), kernel_q4_1_at(Simd::Avx512));
+        // Block counts around every boundary of both kernels: odd and even, a group of four
+        // and its remainders, a chunk of 64 and past it.
+        for nb in [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 18, 48, 63, 64, 65, 70, 131] {
+            for seed in 0..4 {
+                let k = nb * BLOCK;
+                let w = Q8Linear::from_f32(&data(k, 10 + seed), 1, k);
+                let mut act = Activations::default();
+                act.quantize(&data(k, 20 + seed), 1, k);
+                let (a, b) = (
+                    q8_2(&w.qs, &w.scales, act.row(0), act.scales(0)),
+                    q8_5(&w.qs, &w.scales, act.row(0), act.scales(0)),
+                );
+                assert_eq!(a.to_bits(), b.to_bits(), "q8 nb={nb}: {a} vs {b}");
+                let lin = Q4_1Linear::from_ggml(&q4_1_bytes(&data(k, 30 + seed)), 1, k);
+                let args = (&lin.nibbles[..], &lin.d[..], &lin.min[..]);
+                let (a, b) = (
+                    q4_2(
+                        args.0,
+                        args.1,
+                        args.2,
+                        act.row(0),
+                        act.scales(0),
+                        act.sums(0),
+                    ),
+                    q4_5(
+                        args.0,
+                        args.1,
+                        args.2,
+                        act.row(0),
+                        act.scales(0),
+                        act.sums(0),
+                    ),
+                );
+                assert_eq!(a.to_bits(), b.to_bits(), "q4_1 nb={nb}: {a} vs {b}");
+            }
+        }
     }
 
     /// ggml Q4_1 bytes of a row-major `n × k` matrix (reference quantiser).
@@ -531,7 +790,7 @@ mod tests {
         let mut act = Activations::default();
         act.quantize(&x, m, k);
         let nb = k / BLOCK;
-        for j in [0, 17, n - 1] {
+        for (s, j) in simd::supported().flat_map(|s| [(s, 0), (s, 17), (s, n - 1)]) {
             let args = (
                 &lin.nibbles[j * nb * 16..(j + 1) * nb * 16],
                 &lin.d[j * nb..(j + 1) * nb],
@@ -545,7 +804,7 @@ mod tests {
                 act.scales(1),
                 act.sums(1),
             );
-            let got = kernel_q4_1()(
+            let got = kernel_q4_1_at(s)(
                 args.0,
                 args.1,
                 args.2,
@@ -555,7 +814,7 @@ mod tests {
             );
             assert!(
                 (want - got).abs() <= 1e-4 * want.abs().max(1.0),
-                "{want} vs {got}"
+                "{s}: {want} vs {got}"
             );
         }
         let mut out = vec![0f32; m * n];
