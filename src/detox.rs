@@ -319,8 +319,8 @@ fn row_chunks(rows: usize, min_chunk: usize) -> (usize, usize) {
     (chunk_rows, rows.div_ceil(chunk_rows).max(1))
 }
 
-/// The dense form's passes over the vocabulary cost about a millisecond per row: every row is
-/// worth a pool thread.
+/// The dense form's passes over the vocabulary cost a few hundred microseconds per row (with
+/// the vector `exp` of `rule`): every row is still worth a pool thread.
 const DENSE_MIN_CHUNK: usize = 1;
 /// The sparse rule costs tens of microseconds per row, a few times what handing work to a pool
 /// thread does; it runs in parallel only for batches like the server's merged ones.

@@ -20,6 +20,7 @@
 
 use crate::limits::{MAX_ALPHA, MAX_K, MAX_LOGIT, MAX_PRIOR, MIN_PRIOR};
 
+mod exp;
 mod gate;
 mod prior;
 mod skip;
@@ -414,6 +415,8 @@ pub struct RuleScratch {
     weights: Vec<f64>,
     /// The nucleus's histogram.
     nucleus: NucleusHistogram,
+    /// Each token's probability, for the nucleus.
+    probs: Vec<f32>,
     /// The gate's (distance, store) keys.
     gate_keys: Vec<u64>,
 }
@@ -447,12 +450,11 @@ pub fn log_softmax_in_place(z: &mut [f32]) -> Result<(), RuleError> {
 
 /// Numerically stable `ln Σ e^z`; −∞ for an empty or all −∞ slice.
 pub fn logsumexp(z: &[f32]) -> f32 {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = exp::max(z);
     if max == f32::NEG_INFINITY {
         return f32::NEG_INFINITY;
     }
-    let sum: f64 = z.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    max + sum.ln() as f32
+    max + exp::sum_exp(z, max).ln() as f32
 }
 
 fn logaddexp(a: f64, b: f64) -> f64 {
@@ -501,19 +503,24 @@ pub fn nucleus_filter(l: &mut [f32], filter_p: f32, scratch: &mut RuleScratch) {
     if filter_p >= 1.0 || l.is_empty() {
         return;
     }
-    let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = exp::max(l);
     if max == f32::NEG_INFINITY {
         return;
     }
     let hist = &mut scratch.nucleus;
     hist.clear();
-    for &x in l.iter() {
-        hist.push(max, x, (x as f64).exp());
+    // `l` is normalised: every entry is ≤ 0, or above it by a rounding error that the
+    // polynomial (good to |x| ≤ ln 2 / 2 after reduction) takes in its stride.
+    let p = &mut scratch.probs;
+    p.resize(l.len(), 0.0);
+    exp::exp_into(l, 0.0, p);
+    for (&x, &w) in l.iter().zip(p.iter()) {
+        hist.push(max, x, w as f64);
     }
     let cut = hist.cut(
         filter_p as f64,
         |t| rank_key(l[t], t as u32),
-        |key| (l[key as u32 as usize] as f64).exp(),
+        |key| p[key as u32 as usize] as f64,
     );
     let Some(cut) = cut else {
         // Rounding left the total below filter_p: every token is kept.
@@ -946,6 +953,11 @@ pub fn check_logits(logits: &[f32], vocab: usize) -> Result<(), RuleError> {
             got: logits.len(),
             expected: vocab,
         });
+    }
+    // One pass that vectorises (NaN and +∞ both fail `x <= MAX_LOGIT`); only a bad row pays
+    // for finding which entry and why.
+    if logits.iter().fold(true, |ok, &x| ok & (x <= MAX_LOGIT)) {
+        return Ok(());
     }
     if let Some(i) = logits
         .iter()

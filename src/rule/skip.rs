@@ -39,12 +39,25 @@ pub fn leaning_tokens(stores: &[(f32, &TokenPrior)], vocab: usize, ratio: f32, o
 /// `-inf` logits are masked tokens). The logits are finite or `-inf`, with at least one finite
 /// ([`super::check_logits`]).
 pub fn leaning_mass(logits: &[f32], tokens: &[u32]) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let total: f32 = logits.iter().map(|&z| (z - max).exp()).sum();
-    let leaning: f64 = tokens
-        .iter()
-        .filter_map(|&t| logits.get(t as usize))
-        .map(|&z| ((z - max) as f64).exp())
-        .sum();
-    leaning / total as f64
+    let max = super::exp::max(logits);
+    let total = super::exp::sum_exp(logits, max);
+    // The leaning tokens' logits gathered a block at a time, so that their e^x runs in the
+    // vector kernels too (a few thousand tokens one by one cost as much as the whole sum).
+    const BLOCK: usize = 64;
+    let (mut z, mut e) = ([0f32; BLOCK], [0f32; BLOCK]);
+    let mut leaning = 0f64;
+    let mut ids = tokens.iter().filter_map(|&t| logits.get(t as usize));
+    loop {
+        let mut n = 0;
+        for (slot, &x) in z.iter_mut().zip(ids.by_ref()) {
+            *slot = x;
+            n += 1;
+        }
+        if n == 0 {
+            break;
+        }
+        super::exp::exp_into(&z[..n], max, &mut e[..n]);
+        leaning += e[..n].iter().map(|&v| v as f64).sum::<f64>();
+    }
+    leaning / total
 }
