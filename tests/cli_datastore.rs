@@ -287,3 +287,94 @@ fn provenance_is_printed_with_its_control_characters_escaped() {
         );
     }
 }
+
+/// `goodtriever` with `GOODTRIEVER_SIMD` set.
+fn with_simd(line: &str, dir: &Path, simd: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_goodtriever"))
+        .args(line.split_whitespace())
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("GOODTRIEVER_SIMD", simd)
+        .output()
+        .unwrap()
+}
+
+fn read_npy<T: npyz::Deserialize>(path: &Path) -> Vec<T> {
+    npyz::NpyFile::new(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .into_vec()
+        .unwrap()
+}
+
+#[test]
+fn every_kernel_build_finds_the_same_neighbours_and_a_bad_cap_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // 100 wide: 32-scalar blocks, an 8-scalar step and a tail in every distance; f16 keys.
+    const W: usize = 100;
+    let (n, queries) = (300, 6);
+    let keys = rows(n * W / D, 3).0;
+    let values = rows(n, 4).1;
+    npy::write_f32(&dir.join("k.npy"), n, W, &keys).unwrap();
+    npy::write_i64(&dir.join("v.npy"), n, 1, &values).unwrap();
+    npy::write_f32(&dir.join("q.npy"), queries, W, &rows(queries * W / D, 5).0).unwrap();
+    json(
+        "datastore import --keys k.npy --values v.npy --model-id simd --dtype f16 --json st",
+        dir,
+    );
+    let search = "datastore search st --queries q.npy --k 10 --exact --out-ids ids.npy --out-dists d.npy --json";
+    let mut answers = Vec::new();
+    for simd in ["scalar", "avx2", "avx512", "auto"] {
+        let out = with_simd(search, dir, simd);
+        if !out.status.success() {
+            // Only a build this CPU lacks may be refused, and it must say so.
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                simd != "scalar"
+                    && simd != "auto"
+                    && err.contains("asks for kernels this CPU lacks"),
+                "{simd}: {err}"
+            );
+            continue;
+        }
+        let ids: Vec<i64> = read_npy(&dir.join("ids.npy"));
+        let dists: Vec<f32> = read_npy(&dir.join("d.npy"));
+        answers.push((simd, ids, dists));
+    }
+    let (_, scalar_ids, scalar_dists) = &answers[0];
+    for (simd, ids, dists) in &answers[1..] {
+        assert_eq!(ids, scalar_ids, "{simd}");
+        for (a, b) in dists.iter().zip(scalar_dists) {
+            assert!((a - b).abs() <= 1e-5 * b.max(1.0), "{simd}: {a} vs {b}");
+        }
+    }
+    // The SIMD builds agree to the bit (and `auto` is one of them).
+    let simd: Vec<_> = answers.iter().filter(|a| a.0 != "scalar").collect();
+    for pair in simd.windows(2) {
+        let bits = |d: &[f32]| d.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&pair[0].2),
+            bits(&pair[1].2),
+            "{} vs {}",
+            pair[0].0,
+            pair[1].0
+        );
+    }
+
+    // A cap that names no build is refused before anything runs: a compaction that would merge
+    // two segments changes nothing.
+    json(
+        "datastore import --keys k.npy --values v.npy --json st",
+        dir,
+    );
+    let before = json("datastore info --json st", dir);
+    assert_eq!(before["segments"].as_array().unwrap().len(), 2);
+    let bad = with_simd("datastore compact --json st", dir, "sse9");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("GOODTRIEVER_SIMD=\"sse9\" is not a kernel"),
+        "{err}"
+    );
+    assert_eq!(json("datastore info --json st", dir), before);
+}

@@ -15,7 +15,15 @@ pub mod serve;
 /// Toxicity-controlled decoding for language models (Goodtriever): kNN datastores of hidden
 /// states steer generation away from toxic continuations.
 #[derive(Debug, Parser)]
-#[command(name = "goodtriever", version, about, long_about = None)]
+#[command(
+    name = "goodtriever",
+    version,
+    about,
+    long_about = None,
+    after_help = "Environment: GOODTRIEVER_SIMD=auto|avx512|avx2|scalar caps the CPU kernels \
+                  (default auto: the widest the CPU has); GOODTRIEVER_HOME is where models are \
+                  cached (default ~/.cache/goodtriever)."
+)]
 pub struct Cli {
     /// More log output (-v info, -vv debug). RUST_LOG overrides it.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, display_order = 1000)]
@@ -85,6 +93,10 @@ pub fn init_tracing(verbose: u8, format: LogFormat) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    // A cap on the kernels that names nothing, or more than the CPU has, is refused up front
+    // rather than ignored with a warning deep in the first search.
+    let simd = goodtriever::simd::from_env()?;
+    tracing::debug!(kernels = %simd, "SIMD build");
     match cli.command {
         Command::Datastore(args) => datastore::run(args),
         Command::Adjust(args) => adjust::run(*args),
