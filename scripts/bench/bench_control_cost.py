@@ -15,6 +15,12 @@ Batch B means B samples of each prompt decoded together (`--num-samples B`), as 
 batch of B sequences would be. Settings are named `NAME=FLAGS` (`eval generate` flags), e.g.
 `full=` (the paper's rule) and `skip=--skip 0.05`. Stores are named `NAME=TOXIC,NONTOXIC`.
 
+`--simd avx2,auto` runs every configuration once per kernel build (GOODTRIEVER_SIMD, see
+docs/architecture.md §4 "Kernels"), and `--bins new=PATH old=PATH` once per binary (a
+before/after of a change); the variants alternate, `--repeat` times: an A/B on one box in one
+run. The table then gives each variant's median over the repeats, and the paired ratio of its
+ms per step to the first variant's (median, min, max over the repeats).
+
 Nothing is written into the repository: work files go to target/bench-control/.
 Prints one table and writes target/bench-control/results.json.
 
@@ -22,6 +28,7 @@ Usage: python3 scripts/bench/bench_control_cost.py
            [--stores default=datastores/toxic,datastores/nontoxic ...]
            [--settings full= "skip=--skip 0.05" ...] [--batches 1,25]
            [--prompts-batch1 12] [--prompts-batch25 2] [--tokens 32]
+           [--simd auto] [--bins new=target/release/goodtriever ...] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -75,6 +82,22 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def ratios(runs: list[dict], first: list[dict]) -> dict:
+    """Run-by-run ratio of ms per step to the first build's run of the same repeat."""
+    rs = [r["ms_per_step"] / f["ms_per_step"] for r, f in zip(runs, first)]
+    return {"median": median(rs), "min": min(rs), "max": max(rs)}
+
+
+def show(r: dict) -> str:
+    return f"{r['median']:.3f} [{r['min']:.3f}, {r['max']:.3f}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--stores", nargs="+", default=["default=datastores/toxic,datastores/nontoxic"])
@@ -85,10 +108,21 @@ def main() -> None:
     ap.add_argument("--prompts-batch25", type=int, default=2, help="prompts decoded at batch 25")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--bin", type=Path, default=BIN)
+    ap.add_argument("--bins", nargs="+", default=[f"new={BIN}"],
+                    help="binaries to compare, NAME=PATH (default: the release build)")
+    ap.add_argument("--simd", default="auto",
+                    help="kernel builds to compare, comma-separated (auto, avx512, avx2, scalar)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each build, alternating")
     args = ap.parse_args()
-    if not args.bin.exists():
-        sys.exit(f"{args.bin} is missing: cargo build --release --bin goodtriever")
+    builds = [b.strip() for b in args.simd.split(",") if b.strip()]
+    if not builds or args.repeat < 1:
+        sys.exit("--simd needs at least one build and --repeat at least 1")
+    bins = {n: Path(v) for n, v in named(args.bins, "--bins").items()}
+    for name, path in bins.items():
+        if not path.exists():
+            sys.exit(f"--bins {name}: {path} is missing: cargo build --release --bin goodtriever")
+    # Each variant is (name, binary, GOODTRIEVER_SIMD).
+    variants = [(f"{b}/{s}" if len(bins) > 1 else s, path, s) for b, path in bins.items() for s in builds]
     if not args.prompts.exists():
         sys.exit(f"{args.prompts} is missing: python3 scripts/data/make_prompts.py")
     stores = {n: v.split(",") for n, v in named(args.stores, "--stores").items()}
@@ -104,23 +138,37 @@ def main() -> None:
         for batch in batches:
             n_prompts = args.prompts_batch1 if batch == 1 else args.prompts_batch25
             for setting, flags in settings.items():
-                out = WORK / f"{sname}-b{batch}-{setting}.jsonl"
-                cmd = [str(args.bin), "eval", "generate", "--prompts", str(args.prompts),
-                       "--limit", str(n_prompts), "--num-samples", str(batch),
-                       "--max-new-tokens", str(args.tokens), "--seed", str(args.seed),
-                       "--toxic", toxic, "--nontoxic", nontoxic, "--out", str(out),
-                       *shlex.split(flags)]
-                log(f"{sname} batch {batch} {setting}: {shlex.join(cmd)}")
-                subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL)
-                per = summarise([json.loads(line) for line in out.read_text().splitlines()])
-                base, ctrl = per["base"], per["goodtriever"]
-                results.append({
-                    "stores": sname, "batch": batch, "setting": setting, "flags": flags,
-                    "prompts": n_prompts, "base_ms_per_step": base["ms_per_step"],
-                    "controlled_ms_per_step": ctrl["ms_per_step"],
-                    "added": ctrl["ms_per_step"] / base["ms_per_step"] - 1,
-                    "control_share": ctrl["control_share"], "rows_not_searched": ctrl["skipped_share"],
-                })
+                runs: dict[str, list[dict]] = {v[0]: [] for v in variants}
+                for rep in range(args.repeat):
+                    for vname, binary, build in variants:
+                        out = WORK / f"{sname}-b{batch}-{setting}-{vname.replace('/', '-')}-{rep}.jsonl"
+                        cmd = [str(binary), "eval", "generate", "--prompts", str(args.prompts),
+                               "--limit", str(n_prompts), "--num-samples", str(batch),
+                               "--max-new-tokens", str(args.tokens), "--seed", str(args.seed),
+                               "--toxic", toxic, "--nontoxic", nontoxic, "--out", str(out),
+                               *shlex.split(flags)]
+                        log(f"{sname} batch {batch} {setting} {vname} run {rep + 1}: "
+                            f"GOODTRIEVER_SIMD={build} {shlex.join(cmd)}")
+                        env = dict(os.environ, GOODTRIEVER_SIMD=build)
+                        subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL, env=env)
+                        per = summarise([json.loads(line) for line in out.read_text().splitlines()])
+                        runs[vname].append(per)
+                first = runs[variants[0][0]]
+                for vname, _, _ in variants:
+                    base = [r["base"] for r in runs[vname]]
+                    ctrl = [r["goodtriever"] for r in runs[vname]]
+                    results.append({
+                        "stores": sname, "batch": batch, "setting": setting, "flags": flags,
+                        "simd": vname, "runs": args.repeat,
+                        "prompts": n_prompts,
+                        "base_ms_per_step": median([b["ms_per_step"] for b in base]),
+                        "controlled_ms_per_step": median([c["ms_per_step"] for c in ctrl]),
+                        "added": median([c["ms_per_step"] / b["ms_per_step"] - 1 for b, c in zip(base, ctrl)]),
+                        "control_share": median([c["control_share"] for c in ctrl]),
+                        "rows_not_searched": median([c["skipped_share"] for c in ctrl]),
+                        "base_ratio": ratios(base, [r["base"] for r in first]),
+                        "controlled_ratio": ratios(ctrl, [r["goodtriever"] for r in first]),
+                    })
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "load_avg_1m_end": os.getloadavg()[0]},
@@ -129,12 +177,16 @@ def main() -> None:
     }
     (WORK / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{args.tokens} new tokens per sequence, seed {args.seed}; base and controlled interleaved per prompt.")
-    print("| stores | batch | setting | base ms/step | controlled ms/step | added | control share | rows not searched |")
-    print("|---|---|---|---|---|---|---|---|")
+    if args.repeat > 1:
+        print(f"Medians over {args.repeat} runs of each variant; ratios to {variants[0][0]} pair by pair "
+              "(median [min, max]).")
+    print("| stores | batch | setting | variant | base ms/step | controlled ms/step | added | control share "
+          "| rows not searched | base ratio | controlled ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['stores']} | {r['batch']} | {r['setting']} | {r['base_ms_per_step']:.1f} | "
+        print(f"| {r['stores']} | {r['batch']} | {r['setting']} | {r['simd']} | {r['base_ms_per_step']:.1f} | "
               f"{r['controlled_ms_per_step']:.1f} | {r['added']:+.0%} | {r['control_share']:.0%} | "
-              f"{r['rows_not_searched']:.0%} |")
+              f"{r['rows_not_searched']:.0%} | {show(r['base_ratio'])} | {show(r['controlled_ratio'])} |")
     print(f"\nTotal {report['total_s'] / 60:.1f} min; {report['machine']}")
 
 
