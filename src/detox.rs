@@ -292,6 +292,11 @@ impl DetoxScratch {
         self.reuse.rows = keep.len();
     }
 
+    /// The reuse setting of this scratch (`None`: off).
+    pub fn reuse_params(&self) -> Option<ReuseParams> {
+        self.reuse.params
+    }
+
     /// What reuse did over this scratch's calls so far.
     pub fn reuse_stats(&self) -> ReuseStats {
         self.reuse.stats

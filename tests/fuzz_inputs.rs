@@ -1001,9 +1001,14 @@ mod server {
                 1 => any::<u32>()
             ]),
             prop::option::of(float()),
-            // Skipping: the threshold and the ratio.
-            prop::option::of(float()),
-            prop::option::of(float()),
+            // Skipping: the threshold and the ratio; reuse (refused by a unary call): its
+            // share and radius.
+            (
+                prop::option::of(float()),
+                prop::option::of(float()),
+                prop::option::of(float()),
+                prop::option::of(float()),
+            ),
         )
             .prop_map(
                 |(
@@ -1016,8 +1021,7 @@ mod server {
                     gate,
                     gate_neighbours,
                     prior,
-                    skip,
-                    skip_ratio,
+                    (skip, skip_ratio, reuse, reuse_radius),
                 )| {
                     proto::Overrides {
                         alpha,
@@ -1031,6 +1035,8 @@ mod server {
                         prior,
                         skip,
                         skip_ratio,
+                        reuse,
+                        reuse_radius,
                     }
                 },
             )
@@ -1043,16 +1049,25 @@ mod server {
             enum_value(2),
             prop::option::of(overrides()),
             any::<u64>(),
+            // Now and then a continuation of a previous step (reuse), of any length and content.
+            prop::option::weighted(0.15, prop::collection::vec(any::<u32>(), 0..3)),
+            prop::option::weighted(0.15, prop::collection::vec(0u32..4, 0..3)),
         )
             .prop_map(
-                |(hidden, logits, form, overrides, step)| proto::AdjustRequest {
-                    hidden,
-                    logits,
-                    form,
-                    overrides,
-                    step,
-                    // Explain is a separate, unmerged path (tests/server_e2e.rs).
-                    explain: None,
+                |(hidden, logits, form, overrides, step, emitted, continued)| {
+                    let (emitted_tokens, continued_rows) =
+                        (emitted.unwrap_or_default(), continued.unwrap_or_default());
+                    proto::AdjustRequest {
+                        hidden,
+                        logits,
+                        form,
+                        overrides,
+                        step,
+                        // Explain is a separate, unmerged path (tests/server_e2e.rs).
+                        explain: None,
+                        emitted_tokens,
+                        continued_rows,
+                    }
                 },
             )
     }

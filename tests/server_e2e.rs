@@ -195,6 +195,8 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
         prior: Some(0.5),
         skip: None,
         skip_ratio: None,
+        reuse: None,
+        reuse_radius: None,
     };
     let resp = client
         .adjust(proto::AdjustRequest {

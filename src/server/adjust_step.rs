@@ -14,6 +14,7 @@ use super::convert::{self, Finite, WireDType};
 use super::proto;
 use super::status;
 use crate::detox::{AdjustOptions, DetoxError, Detoxifier};
+use crate::reuse::ReuseParams;
 use crate::rule::{Mode, SparseRow};
 use crate::steps::{OutputRows, Step, StepInput, StepOutput, StepPlan};
 
@@ -27,6 +28,8 @@ pub(super) struct GrpcStep {
     logits: Option<convert::Shape>,
     dim: usize,
     vocab: usize,
+    /// Reusing neighbours, when the request asks for it (AdjustStream only).
+    pub(super) reuse: Option<ReuseParams>,
 }
 
 impl Step for GrpcStep {
@@ -73,8 +76,13 @@ impl Step for GrpcStep {
             num_rows: self.plan.rows as u32,
             vocab_size: self.vocab as u32,
             step: self.req.step,
-            params: Some(params_proto(&out.plan.opts)),
+            params: Some(proto::Params {
+                reuse: self.reuse.map_or(0.0, |r| r.min),
+                reuse_radius: self.reuse.map_or(0.0, |r| r.radius),
+                ..params_proto(&out.plan.opts)
+            }),
             engine_micros: out.engine_time.as_micros() as u64,
+            rows_reused: out.reused as u32,
             ..Default::default()
         };
         match out.rows {
@@ -249,6 +257,7 @@ impl GrpcStep {
         } else {
             None
         };
+        let reuse = reuse_of(&req, hs.rows, vocab)?;
         Ok(GrpcStep {
             plan: StepPlan {
                 opts,
@@ -259,6 +268,7 @@ impl GrpcStep {
             logits,
             dim,
             vocab,
+            reuse,
             req,
         })
     }
@@ -300,7 +310,72 @@ pub(super) fn params_proto(o: &AdjustOptions) -> proto::Params {
         prior: o.params.prior,
         skip: o.params.skip,
         skip_ratio: o.params.skip_ratio,
+        reuse: 0.0,
+        reuse_radius: 0.0,
     }
+}
+
+/// The request's reuse setting, and its emitted tokens checked against its rows.
+fn reuse_of(
+    req: &proto::AdjustRequest,
+    rows: usize,
+    vocab: usize,
+) -> Result<Option<ReuseParams>, Status> {
+    let o = req.overrides.as_ref();
+    let min = o.and_then(|o| o.reuse).filter(|&m| m != 0.0);
+    let radius = o.and_then(|o| o.reuse_radius);
+    let Some(min) = min else {
+        if radius.is_some() {
+            return Err(Status::invalid_argument(
+                "overrides.reuse_radius is set without overrides.reuse: set reuse too, or leave the radius out",
+            ));
+        }
+        if !req.emitted_tokens.is_empty() || !req.continued_rows.is_empty() {
+            return Err(Status::invalid_argument(
+                "emitted_tokens and continued_rows are only read with overrides.reuse: set it, or leave them out",
+            ));
+        }
+        return Ok(None);
+    };
+    let params = ReuseParams {
+        min,
+        radius: radius.unwrap_or(ReuseParams::default().radius),
+        audit: false,
+    };
+    params
+        .validate()
+        .map_err(|e| Status::invalid_argument(format!("overrides: {e}")))?;
+    if !req.emitted_tokens.is_empty() && req.emitted_tokens.len() != rows {
+        return Err(Status::invalid_argument(format!(
+            "emitted_tokens has {} ids for {rows} hidden rows: send one emitted token per row, or none",
+            req.emitted_tokens.len()
+        )));
+    }
+    if let Some(i) = req.emitted_tokens.iter().position(|&t| t as usize >= vocab) {
+        return Err(Status::invalid_argument(format!(
+            "emitted_tokens[{i}] = {} is outside the vocabulary of {vocab} tokens",
+            req.emitted_tokens[i]
+        )));
+    }
+    if !req.continued_rows.is_empty() {
+        if req.emitted_tokens.is_empty() {
+            return Err(Status::invalid_argument(
+                "continued_rows is set without emitted_tokens: send the token each row emitted too",
+            ));
+        }
+        if req.continued_rows.len() != rows {
+            return Err(Status::invalid_argument(format!(
+                "continued_rows has {} entries for {rows} hidden rows: name the previous step's row each row continues",
+                req.continued_rows.len()
+            )));
+        }
+        if req.continued_rows.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Status::invalid_argument(
+                "continued_rows must be strictly ascending: rows keep their order from one step to the next",
+            ));
+        }
+    }
+    Ok(Some(params))
 }
 
 #[cfg(test)]

@@ -114,6 +114,7 @@ pub(super) fn adjust_explained(
     };
     let mut resp = step.answer(
         StepOutput {
+            reused: 0,
             plan: &plan,
             engine_time,
             rows,

@@ -93,6 +93,11 @@ impl Shared {
         req: proto::AdjustRequest,
     ) -> Result<proto::AdjustResponse, Status> {
         let step = self.check(req)?;
+        if step.reuse.is_some() {
+            return Err(Status::invalid_argument(
+                "overrides.reuse needs AdjustStream: a unary Adjust has no previous step whose neighbours it could follow",
+            ));
+        }
         if let Some(options) = step.req.explain {
             // A debugging call: computed alone on the blocking pool, not merged (it copies
             // vocabulary-sized rows and reads the stores' source files).

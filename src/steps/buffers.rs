@@ -35,6 +35,9 @@ pub struct StepOutput<'a> {
     pub plan: &'a StepPlan,
     /// How long the engine call took (shared by every step merged into it).
     pub engine_time: Duration,
+    /// How many of the call's rows were answered from reused neighbours (only a step computed
+    /// alone with its own buffers reuses, so these are the step's own rows).
+    pub reused: usize,
     /// The step's rows.
     pub rows: OutputRows<'a>,
 }
@@ -129,6 +132,7 @@ impl<S: Step> StepBuffers<S> {
             StepOutput {
                 plan,
                 engine_time,
+                reused: self.scratch.last_reused(),
                 rows: out,
             },
             &mut self.wire,

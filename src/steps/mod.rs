@@ -20,6 +20,11 @@
 //!   encoding scratch ([`Step::Wire`]) come from a pool (`src/steps/buffers.rs`), so a steady
 //!   stream of steps reuses the same allocations. Buffers belong to a step, not to a client's
 //!   stream: a stream spends most of its life waiting for its next forward pass.
+//! - **Own buffers for state across steps.** A caller whose steps need memory from one step to
+//!   the next (a stream that reuses its rows' neighbours, docs/architecture.md §1.6) keeps an
+//!   [`OwnBuffers`] instead and computes with it ([`StepEngine::try_inline_own`],
+//!   [`StepEngine::run_own`]): under the same permits, but alone, never merged, since the
+//!   memory belongs to its rows only.
 //!
 //! A step is checked before it is queued, so a bad request is refused with its own error and
 //! never fails the others; if a merged engine call fails anyway, each step of that group is
@@ -37,7 +42,7 @@ use tokio::sync::{oneshot, Semaphore, SemaphorePermit};
 
 pub use buffers::{OutputRows, StepInput, StepOutput};
 
-use crate::detox::{AdjustOptions, DetoxError, Detoxifier};
+use crate::detox::{AdjustOptions, DetoxError, DetoxScratch, Detoxifier};
 use buffers::StepBuffers;
 use queue::WaitQueue;
 
@@ -114,6 +119,23 @@ impl StepObserver for NoObserver {}
 
 type Answer<S> = Result<<S as Step>::Answer, <S as Step>::Error>;
 
+/// A caller's own engine buffers, kept from one of its steps to the next (see the module docs):
+/// the scratch holds what its rows' next step may reuse.
+pub struct OwnBuffers<S: Step>(StepBuffers<S>);
+
+impl<S: Step> Default for OwnBuffers<S> {
+    fn default() -> Self {
+        Self(StepBuffers::default())
+    }
+}
+
+impl<S: Step> OwnBuffers<S> {
+    /// The engine scratch the caller's steps compute with (to set reuse and report tokens).
+    pub fn scratch(&mut self) -> &mut DetoxScratch {
+        &mut self.0.scratch
+    }
+}
+
 /// Concurrent steps onto one engine: permits, the merge queue and the buffer pool (see the
 /// module docs). Share it as `Arc<StepEngine<S>>`.
 pub struct StepEngine<S: Step> {
@@ -181,6 +203,37 @@ impl<S: Step> StepEngine<S> {
             Some(_permit) => Ok(self.run_alone(&step)),
             None => Err(step),
         }
+    }
+
+    /// Computes `step` with the caller's own buffers on the calling thread if a core is free;
+    /// `None` (nothing computed) otherwise.
+    pub fn try_inline_own(&self, step: &S, own: &mut OwnBuffers<S>) -> Option<Answer<S>> {
+        let _permit = self.try_permit()?;
+        Some(self.compute_alone(step, &mut own.0, Instant::now()))
+    }
+
+    /// Waits for a core, then computes `step` with the caller's own buffers, which come back
+    /// with the answer (fresh ones if the pool lost them: the caller's memory is then gone).
+    pub async fn run_own(
+        self: &Arc<Self>,
+        step: S,
+        mut own: Box<OwnBuffers<S>>,
+    ) -> (Answer<S>, Box<OwnBuffers<S>>) {
+        let _permit = match self.cpu.acquire().await {
+            Ok(p) => p,
+            Err(_) => return (Err(StepError::ShuttingDown.into()), own),
+        };
+        if Handle::current().runtime_flavor() == RuntimeFlavor::MultiThread {
+            let answer = self.compute_alone(&step, &mut own.0, Instant::now());
+            return (answer, own);
+        }
+        let engine = self.clone();
+        on_pool(move || {
+            let answer = engine.compute_alone(&step, &mut own.0, Instant::now());
+            (answer, own)
+        })
+        .await
+        .unwrap_or_else(|| (Err(StepError::Dropped.into()), Box::default()))
     }
 
     fn try_permit(&self) -> Option<SemaphorePermit<'_>> {

@@ -30,7 +30,7 @@ _MODE_NAMES = {v: k for k, v in MODES.items()}
 
 _OVERRIDE_KEYS = (
     "alpha", "temperature", "k", "filter_p", "mode", "lam", "gate", "gate_neighbours", "prior",
-    "skip", "skip_ratio",
+    "skip", "skip_ratio", "reuse", "reuse_radius",
 )
 
 # What `adjust` answers: a sparse `Bias`, or dense log-probabilities [B, V].
@@ -81,6 +81,8 @@ class Bias:
     params: Dict[str, Any] = field(default_factory=dict)
     # Time the server's engine spent on this answer; a round trip minus this is transport cost.
     engine_micros: int = 0
+    # Rows answered from their last step's neighbours' successors instead of a search (reuse).
+    rows_reused: int = 0
 
 
 def _to_numpy(x: ArrayLike) -> npt.NDArray[Any]:
@@ -115,7 +117,8 @@ def _overrides(opts: Dict[str, Any]) -> Optional[pb.Overrides]:
     if not any(v is not None for v in opts.values()):
         return None
     o = pb.Overrides()
-    for key in ("alpha", "temperature", "filter_p", "gate", "prior", "skip", "skip_ratio"):
+    for key in ("alpha", "temperature", "filter_p", "gate", "prior", "skip", "skip_ratio", "reuse",
+                "reuse_radius"):
         if opts.get(key) is not None:
             setattr(o, key, float(opts[key]))
     for key in ("k", "gate_neighbours"):
@@ -143,6 +146,8 @@ def _params_dict(p: pb.Params) -> Dict[str, Any]:
         "prior": p.prior,
         "skip": p.skip,
         "skip_ratio": p.skip_ratio,
+        "reuse": p.reuse,
+        "reuse_radius": p.reuse_radius,
     }
 
 
@@ -174,6 +179,7 @@ def _unpack(resp: pb.AdjustResponse) -> Answer:
             step=resp.step,
             params=_params_dict(resp.params),
             engine_micros=resp.engine_micros,
+            rows_reused=resp.rows_reused,
         )
     return np.frombuffer(resp.log_probs, dtype="<f4").reshape(resp.num_rows, resp.vocab_size)
 
@@ -184,8 +190,14 @@ def _request(
     form: Optional[str],
     opts: Dict[str, Any],
     step: int = 0,
+    emitted_tokens: Optional[ArrayLike] = None,
+    continued_rows: Optional[Sequence[int]] = None,
 ) -> pb.AdjustRequest:
     req = pb.AdjustRequest(hidden=_pack(hidden, "hidden"), step=step)
+    if emitted_tokens is not None:
+        req.emitted_tokens.extend(int(t) for t in np.asarray(_to_numpy(emitted_tokens)).reshape(-1))
+    if continued_rows is not None:
+        req.continued_rows.extend(int(r) for r in continued_rows)
     if logits is not None:
         req.logits.CopyFrom(_pack(logits, "logits"))
     if form is not None:
@@ -360,7 +372,9 @@ class Client:
         return PendingAdjust(self._stub.Adjust.future(req, timeout=self.timeout))
 
     def session(self, **overrides: Any) -> "Session":
-        """A streaming session for one generation: one `step()` per decoding step."""
+        """A streaming session for one generation: one `step()` per decoding step. Overrides
+        apply to every step; `reuse=MIN` (with `reuse_radius`) lets the server answer a row from
+        its last step's neighbours' successors (streams only; see `Session.step`)."""
         return Session(self, overrides)
 
     def add_examples(
@@ -452,6 +466,9 @@ class Session:
         self._lock = threading.Lock()
         self._responses: Iterator[pb.AdjustResponse] = client._stub.AdjustStream(self._requests())
         self._closed = False
+        # Rows of the last step, and of all steps, answered from reused neighbours (reuse).
+        self.rows_reused = 0
+        self.total_rows_reused = 0
 
     def _requests(self) -> Iterator[object]:
         while True:
@@ -461,12 +478,24 @@ class Session:
             yield item
 
     def step(
-        self, hidden: ArrayLike, logits: Optional[ArrayLike] = None, *, form: Optional[str] = None
+        self,
+        hidden: ArrayLike,
+        logits: Optional[ArrayLike] = None,
+        *,
+        form: Optional[str] = None,
+        emitted_tokens: Optional[ArrayLike] = None,
+        continued_rows: Optional[Sequence[int]] = None,
     ) -> Answer:
+        """One decoding step. With `reuse` among the session's overrides, pass from the second
+        step on `emitted_tokens`: the token each row's sequence emitted after the previous step
+        (one per row), and, when some sequences finished, `continued_rows`: which rows of the
+        previous step these rows continue (ascending). `rows_reused` then says how many rows
+        the server answered from their last neighbours' successors instead of a search."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("this session is closed")
-            req = _request(hidden, logits, form, self._opts, step=self._step)
+            req = _request(hidden, logits, form, self._opts, step=self._step,
+                           emitted_tokens=emitted_tokens, continued_rows=continued_rows)
             self._queue.put(req)
             try:
                 resp = next(self._responses)
@@ -476,6 +505,8 @@ class Session:
             if resp.step != self._step:
                 raise RuntimeError(f"answer for step {resp.step} arrived for step {self._step}")
             self._step += 1
+            self.rows_reused = resp.rows_reused
+            self.total_rows_reused += resp.rows_reused
             return _unpack(resp)
 
     def close(self) -> None:

@@ -124,6 +124,34 @@ def test_a_session_answers_100_steps_in_order(client):
         np.testing.assert_array_equal(unary.rows[0].values, a.rows[0].values)
 
 
+def test_a_reusing_session_follows_the_emitted_token(client):
+    """With `reuse`, a row whose sequence emitted a token its neighbours predicted is answered
+    from their successors: here the next query sits on the successor of one of them."""
+    keys, values = make_keys(300, 1)  # the toxic store, as imported (before any add)
+    k = 16
+    q0 = keys[40] + 0.01
+    near = np.argsort(((keys - q0) ** 2).sum(axis=1))[:k]
+    r = int(next(i for i in near if i + 1 < len(keys)))
+    with client.session(k=k, mode="toxic-only", reuse=0.05, reuse_radius=4.0) as s:
+        first = s.step(q0[None, :])
+        assert first.rows_reused == 0 and first.params["reuse"] == pytest.approx(0.05)
+        second = s.step(keys[r + 1][None, :] + 0.01, emitted_tokens=[values[r]])
+        assert second.rows_reused == 1 and s.total_rows_reused == 1
+        # A token no neighbour predicted leaves nothing to follow: searched.
+        unpredicted = next(t for t in range(VOCAB) if t not in set(values[near]))
+        third = s.step(keys[r + 2][None, :], emitted_tokens=[unpredicted])
+        assert third.rows_reused == 0
+    # A continuation that does not match the previous step ends the session with a sentence.
+    with client.session(reuse=0.05) as s:
+        s.step(queries(2, 5))
+        with pytest.raises(GoodtrieverError) as e:
+            s.step(queries(1, 6), emitted_tokens=[1])
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "continued_rows" in e.value.details
+    with client.session(reuse=0.05) as s:
+        s.step(queries(2, 5))
+        s.step(queries(1, 6), emitted_tokens=[1], continued_rows=[1])
+
+
 def test_calls_in_flight_together_each_get_their_own_answer(client):
     """`adjust_future` sends at once; answers arrive for their own requests, whatever the order
     they are waited for in, and a refused call raises from `result()`."""
