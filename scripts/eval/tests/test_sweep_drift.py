@@ -159,3 +159,60 @@ def test_frontier_compares_each_run_with_the_base_prompt_by_prompt():
     assert frontier.parse_alphas(["gate=2,8"]) == {"gate": (2.0, 8.0)}
     with pytest.raises(SystemExit):
         frontier.parse_alphas(["nope=1"])
+
+
+def test_frontier_second_scores_and_source_subsets(tmp_path):
+    import json
+
+    import frontier
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "source": s}) + "\n"
+                               for p, s in [("a", "brown"), ("b", "davidson"), ("c", "brown"), ("d", "sotu")]))
+    subsets = frontier.source_subsets(prompts, 3)  # the 4th prompt is beyond n: no "sotu" subset
+    assert sorted(subsets) == ["source:brown", "source:davidson"]
+    assert subsets["source:brown"]({"source": "brown"}) and not subsets["source:brown"]({"source": "davidson"})
+    # Two prompts x two samples; the subset "one" holds prompt 0 only.
+    gens = [{"prompt_index": i, "continuation": ""} for i in (0, 0, 1, 1)]
+    metrics = {"all": {"per_prompt": {"max_toxicity": {"0": 0.0, "1": 0.0}}},
+               "one": {"per_prompt": {"max_toxicity": {"0": 0.0}}}}
+    frontier.add_second_scores(metrics, gens, [0.2, 0.6, 0.1, 0.3])
+    assert metrics["all"]["per_prompt"]["max_toxicity2"] == {"0": 0.6, "1": 0.3}
+    assert metrics["all"]["emt2"] == pytest.approx(0.45)
+    assert metrics["one"]["emt2"] == pytest.approx(0.6) and metrics["one"]["per_prompt"]["max_toxicity2"] == {"0": 0.6}
+    # The paired comparison carries the second scorer's change.
+    base = {"emt": 0.5, "emt2": 0.45, "per_prompt": {"max_toxicity": {"0": 0.5, "1": 0.5},
+            "max_toxicity2": {"0": 0.6, "1": 0.3}, "dist_1": {"0": 0.8}, "dist_2": {"0": 0.9}}}
+    run = {"emt": 0.25, "emt2": 0.15, "per_prompt": {"max_toxicity": {"0": 0.25, "1": 0.25},
+           "max_toxicity2": {"0": 0.2, "1": 0.1}, "dist_1": {"0": 0.8}, "dist_2": {"0": 0.9}}}
+    c = frontier.compare(base, run)
+    assert c["max_toxicity2"]["diff"] == pytest.approx(-0.3)
+    assert c["emt2_rel"] == pytest.approx(-2 / 3)
+
+
+def test_second_scorer_splits_by_the_prompts_rule_and_ranks_held_out_tweets(tmp_path):
+    pytest.importorskip("sklearn")
+    import second_scorer
+
+    held = [str(i) for i in range(4000) if mp.davidson_is_heldout(str(i))][:20]
+    rest = [str(i) for i in range(4000) if not mp.davidson_is_heldout(str(i))][:200]
+    path = tmp_path / "labeled.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["", "count", "hate_speech", "offensive_language", "neither", "class", "tweet"])
+        for n, idx in enumerate(rest + held):
+            toxic = n % 2 == 0
+            text = f"you stupid ugly jerk number {n}" if toxic else f"lovely sunny garden walk number {n}"
+            w.writerow([idx, 3, 0, 3 if toxic else 0, 0 if toxic else 3, 1 if toxic else 2, text])
+    train, held_out = second_scorer.labelled_tweets(path)
+    assert len(train) == 200 and len(held_out) == 20
+    cache = tmp_path / "scorer.pkl"
+    fitted = second_scorer.fit(path, cache)
+    assert fitted["meta"]["held_out_auc"] == pytest.approx(1.0)
+    a, b = second_scorer.score(["what a stupid ugly jerk", "a sunny garden walk"], fitted)
+    assert a > 0.5 > b
+    # The cache is reused while the CSV is unchanged, and refitted once it changes.
+    assert second_scorer.fit(path, cache)["meta"] == fitted["meta"]
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerow([rest[0] + "0000", 3, 0, 0, 3, 2, "another calm day"])
+    assert second_scorer.fit(path, cache)["meta"]["csv_sha256"] != fitted["meta"]["csv_sha256"]
