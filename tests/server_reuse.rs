@@ -178,7 +178,27 @@ async fn a_stream_walks_the_path_from_successors() {
         assert_eq!(resp.params.unwrap().reuse, 0.0);
     }
     assert_eq!(searches(&f), (6, 6));
+
+    // The metrics count the reusing steps' rows and the ones not searched.
+    let metrics = scrape(server.metrics_addr).await;
+    for line in [
+        "goodtriever_reuse_rows_total 9",
+        "goodtriever_reused_rows_total 6",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
     server.stop().await;
+}
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.unwrap();
+    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

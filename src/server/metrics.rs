@@ -109,6 +109,10 @@ pub struct Metrics {
     merged: Histogram,
     store_rows: IntGaugeVec,
     store_segments: IntGaugeVec,
+    /// Rows of stream steps that asked for reuse, and of those the ones answered from their
+    /// last neighbours' successors.
+    reuse_rows: IntCounter,
+    reused_rows: IntCounter,
     http: HttpMetrics,
 }
 
@@ -253,6 +257,16 @@ impl Metrics {
             &["store"],
         )
         .expect("valid metric");
+        let reuse_rows = IntCounter::new(
+            "reuse_rows_total",
+            "Rows of AdjustStream steps that asked for reuse (overrides.reuse)",
+        )
+        .expect("valid metric");
+        let reused_rows = IntCounter::new(
+            "reused_rows_total",
+            "Of those, rows answered from their last step's neighbours' successors, not searched",
+        )
+        .expect("valid metric");
         let http = HttpMetrics::new();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -263,6 +277,8 @@ impl Metrics {
             Box::new(merged.clone()),
             Box::new(store_rows.clone()),
             Box::new(store_segments.clone()),
+            Box::new(reuse_rows.clone()),
+            Box::new(reused_rows.clone()),
         ]
         .into_iter()
         .chain(http.collectors())
@@ -279,8 +295,16 @@ impl Metrics {
             merged,
             store_rows,
             store_segments,
+            reuse_rows,
+            reused_rows,
             http,
         }
+    }
+
+    /// A reusing stream step of `rows` rows answered `reused` of them from successors.
+    pub fn reuse(&self, rows: usize, reused: usize) {
+        self.reuse_rows.inc_by(rows as u64);
+        self.reused_rows.inc_by(reused as u64);
     }
 
     /// An HTTP API request ended with `outcome` (`http_requests_total`).

@@ -161,6 +161,9 @@ impl StepStream {
     fn keep_own(&mut self, own: Own, rows: usize, answer: &Answer) {
         self.own_rows = answer.is_ok().then_some(rows);
         self.own = Some(own);
+        if let Ok(a) = answer {
+            self.shared.metrics.reuse(rows, a.rows_reused as usize);
+        }
     }
 
     /// A step answered while being polled: recorded, then handed out.
