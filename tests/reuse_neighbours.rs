@@ -12,7 +12,7 @@ use std::sync::Arc;
 use goodtriever::datastore::{Neighbour, SearchParams};
 use goodtriever::detox::{AdjustOptions, ControlStore, DetoxError, DetoxScratch, Detoxifier};
 use goodtriever::reuse::{ReuseParamError, ReuseParams};
-use goodtriever::rule::{Mode, RuleParams};
+use goodtriever::rule::Mode;
 use goodtriever::store::Store;
 use path_stores::*;
 use wrapped_store::Wrapped;
@@ -37,16 +37,6 @@ fn fixture(sources: bool) -> Fixture {
         _tmp: tmp,
         toxic,
         nontoxic,
-    }
-}
-
-fn opts() -> AdjustOptions {
-    AdjustOptions {
-        params: RuleParams {
-            k: COPIES,
-            ..RuleParams::default()
-        },
-        mode: Mode::Ensemble,
     }
 }
 

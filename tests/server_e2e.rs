@@ -16,7 +16,6 @@ use goodtriever::server::proto::{self, Tensor};
 use goodtriever::server::{AdminAuth, Limits, ServeOptions, Server, TextEncoder};
 use half::{bf16, f16};
 use server_support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Code, Request};
 
 const TOKEN: &str = "test-admin-token";
@@ -992,16 +991,6 @@ async fn every_bad_input_gets_the_right_code_and_the_server_keeps_serving() {
         err.message()
     );
     server.stop().await;
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    buf
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

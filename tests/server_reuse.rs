@@ -11,13 +11,12 @@ mod wrapped_store;
 use std::sync::Arc;
 
 use goodtriever::datastore::SearchParams;
-use goodtriever::detox::{AdjustOptions, ControlStore, DetoxScratch, Detoxifier};
-use goodtriever::rule::{Mode, RuleParams};
+use goodtriever::detox::{ControlStore, DetoxScratch, Detoxifier};
 use goodtriever::server::proto::{self, Tensor};
 use goodtriever::server::ServeOptions;
 use goodtriever::store::Store;
 use path_stores::*;
-use server_support::{bytes_f32, f32_bytes, start};
+use server_support::{bytes_f32, f32_bytes, http_get, start};
 use tonic::Code;
 use wrapped_store::Wrapped;
 
@@ -29,16 +28,6 @@ struct Fixture {
     engine: Arc<Detoxifier>,
     /// The same stores without counters, for the answers a full search gives.
     reference: Detoxifier,
-}
-
-fn opts() -> AdjustOptions {
-    AdjustOptions {
-        params: RuleParams {
-            k: COPIES,
-            ..RuleParams::default()
-        },
-        mode: Mode::Ensemble,
-    }
 }
 
 fn fixture() -> Fixture {
@@ -180,7 +169,7 @@ async fn a_stream_walks_the_path_from_successors() {
     assert_eq!(searches(&f), (6, 6));
 
     // The metrics count the reusing steps' rows and the ones not searched.
-    let metrics = scrape(server.metrics_addr).await;
+    let metrics = http_get(server.metrics_addr, "/metrics").await;
     for line in [
         "goodtriever_reuse_rows_total 9",
         "goodtriever_reused_rows_total 6",
@@ -188,17 +177,6 @@ async fn a_stream_walks_the_path_from_successors() {
         assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
     }
     server.stop().await;
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
-    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    conn.read_to_string(&mut body).await.unwrap();
-    body
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use goodtriever::datastore::{
     CreateOptions, Datastore, KeyDtype, Keys, Provenance, RowSources, SourceSpan,
 };
+use goodtriever::detox::AdjustOptions;
 use goodtriever::fingerprint::{KeyType, ModelFingerprint};
+use goodtriever::rule::{Mode, RuleParams};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -101,4 +103,15 @@ pub fn at(ts: &[usize]) -> Vec<f32> {
 
 pub fn logits(rows: usize) -> Vec<f32> {
     (0..rows * VOCAB).map(|i| (i % 11) as f32 * 0.3).collect()
+}
+
+/// The paper's rule over both path stores, k = one neighbour per copy.
+pub fn opts() -> AdjustOptions {
+    AdjustOptions {
+        params: RuleParams {
+            k: COPIES,
+            ..RuleParams::default()
+        },
+        mode: Mode::Ensemble,
+    }
 }
