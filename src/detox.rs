@@ -304,12 +304,7 @@ impl DetoxScratch {
 
     /// How many rows of the last call were answered from reused neighbours.
     pub fn last_reused(&self) -> usize {
-        self.reuse
-            .reused
-            .iter()
-            .take(self.last_rows)
-            .filter(|&&r| r)
-            .count()
+        self.reuse.last_reused
     }
 }
 
@@ -687,6 +682,7 @@ impl Detoxifier {
         let memory = &mut scratch.reuse;
         memory.reused.clear();
         memory.reused.resize(rows, false);
+        memory.last_reused = 0;
         let pending = std::mem::take(&mut memory.pending) && memory.tokens.len() == rows;
         let Some(params) = memory.params else {
             return 0;
@@ -745,6 +741,7 @@ impl Detoxifier {
             reused += every as usize;
         }
         memory.stats.reused += (reused * range.len()) as u64;
+        memory.last_reused = reused;
         reused
     }
 

@@ -168,8 +168,10 @@ pub(crate) struct ReuseMemory {
     pub prev: Vec<Vec<Vec<Neighbour>>>,
     /// `radius[store][row]`: squared k-th distance of the row's last full search (0: none).
     pub radius: Vec<Vec<f32>>,
-    /// Per row of the last call: answered from successors, not searched.
+    /// Per row of the last call: answered from successors, not searched; and how many were
+    /// (read by every step's answer, so counted once per call, not per answer).
     pub reused: Vec<bool>,
+    pub last_reused: usize,
     /// `ok[store][row]`: the store kept enough successors for the row.
     pub ok: Vec<Vec<bool>>,
     pub stats: ReuseStats,

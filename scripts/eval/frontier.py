@@ -235,6 +235,11 @@ def fmt_delta(c: dict | None, key: str, digits: int = 3, rel: str | None = None)
     return f"{c[key]['diff']:+.{digits}f} ± {c[key]['se']:.{digits}f}{tail}"
 
 
+def second_cells(m: dict, delta, second) -> str:
+    """The second scorer's EMT and its paired change as two table cells, or nothing."""
+    return f"{fmt_se(m, 'emt2')} | {delta('max_toxicity2', rel='emt2_rel')} | " if second else ""
+
+
 def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
@@ -264,7 +269,7 @@ def markdown(report: dict) -> str:
         m = r["metrics"]["all"]
         c = r.get("vs_base")
         delta = functools.partial(fmt_delta, c)
-        extra = f"{fmt_se(m, 'emt2')} | {delta('max_toxicity2', rel='emt2_rel')} | " if second else ""
+        extra = second_cells(m, delta, second)
         lines.append(
             f"| {name} | {fmt_se(m, 'emt')} | {delta('max_toxicity', rel='emt_rel')} | {extra}{fmt_se(m, 'dist_1')} | "
             f"{delta('dist_1')} | {fmt_se(m, 'dist_2')} | {delta('dist_2')} | {fmt_se(m, 'ppl', 2)} | "
@@ -312,7 +317,7 @@ def markdown(report: dict) -> str:
                 if not m:
                     continue
                 ds = functools.partial(fmt_delta, c)
-                extra = f"{fmt_se(m, 'emt2')} | {ds('max_toxicity2', rel='emt2_rel')} | " if second else ""
+                extra = second_cells(m, ds, second)
                 lines.append(
                     f"| {name} | {src.split(':', 1)[1]} | {m['prompts']} | {fmt_se(m, 'emt')} | "
                     f"{ds('max_toxicity', rel='emt_rel')} | {extra}{ds('dist_1')} | {ds('dist_2')} | "
