@@ -295,7 +295,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             SearchMode::Auto
         },
-        ef: None,
+        ..Default::default()
     };
     let engine = Arc::new(Detoxifier::goodtriever(
         Arc::new(Datastore::open(&args.toxic)?),

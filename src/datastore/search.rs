@@ -50,6 +50,10 @@ pub struct SearchParams {
     pub mode: SearchMode,
     /// HNSW candidate list size; `None` means `max(k, DEFAULT_EF)`. Always raised to `k`.
     pub ef: Option<usize>,
+    /// Walk the graphs over the keys' 7-bit codes and re-rank the walk's `ef` candidates with
+    /// exact distances, instead of computing every walk distance on the stored keys
+    /// (docs/architecture.md §4, "The quantised walk"). Exact scans are unaffected.
+    pub quantized: bool,
 }
 
 impl SearchParams {
@@ -57,7 +61,7 @@ impl SearchParams {
     pub fn exact() -> Self {
         SearchParams {
             mode: SearchMode::Exact,
-            ef: None,
+            ..SearchParams::default()
         }
     }
 
@@ -67,6 +71,7 @@ impl SearchParams {
         SearchParams {
             mode: SearchMode::Hnsw,
             ef,
+            quantized: false,
         }
     }
 
@@ -180,8 +185,13 @@ fn segment_top_k(
     s.scored.clear();
     let mut exact = use_exact(params, seg.rows, k);
     if !exact {
-        seg.graph()
-            .search(keys, q, params.effective_ef(k), &mut s.walk);
+        let ef = params.effective_ef(k);
+        if params.quantized {
+            seg.graph()
+                .search_coded(seg.codes(), keys, q, ef, &mut s.walk);
+        } else {
+            seg.graph().search(keys, q, ef, &mut s.walk);
+        }
         // A walk that could not reach k rows (a disconnected graph region) is answered
         // exactly rather than with fewer neighbours than the store holds.
         exact = s.walk.len() < k.min(seg.rows);
