@@ -408,9 +408,6 @@ impl Detoxifier {
             .or(fingerprint.vocab_size)
             .or_else(|| stores.iter().find_map(|s| s.store.fingerprint().vocab_size))
             .ok_or(DetoxError::UnknownVocab)?;
-        for s in &stores {
-            s.store.prepare(defaults.params.k, &search);
-        }
         let detox = Self {
             dim: fingerprint.hidden_size,
             stores,

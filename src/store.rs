@@ -94,11 +94,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// Makes ahead of the first search whatever searches with `params` for `k` neighbours
-    /// would make on first use (the local store's codes for the quantised walk). The default
-    /// does nothing.
-    fn prepare(&self, _k: usize, _params: &SearchParams) {}
-
     /// Picks up changes other writers committed; `true` when something changed.
     fn refresh(&self) -> Result<bool, DatastoreError>;
 
@@ -204,9 +199,6 @@ impl Store for Datastore {
     }
     fn refresh(&self) -> Result<bool, DatastoreError> {
         Datastore::refresh(self)
-    }
-    fn prepare(&self, k: usize, params: &SearchParams) {
-        Datastore::prepare(self, k, params)
     }
     fn successors_into(
         &self,

@@ -82,7 +82,7 @@ fn add_creates_one_segment_and_leaves_existing_files_byte_identical() {
     let probe = &k1[(v1.len() - 1) * d..];
     let p = SearchParams {
         mode: SearchMode::Exact,
-        ..Default::default()
+        ef: None,
     };
     let hit = &reader.search(probe, 1, &p).unwrap()[0][0];
     assert!(hit.id < v0.len() as u64);
@@ -146,14 +146,7 @@ fn assert_matches_exact(ds: &Datastore, store: &std::path::Path, queries: &[f32]
     assert_eq!(keys.len() / d, ds.len());
     for mode in [SearchMode::Exact, SearchMode::Auto] {
         let got = ds
-            .search(
-                queries,
-                k,
-                &SearchParams {
-                    mode,
-                    ..Default::default()
-                },
-            )
+            .search(queries, k, &SearchParams { mode, ef: None })
             .unwrap();
         for (qi, q) in queries.chunks_exact(d).enumerate() {
             let want = datastore_common::naive_knn(&keys, d, q, k);

@@ -132,7 +132,6 @@ fn hnsw_recall_on_clustered_data_is_high_and_distances_are_exact() {
     let auto_wide = SearchParams {
         mode: SearchMode::Auto,
         ef: Some(400),
-        quantized: false,
     };
     assert_eq!(
         ds.search(&queries, 10, &auto_wide).unwrap(),
@@ -187,10 +186,7 @@ fn identical_queries_in_a_batch_get_identical_results() {
         .flat_map(|v| v.iter().copied())
         .collect();
     for mode in [SearchMode::Exact, SearchMode::Hnsw, SearchMode::Auto] {
-        let p = SearchParams {
-            mode,
-            ..Default::default()
-        };
+        let p = SearchParams { mode, ef: None };
         let r = ds.search(&batch, 20, &p).unwrap();
         assert_eq!(r[0], r[2]);
         assert_eq!(r[0], r[3]);
@@ -202,72 +198,6 @@ fn identical_queries_in_a_batch_get_identical_results() {
         let mut out: Vec<Vec<Neighbour>> = (0..5).map(|_| Vec::with_capacity(20)).collect();
         ds.search_into(&batch, 20, &p, &mut out).unwrap();
         assert_eq!(out, r);
-    }
-}
-
-#[test]
-fn the_quantized_walk_keeps_recall_and_answers_with_exact_distances() {
-    let d = 48;
-    for dtype in [KeyDtype::F16, KeyDtype::F32] {
-        let tmp = tempfile::tempdir().unwrap();
-        let ds = create(tmp.path(), d, dtype);
-        ds.append(
-            Keys::F32(&clustered(8000, d, 40, 21)),
-            &values(8000, 21),
-            Provenance::new("t"),
-        )
-        .unwrap();
-        let mut queries = clustered(60, d, 40, 22);
-        for (i, x) in queries.iter_mut().enumerate() {
-            *x += ((i % 5) as f32 - 2.0) * 0.05;
-        }
-        for k in [10usize, 100] {
-            // A wide beam, so that the walk's own recall is high and a loss from the codes
-            // would show.
-            let walk = SearchParams::hnsw(Some(4 * k.max(64)));
-            let quantized = SearchParams {
-                quantized: true,
-                ..walk
-            };
-            let truth = ds.search(&queries, k, &SearchParams::exact()).unwrap();
-            let plain = ds.search(&queries, k, &walk).unwrap();
-            let got = ds.search(&queries, k, &quantized).unwrap();
-            let (r, r_plain) = (recall(&got, &truth), recall(&plain, &truth));
-            eprintln!("{dtype:?} k={k} recall quantized {r:.4}, plain walk {r_plain:.4}");
-            assert!(
-                r >= 0.9 && r >= r_plain - 0.03,
-                "recall@{k} = {r} (plain walk {r_plain})"
-            );
-            for (g, t) in got.iter().zip(&truth) {
-                assert_eq!(g.len(), k);
-                assert!(g
-                    .windows(2)
-                    .all(|p| (p[0].dist, p[0].id) <= (p[1].dist, p[1].id)));
-                // Re-ranked: every distance is the exact one, not the walk's estimate.
-                for n in g {
-                    if let Some(m) = t.iter().find(|m| m.id == n.id) {
-                        assert_eq!((n.dist, n.value), (m.dist, m.value));
-                    }
-                }
-            }
-            // A batch answers each row as alone, and the answer does not change once the
-            // codes exist.
-            for (i, g) in got.iter().enumerate() {
-                let alone = ds
-                    .search(&queries[i * d..(i + 1) * d], k, &quantized)
-                    .unwrap();
-                assert_eq!(g, &alone[0], "{dtype:?} k {k} row {i}");
-            }
-        }
-        // Exact scans ignore the setting.
-        let exact_q = SearchParams {
-            quantized: true,
-            ..SearchParams::exact()
-        };
-        assert_eq!(
-            ds.search(&queries, 10, &exact_q).unwrap(),
-            ds.search(&queries, 10, &SearchParams::exact()).unwrap()
-        );
     }
 }
 
@@ -295,10 +225,7 @@ fn every_row_of_a_batch_gets_exactly_what_it_gets_alone() {
         batch.extend_from_slice(&distinct[..d]);
         let rows = batch.len() / d;
         for mode in [SearchMode::Exact, SearchMode::Auto, SearchMode::Hnsw] {
-            let p = SearchParams {
-                mode,
-                ..Default::default()
-            };
+            let p = SearchParams { mode, ef: None };
             for k in [1, 50, 1200] {
                 let together = ds.search(&batch, k, &p).unwrap();
                 assert_eq!(together.len(), rows);

@@ -191,13 +191,6 @@ fn engine_steps() -> Report {
     for (search, search_name) in [
         (SearchParams::exact(), "exact"),
         (SearchParams::hnsw(Some(64)), "hnsw"),
-        (
-            SearchParams {
-                quantized: true,
-                ..SearchParams::hnsw(Some(64))
-            },
-            "quantized hnsw",
-        ),
     ] {
         for (toxic, nontoxic, toxic_segments, stores_name) in [
             (&one_segment, &three_segments, 1, "1+3 segments"),

@@ -295,7 +295,7 @@ fn main() -> anyhow::Result<()> {
         } else {
             SearchMode::Auto
         },
-        ..Default::default()
+        ef: None,
     };
     let engine = Arc::new(Detoxifier::goodtriever(
         Arc::new(Datastore::open(&args.toxic)?),

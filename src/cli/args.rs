@@ -306,12 +306,6 @@ pub struct SearchArgs {
     /// HNSW search breadth (raised to at least k). Larger: better recall, slower.
     #[arg(long)]
     pub ef: Option<usize>,
-    /// Walk the HNSW graphs over 7-bit codes of the keys (half the bytes of f16 keys, integer
-    /// distances), then re-rank the walk's candidates with exact distances. Codes are made in
-    /// memory when a store is first searched (rows × D bytes). See docs/performance.md for
-    /// its speed and recall.
-    #[arg(long, conflicts_with = "exact")]
-    pub quantized_walk: bool,
 }
 
 impl SearchArgs {
@@ -324,7 +318,6 @@ impl SearchArgs {
                 SearchMode::Auto
             },
             ef: self.ef,
-            quantized: self.quantized_walk,
         }
     }
 }

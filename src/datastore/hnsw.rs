@@ -30,7 +30,6 @@ use hnsw_rs::anndists::dist::distances::DistL2;
 use hnsw_rs::hnsw::Hnsw;
 use memmap2::Mmap;
 
-use super::codes::KeyCodes;
 use super::error::{DatastoreError, Result};
 use super::hnsw_layers::Layers;
 use super::hnsw_repair::{self, RepairStats};
@@ -50,14 +49,6 @@ pub const DEFAULT_M: usize = 16;
 /// Default candidate-list width while inserting: wider builds a better-connected graph at a
 /// build cost roughly proportional to it. The usual HNSW choice.
 pub const DEFAULT_EF_CONSTRUCTION: usize = 100;
-
-/// The quantised walk re-ranks this fraction of `ef` rows exactly (3/2: on the default
-/// model's hidden states, 1 × ef left 7% of the exact top 1024 out, 3/2 × ef 0.1%;
-/// docs/performance.md).
-const RERANK_NUM: usize = 3;
-const RERANK_DEN: usize = 2;
-/// How many rows ahead the re-rank asks for a row's key.
-const RERANK_AHEAD: usize = 8;
 
 /// Rows handed to hnsw_rs per parallel insertion batch: bounds the f32 staging copy.
 const BUILD_BATCH_ROWS: usize = 16_384;
@@ -346,88 +337,15 @@ impl Graph {
 
     /// The `ef` rows nearest to `q` that the graph walk finds, as (squared L2, row), unordered.
     pub fn search(&self, keys: KeyRows<'_>, q: &[f32], ef: usize, out: &mut Vec<(f32, u32)>) {
-        let d = q.len();
-        self.walk(
-            |r| keys.dist(q, r as usize),
-            |r| keys.prefetch(r as usize, d),
-            |_, _| {},
-            ef,
-            out,
-        );
-    }
-
-    /// [`Self::search`] over the segment's 7-bit codes: the walk computes integer distances
-    /// over half the bytes, then the `RERANK_NUM / RERANK_DEN × ef` best rows by the codes'
-    /// distance among all that the walk evaluated are re-ranked with their exact squared L2
-    /// against the stored keys, so what comes out carries exact distances, like the plain
-    /// walk's (docs/architecture.md §4, "The quantised walk").
-    pub fn search_coded(
-        &self,
-        codes: &KeyCodes,
-        keys: KeyRows<'_>,
-        q: &[f32],
-        ef: usize,
-        out: &mut Vec<(f32, u32)>,
-    ) {
-        debug_assert_eq!(codes.rows(), self.rows);
-        let mut s = CODED_SCRATCH.with(RefCell::take);
-        s.seen.clear();
-        {
-            let cq = codes.prepare(q, &mut s.query);
-            let seen = &mut s.seen;
-            self.walk(
-                |r| codes.dist(&cq, r as usize),
-                |r| codes.prefetch(r as usize),
-                |d, r| seen.push((d, r)),
-                ef,
-                out,
-            );
-        }
-        // Near the k-th neighbour the codes' order is noisy (a query's neighbours lie at
-        // nearly equal distances), so more rows than are kept are re-ranked.
-        let pool = (ef * RERANK_NUM).div_ceil(RERANK_DEN);
-        if s.seen.len() > pool {
-            s.seen
-                .select_nth_unstable_by(pool, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-            s.seen.truncate(pool);
-        }
-        // The re-ranked rows are scattered over the keys: each is asked for a few rows ahead
-        // of its distance, so its cache misses overlap the distances before it.
-        let d = q.len();
-        let seen = &s.seen;
-        for &(_, r) in seen.iter().take(RERANK_AHEAD) {
-            keys.prefetch_lines(r as usize, d, usize::MAX);
-        }
         out.clear();
-        for (i, &(_, r)) in seen.iter().enumerate() {
-            if let Some(&(_, ahead)) = seen.get(i + RERANK_AHEAD) {
-                keys.prefetch_lines(ahead as usize, d, usize::MAX);
-            }
-            out.push((keys.dist(q, r as usize), r));
-        }
-        CODED_SCRATCH.with(|cell| cell.replace(s));
-    }
-
-    /// The walk itself, over any distance to a row: greedy descent through the upper levels,
-    /// then the beam of width `ef` at level 0. `seen` is told every row whose distance the
-    /// level-0 beam computes.
-    #[inline(always)]
-    fn walk(
-        &self,
-        dist: impl Fn(u32) -> f32,
-        prefetch: impl Fn(u32),
-        mut seen: impl FnMut(f32, u32),
-        ef: usize,
-        out: &mut Vec<(f32, u32)>,
-    ) {
-        out.clear();
+        let d = q.len();
         let mut cur = self.entry;
-        let mut cur_d = dist(cur);
+        let mut cur_d = keys.dist(q, cur as usize);
         for level in (1..=self.max_level).rev() {
             loop {
                 let mut changed = false;
                 for &nb in self.neighbours(level, cur) {
-                    let dn = dist(nb);
+                    let dn = keys.dist(q, nb as usize);
                     if dn < cur_d {
                         cur_d = dn;
                         cur = nb;
@@ -446,7 +364,6 @@ impl Graph {
             s.candidates.clear();
             s.results.clear();
             s.visited.insert(cur);
-            seen(cur_d, cur);
             s.candidates.push(Reverse(Scored(cur_d, cur)));
             s.results.push(Scored(cur_d, cur));
             while let Some(Reverse(Scored(dc, c))) = s.candidates.pop() {
@@ -457,15 +374,14 @@ impl Graph {
                 let nbs = self.neighbours(0, c);
                 for &nb in nbs {
                     if !s.visited.contains(nb) {
-                        prefetch(nb);
+                        keys.prefetch(nb as usize, d);
                     }
                 }
                 for &nb in nbs {
                     if !s.visited.insert(nb) {
                         continue;
                     }
-                    let dn = dist(nb);
-                    seen(dn, nb);
+                    let dn = keys.dist(q, nb as usize);
                     let worst = s.results.peek().map_or(f32::INFINITY, |w| w.0);
                     if s.results.len() < ef || dn < worst {
                         s.candidates.push(Reverse(Scored(dn, nb)));
@@ -521,13 +437,6 @@ impl Visited {
     }
 }
 
-/// The quantised walk's buffers: the query's codes and every row the beam evaluated.
-#[derive(Default)]
-struct CodedScratch {
-    query: Vec<i8>,
-    seen: Vec<(f32, u32)>,
-}
-
 #[derive(Default)]
 struct Scratch {
     visited: Visited,
@@ -537,5 +446,4 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
-    static CODED_SCRATCH: RefCell<CodedScratch> = RefCell::new(CodedScratch::default());
 }

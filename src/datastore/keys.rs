@@ -100,23 +100,18 @@ impl KeyRows<'_> {
         }
     }
 
-    /// Asks for the first few cache lines of row `row`; the hardware prefetcher takes over
-    /// for the rest of a sequential read.
-    #[inline]
-    pub fn prefetch(&self, row: usize, d: usize) {
-        self.prefetch_lines(row, d, 4);
-    }
-
-    /// Asks for up to `max` cache lines of row `row` (the whole row when `max` covers it).
     #[cfg(target_arch = "x86_64")]
     #[inline]
-    pub fn prefetch_lines(&self, row: usize, d: usize, max: usize) {
+    pub fn prefetch(&self, row: usize, d: usize) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let (ptr, bytes) = match self {
             KeyRows::F32(k) => (k.as_ptr().wrapping_add(row * d) as *const i8, d * 4),
             KeyRows::F16(k) => (k.as_ptr().wrapping_add(row * d) as *const i8, d * 2),
         };
-        for l in 0..bytes.div_ceil(64).min(max) {
+        // Prefetch the first few cache lines of the row; the hardware prefetcher takes
+        // over for the rest of a sequential read.
+        let lines = bytes.div_ceil(64).min(4);
+        for l in 0..lines {
             // SAFETY: prefetch is a hint and never faults, even on an invalid address.
             unsafe { _mm_prefetch(ptr.wrapping_add(l * 64), _MM_HINT_T0) };
         }
@@ -124,5 +119,5 @@ impl KeyRows<'_> {
 
     #[cfg(not(target_arch = "x86_64"))]
     #[inline]
-    pub fn prefetch_lines(&self, _row: usize, _d: usize, _max: usize) {}
+    pub fn prefetch(&self, _row: usize, _d: usize) {}
 }

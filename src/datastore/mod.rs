@@ -10,14 +10,13 @@
 //! their whole duration, while `append`/`refresh` swap in a new one.
 //!
 //! Module map: `manifest` (the JSON format), `durable` (fsync, atomic replace, writer lock),
-//! `segment` (files of one segment), `keys` (typed views of key rows), `codes` (their 7-bit
-//! codes for the quantised walk), `distance` (SIMD squared L2), `scored` (the distance-ordered (distance, row) pair), `exact` (flat scan + top-k),
+//! `segment` (files of one segment), `keys` (typed views of key rows), `distance` (SIMD squared
+//! L2), `scored` (the distance-ordered (distance, row) pair), `exact` (flat scan + top-k),
 //! `hnsw` (graph build, file, walk), `hnsw_layers` (the graph in memory), `hnsw_repair`
 //! (level-0 repair before writing), `search` (per-segment choice, merge, de-duplication),
 //! `sources` (rows' positions in their source text), `successors` (the rows after earlier
 //! neighbours, for reuse), `verify` (checksums), `error`.
 
-mod codes;
 mod distance;
 mod durable;
 mod error;
@@ -659,21 +658,6 @@ impl Datastore {
         }
         search::search_batch(&snap.segments, &snap.starts, queries, dim, k, params, out);
         Ok(())
-    }
-
-    /// Makes now what searches with `params` for `k` neighbours would otherwise make on first
-    /// use: the 7-bit codes of every walked segment under `params.quantized`. A server calls
-    /// this at start so that its first request does not pay for the encoding.
-    pub fn prepare(&self, k: usize, params: &SearchParams) {
-        if !params.quantized {
-            return;
-        }
-        let snap = self.snap.load_full();
-        for seg in &snap.segments {
-            if !search::use_exact(params, seg.rows, k) {
-                seg.codes();
-            }
-        }
     }
 
     /// Reads every file and checks sizes, checksums, index structure and key finiteness

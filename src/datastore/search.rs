@@ -50,10 +50,6 @@ pub struct SearchParams {
     pub mode: SearchMode,
     /// HNSW candidate list size; `None` means `max(k, DEFAULT_EF)`. Always raised to `k`.
     pub ef: Option<usize>,
-    /// Walk the graphs over the keys' 7-bit codes and re-rank the walk's `ef` candidates with
-    /// exact distances, instead of computing every walk distance on the stored keys
-    /// (docs/architecture.md §4, "The quantised walk"). Exact scans are unaffected.
-    pub quantized: bool,
 }
 
 impl SearchParams {
@@ -61,7 +57,7 @@ impl SearchParams {
     pub fn exact() -> Self {
         SearchParams {
             mode: SearchMode::Exact,
-            ..SearchParams::default()
+            ef: None,
         }
     }
 
@@ -71,7 +67,6 @@ impl SearchParams {
         SearchParams {
             mode: SearchMode::Hnsw,
             ef,
-            quantized: false,
         }
     }
 
@@ -185,13 +180,8 @@ fn segment_top_k(
     s.scored.clear();
     let mut exact = use_exact(params, seg.rows, k);
     if !exact {
-        let ef = params.effective_ef(k);
-        if params.quantized {
-            seg.graph()
-                .search_coded(seg.codes(), keys, q, ef, &mut s.walk);
-        } else {
-            seg.graph().search(keys, q, ef, &mut s.walk);
-        }
+        seg.graph()
+            .search(keys, q, params.effective_ef(k), &mut s.walk);
         // A walk that could not reach k rows (a disconnected graph region) is answered
         // exactly rather than with fewer neighbours than the store holds.
         exact = s.walk.len() < k.min(seg.rows);

@@ -9,12 +9,10 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use half::f16;
 use memmap2::Mmap;
 
-use super::codes::KeyCodes;
 use super::error::{DatastoreError, Result};
 use super::hnsw::{self, Graph, INDEX_FILE};
 use super::keys::{KeyRows, Keys};
@@ -34,15 +32,12 @@ pub fn segment_dir(store: &Path, id: u64) -> PathBuf {
 pub struct Segment {
     pub id: u64,
     pub rows: usize,
-    dim: usize,
     dtype: KeyDtype,
     keys: Mmap,
     values: Mmap,
     graph: Graph,
     /// Where each row came from in the source text; `None` for rows not made from text.
     sources: Option<MappedSources>,
-    /// The keys' 7-bit codes for the quantised walk, made on first use (`codes`).
-    codes: OnceLock<KeyCodes>,
 }
 
 /// Maps a segment file after checking its size and its CRC-32 against the manifest, so a
@@ -154,13 +149,11 @@ impl Segment {
         Ok(Segment {
             id: entry.id,
             rows: entry.rows,
-            dim,
             dtype,
             keys,
             values,
             graph,
             sources,
-            codes: OnceLock::new(),
         })
     }
 
@@ -187,24 +180,6 @@ impl Segment {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
-    }
-
-    /// The keys' 7-bit codes, encoded the first time they are asked for: derived data, so
-    /// never written to disk (docs/architecture.md §4, "The quantised walk"). Concurrent first
-    /// callers wait for one encoding.
-    pub fn codes(&self) -> &KeyCodes {
-        self.codes.get_or_init(|| {
-            let started = std::time::Instant::now();
-            let codes = KeyCodes::encode(self.keys(), self.rows, self.dim);
-            tracing::debug!(
-                segment = self.id,
-                rows = self.rows,
-                mib = codes.bytes() >> 20,
-                ms = started.elapsed().as_millis() as u64,
-                "encoded the keys for the quantised walk"
-            );
-            codes
-        })
     }
 }
 

@@ -30,10 +30,6 @@ pub struct BatchSearchArgs {
     /// HNSW candidate list size (raised to k). Default: max(k, 128).
     #[arg(long)]
     pub ef: Option<usize>,
-    /// Walk the graphs over 7-bit codes of the keys and re-rank the candidates exactly (as
-    /// the control's --quantized-walk).
-    #[arg(long, conflicts_with = "exact")]
-    pub quantized: bool,
     /// Output ids, int64 [B, K]; -1 pads rows when the store has fewer than K rows.
     #[arg(long)]
     pub out_ids: PathBuf,
@@ -74,7 +70,6 @@ pub fn search(a: BatchSearchArgs) -> Result<()> {
             SearchMode::Auto
         },
         ef: a.ef,
-        quantized: a.quantized,
     };
     let mut out = vec![Vec::new(); b];
     let mut lat_ms = Vec::new();
