@@ -21,6 +21,12 @@ before/after of a change); the variants alternate, `--repeat` times: an A/B on o
 run. The table then gives each variant's median over the repeats, and the paired ratio of its
 ms per step to the first variant's (median, min, max over the repeats).
 
+The stores of issue 19: the Davidson stores (scripts/data/davidson_stores.py) and a 1M-row
+store (scripts/bench/million_store.py, built from those rows and jittered copies), e.g.
+`--stores davidson=datastores/davidson-toxic,datastores/davidson-nontoxic
+million=datastores/davidson-toxic,datastores/million` (docs/performance.md, "Stores of a
+million rows").
+
 Nothing is written into the repository: work files go to target/bench-control/.
 Prints one table and writes target/bench-control/results.json.
 
