@@ -333,6 +333,66 @@ proptest! {
         }
     }
 
+    /// A bias row applied to raw logits (docs/architecture.md §1.2: log-softmax, nucleus, add
+    /// the bias, renormalise) against the same steps in f64: the one-write form the engine
+    /// takes for unscaled, sorted rows, and the general form it falls back to for repeated
+    /// tokens, scales other than 1, or biases that take nearly all of the nucleus's mass.
+    #[test]
+    fn a_bias_row_matches_the_naive_steps(
+        z in prop::collection::vec(
+            prop_oneof![
+                6 => -20.0f32..20.0,
+                1 => (-3i32..3).prop_map(|x| x as f32),
+                1 => Just(f32::NEG_INFINITY),
+            ],
+            2..300,
+        ),
+        raw_pairs in prop::collection::vec(
+            (0u32..300, prop_oneof![
+                4 => -8.0f32..8.0,
+                1 => -5000.0f32..5000.0,
+                1 => Just(-200.0f32),
+            ]),
+            0..40,
+        ),
+        sorted in any::<bool>(),
+        scale in prop_oneof![4 => Just(1.0f32), 1 => 0.25f32..2.0],
+        filter_p in prop_oneof![Just(1.0f32), 0.05f32..0.999],
+    ) {
+        prop_assume!(z.iter().any(|x| x.is_finite()));
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, filter_p));
+        let vocab = z.len();
+        let mut pairs: Vec<(u32, f32)> =
+            raw_pairs.into_iter().map(|(t, b)| (t % vocab as u32, b)).collect();
+        if sorted {
+            pairs.sort_by_key(|&(t, _)| t);
+            pairs.dedup_by_key(|&mut (t, _)| t);
+        }
+        let lz = naive_log_softmax(&z.iter().map(|&x| x as f64).collect::<Vec<_>>());
+        let mut want = naive_nucleus(&lz, filter_p as f64);
+        for x in want.iter_mut() {
+            *x *= scale as f64;
+        }
+        for &(t, b) in &pairs {
+            want[t as usize] += b as f64;
+        }
+        let want = naive_log_softmax(&want);
+        // Both forms round each biased logit to f32, at the spacing of the largest bias.
+        let bias_spacing = pairs.iter().map(|&(_, b)| b.abs()).fold(0.0f32, f32::max) as f64
+            * f32::EPSILON as f64;
+        let row = SparseRow::Bias { scale, pairs };
+        let mut got = vec![0.0f32; vocab];
+        apply_sparse(&z, &row, filter_p, &mut RuleScratch::new(), &mut got).unwrap();
+        for (v, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            if w == NEG_INF {
+                prop_assert_eq!(g, f32::NEG_INFINITY, "token {}", v);
+            } else {
+                let tol = 2e-4 * w.abs().max(1.0) + 2.0 * bias_spacing;
+                prop_assert!((g as f64 - w).abs() <= tol, "token {}: got {}, want {}", v, g, w);
+            }
+        }
+    }
+
     /// The nucleus keeps the same tokens as a full sort: on flat distributions (many tokens
     /// in the cut bucket), under ties, with masked (−∞) tokens, and with tokens far below the
     /// histogram's span.

@@ -419,6 +419,8 @@ pub struct RuleScratch {
     probs: Vec<f32>,
     /// The gate's (distance, store) keys.
     gate_keys: Vec<u64>,
+    /// Each bias pair's shifted, biased logit, for the one-pass bias.
+    pair_y: Vec<f32>,
 }
 
 impl RuleScratch {
@@ -474,6 +476,7 @@ const NUCLEUS_BUCKETS: usize = 48 * 64 + 1;
 /// The histogram bucket of log-probability `x` when the largest is `max`. Non-increasing in
 /// `x`, so every token of a bucket ranks above every token of a later one. `as` saturates:
 /// −∞ lands in the last bucket.
+#[cfg(feature = "model")]
 fn nucleus_bucket(max: f32, x: f32) -> usize {
     (((max - x) * NUCLEUS_BUCKETS_PER_NAT) as usize).min(NUCLEUS_BUCKETS - 1)
 }
@@ -508,15 +511,12 @@ pub fn nucleus_filter(l: &mut [f32], filter_p: f32, scratch: &mut RuleScratch) {
         return;
     }
     let hist = &mut scratch.nucleus;
-    hist.clear();
     // `l` is normalised: every entry is ≤ 0, or above it by a rounding error that the
     // polynomial (good to |x| ≤ ln 2 / 2 after reduction) takes in its stride.
     let p = &mut scratch.probs;
     p.resize(l.len(), 0.0);
     exp::exp_into(l, 0.0, p);
-    for (&x, &w) in l.iter().zip(p.iter()) {
-        hist.push(max, x, w as f64);
-    }
+    hist.fill(max, l, p);
     let cut = hist.cut(
         filter_p as f64,
         |t| rank_key(l[t], t as u32),
@@ -526,10 +526,16 @@ pub fn nucleus_filter(l: &mut [f32], filter_p: f32, scratch: &mut RuleScratch) {
         // Rounding left the total below filter_p: every token is kept.
         return;
     };
-    for (t, x) in l.iter_mut().enumerate() {
-        if !hist.keeps(&cut, t, || rank_key(*x, t as u32)) {
-            *x = f32::NEG_INFINITY;
-        }
+    // A select, not a conditional store, so that the pass vectorises.
+    for (x, &b) in l.iter_mut().zip(&hist.bucket) {
+        *x = if b > cut.bucket {
+            f32::NEG_INFINITY
+        } else {
+            *x
+        };
+    }
+    for t in hist.dropped_in_cut_bucket(&cut) {
+        l[t] = f32::NEG_INFINITY;
     }
 }
 
@@ -554,14 +560,34 @@ impl NucleusHistogram {
     }
 
     /// Adds the next element: log-weight `x` (the largest is `max`) of weight `w`.
+    #[cfg(feature = "model")]
     pub(crate) fn push(&mut self, max: f32, x: f32, w: f64) {
         let b = nucleus_bucket(max, x);
         self.mass[b] += w;
         self.bucket.push(b as u16);
     }
 
-    /// The total mass pushed (the sampler's top-p cut needs it).
-    #[cfg(feature = "model")]
+    /// [`Self::clear`], then every element of `x` (log-weights, the largest `max`) with weight
+    /// `w`, in order. One pass that vectorises computes the buckets, a second adds the masses:
+    /// pushing one at a time cost a dozen cycles an element, the most of any vocabulary pass.
+    pub(crate) fn fill(&mut self, max: f32, x: &[f32], w: &[f32]) {
+        debug_assert_eq!(x.len(), w.len());
+        self.clear();
+        self.bucket.resize(x.len(), 0);
+        const LAST: f32 = (NUCLEUS_BUCKETS - 1) as f32;
+        for (b, &v) in self.bucket.iter_mut().zip(x) {
+            // Clamped as a float (−∞ becomes the last bucket) and converted to a signed
+            // integer, which vectorises where an unsigned one did not; a rounding error above
+            // `max` truncates to bucket 0, as `nucleus_bucket` puts it.
+            *b = ((max - v) * NUCLEUS_BUCKETS_PER_NAT).min(LAST) as i32 as u16;
+        }
+        let mass = &mut self.mass[..NUCLEUS_BUCKETS];
+        for (&b, &v) in self.bucket.iter().zip(w) {
+            mass[b as usize] += v as f64;
+        }
+    }
+
+    /// The total mass pushed (the top-p cut of the sampler and of the fused rule need it).
     pub(crate) fn total(&self) -> f64 {
         self.mass.iter().sum()
     }
@@ -587,20 +613,27 @@ impl NucleusHistogram {
             reached
         })? as u16;
         self.keys.clear();
-        self.keys.extend(
-            self.bucket
-                .iter()
-                .enumerate()
-                .filter(|&(_, &b)| b == bucket)
-                .map(|(j, _)| key(j)),
-        );
+        // The cut bucket holds a few hundred of ~50k elements: a test per block that
+        // vectorises finds the blocks that hold any, and only those are walked one by one.
+        const BLOCK: usize = 16;
+        for (c, block) in self.bucket.chunks(BLOCK).enumerate() {
+            if block.iter().fold(false, |any, &b| any | (b == bucket)) {
+                for (i, &b) in block.iter().enumerate() {
+                    if b == bucket {
+                        self.keys.push(key(c * BLOCK + i));
+                    }
+                }
+            }
+        }
         self.keys.sort_unstable();
         let mut cum = before;
         let mut first_dropped = None;
+        let mut dropped_from = self.keys.len();
         for (r, &k) in self.keys.iter().enumerate() {
             // `r > 0` only matters for the top-ranked element (then `before` is zero).
             if r > 0 && cum >= target {
                 first_dropped = Some(k);
+                dropped_from = r;
                 break;
             }
             cum += weight(k);
@@ -608,7 +641,20 @@ impl NucleusHistogram {
         Some(NucleusCut {
             bucket,
             first_dropped,
+            dropped_from,
+            kept: cum,
         })
+    }
+
+    /// The elements of the cut bucket that `cut` drops, by position, for rank keys whose low
+    /// 32 bits are the element's position (as [`rank_key`]`(x, position)` makes them).
+    pub(crate) fn dropped_in_cut_bucket<'a>(
+        &'a self,
+        cut: &NucleusCut,
+    ) -> impl Iterator<Item = usize> + 'a {
+        self.keys[cut.dropped_from..]
+            .iter()
+            .map(|&k| k as u32 as usize)
     }
 
     /// Whether element `j`, whose rank key `key` computes, stays in the nucleus.
@@ -623,6 +669,10 @@ impl NucleusHistogram {
 pub(crate) struct NucleusCut {
     bucket: u16,
     first_dropped: Option<u64>,
+    /// Where `first_dropped` is among the cut bucket's sorted keys (their count if none is).
+    dropped_from: usize,
+    /// The mass of the kept elements, as `weight` gave it.
+    kept: f64,
 }
 
 /// Adds one store's expert, times `weight`, to the scratch bias accumulator.
@@ -999,6 +1049,14 @@ pub fn apply_sparse_in_place(
     scratch: &mut RuleScratch,
 ) -> Result<(), RuleError> {
     check_logits(z, z.len())?;
+    if let SparseRow::Bias { scale, pairs } = row {
+        if *scale == 1.0
+            && bias_fits_one_pass(pairs, z.len())
+            && bias_in_one_pass(z, pairs, filter_p, scratch)?
+        {
+            return Ok(());
+        }
+    }
     let vocab = z.len();
     let out = z;
     log_softmax_in_place(out)?;
@@ -1034,6 +1092,126 @@ pub fn apply_sparse_in_place(
         }
     }
     log_softmax_in_place(out)
+}
+
+/// Whether [`bias_in_one_pass`] can apply `pairs`: tokens in the vocabulary, strictly
+/// ascending (each token once, as [`sparse_row`] writes them), finite biases. Anything else
+/// takes the general path, which handles (or refuses) it as it always has.
+fn bias_fits_one_pass(pairs: &[(u32, f32)], vocab: usize) -> bool {
+    pairs
+        .iter()
+        .all(|&(t, b)| (t as usize) < vocab && b.is_finite())
+        && pairs.windows(2).all(|w| w[0].0 < w[1].0)
+}
+
+/// The unscaled bias row (what the paper's rule, the prior and a skipped row give) applied
+/// with one write over the vocabulary after the nucleus, instead of a log-softmax before it and
+/// another after the bias.
+///
+/// With `m` the largest logit, `K = Σ_kept e^(z−m)` the nucleus's mass, and `y_t = z_t − m`
+/// (plus `b_t` for a pair token), every kept token becomes `(y_t − M) − ln Σ'` where
+/// `M = max(0, y_pairs)` keeps every term at most 1 and
+/// `Σ' = e^−M (K − Σ_pairs e^(z_t−m)) + Σ_pairs e^(y_t − M)` over the kept tokens: only the
+/// pairs are visited besides the vocabulary's passes. Subtracting in that order makes the
+/// dominant token's answer exact, as a second log-softmax over the rounded `y` would. The
+/// nucleus is found on the unnormalised weights `e^(z−m)` with target `filter_p · Σ`, which
+/// ranks and cuts the tokens as the normalised ones do (docs/architecture.md §1.2).
+///
+/// Returns false, with `z` untouched, when `Σ'` is too small for the subtraction that makes
+/// it to be resolved in f64 (biases that take nearly all of the nucleus's mass away); the
+/// general path normalises those exactly.
+fn bias_in_one_pass(
+    z: &mut [f32],
+    pairs: &[(u32, f32)],
+    filter_p: f32,
+    scratch: &mut RuleScratch,
+) -> Result<bool, RuleError> {
+    // `Σ'` is at least 1 when the top token is kept unbiased and the rest is an error of a
+    // few ulps of K ≤ V; below this that error could show in an f32 answer.
+    const SMALLEST_RESOLVED_SUM: f64 = 1e-4;
+    let max = exp::max(z);
+    if max == f32::NEG_INFINITY {
+        return Err(RuleError::EmptyDistribution);
+    }
+    let RuleScratch {
+        nucleus: hist,
+        probs: p,
+        pair_y,
+        ..
+    } = scratch;
+    let (cut, kept) = if filter_p < 1.0 {
+        p.resize(z.len(), 0.0);
+        exp::exp_into(z, max, p);
+        hist.fill(max, z, p);
+        let total = hist.total();
+        let zs: &[f32] = z;
+        match hist.cut(
+            filter_p as f64 * total,
+            |t| rank_key(zs[t], t as u32),
+            |key| p[key as u32 as usize] as f64,
+        ) {
+            Some(cut) => {
+                let kept = cut.kept;
+                (Some(cut), kept)
+            }
+            // Rounding left the total below the target: every token is kept.
+            None => (None, total),
+        }
+    } else {
+        (None, exp::sum_exp(z, max))
+    };
+    let keeps = |t: usize, z: &[f32]| match &cut {
+        Some(cut) => hist.keeps(cut, t, || rank_key(z[t], t as u32)),
+        None => z[t] > f32::NEG_INFINITY,
+    };
+    pair_y.clear();
+    let (mut top, mut rest) = (0f32, kept);
+    for &(t, b) in pairs {
+        let shifted = z[t as usize] - max;
+        let y = shifted + b;
+        pair_y.push(y);
+        if keeps(t as usize, z) {
+            top = top.max(y);
+            rest -= exp::exp_le0(shifted) as f64;
+        }
+    }
+    let mut sum = (-(top as f64)).exp() * rest.max(0.0);
+    for (&(t, _), &y) in pairs.iter().zip(pair_y.iter()) {
+        if keeps(t as usize, z) {
+            sum += ((y - top) as f64).exp();
+        }
+    }
+    if !(sum.is_finite() && sum >= SMALLEST_RESOLVED_SUM) {
+        return Ok(false);
+    }
+    let ln_sum = sum.ln() as f32;
+    match &cut {
+        Some(cut) => {
+            for (x, &b) in z.iter_mut().zip(&hist.bucket) {
+                *x = if b > cut.bucket {
+                    f32::NEG_INFINITY
+                } else {
+                    ((*x - max) - top) - ln_sum
+                };
+            }
+            for t in hist.dropped_in_cut_bucket(cut) {
+                z[t] = f32::NEG_INFINITY;
+            }
+        }
+        None => {
+            for x in z.iter_mut() {
+                *x = ((*x - max) - top) - ln_sum;
+            }
+        }
+    }
+    for (&(t, _), &y) in pairs.iter().zip(pair_y.iter()) {
+        let slot = &mut z[t as usize];
+        // A dropped token stays at −∞.
+        if *slot > f32::NEG_INFINITY {
+            *slot = (y - top) - ln_sum;
+        }
+    }
+    Ok(true)
 }
 
 /// The dense rule for one row: raw `logits` in, normalised adjusted log-probabilities out.
