@@ -9,7 +9,8 @@
 # datastores/toxic and datastores/nontoxic. A second run starts generating within seconds.
 #
 # Environment: DEMO_SAMPLES (continuations per prompt, default 1), DEMO_TOKENS (new tokens,
-# default 24), DEMO_SEED (default 1), DEMO_ALPHA (control strength, default 2), DEMO_PROMPTS
+# default 24), DEMO_SEED (default 1), DEMO_ALPHA (control strength, default 6; with the
+# README's recommended --filter-p 0.97 --skip 0.05), DEMO_PROMPTS
 # (a jsonl of prompts; default: held-out prompts written by scripts/data/prepare_data.py).
 set -euo pipefail
 
@@ -18,7 +19,7 @@ BIN=target/release/goodtriever
 SAMPLES=${DEMO_SAMPLES:-1}
 TOKENS=${DEMO_TOKENS:-24}
 SEED=${DEMO_SEED:-1}
-ALPHA=${DEMO_ALPHA:-2}
+ALPHA=${DEMO_ALPHA:-6}
 PROMPTS=${DEMO_PROMPTS:-data/corpora/demo_prompts.jsonl}
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
@@ -60,13 +61,13 @@ build_store() {
 build_store toxic
 build_store nontoxic
 
-step "5/5 continuations without and with control (seed $SEED, alpha $ALPHA)"
+step "5/5 continuations without and with control (seed $SEED, alpha $ALPHA, filter-p 0.97, skip 0.05)"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 common=(--prompts "$PROMPTS" --num-samples "$SAMPLES" --max-new-tokens "$TOKENS" --seed "$SEED" --json)
 "$BIN" generate "${common[@]}" >"$tmp/plain.jsonl"
 "$BIN" generate "${common[@]}" --toxic datastores/toxic --nontoxic datastores/nontoxic \
-  --alpha "$ALPHA" >"$tmp/controlled.jsonl"
+  --alpha "$ALPHA" --filter-p 0.97 --skip 0.05 >"$tmp/controlled.jsonl"
 python3 - "$tmp/plain.jsonl" "$tmp/controlled.jsonl" <<'EOF'
 import json, shutil, sys, textwrap
 
