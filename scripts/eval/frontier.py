@@ -71,6 +71,9 @@ VARIANTS = {
     # top-p) is what costs perplexity; judged against the base only.
     "skip/fp.95": (["--skip", "0.05", "--filter-p", "0.95"], (2.0, 3.0)),
     "skip/fp.97": (["--skip", "0.05", "--filter-p", "0.97"], (4.0,)),
+    # A higher skip threshold (issue 19: fewer searched rows at batch 1), judged against the
+    # recommended setting's threshold on the same prompts.
+    "skip.1/fp.97": (["--skip", "0.1", "--filter-p", "0.97"], (6.0,)),
     "gate/fp.95": (["--gate", "1", "--filter-p", "0.95"], (8.0,)),
     "gate+skip/fp.95": (["--gate", "1", "--skip", "0.05", "--filter-p", "0.95"], (12.0,)),
     # Reusing a step's neighbours at the next (issue 19 §2) where at least 2% of k successors
