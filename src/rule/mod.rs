@@ -1115,7 +1115,7 @@ fn bias_fits_one_pass(pairs: &[(u32, f32)], vocab: usize) -> bool {
 /// pairs are visited besides the vocabulary's passes. Subtracting in that order makes the
 /// dominant token's answer exact, as a second log-softmax over the rounded `y` would. The
 /// nucleus is found on the unnormalised weights `e^(z−m)` with target `filter_p · Σ`, which
-/// ranks and cuts the tokens as the normalised ones do (docs/architecture.md §1.2).
+/// ranks and cuts the tokens as the normalised ones do (docs/architecture.md §1.1).
 ///
 /// Returns false, with `z` untouched, when `Σ'` is too small for the subtraction that makes
 /// it to be resolved in f64 (biases that take nearly all of the nucleus's mass away); the
@@ -1164,22 +1164,23 @@ fn bias_in_one_pass(
         Some(cut) => hist.keeps(cut, t, || rank_key(z[t], t as u32)),
         None => z[t] > f32::NEG_INFINITY,
     };
+    // Each pair's biased value, −∞ for a pair outside the nucleus (it adds nothing below).
     pair_y.clear();
     let (mut top, mut rest) = (0f32, kept);
     for &(t, b) in pairs {
         let shifted = z[t as usize] - max;
-        let y = shifted + b;
-        pair_y.push(y);
         if keeps(t as usize, z) {
+            let y = shifted + b;
             top = top.max(y);
             rest -= exp::exp_le0(shifted) as f64;
+            pair_y.push(y);
+        } else {
+            pair_y.push(f32::NEG_INFINITY);
         }
     }
     let mut sum = (-(top as f64)).exp() * rest.max(0.0);
-    for (&(t, _), &y) in pairs.iter().zip(pair_y.iter()) {
-        if keeps(t as usize, z) {
-            sum += ((y - top) as f64).exp();
-        }
+    for &y in pair_y.iter() {
+        sum += ((y - top) as f64).exp();
     }
     if !(sum.is_finite() && sum >= SMALLEST_RESOLVED_SUM) {
         return Ok(false);
@@ -1205,10 +1206,9 @@ fn bias_in_one_pass(
         }
     }
     for (&(t, _), &y) in pairs.iter().zip(pair_y.iter()) {
-        let slot = &mut z[t as usize];
         // A dropped token stays at −∞.
-        if *slot > f32::NEG_INFINITY {
-            *slot = (y - top) - ln_sum;
+        if y > f32::NEG_INFINITY {
+            z[t as usize] = (y - top) - ln_sum;
         }
     }
     Ok(true)
