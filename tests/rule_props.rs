@@ -333,7 +333,7 @@ proptest! {
         }
     }
 
-    /// A bias row applied to raw logits (docs/architecture.md §1.2: log-softmax, nucleus, add
+    /// A bias row applied to raw logits (docs/architecture.md §1.1: log-softmax, nucleus, add
     /// the bias, renormalise) against the same steps in f64: the one-write form the engine
     /// takes for unscaled, sorted rows, and the general form it falls back to for repeated
     /// tokens, scales other than 1, or biases that take nearly all of the nucleus's mass.

@@ -526,17 +526,7 @@ pub fn nucleus_filter(l: &mut [f32], filter_p: f32, scratch: &mut RuleScratch) {
         // Rounding left the total below filter_p: every token is kept.
         return;
     };
-    // A select, not a conditional store, so that the pass vectorises.
-    for (x, &b) in l.iter_mut().zip(&hist.bucket) {
-        *x = if b > cut.bucket {
-            f32::NEG_INFINITY
-        } else {
-            *x
-        };
-    }
-    for t in hist.dropped_in_cut_bucket(&cut) {
-        l[t] = f32::NEG_INFINITY;
-    }
+    hist.write_cut(&cut, l, |x| x);
 }
 
 /// A histogram of probability mass over log-probability buckets, for finding where a nucleus
@@ -646,15 +636,21 @@ impl NucleusHistogram {
         })
     }
 
-    /// The elements of the cut bucket that `cut` drops, by position, for rank keys whose low
-    /// 32 bits are the element's position (as [`rank_key`]`(x, position)` makes them).
-    pub(crate) fn dropped_in_cut_bucket<'a>(
-        &'a self,
-        cut: &NucleusCut,
-    ) -> impl Iterator<Item = usize> + 'a {
-        self.keys[cut.dropped_from..]
-            .iter()
-            .map(|&k| k as u32 as usize)
+    /// Writes `kept(x)` over every element `x` of `l` that `cut` keeps and −∞ over the rest,
+    /// for rank keys whose low 32 bits are the element's position (as
+    /// [`rank_key`]`(x, position)` makes them). The bucket test is a select, not a conditional
+    /// store, so that the pass vectorises; then the cut bucket's dropped elements are masked.
+    pub(crate) fn write_cut(&self, cut: &NucleusCut, l: &mut [f32], kept: impl Fn(f32) -> f32) {
+        for (x, &b) in l.iter_mut().zip(&self.bucket) {
+            *x = if b > cut.bucket {
+                f32::NEG_INFINITY
+            } else {
+                kept(*x)
+            };
+        }
+        for &k in &self.keys[cut.dropped_from..] {
+            l[k as u32 as usize] = f32::NEG_INFINITY;
+        }
     }
 
     /// Whether element `j`, whose rank key `key` computes, stays in the nucleus.
@@ -1187,18 +1183,7 @@ fn bias_in_one_pass(
     }
     let ln_sum = sum.ln() as f32;
     match &cut {
-        Some(cut) => {
-            for (x, &b) in z.iter_mut().zip(&hist.bucket) {
-                *x = if b > cut.bucket {
-                    f32::NEG_INFINITY
-                } else {
-                    ((*x - max) - top) - ln_sum
-                };
-            }
-            for t in hist.dropped_in_cut_bucket(cut) {
-                z[t] = f32::NEG_INFINITY;
-            }
-        }
+        Some(cut) => hist.write_cut(cut, z, |x| ((x - max) - top) - ln_sum),
         None => {
             for x in z.iter_mut() {
                 *x = ((*x - max) - top) - ln_sum;
