@@ -9,7 +9,12 @@ see the same load), and reads the per-batch timings the records carry:
 
 * ms per step: (batch wall time − prefill) / decoding steps, for base and controlled;
 * the control's share of a controlled step: the hook's time / the step time;
-* rows not searched: rows the control skipped (`--skip`) / rows it adjusted.
+* rows not searched: rows the control skipped (`--skip`) / rows it adjusted;
+* store searches saved: (row, store) searches not run, by skipping or by reusing the last
+  step's neighbours (`--reuse`), over the two per row that searching everything runs;
+* recall of reused neighbours: for a setting with `--reuse`, one more run of the first binary
+  with `--reuse-audit` (untimed: it also searches the reused rows) gives the share of the n
+  nearest rows that the n reused successors are (docs/architecture.md §1.6).
 
 Batch B means B samples of each prompt decoded together (`--num-samples B`), as a serving
 batch of B sequences would be. Settings are named `NAME=FLAGS` (`eval generate` flags), e.g.
@@ -52,6 +57,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / "target" / "release" / "goodtriever"
 WORK = REPO / "target" / "bench-control"
+STORES_PER_PAIR = 2
 
 
 def log(msg: str) -> None:
@@ -75,16 +81,24 @@ def summarise(records: list[dict]) -> dict:
     for r in records:
         batches.setdefault((r["variant"], r["prompt_index"]), r)
     for (variant, _), r in batches.items():
-        s = out.setdefault(variant, {"steps": 0, "step_ms": 0.0, "hook_ms": 0.0, "rows": 0, "skipped": 0})
+        s = out.setdefault(variant, {"steps": 0, "step_ms": 0.0, "hook_ms": 0.0, "rows": 0, "skipped": 0,
+                                     "reused": 0, "audited": 0, "recall_sum": 0.0})
         s["steps"] += r["batch_steps"]
         s["step_ms"] += r["batch_ms"] - r["batch_prefill_ms"]
         s["hook_ms"] += r["batch_hook_ms"]
         s["rows"] += r.get("batch_rows_controlled", 0)
         s["skipped"] += r.get("batch_rows_skipped", 0)
+        s["reused"] += r.get("batch_store_searches_reused", 0)
+        s["audited"] += r.get("batch_reuse_audited", 0)
+        s["recall_sum"] += r.get("batch_reuse_recall_sum", 0.0)
     for s in out.values():
         s["ms_per_step"] = s["step_ms"] / max(s["steps"], 1)
         s["control_share"] = s["hook_ms"] / s["step_ms"] if s["step_ms"] else 0.0
         s["skipped_share"] = s["skipped"] / s["rows"] if s["rows"] else 0.0
+        # A row needs one search per store; skipping saves both, reuse one (row, store) pair each.
+        needed = STORES_PER_PAIR * s["rows"]
+        s["searches_saved"] = (STORES_PER_PAIR * s["skipped"] + s["reused"]) / needed if needed else 0.0
+        s["recall"] = s["recall_sum"] / s["audited"] if s["audited"] else None
     return out
 
 
@@ -159,6 +173,20 @@ def main() -> None:
                         subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL, env=env)
                         per = summarise([json.loads(line) for line in out.read_text().splitlines()])
                         runs[vname].append(per)
+                recall = None
+                if "--reuse" in shlex.split(flags):
+                    vname, binary, build = variants[0]
+                    out = WORK / f"{sname}-b{batch}-{setting}-audit.jsonl"
+                    cmd = [str(binary), "eval", "generate", "--prompts", str(args.prompts),
+                           "--limit", str(n_prompts), "--num-samples", str(batch),
+                           "--max-new-tokens", str(args.tokens), "--seed", str(args.seed),
+                           "--toxic", toxic, "--nontoxic", nontoxic, "--out", str(out), "--skip-base",
+                           *shlex.split(flags), "--reuse-audit"]
+                    log(f"{sname} batch {batch} {setting}: recall audit (untimed): {shlex.join(cmd)}")
+                    env = dict(os.environ, GOODTRIEVER_SIMD=build)
+                    subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL, env=env)
+                    recall = summarise([json.loads(line) for line in out.read_text().splitlines()])[
+                        "goodtriever"]["recall"]
                 first = runs[variants[0][0]]
                 for vname, _, _ in variants:
                     base = [r["base"] for r in runs[vname]]
@@ -172,6 +200,8 @@ def main() -> None:
                         "added": median([c["ms_per_step"] / b["ms_per_step"] - 1 for b, c in zip(base, ctrl)]),
                         "control_share": median([c["control_share"] for c in ctrl]),
                         "rows_not_searched": median([c["skipped_share"] for c in ctrl]),
+                        "store_searches_saved": median([c["searches_saved"] for c in ctrl]),
+                        "reuse_recall": recall,
                         "base_ratio": ratios(base, [r["base"] for r in first]),
                         "controlled_ratio": ratios(ctrl, [r["goodtriever"] for r in first]),
                     })
@@ -187,12 +217,14 @@ def main() -> None:
         print(f"Medians over {args.repeat} runs of each variant; ratios to {variants[0][0]} pair by pair "
               "(median [min, max]).")
     print("| stores | batch | setting | variant | base ms/step | controlled ms/step | added | control share "
-          "| rows not searched | base ratio | controlled ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| rows not searched | store searches saved | reuse recall | base ratio | controlled ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        recall = "–" if r["reuse_recall"] is None else f"{r['reuse_recall']:.3f}"
         print(f"| {r['stores']} | {r['batch']} | {r['setting']} | {r['simd']} | {r['base_ms_per_step']:.1f} | "
               f"{r['controlled_ms_per_step']:.1f} | {r['added']:+.0%} | {r['control_share']:.0%} | "
-              f"{r['rows_not_searched']:.0%} | {show(r['base_ratio'])} | {show(r['controlled_ratio'])} |")
+              f"{r['rows_not_searched']:.0%} | {r['store_searches_saved']:.0%} | {recall} | "
+              f"{show(r['base_ratio'])} | {show(r['controlled_ratio'])} |")
     print(f"\nTotal {report['total_s'] / 60:.1f} min; {report['machine']}")
 
 

@@ -225,6 +225,8 @@ fn generate(args: EvalGenerateArgs) -> anyhow::Result<()> {
                     "batch_rows_skipped": batch_skipped,
                     "batch_store_searches": batch_store_searches,
                     "batch_store_searches_reused": batch_reused,
+                    "batch_reuse_audited": reuse_after.audited - reuse_before.audited,
+                    "batch_reuse_recall_sum": reuse_after.recall_sum - reuse_before.recall_sum,
                     "seed": args.sampling.seed,
                 });
                 if variant != "base" {
