@@ -14,7 +14,12 @@ see the same load), and reads the per-batch timings the records carry:
   step's neighbours (`--reuse`), over the two per row that searching everything runs;
 * recall of reused neighbours: for a setting with `--reuse`, one more run of the first binary
   with `--reuse-audit` (untimed: it also searches the reused rows) gives the share of the n
-  nearest rows that the n reused successors are (docs/architecture.md §1.6).
+  nearest rows that the n reused successors are (docs/architecture.md §1.6);
+* with `--grpc-reuse`, for each store pair: reuse over a gRPC `AdjustStream` with the real
+  model's hidden states (benches/drivers/bench_grpc_reuse.rs: the same prompts and seeds
+  generated with the engine in-process and through a server on loopback, whose answers must
+  give the same tokens), the rows each path answered from successors and the control's time
+  per step each way.
 
 Batch B means B samples of each prompt decoded together (`--num-samples B`), as a serving
 batch of B sequences would be. Settings are named `NAME=FLAGS` (`eval generate` flags), e.g.
@@ -40,6 +45,7 @@ Usage: python3 scripts/bench/bench_control_cost.py
            [--settings full= "skip=--skip 0.05" ...] [--batches 1,25]
            [--prompts-batch1 12] [--prompts-batch25 2] [--tokens 32]
            [--simd auto] [--bins new=target/release/goodtriever ...] [--repeat 1]
+           [--grpc-reuse [--grpc-reuse-flags "--reuse 0.02"]]
 """
 
 from __future__ import annotations
@@ -133,6 +139,11 @@ def main() -> None:
     ap.add_argument("--simd", default="auto",
                     help="kernel builds to compare, comma-separated (auto, avx512, avx2, scalar)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each build, alternating")
+    ap.add_argument("--grpc-reuse", action="store_true",
+                    help="also measure reuse over gRPC with the real model, per store pair")
+    ap.add_argument("--grpc-reuse-flags", default="--reuse 0.02",
+                    help="bench_grpc_reuse's rule and reuse flags (--alpha, --filter-p, --skip, "
+                         "--reuse, --reuse-radius)")
     args = ap.parse_args()
     builds = [b.strip() for b in args.simd.split(",") if b.strip()]
     if not builds or args.repeat < 1:
@@ -205,10 +216,23 @@ def main() -> None:
                         "base_ratio": ratios(base, [r["base"] for r in first]),
                         "controlled_ratio": ratios(ctrl, [r["goodtriever"] for r in first]),
                     })
+    grpc = []
+    if args.grpc_reuse:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from cargo_bench import build_drivers
+        driver = build_drivers("bench_grpc_reuse")["bench_grpc_reuse"]
+        for sname, (toxic, nontoxic) in stores.items():
+            cmd = [str(driver), "--toxic", toxic, "--nontoxic", nontoxic, "--prompts", str(args.prompts),
+                   "--limit", str(args.prompts_batch1), "--num-samples", "5",
+                   "--max-new-tokens", str(args.tokens), "--seed", str(args.seed),
+                   *shlex.split(args.grpc_reuse_flags)]
+            log(f"{sname}: reuse over gRPC: {shlex.join(cmd)}")
+            out = subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.PIPE, text=True).stdout
+            grpc.append({"stores": sname, **json.loads(out)})
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "load_avg_1m_end": os.getloadavg()[0]},
-        "tokens": args.tokens, "seed": args.seed, "results": results,
+        "tokens": args.tokens, "seed": args.seed, "results": results, "grpc_reuse": grpc,
         "total_s": time.monotonic() - started,
     }
     (WORK / "results.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -225,6 +249,19 @@ def main() -> None:
               f"{r['controlled_ms_per_step']:.1f} | {r['added']:+.0%} | {r['control_share']:.0%} | "
               f"{r['rows_not_searched']:.0%} | {r['store_searches_saved']:.0%} | {recall} | "
               f"{show(r['base_ratio'])} | {show(r['controlled_ratio'])} |")
+    if grpc:
+        print(f"\nReuse over gRPC ({args.grpc_reuse_flags}; 5 samples per prompt, dense answers): "
+              "the same prompts and seeds in-process and through a server on loopback.")
+        print("| stores | sequences | same tokens | rows | rows reused (in-process / gRPC) "
+              "| control ms/step (in-process / gRPC) | server engine ms/step |")
+        print("|---|---|---|---|---|---|---|")
+        for g in grpc:
+            a, b = g["in_process"], g["grpc"]
+            print(f"| {g['stores']} | {g['sequences']} | {g['same_tokens']} | {a['rows']} | "
+                  f"{a['rows_reused']} ({a['rows_reused'] / max(a['rows'], 1):.0%}) / "
+                  f"{b['rows_reused']} ({b['rows_reused'] / max(b['rows'], 1):.0%}) | "
+                  f"{a['control_ms_per_step']:.2f} / {b['control_ms_per_step']:.2f} | "
+                  f"{b['engine_ms_per_step']:.2f} |")
     print(f"\nTotal {report['total_s'] / 60:.1f} min; {report['machine']}")
 
 
