@@ -566,14 +566,19 @@ impl NucleusHistogram {
         self.bucket.resize(x.len(), 0);
         const LAST: f32 = (NUCLEUS_BUCKETS - 1) as f32;
         for (b, &v) in self.bucket.iter_mut().zip(x) {
-            // Clamped as a float (−∞ becomes the last bucket) and converted to a signed
-            // integer, which vectorises where an unsigned one did not; a rounding error above
-            // `max` truncates to bucket 0, as `nucleus_bucket` puts it.
-            *b = ((max - v) * NUCLEUS_BUCKETS_PER_NAT).min(LAST) as i32 as u16;
+            // Clamped as a float into [0, LAST] (−∞ becomes the last bucket, a rounding error
+            // above `max` bucket 0, as `nucleus_bucket` puts them), so the truncation needs no
+            // saturation: a plain `cvttps2dq`, four or more lanes at once. The saturating `as`
+            // was a scalar conversion with NaN tests per element, half of this function.
+            let bucket = ((max - v) * NUCLEUS_BUCKETS_PER_NAT).min(LAST).max(0.0);
+            // SAFETY: `bucket` is finite and in [0, LAST] (`min` then `max` map NaN there too).
+            *b = unsafe { bucket.to_int_unchecked::<i32>() } as u16;
         }
         let mass = &mut self.mass[..NUCLEUS_BUCKETS];
         for (&b, &v) in self.bucket.iter().zip(w) {
-            mass[b as usize] += v as f64;
+            debug_assert!((b as usize) < NUCLEUS_BUCKETS);
+            // SAFETY: every bucket was clamped to at most LAST = NUCLEUS_BUCKETS − 1 above.
+            unsafe { *mass.get_unchecked_mut(b as usize) += v as f64 };
         }
     }
 
@@ -1163,21 +1168,22 @@ fn bias_in_one_pass(
     // Each pair's biased value, −∞ for a pair outside the nucleus (it adds nothing below).
     pair_y.clear();
     let (mut top, mut rest) = (0f32, kept);
+    // The nucleus pass already holds each token's weight e^(z−m) in `p`: the same value the
+    // scalar `exp_le0` would give, without ~2k scalar evaluations per row.
+    let weights = (filter_p < 1.0).then_some(&p[..]);
     for &(t, b) in pairs {
         let shifted = z[t as usize] - max;
         if keeps(t as usize, z) {
             let y = shifted + b;
             top = top.max(y);
-            rest -= exp::exp_le0(shifted) as f64;
+            rest -= weights.map_or_else(|| exp::exp_le0(shifted), |w| w[t as usize]) as f64;
             pair_y.push(y);
         } else {
             pair_y.push(f32::NEG_INFINITY);
         }
     }
-    let mut sum = (-(top as f64)).exp() * rest.max(0.0);
-    for &y in pair_y.iter() {
-        sum += ((y - top) as f64).exp();
-    }
+    // `top` is at least every pair's `y`: the vector pass of `exp` applies (−∞ adds nothing).
+    let sum = (-(top as f64)).exp() * rest.max(0.0) + exp::sum_exp(pair_y, top);
     if !(sum.is_finite() && sum >= SMALLEST_RESOLVED_SUM) {
         return Ok(false);
     }
