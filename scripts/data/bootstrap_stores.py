@@ -10,7 +10,10 @@ continuation. Steps:
    split, so no evaluation prompt is among them), --per-kind of each file in SHA-256 order of
    the text, cut at half their words as make_prompts.py cuts the evaluation's prompts.
 2. Continuations: `goodtriever eval generate` without control (--samples per prompt,
-   --tokens new tokens, top-p 0.9, --seed).
+   --tokens new tokens, top-p 0.9, --seed), then --more-toxic-samples more of each toxic
+   prompt with seed + 1 (about 7% of a toxic prompt's continuations score toxic, 1% of a
+   clean one's: 4 samples of each gave 300 toxic continuations, 7k tokens, a third of the
+   default toxic store).
 3. Labels: alt-profanity-check on the continuation alone (the prompt is corpus text whose
    label is known; what the store should learn is what the model does next).
 4. Stores: toxic = continuations scoring >= --toxic-min; non-toxic = continuations scoring
@@ -28,11 +31,12 @@ scorer and prompts from sources the stores were not made from (Brown, SOTU, Davi
 it.
 
 Output under --work (default data/bootstrap-stores/, git-ignored): prompts.jsonl,
-generated.jsonl, toxic.jsonl, nontoxic.jsonl, manifest.json; each step is skipped when its
+generated.jsonl, prompts-toxic.jsonl, generated-toxic-more.jsonl, toxic.jsonl, nontoxic.jsonl, manifest.json; each step is skipped when its
 output is complete, so a rerun resumes. A store whose manifest.json exists is not rebuilt.
 
 Usage: python3 scripts/data/bootstrap_stores.py [--bin target/release/goodtriever]
-           [--per-kind 1000] [--samples 4] [--tokens 24] [--no-build]
+           [--per-kind 1000] [--samples 4] [--more-toxic-samples 12] [--tokens 24]
+           [--no-build]
 """
 
 from __future__ import annotations
@@ -116,6 +120,8 @@ def main() -> None:
     ap.add_argument("--per-kind", type=int, default=1000, help="prompts from each training file")
     ap.add_argument("--samples", type=int, default=4, help="continuations per prompt")
     ap.add_argument("--tokens", type=int, default=24, help="new tokens per continuation")
+    ap.add_argument("--more-toxic-samples", type=int, default=12,
+                    help="continuations per toxic prompt generated again with seed + 1")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--toxic-min", type=float, default=0.5)
     ap.add_argument("--clean-max", type=float, default=0.1)
@@ -135,20 +141,34 @@ def main() -> None:
     write_jsonl(prompts_path, prompts)
     log(f"{len(prompts)} prompts -> {prompts_path}")
 
-    expected = len(prompts) * args.samples
-    have = len(read_jsonl(gen_path)) if gen_path.exists() else 0
-    gen_s = None
-    if have != expected:
-        cmd = [str(args.bin), "eval", "generate", "--prompts", str(prompts_path),
-               "--num-samples", str(args.samples), "--max-new-tokens", str(args.tokens),
-               "--seed", str(args.seed), "--out", str(gen_path)]
-        log("generating: " + " ".join(cmd))
-        t0 = time.monotonic()
-        subprocess.run(cmd, check=True)
-        gen_s = time.monotonic() - t0
-    generated = [r for r in read_jsonl(gen_path) if r["variant"] == "base"]
-    if len(generated) != expected:
-        sys.exit(f"{gen_path}: {len(generated)} continuations, expected {expected}")
+    def generate(prompts_file: Path, n_prompts: int, samples: int, seed: int, out: Path) -> list[dict]:
+        """Base-model continuations of every prompt of `prompts_file` (resumed when complete)."""
+        expected = n_prompts * samples
+        have = len(read_jsonl(out)) if out.exists() else 0
+        if have != expected:
+            cmd = [str(args.bin), "eval", "generate", "--prompts", str(prompts_file),
+                   "--num-samples", str(samples), "--max-new-tokens", str(args.tokens),
+                   "--seed", str(seed), "--out", str(out)]
+            log("generating: " + " ".join(cmd))
+            t0 = time.monotonic()
+            subprocess.run(cmd, check=True)
+            gen_s[out.name] = time.monotonic() - t0
+        rows = [r for r in read_jsonl(out) if r["variant"] == "base"]
+        if len(rows) != expected:
+            sys.exit(f"{out}: {len(rows)} continuations, expected {expected}")
+        return rows
+
+    gen_s: dict[str, float] = {}
+    generated = generate(prompts_path, len(prompts), args.samples, args.seed, gen_path)
+    if args.more_toxic_samples:
+        # Toxic prompts' continuations are toxic a few times in a hundred: more of them, with
+        # their own seed, fill the toxic store without a larger prompt set.
+        toxic_prompts = [p for p in prompts if p["kind"] == "toxic"]
+        more_path = args.work / "prompts-toxic.jsonl"
+        write_jsonl(more_path, toxic_prompts)
+        more = generate(more_path, len(toxic_prompts), args.more_toxic_samples, args.seed + 1,
+                        args.work / "generated-toxic-more.jsonl")
+        generated += [{**r, "sample": r["sample"] + args.samples} for r in more]
 
     texts = [r["continuation"].strip() for r in generated]
     scores = predict_prob(texts)
@@ -174,6 +194,7 @@ def main() -> None:
                                                         "clean_max", "ratio")},
                 "labeller": "alt-profanity-check (the evaluation's EMT scorer)",
                 "counts": counts, "generate_s": gen_s,
+                "generated": {"continuations": len(generated), "more_toxic_samples": args.more_toxic_samples},
                 "sha256": {n: digest((args.work / n).read_text(encoding="utf-8"))
                            for n in ("prompts.jsonl", "toxic.jsonl", "nontoxic.jsonl")}}
     (args.work / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
