@@ -131,7 +131,7 @@ impl GrpcHook {
                 rows: rows as u32,
             }),
             form: proto::ResponseForm::Dense as i32,
-            overrides: Some(self.overrides.clone()),
+            overrides: Some(self.overrides),
             step: self.step,
             emitted_tokens: std::mem::take(&mut self.emitted),
             continued_rows: self.continued.take().unwrap_or_default(),

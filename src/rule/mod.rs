@@ -570,6 +570,8 @@ impl NucleusHistogram {
             // above `max` bucket 0, as `nucleus_bucket` puts them), so the truncation needs no
             // saturation: a plain `cvttps2dq`, four or more lanes at once. The saturating `as`
             // was a scalar conversion with NaN tests per element, half of this function.
+            // Not `clamp`, which passes NaN through: the truncation below must never see one.
+            #[allow(clippy::manual_clamp)]
             let bucket = ((max - v) * NUCLEUS_BUCKETS_PER_NAT).min(LAST).max(0.0);
             // SAFETY: `bucket` is finite and in [0, LAST] (`min` then `max` map NaN there too).
             *b = unsafe { bucket.to_int_unchecked::<i32>() } as u16;
