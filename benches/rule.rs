@@ -14,8 +14,8 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use goodtriever::generate::{Sampler, SamplingParams};
 use goodtriever::rule::{
-    apply_sparse, leaning_mass, log_softmax_in_place, nucleus_filter, sparse_row, Expert, Mode,
-    RuleParams, RuleScratch, SparseRow, TokenPrior,
+    apply_sparse, leaning_mass, leaning_mass_in_nucleus, log_softmax_in_place, nucleus_filter,
+    sparse_row, Expert, Mode, RuleParams, RuleScratch, SparseRow, TokenPrior,
 };
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -71,6 +71,11 @@ fn rule(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new("skip_decision", name), |b| {
             b.iter(|| leaning_mass(logits, &leaning))
         });
+        // The same counted inside the rule's nucleus (skip_in_nucleus): a copy and a nucleus.
+        group.bench_function(
+            BenchmarkId::new("skip_decision_in_nucleus_p0.9", name),
+            |b| b.iter(|| leaning_mass_in_nucleus(logits, &leaning, 0.9, &mut scratch)),
+        );
         let mut sampler = Sampler::default();
         let params = SamplingParams::default();
         let mut rng = StdRng::seed_from_u64(1);

@@ -777,21 +777,41 @@ impl Detoxifier {
             rule::leaning_tokens(&stores, self.vocab, params.skip_ratio, &mut scratch.leaning);
             scratch.leaning_key = Some((priors, params.skip_ratio));
         }
-        let leaning = &scratch.leaning;
-        let decide = |(z, skip): (&[f32], &mut bool)| {
-            *skip = rule::leaning_mass(z, leaning) < params.skip as f64;
+        let (leaning, (skip, filter_p)) = (&scratch.leaning, (params.skip as f64, params.filter_p));
+        let in_nucleus = params.skip_in_nucleus && filter_p < 1.0;
+        let rows = scratch.skipped.len();
+        // Counting in the nucleus costs what the dense rule's passes do: every row is worth a
+        // pool thread then, as in the dense form.
+        let min_chunk = if in_nucleus {
+            DENSE_MIN_CHUNK
+        } else {
+            SPARSE_MIN_CHUNK
         };
-        if scratch.skipped.len() >= SPARSE_MIN_CHUNK {
+        let (chunk_rows, chunks) = row_chunks(rows, min_chunk);
+        if scratch.chunks.len() < chunks {
+            scratch.chunks.resize_with(chunks, Default::default);
+        }
+        // Each chunk of rows decides with its own rule scratch (the nucleus's buffers).
+        let decide = |z: &[f32], skipped: &mut [bool], rule: &mut RuleScratch| {
+            for (z, skip_row) in z.chunks_exact(self.vocab).zip(skipped) {
+                let mass = if in_nucleus {
+                    rule::leaning_mass_in_nucleus(z, leaning, filter_p, rule)
+                } else {
+                    rule::leaning_mass(z, leaning)
+                };
+                *skip_row = mass < skip;
+            }
+        };
+        let chunk_len = chunk_rows * self.vocab;
+        if chunks == 1 {
+            decide(logits, &mut scratch.skipped, &mut scratch.chunks[0].0);
+        } else {
             use rayon::prelude::*;
             logits
-                .par_chunks_exact(self.vocab)
-                .zip(scratch.skipped.par_iter_mut())
-                .for_each(decide);
-        } else {
-            logits
-                .chunks_exact(self.vocab)
-                .zip(scratch.skipped.iter_mut())
-                .for_each(decide);
+                .par_chunks(chunk_len)
+                .zip(scratch.skipped.par_chunks_mut(chunk_rows))
+                .zip(scratch.chunks.par_iter_mut())
+                .for_each(|((z, skipped), (rule, _))| decide(z, skipped, rule));
         }
     }
 

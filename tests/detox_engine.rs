@@ -808,6 +808,46 @@ fn skipped_rows_are_not_searched_and_get_exactly_the_uncontrolled_answer() {
     assert_eq!(scratch.last_skipped(), (5, 0));
 }
 
+/// A row peaked on token 30 still gives the toxic-leaning tokens 0..15 about 0.07% of its mass,
+/// all of it outside the rule's nucleus (filter_p 0.9 keeps token 30 alone): counted over the
+/// whole distribution that mass asks for a search, counted in the nucleus it does not.
+#[test]
+fn counted_in_the_nucleus_leaning_mass_the_nucleus_drops_asks_for_no_search() {
+    let f = fixture();
+    let detox = engine(&f, 16);
+    let rows = [30u32, 3];
+    let q = queries(rows.len(), 4);
+    let z: Vec<f32> = rows.iter().flat_map(|&t| peaked(t)).collect();
+    let run = |o: &AdjustOptions, scratch: &mut DetoxScratch| {
+        let mut out = vec![0.0; z.len()];
+        detox.adjust_dense(&q, &z, o, scratch, &mut out).unwrap();
+        out
+    };
+    let mut whole = opts(16);
+    whole.params.skip = 0.0005;
+    let mut in_nucleus = whole;
+    in_nucleus.params.skip_in_nucleus = true;
+    let mut off = opts(16);
+    off.params.alpha = 0.0;
+    let full = run(&opts(16), &mut DetoxScratch::default());
+    let uncontrolled = run(&off, &mut DetoxScratch::default());
+    let mut scratch = DetoxScratch::default();
+    assert_eq!(run(&whole, &mut scratch), full);
+    assert_eq!(scratch.last_skipped(), (2, 0));
+    let got = run(&in_nucleus, &mut scratch);
+    assert_eq!(scratch.last_skipped(), (2, 1));
+    assert_eq!(got[..VOCAB], uncontrolled[..VOCAB], "row 0 is left alone");
+    assert_eq!(got[VOCAB..], full[VOCAB..], "row 1 keeps the full control");
+    // With no nucleus (filter_p 1) there is nothing to count inside: the whole distribution.
+    let (mut wide, mut wide_whole) = (in_nucleus, whole);
+    (wide.params.filter_p, wide_whole.params.filter_p) = (1.0, 1.0);
+    assert_eq!(
+        run(&wide, &mut scratch),
+        run(&wide_whole, &mut DetoxScratch::default())
+    );
+    assert_eq!(scratch.last_skipped(), (2, 0));
+}
+
 #[test]
 fn what_leans_toxic_follows_the_stores_as_they_grow() {
     let f = fixture();

@@ -1008,6 +1008,7 @@ mod server {
                 prop::option::of(float()),
                 prop::option::of(float()),
                 prop::option::of(float()),
+                prop::option::of(any::<bool>()),
             ),
         )
             .prop_map(
@@ -1021,7 +1022,7 @@ mod server {
                     gate,
                     gate_neighbours,
                     prior,
-                    (skip, skip_ratio, reuse, reuse_radius),
+                    (skip, skip_ratio, reuse, reuse_radius, skip_in_nucleus),
                 )| {
                     proto::Overrides {
                         alpha,
@@ -1035,6 +1036,7 @@ mod server {
                         prior,
                         skip,
                         skip_ratio,
+                        skip_in_nucleus,
                         reuse,
                         reuse_radius,
                     }

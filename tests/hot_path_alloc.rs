@@ -227,6 +227,31 @@ fn engine_steps() -> Report {
                             .unwrap();
                     });
                     report.push((format!("dense, {case}"), fans_out, n));
+                    // Skipping decides from the logits, over the whole distribution or inside
+                    // the rule's nucleus (a copy of each row into the chunk's scratch).
+                    if mode == Mode::Ensemble {
+                        for in_nucleus in [false, true] {
+                            let mut skipping = o;
+                            skipping.params.skip = 0.05;
+                            skipping.params.skip_in_nucleus = in_nucleus;
+                            let n = allocations(steps, || {
+                                detox
+                                    .adjust_dense(
+                                        &hidden,
+                                        &logits,
+                                        &skipping,
+                                        &mut scratch,
+                                        &mut dense,
+                                    )
+                                    .unwrap();
+                            });
+                            report.push((
+                                format!("dense skipping (in nucleus: {in_nucleus}), {case}"),
+                                true,
+                                n,
+                            ));
+                        }
+                    }
                     // Reusing neighbours: each step follows the successors of the last one's
                     // (a generous setting, so that both reused and searched rows occur).
                     let mut reusing = DetoxScratch::default();

@@ -459,7 +459,7 @@ fn bad_requests_get_openai_errors_and_the_server_goes_on() {
         "/v1/completions",
         &with(
             "goodtriever",
-            json!({"gate": 1, "gate_neighbours": 8, "prior": 0.5, "skip": 0.05, "skip_ratio": 2}),
+            json!({"gate": 1, "gate_neighbours": 8, "prior": 0.5, "skip": 0.05, "skip_ratio": 2, "skip_in_nucleus": true}),
         ),
     );
     assert_eq!(r.status, 200, "{}", r.body);

@@ -5,8 +5,9 @@
 
 use goodtriever::limits::MAX_ALPHA;
 use goodtriever::rule::{
-    apply_sparse, dense_row, leaning_mass, leaning_tokens, nucleus_filter, sparse_row, Expert,
-    Mode, ParamError, RuleError, RuleParams, RuleScratch, SparseRow, TokenPrior, PATCH, ZERO_LOG,
+    apply_sparse, dense_row, leaning_mass, leaning_mass_in_nucleus, leaning_tokens, nucleus_filter,
+    sparse_row, Expert, Mode, ParamError, RuleError, RuleParams, RuleScratch, SparseRow,
+    TokenPrior, PATCH, ZERO_LOG,
 };
 use proptest::prelude::*;
 
@@ -1016,6 +1017,30 @@ proptest! {
         let want: f64 = got.iter().map(|&t| l[t as usize].exp()).sum();
         let mass = leaning_mass(&z, &got);
         prop_assert!((mass - want).abs() <= 1e-5, "{} vs {}", mass, want);
+    }
+
+    /// Counted inside the nucleus, the mass on a token set is the naive nucleus's
+    /// renormalised mass on those of its tokens the nucleus keeps (skip_in_nucleus, §1.5), and
+    /// never more than the nucleus keeps of them; `filter_p` 1 is the whole distribution's.
+    #[test]
+    fn leaning_mass_in_the_nucleus_matches_naive(
+        (z, _, p) in variant_case(),
+        picks in proptest::collection::vec(any::<bool>(), 1..=64),
+    ) {
+        prop_assume!(!nucleus_cut_is_ambiguous(&z, p.filter_p));
+        let tokens: Vec<u32> = (0..z.len() as u32).filter(|&t| picks[t as usize % picks.len()]).collect();
+        let zf: Vec<f64> = z.iter().map(|&x| x as f64).collect();
+        let kept = naive_nucleus(&naive_log_softmax(&zf), p.filter_p as f64);
+        let total: f64 = kept.iter().map(|x| x.exp()).sum();
+        let want: f64 = tokens.iter().map(|&t| kept[t as usize].exp()).sum::<f64>() / total;
+        let mut scratch = RuleScratch::new();
+        let got = leaning_mass_in_nucleus(&z, &tokens, p.filter_p, &mut scratch);
+        prop_assert!((got - want).abs() <= 1e-5, "{} vs {}", got, want);
+        // The scratch's buffers carry nothing from one row to the next.
+        let again = leaning_mass_in_nucleus(&z, &tokens, p.filter_p, &mut scratch);
+        prop_assert_eq!(got, again);
+        let whole = leaning_mass_in_nucleus(&z, &tokens, 1.0, &mut scratch);
+        prop_assert_eq!(whole, leaning_mass(&z, &tokens));
     }
 
     /// The library's smoothed unigram is the naive one.

@@ -194,6 +194,7 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
         prior: Some(0.5),
         skip: None,
         skip_ratio: None,
+        skip_in_nucleus: None,
         reuse: None,
         reuse_radius: None,
     };
@@ -252,6 +253,7 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
     let skipping = proto::Overrides {
         skip: Some(0.5),
         skip_ratio: Some(2.0),
+        skip_in_nucleus: Some(true),
         ..Default::default()
     };
     let resp = client
@@ -267,12 +269,16 @@ async fn sparse_and_dense_equal_the_in_process_engine() {
         .into_inner();
     let mut opts = *engine.defaults();
     (opts.params.skip, opts.params.skip_ratio) = (0.5, 2.0);
+    opts.params.skip_in_nucleus = true;
     engine
         .adjust_dense(&h, &l, &opts, &mut scratch, &mut dense)
         .unwrap();
     assert_eq!(bytes_f32(&resp.log_probs), dense);
     let echoed = resp.params.unwrap();
-    assert_eq!((echoed.skip, echoed.skip_ratio), (0.5, 2.0));
+    assert_eq!(
+        (echoed.skip, echoed.skip_ratio, echoed.skip_in_nucleus),
+        (0.5, 2.0, true)
+    );
     server.stop().await;
 }
 

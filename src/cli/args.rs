@@ -190,6 +190,11 @@ pub struct RuleArgs {
     /// The toxic-over-non-toxic frequency ratio above which a token leans toxic for --skip.
     #[arg(long, default_value_t = RuleParams::default().skip_ratio)]
     pub skip_ratio: f32,
+    /// Count --skip's leaning probability inside the rule's base nucleus (--filter-p,
+    /// renormalised) instead of over the whole base distribution: a leaning token that the
+    /// nucleus drops is no reason to search. Costs one nucleus per row.
+    #[arg(long)]
+    pub skip_in_nucleus: bool,
     /// How the stores are combined: ensemble (toxic + non-toxic, the paper's), toxic-only, or
     /// knn-lm (interpolate with the non-toxic store).
     #[arg(long, default_value = "ensemble", value_parser = parse_mode)]
@@ -214,6 +219,7 @@ impl RuleArgs {
             prior: self.prior,
             skip: self.skip,
             skip_ratio: self.skip_ratio,
+            skip_in_nucleus: self.skip_in_nucleus,
         };
         params.validate()?;
         Ok(AdjustOptions {

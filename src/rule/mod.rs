@@ -27,7 +27,7 @@ mod skip;
 
 pub use gate::{toxicity_gate, GateReading};
 pub use prior::{TokenPrior, PRIOR_PSEUDOCOUNT};
-pub use skip::{leaning_mass, leaning_tokens, DEFAULT_SKIP_RATIO};
+pub use skip::{leaning_mass, leaning_mass_in_nucleus, leaning_tokens, DEFAULT_SKIP_RATIO};
 
 /// Log-probability given to tokens a store did not retrieve (the paper's `ZERO_LOG`).
 pub const ZERO_LOG: f32 = -10_000.0;
@@ -181,6 +181,11 @@ pub struct RuleParams {
     /// to count as leaning toxic for `skip`.
     #[serde(default = "default_skip_ratio")]
     pub skip_ratio: f32,
+    /// Whether `skip` counts the leaning tokens' probability inside the rule's base nucleus
+    /// (`filter_p`, renormalised) instead of over the whole base distribution
+    /// ([`leaning_mass_in_nucleus`]): tokens the nucleus drops are no reason to search.
+    #[serde(default)]
+    pub skip_in_nucleus: bool,
 }
 
 fn default_skip_ratio() -> f32 {
@@ -208,6 +213,7 @@ impl Default for RuleParams {
             prior: 0.0,
             skip: 0.0,
             skip_ratio: DEFAULT_SKIP_RATIO,
+            skip_in_nucleus: false,
         }
     }
 }
@@ -421,6 +427,8 @@ pub struct RuleScratch {
     gate_keys: Vec<u64>,
     /// Each bias pair's shifted, biased logit, for the one-pass bias.
     pair_y: Vec<f32>,
+    /// A copy of one row of logits, for the skip decision's nucleus.
+    row: Vec<f32>,
 }
 
 impl RuleScratch {

@@ -12,8 +12,13 @@
 //! less than `skip` probability on the leaning tokens is not searched and gets no bias. The
 //! leaning set depends only on the stores' statistics, so the engine computes it once per
 //! store view, and the per-row test is one log-sum-exp over the logits plus a sum over the set.
+//!
+//! With `skip_in_nucleus` the mass is counted inside the rule's own base nucleus (the
+//! `filter_p` cut, renormalised) instead of over the whole distribution: a leaning token the
+//! nucleus drops is sampled with or without the search, so its mass is no reason to search.
+//! That costs one nucleus per row (a copy of the row and a few passes over it).
 
-use super::TokenPrior;
+use super::{RuleScratch, TokenPrior};
 
 /// The default toxic-to-non-toxic frequency ratio above which a token leans toxic.
 pub const DEFAULT_SKIP_RATIO: f32 = 4.0;
@@ -60,4 +65,31 @@ pub fn leaning_mass(logits: &[f32], tokens: &[u32]) -> f64 {
         leaning += e[..n].iter().map(|&v| v as f64).sum::<f64>();
     }
     leaning / total
+}
+
+/// The probability that the rule's base nucleus gives to `tokens`: `logits` normalised, cut to
+/// its `filter_p` nucleus exactly as the rule cuts it ([`super::nucleus_filter`]) and
+/// renormalised over the kept tokens. `filter_p` ≥ 1 keeps every token ([`leaning_mass`]).
+/// The logits are finite or `-inf`, with at least one finite ([`super::check_logits`]); the
+/// row is copied into `scratch`, which keeps the buffer for the next call.
+pub fn leaning_mass_in_nucleus(
+    logits: &[f32],
+    tokens: &[u32],
+    filter_p: f32,
+    scratch: &mut RuleScratch,
+) -> f64 {
+    if filter_p >= 1.0 {
+        return leaning_mass(logits, tokens);
+    }
+    let mut row = std::mem::take(&mut scratch.row);
+    row.clear();
+    row.extend_from_slice(logits);
+    let mass = if super::log_softmax_in_place(&mut row).is_ok() {
+        super::nucleus_filter(&mut row, filter_p, scratch);
+        leaning_mass(&row, tokens)
+    } else {
+        0.0
+    };
+    scratch.row = row;
+    mass
 }

@@ -158,6 +158,9 @@ impl GrpcStep {
             if let Some(r) = o.skip_ratio {
                 opts.params.skip_ratio = r;
             }
+            if let Some(n) = o.skip_in_nucleus {
+                opts.params.skip_in_nucleus = n;
+            }
             opts.mode = match proto::Mode::try_from(o.mode) {
                 Ok(proto::Mode::Unspecified) => opts.mode,
                 Ok(proto::Mode::Ensemble) => Mode::Ensemble,
@@ -310,6 +313,7 @@ pub(super) fn params_proto(o: &AdjustOptions) -> proto::Params {
         prior: o.params.prior,
         skip: o.params.skip,
         skip_ratio: o.params.skip_ratio,
+        skip_in_nucleus: o.params.skip_in_nucleus,
         reuse: 0.0,
         reuse_radius: 0.0,
     }

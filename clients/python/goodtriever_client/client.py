@@ -30,7 +30,7 @@ _MODE_NAMES = {v: k for k, v in MODES.items()}
 
 _OVERRIDE_KEYS = (
     "alpha", "temperature", "k", "filter_p", "mode", "lam", "gate", "gate_neighbours", "prior",
-    "skip", "skip_ratio", "reuse", "reuse_radius",
+    "skip", "skip_ratio", "skip_in_nucleus", "reuse", "reuse_radius",
 )
 
 # What `adjust` answers: a sparse `Bias`, or dense log-probabilities [B, V].
@@ -124,6 +124,8 @@ def _overrides(opts: Dict[str, Any]) -> Optional[pb.Overrides]:
     for key in ("k", "gate_neighbours"):
         if opts.get(key) is not None:
             setattr(o, key, int(opts[key]))
+    if opts.get("skip_in_nucleus") is not None:
+        o.skip_in_nucleus = bool(opts["skip_in_nucleus"])
     if opts.get("lam") is not None:
         o.__setattr__("lambda", float(opts["lam"]))
     if opts.get("mode") is not None:
@@ -146,6 +148,7 @@ def _params_dict(p: pb.Params) -> Dict[str, Any]:
         "prior": p.prior,
         "skip": p.skip,
         "skip_ratio": p.skip_ratio,
+        "skip_in_nucleus": p.skip_in_nucleus,
         "reuse": p.reuse,
         "reuse_radius": p.reuse_radius,
     }
@@ -280,6 +283,7 @@ class Client:
         prior: Optional[float] = None,
         skip: Optional[float] = None,
         skip_ratio: Optional[float] = None,
+        skip_in_nucleus: Optional[bool] = None,
     ) -> Answer:
         """One batch. Without logits: a sparse `Bias` (apply it with `apply_bias`). With logits:
         the adjusted log-probabilities [B, V] (-inf where filtered). Every keyword overrides the
@@ -287,11 +291,12 @@ class Client:
         context lies to the toxic store, `prior` (0 off) corrects each store's expert by its
         own next-token frequencies, `skip` (0 off; needs logits) leaves rows unsearched and
         unbiased where the base distribution gives less than `skip` to tokens that lean toxic
-        by more than `skip_ratio` (docs/architecture.md §1)."""
+        by more than `skip_ratio` (counted inside the rule's `filter_p` nucleus with
+        `skip_in_nucleus=True`; docs/architecture.md §1)."""
         opts = dict(
             alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
             gate=gate, gate_neighbours=gate_neighbours, prior=prior, skip=skip,
-            skip_ratio=skip_ratio,
+            skip_ratio=skip_ratio, skip_in_nucleus=skip_in_nucleus,
         )
         req = _request(hidden, logits, form, opts)
         return _unpack(self._call(self._stub.Adjust, req))
@@ -316,6 +321,7 @@ class Client:
         prior: Optional[float] = None,
         skip: Optional[float] = None,
         skip_ratio: Optional[float] = None,
+        skip_in_nucleus: Optional[bool] = None,
     ) -> "Explained":
         """`adjust` with an explanation of every row: the tokens the control pushed down and
         up the most, each with the store rows behind it (store, segment, row, distance,
@@ -328,7 +334,7 @@ class Client:
         opts = dict(
             alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
             gate=gate, gate_neighbours=gate_neighbours, prior=prior, skip=skip,
-            skip_ratio=skip_ratio,
+            skip_ratio=skip_ratio, skip_in_nucleus=skip_in_nucleus,
         )
         req = _request(hidden, logits, form, opts)
         for name, value in (("top", top), ("rows", rows), ("context_bytes", context_bytes)):
@@ -358,6 +364,7 @@ class Client:
         prior: Optional[float] = None,
         skip: Optional[float] = None,
         skip_ratio: Optional[float] = None,
+        skip_in_nucleus: Optional[bool] = None,
     ) -> "PendingAdjust":
         """`adjust` without waiting: the request is sent now and `result()` on the returned
         object waits for the answer, so the caller can compute meanwhile (the transformers
@@ -366,7 +373,7 @@ class Client:
         opts = dict(
             alpha=alpha, temperature=temperature, k=k, filter_p=filter_p, mode=mode, lam=lam,
             gate=gate, gate_neighbours=gate_neighbours, prior=prior, skip=skip,
-            skip_ratio=skip_ratio,
+            skip_ratio=skip_ratio, skip_in_nucleus=skip_in_nucleus,
         )
         req = _request(hidden, logits, form, opts)
         return PendingAdjust(self._stub.Adjust.future(req, timeout=self.timeout))

@@ -113,6 +113,21 @@ def test_skip_leaves_rows_that_lean_nowhere_toxic_uncontrolled(client):
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "skip" in e.value.details
 
 
+def test_skip_counted_in_the_nucleus_is_passed_to_the_server(client):
+    hidden = queries(3, 18)
+    logits = np.random.default_rng(8).normal(0, 3, size=(3, VOCAB)).astype(np.float32)
+    uncontrolled = client.adjust(hidden, logits, alpha=0.0)
+    # Nothing leans toxic at a ratio of 1e30, inside the nucleus or out: every row is skipped.
+    skipped = client.adjust(hidden, logits, alpha=2.0, skip=0.5, skip_ratio=1e30, skip_in_nucleus=True)
+    assert_same_log_probs(skipped, uncontrolled)
+    # Without a nucleus (filter_p 1) counting inside it is counting over everything.
+    wide = dict(alpha=2.0, skip=0.05, filter_p=1.0)
+    assert_same_log_probs(client.adjust(hidden, logits, skip_in_nucleus=True, **wide),
+                          client.adjust(hidden, logits, **wide))
+    with pytest.raises(TypeError):
+        client.adjust(hidden, logits, skip_in_nucleas=True)
+
+
 def test_a_session_answers_100_steps_in_order(client):
     steps = [queries(1, 100 + i) for i in range(100)]
     with client.session(k=16) as s:

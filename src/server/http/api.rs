@@ -73,6 +73,9 @@ pub struct ControlOverrides {
     pub skip: Option<f32>,
     /// The toxic-over-non-toxic frequency ratio above which a token leans toxic (≥ 1).
     pub skip_ratio: Option<f32>,
+    /// Count the skip's leaning probability inside the rule's base nucleus (`filter_p`)
+    /// instead of over the whole base distribution.
+    pub skip_in_nucleus: Option<bool>,
     /// Explain every generated token's step: `true` for the defaults, `false` for none, or
     /// an object of [`ExplainFields`] (kept as JSON so a bad value gets a precise message).
     pub explain: Option<serde_json::Value>,
@@ -404,6 +407,9 @@ pub fn control_options(
         }
         if let Some(r) = o.skip_ratio {
             opts.params.skip_ratio = r;
+        }
+        if let Some(n) = o.skip_in_nucleus {
+            opts.params.skip_in_nucleus = n;
         }
         if let Some(m) = &o.mode {
             opts.mode = match m.as_str() {
