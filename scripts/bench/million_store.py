@@ -32,7 +32,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+# numpy comes from the data venv (scripts/data/prepare_data.py makes it): run inside it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from data_venv import reexec_in_data_venv  # noqa: E402
+
+if __name__ == "__main__":
+    reexec_in_data_venv(__file__)
+
+import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / "target" / "bench-million"
