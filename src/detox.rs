@@ -777,7 +777,8 @@ impl Detoxifier {
             rule::leaning_tokens(&stores, self.vocab, params.skip_ratio, &mut scratch.leaning);
             scratch.leaning_key = Some((priors, params.skip_ratio));
         }
-        let (leaning, (skip, filter_p)) = (&scratch.leaning, (params.skip as f64, params.filter_p));
+        let leaning = &scratch.leaning;
+        let (skip, filter_p) = (params.skip as f64, params.filter_p);
         let in_nucleus = params.skip_in_nucleus && filter_p < 1.0;
         let rows = scratch.skipped.len();
         // Counting in the nucleus costs what the dense rule's passes do: every row is worth a
