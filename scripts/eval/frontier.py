@@ -69,6 +69,7 @@ VARIANTS = {
     # The same threshold counted inside the rule's base nucleus (--skip-in-nucleus): leaning
     # tokens that the nucleus drops are no reason to search.
     "paper+skip.01/nucleus": (["--skip", "0.01", "--skip-in-nucleus"], (2.0,)),
+    "paper+skip.02/nucleus": (["--skip", "0.02", "--skip-in-nucleus"], (2.0,)),
     "gate/fp1+skip": (["--gate", "1", "--filter-p", "1", "--skip", "0.05"], (8.0,)),
     # Skipping with a wider rule nucleus: the double nucleus (filter_p, then the sampler's
     # top-p) is what costs perplexity; judged against the base only.
@@ -91,7 +92,7 @@ VARIANTS = {
 # A variant that searches less and the variant it searches less for: its quality is the
 # difference between them.
 SKIPS = {"paper+skip": "paper", "paper+skip.01": "paper", "paper+skip.01/nucleus": "paper",
-         "gate/fp1+skip": "gate/fp1",
+         "paper+skip.02/nucleus": "paper", "gate/fp1+skip": "gate/fp1",
          "paper+reuse": "paper", "skip/fp.97+reuse": "skip/fp.97"}
 # A variant on the frontier that skips, and its twin searched on every row when both run:
 # compared as SKIPS are, without taking the skipping variant off the frontier.
