@@ -5,7 +5,9 @@
 //! worst case) and a peaked one (Gaussian logits, σ = 4). And the sparse form's rule for one
 //! row (`sparse_row`, ensemble of two stores with k = 1024 neighbours each): what a sparse
 //! decoding step costs beyond its search. And `skip_decision`, the per-row test that lets the
-//! engine leave a row unsearched (`rule::leaning_mass`).
+//! engine leave a row unsearched (`rule::leaning_mass`), and what a row that the decision in
+//! the nucleus skips costs in all, decided and answered (`skipped_row_in_nucleus`: the
+//! decision's nucleus then the answer's, as before, against one nucleus that is both).
 //!
 //! `cargo bench --bench rule`
 
@@ -14,8 +16,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use goodtriever::generate::{Sampler, SamplingParams};
 use goodtriever::rule::{
-    apply_sparse, leaning_mass, leaning_mass_in_nucleus, log_softmax_in_place, nucleus_filter,
-    sparse_row, Expert, Mode, RuleParams, RuleScratch, SparseRow, TokenPrior,
+    apply_sparse, apply_sparse_in_place, leaning_mass, leaning_mass_in_nucleus,
+    log_softmax_in_place, nucleus_filter, skip_in_nucleus_in_place, sparse_row, Expert, Mode,
+    RuleParams, RuleScratch, SparseRow, TokenPrior,
 };
 use rand::{rngs::StdRng, SeedableRng};
 
@@ -75,6 +78,35 @@ fn rule(c: &mut Criterion) {
         group.bench_function(
             BenchmarkId::new("skip_decision_in_nucleus_p0.9", name),
             |b| b.iter(|| leaning_mass_in_nucleus(logits, &leaning, 0.9, &mut scratch)),
+        );
+        // A skipped row, decided in the nucleus and answered in place (the dense form's
+        // whole work for it): a separate decision and answer, against the one nucleus that
+        // `skip_in_nucleus_in_place` shares between them.
+        let unchanged = SparseRow::Bias {
+            scale: 1.0,
+            pairs: Vec::new(),
+        };
+        group.bench_function(
+            BenchmarkId::new("skipped_row_in_nucleus_p0.9/decide_then_answer", name),
+            |b| {
+                b.iter(|| {
+                    work.copy_from_slice(logits);
+                    let mass = leaning_mass_in_nucleus(&work, &leaning, 0.9, &mut scratch);
+                    assert!(mass < 1.5);
+                    apply_sparse_in_place(&mut work, &unchanged, 0.9, &mut scratch).expect("apply");
+                })
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new("skipped_row_in_nucleus_p0.9/in_place", name),
+            |b| {
+                b.iter(|| {
+                    work.copy_from_slice(logits);
+                    let skipped =
+                        skip_in_nucleus_in_place(&mut work, &leaning, 0.9, 1.5, &mut scratch);
+                    assert!(skipped.expect("finite"));
+                })
+            },
         );
         let mut sampler = Sampler::default();
         let params = SamplingParams::default();

@@ -308,6 +308,12 @@ impl DetoxScratch {
     }
 }
 
+/// Whether the skip decision counts in the nucleus, and so writes a skipped row's answer over
+/// its logits itself ([`rule::skip_in_nucleus_in_place`]).
+fn skips_answer_in_place(params: &RuleParams) -> bool {
+    params.skip > 0.0 && params.skip_in_nucleus && params.filter_p < 1.0
+}
+
 /// How a batch of `rows` rows is split for the rule: (rows per chunk, chunks), contiguous
 /// chunks of at least `min_chunk` rows, at most one per pool thread. Rows are independent and
 /// each chunk has its own scratch, so a row's answer does not depend on how its batch was split.
@@ -559,7 +565,7 @@ impl Detoxifier {
     fn retrieve(
         &self,
         hidden: &[f32],
-        logits: Option<&[f32]>,
+        logits: Option<&mut [f32]>,
         rows: usize,
         opts: &AdjustOptions,
         scratch: &mut DetoxScratch,
@@ -747,10 +753,12 @@ impl Detoxifier {
 
     /// Marks in `scratch.skipped` the rows whose base distribution gives less than `skip` to
     /// the tokens that lean toxic (docs/architecture.md §1.5). The leaning set is computed
-    /// again only when a store's statistics or the ratio changed since the last call.
+    /// again only when a store's statistics or the ratio changed since the last call. Counted
+    /// in the nucleus ([`skips_answer_in_place`]), a skipped row's logits are replaced by its
+    /// answer on the way, since the decision computes that answer anyway.
     fn decide_skips(
         &self,
-        logits: &[f32],
+        logits: &mut [f32],
         range: std::ops::Range<usize>,
         params: &RuleParams,
         scratch: &mut DetoxScratch,
@@ -779,7 +787,7 @@ impl Detoxifier {
         }
         let leaning = &scratch.leaning;
         let (skip, filter_p) = (params.skip as f64, params.filter_p);
-        let in_nucleus = params.skip_in_nucleus && filter_p < 1.0;
+        let in_nucleus = skips_answer_in_place(params);
         let rows = scratch.skipped.len();
         // Counting in the nucleus costs what the dense rule's passes do: every row is worth a
         // pool thread then, as in the dense form.
@@ -793,14 +801,16 @@ impl Detoxifier {
             scratch.chunks.resize_with(chunks, Default::default);
         }
         // Each chunk of rows decides with its own rule scratch (the nucleus's buffers).
-        let decide = |z: &[f32], skipped: &mut [bool], rule: &mut RuleScratch| {
-            for (z, skip_row) in z.chunks_exact(self.vocab).zip(skipped) {
-                let mass = if in_nucleus {
-                    rule::leaning_mass_in_nucleus(z, leaning, filter_p, rule)
+        let decide = |z: &mut [f32], skipped: &mut [bool], rule: &mut RuleScratch| {
+            for (z, skip_row) in z.chunks_exact_mut(self.vocab).zip(skipped) {
+                *skip_row = if in_nucleus {
+                    // A row the unchanged answer refuses is searched: the rule then meets
+                    // the same row and reports it.
+                    rule::skip_in_nucleus_in_place(z, leaning, filter_p, skip, rule)
+                        .unwrap_or(false)
                 } else {
-                    rule::leaning_mass(z, leaning)
+                    rule::leaning_mass(z, leaning) < skip
                 };
-                *skip_row = mass < skip;
             }
         };
         let chunk_len = chunk_rows * self.vocab;
@@ -809,7 +819,7 @@ impl Detoxifier {
         } else {
             use rayon::prelude::*;
             logits
-                .par_chunks(chunk_len)
+                .par_chunks_mut(chunk_len)
                 .zip(scratch.skipped.par_chunks_mut(chunk_rows))
                 .zip(scratch.chunks.par_iter_mut())
                 .for_each(|((z, skipped), (rule, _))| decide(z, skipped, rule));
@@ -904,8 +914,9 @@ impl Detoxifier {
         for (row, z) in logits.chunks_exact(self.vocab).enumerate() {
             rule::check_logits(z, self.vocab).map_err(|source| DetoxError::Row { row, source })?;
         }
-        let selection = self.retrieve(hidden, Some(logits), rows, opts, scratch)?;
+        let selection = self.retrieve(hidden, Some(&mut *logits), rows, opts, scratch)?;
         let (mode, params, vocab) = (opts.mode, &opts.params, self.vocab);
+        let answered_when_skipped = skips_answer_in_place(params);
         self.rule_rows(
             selection,
             scratch,
@@ -913,6 +924,10 @@ impl Detoxifier {
             vocab,
             DENSE_MIN_CHUNK,
             |experts, rule, sparse, z, skipped| {
+                if skipped && answered_when_skipped {
+                    // The decision wrote the row's answer already (`decide_skips`).
+                    return Ok(());
+                }
                 if skipped {
                     sparse.set_unchanged();
                 } else {

@@ -5,9 +5,9 @@
 
 use goodtriever::limits::MAX_ALPHA;
 use goodtriever::rule::{
-    apply_sparse, dense_row, leaning_mass, leaning_mass_in_nucleus, leaning_tokens, nucleus_filter,
-    sparse_row, Expert, Mode, ParamError, RuleError, RuleParams, RuleScratch, SparseRow,
-    TokenPrior, PATCH, ZERO_LOG,
+    apply_sparse, apply_sparse_in_place, dense_row, leaning_mass, leaning_mass_in_nucleus,
+    leaning_tokens, nucleus_filter, skip_in_nucleus_in_place, sparse_row, Expert, Mode, ParamError,
+    RuleError, RuleParams, RuleScratch, SparseRow, TokenPrior, PATCH, ZERO_LOG,
 };
 use proptest::prelude::*;
 
@@ -1041,6 +1041,37 @@ proptest! {
         prop_assert_eq!(got, again);
         let whole = leaning_mass_in_nucleus(&z, &tokens, 1.0, &mut scratch);
         prop_assert_eq!(whole, leaning_mass(&z, &tokens));
+    }
+
+    /// The in-place decision (the dense form's, with skip_in_nucleus) decides as the naive
+    /// nucleus mass does wherever rounding cannot tip it, and a row it skips holds exactly the
+    /// answer the rule gives an unchanged row, bit for bit; a row it keeps is left as it was.
+    #[test]
+    fn the_in_place_decision_skips_as_the_nucleus_mass_says_and_answers_as_the_rule(
+        (z, _, p) in variant_case(),
+        picks in proptest::collection::vec(any::<bool>(), 1..=64),
+        skip in 0.0f64..1.0,
+    ) {
+        prop_assume!(p.filter_p < 1.0 && !nucleus_cut_is_ambiguous(&z, p.filter_p));
+        let tokens: Vec<u32> = (0..z.len() as u32).filter(|&t| picks[t as usize % picks.len()]).collect();
+        let mut scratch = RuleScratch::new();
+        let mass = leaning_mass_in_nucleus(&z, &tokens, p.filter_p, &mut scratch);
+        let mut row = z.clone();
+        let skipped = skip_in_nucleus_in_place(&mut row, &tokens, p.filter_p, skip, &mut scratch).unwrap();
+        if (mass - skip).abs() > 1e-5 {
+            prop_assert_eq!(skipped, mass < skip, "mass {} skip {}", mass, skip);
+        }
+        if skipped {
+            let mut want = z.clone();
+            let unchanged = SparseRow::Bias { scale: 1.0, pairs: Vec::new() };
+            apply_sparse_in_place(&mut want, &unchanged, p.filter_p, &mut RuleScratch::new()).unwrap();
+            prop_assert_eq!(
+                row.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        } else {
+            prop_assert_eq!(&row, &z);
+        }
     }
 
     /// The library's smoothed unigram is the naive one.

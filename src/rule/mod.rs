@@ -27,7 +27,10 @@ mod skip;
 
 pub use gate::{toxicity_gate, GateReading};
 pub use prior::{TokenPrior, PRIOR_PSEUDOCOUNT};
-pub use skip::{leaning_mass, leaning_mass_in_nucleus, leaning_tokens, DEFAULT_SKIP_RATIO};
+pub use skip::{
+    leaning_mass, leaning_mass_in_nucleus, leaning_tokens, skip_in_nucleus_in_place,
+    DEFAULT_SKIP_RATIO,
+};
 
 /// Log-probability given to tokens a store did not retrieve (the paper's `ZERO_LOG`).
 pub const ZERO_LOG: f32 = -10_000.0;

@@ -46,12 +46,17 @@ pub fn leaning_tokens(stores: &[(f32, &TokenPrior)], vocab: usize, ratio: f32, o
 pub fn leaning_mass(logits: &[f32], tokens: &[u32]) -> f64 {
     let max = super::exp::max(logits);
     let total = super::exp::sum_exp(logits, max);
-    // The leaning tokens' logits gathered a block at a time, so that their e^x runs in the
-    // vector kernels too (a few thousand tokens one by one cost as much as the whole sum).
+    gathered_exp(logits, tokens, max) / total
+}
+
+/// `Σ e^(x_t − shift)` over the tokens' values.
+fn gathered_exp(values: &[f32], tokens: &[u32], shift: f32) -> f64 {
+    // The tokens' values gathered a block at a time, so that their e^x runs in the vector
+    // kernels too (a few thousand tokens one by one cost as much as a whole row's sum).
     const BLOCK: usize = 64;
     let (mut z, mut e) = ([0f32; BLOCK], [0f32; BLOCK]);
-    let mut leaning = 0f64;
-    let mut ids = tokens.iter().filter_map(|&t| logits.get(t as usize));
+    let mut sum = 0f64;
+    let mut ids = tokens.iter().filter_map(|&t| values.get(t as usize));
     loop {
         let mut n = 0;
         for (slot, &x) in z.iter_mut().zip(ids.by_ref()) {
@@ -61,10 +66,10 @@ pub fn leaning_mass(logits: &[f32], tokens: &[u32]) -> f64 {
         if n == 0 {
             break;
         }
-        super::exp::exp_into(&z[..n], max, &mut e[..n]);
-        leaning += e[..n].iter().map(|&v| v as f64).sum::<f64>();
+        super::exp::exp_into(&z[..n], shift, &mut e[..n]);
+        sum += e[..n].iter().map(|&v| v as f64).sum::<f64>();
     }
-    leaning / total
+    sum
 }
 
 /// The probability that the rule's base nucleus gives to `tokens`: `logits` normalised, cut to
@@ -92,4 +97,46 @@ pub fn leaning_mass_in_nucleus(
     };
     scratch.row = row;
     mass
+}
+
+/// The skip decision counted in the nucleus, for a row whose answer is written over its own
+/// logits (the dense in-place form): `z` holds raw logits. A skipped row's answer is the α 0
+/// one, and that answer *is* the renormalised nucleus the decision measures, so the row's
+/// answer is computed first (in `scratch`, by [`super::apply_sparse_in_place`] of an
+/// unchanged row, exactly as the rule would answer it) and the leaning mass read off it.
+/// Returns whether the row is skipped: then `z` holds its final answer and the rule has
+/// nothing left to do for it; otherwise `z` is untouched. Deciding and answering a skipped
+/// row cost one nucleus instead of two.
+///
+/// The mass is [`leaning_mass_in_nucleus`]'s to f32 rounding (the one-pass answer and the
+/// decision's separate passes round differently), so a row within rounding of `skip` may
+/// fall either way.
+pub fn skip_in_nucleus_in_place(
+    z: &mut [f32],
+    tokens: &[u32],
+    filter_p: f32,
+    skip: f64,
+    scratch: &mut RuleScratch,
+) -> Result<bool, super::RuleError> {
+    let mut row = std::mem::take(&mut scratch.row);
+    row.clear();
+    row.extend_from_slice(z);
+    // An empty pair list allocates nothing.
+    let unchanged = super::SparseRow::Bias {
+        scale: 1.0,
+        pairs: Vec::new(),
+    };
+    let skipped = match super::apply_sparse_in_place(&mut row, &unchanged, filter_p, scratch) {
+        Ok(()) => {
+            // Normalised log-probabilities: no max or total to find, only the tokens' own e^x.
+            let skipped = gathered_exp(&row, tokens, 0.0) < skip;
+            if skipped {
+                z.copy_from_slice(&row);
+            }
+            Ok(skipped)
+        }
+        Err(e) => Err(e),
+    };
+    scratch.row = row;
+    skipped
 }
