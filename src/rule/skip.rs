@@ -126,17 +126,14 @@ pub fn skip_in_nucleus_in_place(
         scale: 1.0,
         pairs: Vec::new(),
     };
-    let skipped = match super::apply_sparse_in_place(&mut row, &unchanged, filter_p, scratch) {
-        Ok(()) => {
-            // Normalised log-probabilities: no max or total to find, only the tokens' own e^x.
-            let skipped = gathered_exp(&row, tokens, 0.0) < skip;
-            if skipped {
-                z.copy_from_slice(&row);
-            }
-            Ok(skipped)
+    let skipped = super::apply_sparse_in_place(&mut row, &unchanged, filter_p, scratch).map(|()| {
+        // Normalised log-probabilities: no max or total to find, only the tokens' own e^x.
+        let skipped = gathered_exp(&row, tokens, 0.0) < skip;
+        if skipped {
+            z.copy_from_slice(&row);
         }
-        Err(e) => Err(e),
-    };
+        skipped
+    });
     scratch.row = row;
     skipped
 }
