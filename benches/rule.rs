@@ -82,10 +82,7 @@ fn rule(c: &mut Criterion) {
         // A skipped row, decided in the nucleus and answered in place (the dense form's
         // whole work for it): a separate decision and answer, against the one nucleus that
         // `skip_in_nucleus_in_place` shares between them.
-        let unchanged = SparseRow::Bias {
-            scale: 1.0,
-            pairs: Vec::new(),
-        };
+        let unchanged = SparseRow::default();
         group.bench_function(
             BenchmarkId::new("skipped_row_in_nucleus_p0.9/decide_then_answer", name),
             |b| {

@@ -33,7 +33,7 @@ use memmap2::Mmap;
 use super::error::{DatastoreError, Result};
 use super::hnsw_layers::Layers;
 use super::hnsw_repair::{self, RepairStats};
-use super::keys::KeyRows;
+use super::keys::{prefetch_line, KeyRows};
 use super::scored::Scored;
 
 pub const INDEX_FILE: &str = "index.bin";
@@ -340,38 +340,23 @@ impl Graph {
     /// the start of every expansion.
     #[inline]
     fn prefetch_list(&self, row: u32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let at = self
-                .words()
+        prefetch_line(
+            self.words()
                 .as_ptr()
-                .wrapping_add(self.l0_offsets + row as usize);
-            // SAFETY: prefetch is a hint and never faults, even on an invalid address.
-            unsafe { _mm_prefetch(at as *const i8, _MM_HINT_T0) };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = row;
+                .wrapping_add(self.l0_offsets + row as usize),
+        );
     }
 
     /// Asks for `row`'s level-0 neighbour ids: the walk's likely next expansion, fetched
     /// while the current one computes its distances.
     #[inline]
     fn prefetch_adjacency(&self, row: u32) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            let w = self.words();
-            let start = w[self.l0_offsets + row as usize] as usize;
-            let at = w.as_ptr().wrapping_add(self.l0_adj + start) as *const i8;
-            // SAFETY: prefetch is a hint and never faults, even on an invalid address.
-            unsafe {
-                _mm_prefetch(at, _MM_HINT_T0);
-                _mm_prefetch(at.wrapping_add(64), _MM_HINT_T0);
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = row;
+        let w = self.words();
+        let start = w[self.l0_offsets + row as usize] as usize;
+        let at = w.as_ptr().wrapping_add(self.l0_adj + start);
+        // An m0 = 32 list of u32 ids spans up to two lines.
+        prefetch_line(at);
+        prefetch_line(at.wrapping_add(16));
     }
 
     /// The `ef` rows nearest to `q` that the graph walk finds, as (squared L2, row), unordered.

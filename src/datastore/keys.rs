@@ -100,13 +100,12 @@ impl KeyRows<'_> {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
+    /// Asks for row `row` (of width `d`) ahead of its distance.
     #[inline]
     pub fn prefetch(&self, row: usize, d: usize) {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let (ptr, bytes) = match self {
-            KeyRows::F32(k) => (k.as_ptr().wrapping_add(row * d) as *const i8, d * 4),
-            KeyRows::F16(k) => (k.as_ptr().wrapping_add(row * d) as *const i8, d * 2),
+            KeyRows::F32(k) => (k.as_ptr().wrapping_add(row * d) as *const u8, d * 4),
+            KeyRows::F16(k) => (k.as_ptr().wrapping_add(row * d) as *const u8, d * 2),
         };
         // The whole row, not its first lines: the walk visits rows in no order the hardware
         // prefetcher can follow, so each line not asked for here is a miss the distance
@@ -114,12 +113,20 @@ impl KeyRows<'_> {
         // walk's p50 fell by about a third against the first 4 of a row's 18 lines
         // (docs/performance.md, "Prefetching whole rows in the graph walk").
         for l in 0..bytes.div_ceil(64) {
-            // SAFETY: prefetch is a hint and never faults, even on an invalid address.
-            unsafe { _mm_prefetch(ptr.wrapping_add(l * 64), _MM_HINT_T0) };
+            prefetch_line(ptr.wrapping_add(l * 64));
         }
     }
+}
 
+/// Asks the cache for the line holding `at`. A hint: it never faults, even on an address
+/// outside any allocation, and is a no-op off x86-64.
+#[inline(always)]
+pub(crate) fn prefetch_line<T>(at: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch is a hint and never faults, even on an invalid address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(at as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    #[inline]
-    pub fn prefetch(&self, _row: usize, _d: usize) {}
+    let _ = at;
 }

@@ -121,11 +121,8 @@ pub fn skip_in_nucleus_in_place(
     let mut row = std::mem::take(&mut scratch.row);
     row.clear();
     row.extend_from_slice(z);
-    // An empty pair list allocates nothing.
-    let unchanged = super::SparseRow::Bias {
-        scale: 1.0,
-        pairs: Vec::new(),
-    };
+    // The default row is the unchanged one (no pairs, so nothing allocated).
+    let unchanged = super::SparseRow::default();
     let skipped = super::apply_sparse_in_place(&mut row, &unchanged, filter_p, scratch).map(|()| {
         // Normalised log-probabilities: no max or total to find, only the tokens' own e^x.
         let skipped = gathered_exp(&row, tokens, 0.0) < skip;
